@@ -1,0 +1,70 @@
+//! Choosing the compute backend at run time.
+
+use clap::ValueEnum;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BackendKind {
+    /// burn NdArray on the CPU.
+    Cpu,
+    /// burn wgpu: Vulkan, Metal or DX12, whichever the machine has.
+    Wgpu,
+    /// burn CUDA (build with `--features cuda`); libcuda is loaded at run time.
+    Cuda,
+}
+
+/// Runs `f` with the chosen backend's type and device.
+macro_rules! with_backend {
+    ($kind:expr, |$B:ident, $device:ident| $body:expr) => {{
+        match $kind {
+            $crate::backend::BackendKind::Cpu => {
+                type $B = burn::backend::NdArray;
+                let $device = burn::backend::ndarray::NdArrayDevice::Cpu;
+                $body
+            }
+            $crate::backend::BackendKind::Wgpu => {
+                type $B = burn::backend::Wgpu;
+                let $device = burn::backend::wgpu::WgpuDevice::default();
+                $crate::backend::probe::<$B>("wgpu", &$device)?;
+                $body
+            }
+            $crate::backend::BackendKind::Cuda => {
+                #[cfg(feature = "cuda")]
+                {
+                    type $B = burn::backend::Cuda;
+                    let $device = burn::backend::cuda::CudaDevice::default();
+                    $crate::backend::probe::<$B>("cuda", &$device)?;
+                    $body
+                }
+                #[cfg(not(feature = "cuda"))]
+                {
+                    anyhow::bail!("this hone was built without CUDA; rebuild with `cargo build --release -p hone-cli --features cuda`")
+                }
+            }
+        }
+    }};
+}
+pub(crate) use with_backend;
+
+/// Touches the device once, turning the backend's panic when no driver is present (no libcuda,
+/// no Vulkan adapter) into an error the user can act on.
+pub fn probe<B: burn::tensor::backend::Backend>(name: &str, device: &B::Device) -> anyhow::Result<()> {
+    let device = device.clone();
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let t = burn::tensor::Tensor::<B, 1>::from_floats([1.0, 2.0], &device);
+        t.sum().into_scalar()
+    }));
+    std::panic::set_hook(prev);
+    match result {
+        Ok(_) => Ok(()),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown failure");
+            Err(hone::Error::Backend { backend: name.into(), message: format!("cannot use the device: {msg}") }.into())
+        }
+    }
+}

@@ -1,0 +1,56 @@
+use crate::backend::{with_backend, BackendKind};
+use anyhow::{bail, Context};
+use hone::data::Tokenizer;
+use hone::io::safetensors::write_f32;
+use hone::io::Dir;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A Hugging Face model directory (config.json, tokenizer.json, *.safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// Token ids, comma-separated.
+    #[arg(long, value_delimiter = ',', conflicts_with = "text")]
+    input_ids: Option<Vec<u32>>,
+    /// Text, tokenized with the model's tokenizer (special tokens added).
+    #[arg(long)]
+    text: Option<String>,
+    /// Output safetensors file with one f32 tensor `logits` of shape [sequence, vocab].
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendKind,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let dir = Dir(args.model.clone());
+    let ids = match (&args.input_ids, &args.text) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(text)) => Tokenizer::open(&dir)?.encode(text, true)?,
+        (None, None) => bail!("give --input-ids or --text"),
+    };
+    if ids.is_empty() {
+        bail!("no input tokens");
+    }
+    let (vocab, logits) = with_backend!(args.backend, |B, device| {
+        let model = hone::model::load_model::<B>(&dir, &device)?;
+        let vocab = model.config.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            bail!("token id {bad} is outside the vocabulary ({vocab})");
+        }
+        let logits = model.logits(&ids, &device).into_data().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        (vocab, logits)
+    });
+    let bytes = write_f32(&[("logits", &[ids.len(), vocab], &logits)], &Default::default());
+    write_atomic(&args.out, &bytes).with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!("wrote {} ({} tokens x {} vocab)", args.out.display(), ids.len(), vocab);
+    Ok(())
+}
+
+/// Temp file beside the target, then rename: a crash never leaves a half-written file.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}

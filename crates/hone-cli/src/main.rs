@@ -1,0 +1,31 @@
+//! `hone`: the command-line fine-tuner.
+
+mod backend;
+mod logits;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "hone", version, about = "QLoRA fine-tuning of causal language models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the model on some tokens and write the logits ([sequence, vocab], f32) to a
+    /// safetensors file, to compare with transformers.
+    Logits(logits::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Logits(args) => logits::run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,228 @@
+//! One decoder for every supported architecture. Module and field names are Hugging Face's, so
+//! a weight `model.layers.3.self_attn.q_proj.weight` lives at `model.layers[3].self_attn.q_proj`.
+
+use super::config::Config;
+use super::rope;
+use burn::module::Module;
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+
+/// A frozen linear layer, `y = x·Wᵀ + b`, with W in Hugging Face's `[out, in]` layout.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    pub weight: Tensor<B, 2>,
+    pub bias: Option<Tensor<B, 1>>,
+}
+
+impl<B: Backend> Linear<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, d_in] = x.dims();
+        let d_out = self.weight.dims()[0];
+        // A 2-D matmul on the flattened batch: no reliance on batch broadcasting in matmul.
+        let y = x.reshape([b * t, d_in]).matmul(self.weight.clone().transpose());
+        let y = match &self.bias {
+            Some(bias) => y + bias.clone().unsqueeze_dim(0),
+            None => y,
+        };
+        y.reshape([b, t, d_out])
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Tensor<B, 1>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let variance = x.clone().square().mean_dim(2);
+        let normed = x * (variance + self.eps).sqrt().recip();
+        normed * self.weight.clone().unsqueeze_dims::<3>(&[0, 1])
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// Separate projections (Llama, Mistral, Qwen2) ...
+    pub q_proj: Option<Linear<B>>,
+    pub k_proj: Option<Linear<B>>,
+    pub v_proj: Option<Linear<B>>,
+    /// ... or Phi-3's fused one, rows ordered q, k, v.
+    pub qkv_proj: Option<Linear<B>>,
+    pub o_proj: Linear<B>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Per-forward inputs shared by all layers: RoPE tables `[1, 1, T, rot]` and the additive mask
+/// `[1, 1, T, T]`.
+pub struct Positions<B: Backend> {
+    pub cos: Tensor<B, 4>,
+    pub sin: Tensor<B, 4>,
+    pub mask: Tensor<B, 4>,
+}
+
+impl<B: Backend> Positions<B> {
+    pub fn new(cfg: &Config, seq_len: usize, device: &B::Device) -> Self {
+        let rot = cfg.rotary_dim();
+        let (cos, sin) = rope::cos_sin(cfg, seq_len);
+        let table = |v: Vec<f32>| Tensor::<B, 2>::from_data(TensorData::new(v, [seq_len, rot]), device).unsqueeze_dims::<4>(&[0, 1]);
+        let mut mask = vec![0f32; seq_len * seq_len];
+        for i in 0..seq_len {
+            for j in 0..seq_len {
+                let outside_window = cfg.sliding_window.is_some_and(|w| i - j.min(i) >= w);
+                if j > i || outside_window {
+                    mask[i * seq_len + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [seq_len, seq_len]), device).unsqueeze_dims::<4>(&[0, 1]);
+        Positions { cos: table(cos), sin: table(sin), mask }
+    }
+}
+
+/// transformers' `rotate_half` RoPE on the first `rot` dims of `x: [B, H, T, D]`.
+fn apply_rope<B: Backend>(x: Tensor<B, 4>, pos: &Positions<B>) -> Tensor<B, 4> {
+    let d = x.dims()[3];
+    let rot = pos.cos.dims()[3];
+    let x_rot = x.clone().narrow(3, 0, rot);
+    let half = rot / 2;
+    let x1 = x_rot.clone().narrow(3, 0, half);
+    let x2 = x_rot.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    let out = x_rot * pos.cos.clone() + rotated * pos.sin.clone();
+    if rot == d {
+        out
+    } else {
+        Tensor::cat(vec![out, x.narrow(3, rot, d - rot)], 3)
+    }
+}
+
+/// `[B, KV, T, D]` to `[B, KV * n_rep, T, D]`, head h using kv head h / n_rep (transformers'
+/// `repeat_kv`).
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, kv, t, d] = x.dims();
+    x.reshape([b, kv, 1, t * d]).repeat_dim(2, n_rep).reshape([b, kv * n_rep, t, d])
+}
+
+impl<B: Backend> Attention<B> {
+    pub fn forward(&self, x: Tensor<B, 3>, pos: &Positions<B>) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let (q, k, v) = match &self.qkv_proj {
+            Some(qkv) => {
+                let qkv = qkv.forward(x);
+                (qkv.clone().narrow(2, 0, nh * hd), qkv.clone().narrow(2, nh * hd, nkv * hd), qkv.narrow(2, (nh + nkv) * hd, nkv * hd))
+            }
+            None => {
+                let proj = |p: &Option<Linear<B>>| p.as_ref().expect("separate q/k/v projections").forward(x.clone());
+                (proj(&self.q_proj), proj(&self.k_proj), proj(&self.v_proj))
+            }
+        };
+        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
+        let q = apply_rope(heads(q, nh), pos);
+        let k = repeat_kv(apply_rope(heads(k, nkv), pos), nh / nkv);
+        let v = repeat_kv(heads(v, nkv), nh / nkv);
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((hd as f64).powf(-0.5)) + pos.mask.clone();
+        let out = softmax(scores, 3).matmul(v);
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, nh * hd]))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Option<Linear<B>>,
+    pub up_proj: Option<Linear<B>>,
+    /// Phi-3's fused projection: gate rows first, then up.
+    pub gate_up_proj: Option<Linear<B>>,
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let (gate, up) = match &self.gate_up_proj {
+            Some(gu) => {
+                let y = gu.forward(x);
+                let half = y.dims()[2] / 2;
+                (y.clone().narrow(2, 0, half), y.narrow(2, half, half))
+            }
+            None => (
+                self.gate_proj.as_ref().expect("gate_proj").forward(x.clone()),
+                self.up_proj.as_ref().expect("up_proj").forward(x),
+            ),
+        };
+        self.down_proj.forward(silu(gate) * up)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub self_attn: Attention<B>,
+    pub mlp: Mlp<B>,
+    pub input_layernorm: RmsNorm<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    pub fn forward(&self, x: Tensor<B, 3>, pos: &Positions<B>) -> Tensor<B, 3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), pos);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// Hugging Face's `model.` prefix.
+#[derive(Module, Debug)]
+pub struct Body<B: Backend> {
+    pub embed_tokens: Tensor<B, 2>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct CausalLm<B: Backend> {
+    pub model: Body<B>,
+    /// `None` when the embeddings are tied.
+    pub lm_head: Option<Linear<B>>,
+    #[module(skip)]
+    pub config: Config,
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Final hidden states `[B, T, hidden]` for token ids `[B, T]`.
+    pub fn hidden(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let t = ids.dims()[1];
+        let pos = Positions::new(&self.config, t, &ids.device());
+        let mut x = burn::tensor::module::embedding(self.model.embed_tokens.clone(), ids);
+        for layer in &self.model.layers {
+            x = layer.forward(x, &pos);
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// Logits `[B, T, vocab]`.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let h = self.hidden(ids);
+        match &self.lm_head {
+            Some(head) => head.forward(h),
+            None => {
+                let [b, t, d] = h.dims();
+                let v = self.model.embed_tokens.dims()[0];
+                h.reshape([b * t, d]).matmul(self.model.embed_tokens.clone().transpose()).reshape([b, t, v])
+            }
+        }
+    }
+
+    /// Logits `[T, vocab]` for one sequence of ids.
+    pub fn logits(&self, ids: &[u32], device: &B::Device) -> Tensor<B, 2> {
+        let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        let t = ids.len();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, t]), device);
+        self.forward(ids).squeeze_dim(0)
+    }
+}

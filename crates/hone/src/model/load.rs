@@ -1,0 +1,151 @@
+//! Loading a Hugging Face model directory (any [`FileSet`]): `config.json`, then the weights
+//! tensor by tensor from `model.safetensors` or the shards named by
+//! `model.safetensors.index.json`. Each tensor is read, checked against the config, converted
+//! to f32 and moved to the device before the next is read.
+
+use super::config::{Arch, Config};
+use super::decoder::{Attention, Body, CausalLm, DecoderLayer, Linear, Mlp, RmsNorm};
+use crate::error::{Error, Result};
+use crate::io::safetensors::SafeTensors;
+use crate::io::FileSet;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use std::collections::BTreeMap;
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
+
+pub fn read_config(files: &dyn FileSet) -> Result<Config> {
+    let src = files.open_required(CONFIG_FILE)?;
+    Config::from_json(&src.read_all()?, src.name())
+}
+
+/// The weights of a model: every tensor name mapped to the shard that holds it.
+pub struct Weights {
+    shards: Vec<SafeTensors>,
+    index: BTreeMap<String, usize>,
+    location: String,
+}
+
+impl Weights {
+    pub fn open(files: &dyn FileSet) -> Result<Self> {
+        let names: Vec<String> = match files.open(WEIGHTS_INDEX_FILE)? {
+            Some(src) => {
+                let json: serde_json::Value = serde_json::from_slice(&src.read_all()?)
+                    .map_err(|e| Error::format(src.name(), format!("invalid JSON: {e}")))?;
+                let map = json
+                    .get("weight_map")
+                    .and_then(|m| m.as_object())
+                    .ok_or_else(|| Error::format(src.name(), "no `weight_map` object"))?;
+                let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+                shards.sort();
+                shards.dedup();
+                shards
+            }
+            None => vec![WEIGHTS_FILE.to_string()],
+        };
+        let mut shards = Vec::new();
+        let mut index = BTreeMap::new();
+        for name in names {
+            let st = SafeTensors::open(files.open_required(&name)?)?;
+            for tensor in st.tensors().keys() {
+                index.insert(tensor.clone(), shards.len());
+            }
+            shards.push(st);
+        }
+        Ok(Weights { shards, index, location: files.location() })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.index.keys()
+    }
+
+    /// Reads one tensor as f32 and checks its shape.
+    pub fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let shard = self.index.get(name).ok_or_else(|| {
+            let file = match self.shards.as_slice() {
+                [one] => one.name().to_string(),
+                _ => format!("{}/{WEIGHTS_INDEX_FILE}", self.location),
+            };
+            Error::tensor(file, name, "missing (the model's config needs it)")
+        })?;
+        let st = &self.shards[*shard];
+        let (got, values) = st.read_f32(name)?;
+        if got != shape {
+            return Err(Error::tensor(
+                st.name(),
+                name,
+                format!("shape {got:?} does not match the config, which implies {shape:?}"),
+            ));
+        }
+        Ok(values)
+    }
+
+    pub fn tensor<B: Backend, const D: usize>(&self, name: &str, shape: [usize; D], device: &B::Device) -> Result<Tensor<B, D>> {
+        let values = self.read(name, &shape)?;
+        Ok(Tensor::from_data(TensorData::new(values, shape), device))
+    }
+}
+
+/// Loads a model from a directory-like file set onto `device`.
+pub fn load_model<B: Backend>(files: &dyn FileSet, device: &B::Device) -> Result<CausalLm<B>> {
+    let config = read_config(files)?;
+    let weights = Weights::open(files)?;
+    build(config, &weights, device)
+}
+
+pub fn build<B: Backend>(config: Config, w: &Weights, device: &B::Device) -> Result<CausalLm<B>> {
+    let c = &config;
+    let (h, hd, nh, nkv, inter) = (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size);
+    let linear = |name: &str, d_out: usize, d_in: usize, bias: bool| -> Result<Linear<B>> {
+        Ok(Linear {
+            weight: w.tensor(&format!("{name}.weight"), [d_out, d_in], device)?,
+            bias: if bias { Some(w.tensor(&format!("{name}.bias"), [d_out], device)?) } else { None },
+        })
+    };
+    let norm = |name: &str| -> Result<RmsNorm<B>> { Ok(RmsNorm { weight: w.tensor(&format!("{name}.weight"), [h], device)?, eps: c.rms_norm_eps }) };
+
+    let embed_tokens = w.tensor(&"model.embed_tokens.weight".to_string(), [c.vocab_size, h], device)?;
+    let mut layers = Vec::with_capacity(c.num_hidden_layers);
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let fused = c.arch == Arch::Phi3;
+        let attn = |n: &str| format!("{p}.self_attn.{n}");
+        let mlp = |n: &str| format!("{p}.mlp.{n}");
+        let self_attn = Attention {
+            q_proj: if fused { None } else { Some(linear(&attn("q_proj"), nh * hd, h, c.qkv_bias)?) },
+            k_proj: if fused { None } else { Some(linear(&attn("k_proj"), nkv * hd, h, c.qkv_bias)?) },
+            v_proj: if fused { None } else { Some(linear(&attn("v_proj"), nkv * hd, h, c.qkv_bias)?) },
+            qkv_proj: if fused { Some(linear(&attn("qkv_proj"), (nh + 2 * nkv) * hd, h, c.qkv_bias)?) } else { None },
+            o_proj: linear(&attn("o_proj"), h, nh * hd, c.o_bias)?,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        };
+        let mlp = Mlp {
+            gate_proj: if fused { None } else { Some(linear(&mlp("gate_proj"), inter, h, c.mlp_bias)?) },
+            up_proj: if fused { None } else { Some(linear(&mlp("up_proj"), inter, h, c.mlp_bias)?) },
+            gate_up_proj: if fused { Some(linear(&mlp("gate_up_proj"), 2 * inter, h, c.mlp_bias)?) } else { None },
+            down_proj: linear(&mlp("down_proj"), h, inter, c.mlp_bias)?,
+        };
+        layers.push(DecoderLayer {
+            self_attn,
+            mlp,
+            input_layernorm: norm(&format!("{p}.input_layernorm"))?,
+            post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm"))?,
+        });
+    }
+    let norm_final = norm("model.norm")?;
+    // Some tied checkpoints still store lm_head; tied ones that do not reuse the embeddings.
+    let lm_head = if c.tie_word_embeddings && !w.contains("lm_head.weight") {
+        None
+    } else {
+        Some(linear("lm_head", c.vocab_size, h, false)?)
+    };
+    Ok(CausalLm { model: Body { embed_tokens, layers, norm: norm_final }, lm_head, config })
+}

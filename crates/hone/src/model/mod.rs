@@ -1,0 +1,10 @@
+//! Decoder-only transformers: config, RoPE, the decoder, and loading weights into it.
+
+pub mod config;
+pub mod decoder;
+pub mod load;
+pub mod rope;
+
+pub use config::{Arch, Config, Rope};
+pub use decoder::CausalLm;
+pub use load::load_model;
