@@ -1,1 +1,123 @@
-fn main() {}
+//! `cargo xtask <task>`: the project's own commands.
+//!
+//! - `test`: installs what the tests need (wasm target, wasm-bindgen-cli at Cargo.lock's
+//!   version, Debian's chromium + chromedriver + lavapipe when run as root), then runs every
+//!   test: native (CPU and wgpu), the CUDA build check, and the browser tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{exit, Command};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test(&args[1..]),
+        Some("setup") => setup(),
+        _ => {
+            eprintln!("usage: cargo xtask <test [native|cuda|browser]... | setup>");
+            exit(2);
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: {e}");
+        exit(1);
+    }
+}
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} failed: {status}"))
+    }
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {program} >/dev/null 2>&1")).status().is_ok_and(|s| s.success())
+}
+
+/// The version of a package pinned in Cargo.lock.
+fn locked_version(package: &str) -> Result<String> {
+    let lock = std::fs::read_to_string(root().join("Cargo.lock")).map_err(|e| format!("Cargo.lock: {e}"))?;
+    let mut lines = lock.lines();
+    while let Some(line) = lines.next() {
+        if line == format!("name = \"{package}\"") {
+            if let Some(v) = lines.next().and_then(|l| l.strip_prefix("version = \"")) {
+                return Ok(v.trim_end_matches('"').to_string());
+            }
+        }
+    }
+    Err(format!("{package} is not in Cargo.lock"))
+}
+
+/// Where tools installed by xtask live (outside the repository, kept between runs).
+fn tools_dir() -> PathBuf {
+    std::env::var_os("HONE_TOOLS").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/tmp".into());
+        home.join(".cache/hone/tools")
+    })
+}
+
+fn wasm_bindgen_runner() -> PathBuf {
+    tools_dir().join("bin/wasm-bindgen-test-runner")
+}
+
+fn setup() -> Result {
+    run(Command::new("rustup").args(["target", "add", "wasm32-unknown-unknown"]))?;
+    let version = locked_version("wasm-bindgen")?;
+    let wb = tools_dir().join("bin/wasm-bindgen");
+    let installed = Command::new(&wb).arg("--version").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).to_string());
+    if !installed.is_some_and(|v| v.contains(&version)) {
+        run(cargo().args(["install", "--locked", "wasm-bindgen-cli", "--version", &format!("={version}"), "--root"]).arg(tools_dir()))?;
+    }
+    let vulkan_icd = Path::new("/usr/share/vulkan/icd.d/lvp_icd.x86_64.json").exists()
+        || std::fs::read_dir("/usr/share/vulkan/icd.d").is_ok_and(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("lvp")));
+    if !have("chromium") || !have("chromedriver") || !vulkan_icd {
+        let is_root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0"));
+        if !is_root {
+            return Err("install Debian's chromium, chromium-driver and mesa-vulkan-drivers (as root: apt-get install -y chromium chromium-driver mesa-vulkan-drivers), then run again".into());
+        }
+        run(Command::new("apt-get").arg("update"))?;
+        run(Command::new("apt-get").args(["install", "-y", "chromium", "chromium-driver", "mesa-vulkan-drivers"]))?;
+    }
+    Ok(())
+}
+
+fn test(which: &[String]) -> Result {
+    let all = which.is_empty();
+    let wants = |name: &str| all || which.iter().any(|w| w == name);
+    setup()?;
+    if wants("native") {
+        // CPU (NdArray) and the GPU code path through wgpu (Vulkan; lavapipe on a CPU-only box).
+        run(cargo().args(["test", "--workspace"]))?;
+    }
+    if wants("cuda") {
+        // No GPU needed to compile; CUDA is loaded at run time.
+        run(cargo().args(["check", "-p", "hone-cli", "--features", "cuda"]))?;
+    }
+    if wants("browser") {
+        // wasm-bindgen-test in headless Chromium, WebGPU on whatever adapter it has
+        // (SwiftShader here); flags in crates/hone-web/webdriver.json.
+        let mut c = cargo();
+        c.current_dir(root().join("crates/hone-web"))
+            .args(["test", "--target", "wasm32-unknown-unknown"])
+            .env("CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER", wasm_bindgen_runner())
+            .env("CHROMEDRIVER", "/usr/bin/chromedriver")
+            .env("WASM_BINDGEN_TEST_TIMEOUT", "400");
+        run(&mut c)?;
+    }
+    Ok(())
+}

@@ -1,1 +1,68 @@
+//! hone in the browser: the wasm-bindgen API that the page's Web Worker calls.
+//!
+//! The compute device is WebGPU through burn's wgpu backend, created asynchronously (a
+//! synchronous setup panics on wasm), and every read back is `into_data_async`.
 
+#![cfg(target_arch = "wasm32")]
+
+use burn::backend::wgpu::{graphics::WebGpu, init_setup_async, RuntimeOptions, WgpuDevice};
+use hone::io::MemFiles;
+use hone::model::CausalLm;
+use std::cell::RefCell;
+use wasm_bindgen::prelude::*;
+
+pub type Backend = burn::backend::Wgpu;
+
+thread_local! {
+    static DEVICE: RefCell<Option<WgpuDevice>> = const { RefCell::new(None) };
+}
+
+/// The WebGPU device, set up on first use.
+pub async fn device() -> WgpuDevice {
+    if let Some(d) = DEVICE.with(|d| d.borrow().clone()) {
+        return d;
+    }
+    let device = WgpuDevice::default();
+    init_setup_async::<WebGpu>(&device, RuntimeOptions::default()).await;
+    DEVICE.with(|d| *d.borrow_mut() = Some(device.clone()));
+    device
+}
+
+fn js_err(e: impl std::fmt::Display) -> JsError {
+    JsError::new(&e.to_string())
+}
+
+/// A model loaded from files the page handed over (name → bytes).
+#[wasm_bindgen]
+pub struct Model {
+    inner: CausalLm<Backend>,
+    device: WgpuDevice,
+}
+
+#[wasm_bindgen]
+impl Model {
+    /// `files` maps file names (config.json, model.safetensors, shards, index) to `Uint8Array`s.
+    pub async fn load(files: js_sys::Map) -> Result<Model, JsError> {
+        let mut set = MemFiles::new("model");
+        for entry in files.entries() {
+            let pair: js_sys::Array = entry.map_err(|_| JsError::new("bad files map"))?.into();
+            let name = pair.get(0).as_string().ok_or_else(|| JsError::new("file names must be strings"))?;
+            let bytes = js_sys::Uint8Array::new(&pair.get(1)).to_vec();
+            set.insert(name, bytes);
+        }
+        let device = device().await;
+        let inner = hone::model::load_model::<Backend>(&set, &device).map_err(js_err)?;
+        Ok(Model { inner, device })
+    }
+
+    /// Logits `[ids.length, vocab]`, row-major.
+    pub async fn logits(&self, ids: Vec<u32>) -> Result<Vec<f32>, JsError> {
+        logits(&self.inner, &ids, &self.device).await
+    }
+}
+
+/// Logits for one sequence, read back asynchronously.
+pub async fn logits(model: &CausalLm<Backend>, ids: &[u32], device: &WgpuDevice) -> Result<Vec<f32>, JsError> {
+    let data = model.logits(ids, device).into_data_async().await.map_err(|e| JsError::new(&format!("{e:?}")))?;
+    data.to_vec::<f32>().map_err(|e| JsError::new(&format!("{e:?}")))
+}

@@ -1,0 +1,95 @@
+//! In headless Chromium over WebGPU (SwiftShader in CI): the fixtures are loaded from bytes, as
+//! the page loads them, and the logits must equal transformers' within 1e-4 relative.
+
+#![cfg(target_arch = "wasm32")]
+
+use hone::io::safetensors::SafeTensors;
+use hone::io::{MemFiles, MemSource};
+use hone::parity::{read_ids, rel_error};
+use wasm_bindgen_test::*;
+
+wasm_bindgen_test_configure!(run_in_browser);
+
+macro_rules! fixture {
+    ($($path:expr),+) => {
+        include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/", $($path),+)).as_slice()
+    };
+}
+
+fn files(arch: &str, list: &[(&str, &'static [u8])]) -> MemFiles {
+    let mut set = MemFiles::new(arch);
+    for (name, bytes) in list {
+        set.insert(*name, bytes.to_vec());
+    }
+    set
+}
+
+async fn check(arch: &str, model_files: MemFiles, expected: &'static [u8]) {
+    let device = hone_web::device().await;
+    let model = hone::model::load_model::<hone_web::Backend>(&model_files, &device).unwrap();
+    let expected = SafeTensors::open(Box::new(MemSource::new("expected.safetensors", expected.to_vec()))).unwrap();
+    for k in 0..2 {
+        let ids = read_ids(&expected, &format!("ids_{k}")).unwrap();
+        let (_, reference) = expected.read_f32(&format!("logits_{k}")).unwrap();
+        // Twice: a kernel whose first call returned unwritten memory would differ here.
+        for attempt in 0..2 {
+            let ours = hone_web::logits(&model, &ids, &device).await.unwrap();
+            let err = rel_error(&ours, &reference);
+            web_sys_log(&format!("{arch} input {k} call {attempt}: rel error {err:.2e}"));
+            assert!(err < 1e-4, "{arch} input {k} call {attempt}: rel error {err:.3e}");
+        }
+    }
+}
+
+fn web_sys_log(s: &str) {
+    wasm_bindgen_test::console_log!("{}", s);
+}
+
+macro_rules! single_file_arch {
+    ($name:ident, $arch:literal) => {
+        #[wasm_bindgen_test]
+        async fn $name() {
+            let set = files(
+                $arch,
+                &[
+                    ("config.json", fixture!($arch, "/config.json")),
+                    ("model.safetensors", fixture!($arch, "/model.safetensors")),
+                ],
+            );
+            check($arch, set, fixture!($arch, "/expected.safetensors")).await;
+        }
+    };
+}
+
+single_file_arch!(llama_logits_match_transformers, "llama");
+single_file_arch!(llama3_logits_match_transformers, "llama3");
+single_file_arch!(smollm2_logits_match_transformers, "smollm2");
+single_file_arch!(mistral_logits_match_transformers, "mistral");
+single_file_arch!(phi3_logits_match_transformers, "phi3");
+
+#[wasm_bindgen_test]
+async fn qwen2_sharded_logits_match_transformers() {
+    let set = files(
+        "qwen2",
+        &[
+            ("config.json", fixture!("qwen2/config.json")),
+            ("model.safetensors.index.json", fixture!("qwen2/model.safetensors.index.json")),
+            ("model-00001-of-00002.safetensors", fixture!("qwen2/model-00001-of-00002.safetensors")),
+            ("model-00002-of-00002.safetensors", fixture!("qwen2/model-00002-of-00002.safetensors")),
+        ],
+    );
+    check("qwen2", set, fixture!("qwen2/expected.safetensors")).await;
+}
+
+#[wasm_bindgen_test]
+fn tokenizer_ids_match_python_tokenizers() {
+    let tok = hone::data::Tokenizer::from_bytes(fixture!("tokenizer.json"), "tokenizer.json").unwrap();
+    let cases: serde_json::Value = serde_json::from_slice(fixture!("tokenizer_cases.json")).unwrap();
+    let cases = cases.as_array().unwrap();
+    assert!(cases.len() >= 5);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(tok.encode(text, true).unwrap(), want, "ids for {text:?}");
+    }
+}
