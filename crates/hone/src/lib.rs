@@ -7,5 +7,6 @@ pub mod error;
 pub mod io;
 pub mod model;
 pub mod parity;
+pub mod quant;
 
 pub use error::{Error, Result};

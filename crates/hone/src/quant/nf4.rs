@@ -1,0 +1,183 @@
+//! NF4 (4-bit NormalFloat) exactly as bitsandbytes stores it: absmax per block of the row-major
+//! flattened weight, the nearest of 16 code values (ties to the lower), two codes per byte with
+//! the first element in the high nibble, and optionally double quantization of the absmax.
+
+use super::dynamic_map::signed_dynamic_map;
+
+/// bitsandbytes' NF4 code values (QLoRA paper, appendix E), as f32.
+pub const NF4_CODE: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
+
+/// Block size of the nested (double) quantization of absmax.
+pub const NESTED_BLOCKSIZE: usize = 256;
+
+/// Double-quantized absmax: 8-bit codes of `absmax - offset` in blocks of 256.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NestedAbsmax {
+    pub codes: Vec<u8>,
+    pub nested_absmax: Vec<f32>,
+    pub offset: f32,
+}
+
+/// A quantized weight in bitsandbytes' layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nf4Tensor {
+    pub shape: Vec<usize>,
+    pub blocksize: usize,
+    /// `ceil(numel / 2)` bytes.
+    pub packed: Vec<u8>,
+    pub absmax: Absmax,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Absmax {
+    Plain(Vec<f32>),
+    Nested(NestedAbsmax),
+}
+
+pub fn check_blocksize(blocksize: usize) -> Result<(), String> {
+    if (32..=4096).contains(&blocksize) && blocksize.is_power_of_two() {
+        Ok(())
+    } else {
+        Err(format!("NF4 block size {blocksize} must be a power of two from 32 to 4096"))
+    }
+}
+
+/// Per-block absmax of `x` (the last block may be partial).
+fn block_absmax(x: &[f32], blocksize: usize) -> Vec<f32> {
+    x.chunks(blocksize).map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs()))).collect()
+}
+
+/// Scales each value into [-1, 1] by its block's absmax the way bitsandbytes' reference
+/// kernel does: full blocks multiply by the f32 reciprocal, a partial last block divides.
+fn scaled(x: &[f32], absmax: &[f32], blocksize: usize) -> Vec<f32> {
+    let full = x.len() / blocksize * blocksize;
+    let mut out = Vec::with_capacity(x.len());
+    for (i, &v) in x.iter().enumerate() {
+        let am = absmax[i / blocksize].max(1e-38);
+        let s = if i < full { v * (1.0 / am) } else { v / am };
+        out.push(s.clamp(-1.0, 1.0));
+    }
+    out
+}
+
+/// Index of the nearest code in sorted `code`: the number of midpoints strictly below `v`
+/// (`torch.bucketize(v, midpoints)`), so a tie goes to the lower code.
+fn nearest(v: f32, midpoints: &[f32]) -> u8 {
+    midpoints.partition_point(|&m| m < v) as u8
+}
+
+fn midpoints(code: &[f32]) -> Vec<f32> {
+    code.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect()
+}
+
+
+/// Cells of the lookup grid bitsandbytes' CPU kernel uses for 8-bit codes.
+const LUT_SIZE: usize = 65536;
+
+/// bitsandbytes' CPU `quantize_blockwise` (8-bit codes of the signed dynamic map, absmax per
+/// block). Its kernel does not search for the nearest code: it rounds the scaled value onto a
+/// uniform grid of 65536 cells over [-1, 1] and takes the code nearest to the cell's centre,
+/// which differs from the true nearest code for a few values near a midpoint. hone does the
+/// same so that double-quantized absmax codes match bit for bit.
+pub fn quantize_blockwise_8bit(x: &[f32], blocksize: usize) -> (Vec<u8>, Vec<f32>) {
+    let code = signed_dynamic_map();
+    let mids = midpoints(&code);
+    let lut: Vec<u8> = (0..LUT_SIZE)
+        .map(|i| {
+            let cell = -1.0f32 + (2.0f32 * i as f32) / (LUT_SIZE - 1) as f32;
+            nearest(cell, &mids)
+        })
+        .collect();
+    let absmax = block_absmax(x, blocksize);
+    let codes = x
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let am = absmax[i / blocksize];
+            if am == 0.0 {
+                return 0;
+            }
+            let s = (v * (1.0 / am)).clamp(-1.0, 1.0);
+            // Compiled with contraction, the kernel's `h * 65535 + 0.5` is one fused op.
+            let cell = ((s + 1.0) * 0.5).mul_add((LUT_SIZE - 1) as f32, 0.5) as usize;
+            lut[cell]
+        })
+        .collect();
+    (codes, absmax)
+}
+
+pub fn dequantize_blockwise_8bit(codes: &[u8], absmax: &[f32], blocksize: usize) -> Vec<f32> {
+    let code = signed_dynamic_map();
+    codes.iter().enumerate().map(|(i, &c)| code[c as usize] * absmax[i / blocksize]).collect()
+}
+
+impl Nf4Tensor {
+    /// Quantizes a row-major f32 weight. `double_quant` also quantizes the absmax (QLoRA's
+    /// `bnb_4bit_use_double_quant`).
+    pub fn quantize(weight: &[f32], shape: &[usize], blocksize: usize, double_quant: bool) -> Result<Self, String> {
+        check_blocksize(blocksize)?;
+        let numel: usize = shape.iter().product();
+        if numel != weight.len() {
+            return Err(format!("{} values for shape {shape:?}", weight.len()));
+        }
+        let absmax = block_absmax(weight, blocksize);
+        let mids = midpoints(&NF4_CODE);
+        let q: Vec<u8> = scaled(weight, &absmax, blocksize).into_iter().map(|s| nearest(s, &mids)).collect();
+        // An odd count is padded with 0.0, whose code fills the last low nibble (as bitsandbytes pads).
+        let pad = nearest(0.0, &mids);
+        let packed = q.chunks(2).map(|p| (p[0] << 4) | p.get(1).copied().unwrap_or(pad)).collect();
+        let absmax = if double_quant {
+            let offset = super::torch_sum::mean(&absmax);
+            let centered: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
+            let (codes, nested_absmax) = quantize_blockwise_8bit(&centered, NESTED_BLOCKSIZE);
+            Absmax::Nested(NestedAbsmax { codes, nested_absmax, offset })
+        } else {
+            Absmax::Plain(absmax)
+        };
+        Ok(Nf4Tensor { shape: shape.to_vec(), blocksize, packed, absmax })
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Per-block absmax as f32 (undoing double quantization as bitsandbytes does).
+    pub fn absmax_f32(&self) -> Vec<f32> {
+        match &self.absmax {
+            Absmax::Plain(a) => a.clone(),
+            Absmax::Nested(n) => dequantize_blockwise_8bit(&n.codes, &n.nested_absmax, NESTED_BLOCKSIZE)
+                .into_iter()
+                .map(|a| a + n.offset)
+                .collect(),
+        }
+    }
+
+    /// The reference dequantization on the CPU: `code[q] * absmax[block]`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let absmax = self.absmax_f32();
+        (0..self.numel())
+            .map(|i| {
+                let byte = self.packed[i / 2];
+                let q = if i % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+                NF4_CODE[q as usize] * absmax[i / self.blocksize]
+            })
+            .collect()
+    }
+}

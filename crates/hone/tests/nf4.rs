@@ -1,0 +1,90 @@
+//! NF4 quantization equals bitsandbytes bit for bit (fixtures from
+//! tests/reference/make_nf4_fixtures.py): packed bytes, absmax, double-quantized absmax,
+//! offset, and dequantized values.
+
+mod common;
+
+use hone::io::safetensors::{Dtype, SafeTensors};
+use hone::io::FileSource;
+use hone::quant::dynamic_map::signed_dynamic_map;
+use hone::quant::nf4::{Absmax, Nf4Tensor, NF4_CODE};
+
+const CASES: [&str; 6] = ["square", "ragged", "wide", "small_block", "many_blocks", "zeros"];
+
+fn fixture() -> SafeTensors {
+    SafeTensors::open(Box::new(FileSource::open(&common::fixtures().join("nf4/nf4.safetensors")).unwrap())).unwrap()
+}
+
+fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
+    st.read_f32(name).unwrap().1
+}
+
+fn u8s(st: &SafeTensors, name: &str) -> Vec<u8> {
+    let (info, bytes) = st.read_raw(name).unwrap();
+    assert_eq!(info.dtype, Dtype::U8, "{name}");
+    bytes
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Equal bit for bit; on failure, says where and how many differ instead of dumping arrays.
+fn same<T: PartialEq + std::fmt::Debug>(ours: &[T], theirs: &[T], what: &str) {
+    assert_eq!(ours.len(), theirs.len(), "{what}: length");
+    let diffs: Vec<usize> = (0..ours.len()).filter(|&i| ours[i] != theirs[i]).collect();
+    if let Some(&i) = diffs.first() {
+        panic!("{what}: {} of {} differ; first at {i}: ours {:?}, bitsandbytes {:?}", diffs.len(), ours.len(), ours[i], theirs[i]);
+    }
+}
+
+fn blocksize(st: &SafeTensors, case: &str) -> usize {
+    let (_, b) = st.read_raw(&format!("{case}.blocksize")).unwrap();
+    i64::from_le_bytes(b[..8].try_into().unwrap()) as usize
+}
+
+#[test]
+fn code_tables_match_bitsandbytes() {
+    let st = fixture();
+    assert_eq!(bits(&NF4_CODE), bits(&f32s(&st, "nf4_code")));
+    same(&bits(&signed_dynamic_map()), &bits(&f32s(&st, "nested_code")), "dynamic map");
+}
+
+#[test]
+fn nf4_matches_bitsandbytes_bit_for_bit() {
+    let st = fixture();
+    for case in CASES {
+        let (shape, w) = st.read_f32(&format!("{case}.weight")).unwrap();
+        let bs = blocksize(&st, case);
+        let q = Nf4Tensor::quantize(&w, &shape, bs, false).unwrap();
+        same(&q.packed, &u8s(&st, &format!("{case}.packed")), &format!("{case}: packed bytes"));
+        match &q.absmax {
+            Absmax::Plain(a) => same(&bits(a), &bits(&f32s(&st, &format!("{case}.absmax"))), &format!("{case}: absmax")),
+            _ => unreachable!(),
+        }
+        same(&bits(&q.dequantize()), &bits(&f32s(&st, &format!("{case}.dequantized"))), &format!("{case}: dequantized"));
+    }
+}
+
+#[test]
+fn double_quant_matches_bitsandbytes_bit_for_bit() {
+    let st = fixture();
+    for case in CASES {
+        let (shape, w) = st.read_f32(&format!("{case}.weight")).unwrap();
+        let bs = blocksize(&st, case);
+        let q = Nf4Tensor::quantize(&w, &shape, bs, true).unwrap();
+        same(&q.packed, &u8s(&st, &format!("{case}.packed")), &format!("{case}: packed bytes"));
+        let Absmax::Nested(n) = &q.absmax else { unreachable!() };
+        assert_eq!(n.offset.to_bits(), f32s(&st, &format!("{case}.dq.offset"))[0].to_bits(), "{case}: offset");
+        same(&n.codes, &u8s(&st, &format!("{case}.dq.absmax")), &format!("{case}: absmax codes"));
+        same(&bits(&n.nested_absmax), &bits(&f32s(&st, &format!("{case}.dq.nested_absmax"))), &format!("{case}: nested absmax"));
+        same(&bits(&q.dequantize()), &bits(&f32s(&st, &format!("{case}.dq.dequantized"))), &format!("{case}: dequantized"));
+    }
+}
+
+#[test]
+fn bad_blocksizes_are_refused() {
+    for bs in [0, 16, 48, 100, 8192] {
+        assert!(Nf4Tensor::quantize(&[0.0; 64], &[64], bs, false).is_err(), "block size {bs}");
+    }
+}
