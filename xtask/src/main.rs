@@ -29,6 +29,42 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
+/// Totals of the cargo test runs, for one closing line.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+}
+
+impl Tally {
+    /// Runs a test command, echoing its stdout, and adds up its `test result:` lines.
+    fn run(&mut self, cmd: &mut Command) -> Result {
+        use std::io::{BufRead, BufReader};
+        eprintln!("xtask: running {cmd:?}");
+        let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().map_err(|e| format!("{cmd:?}: {e}"))?;
+        for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+            let line = line.map_err(|e| e.to_string())?;
+            println!("{line}");
+            if let Some(rest) = line.trim().strip_prefix("test result: ") {
+                let count = |word: &str| {
+                    rest.split(';')
+                        .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word))
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                self.passed += count(" passed");
+                self.failed += count(" failed");
+            }
+        }
+        let status = child.wait().map_err(|e| e.to_string())?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("{cmd:?} failed: {status}"))
+        }
+    }
+}
+
 fn run(cmd: &mut Command) -> Result {
     eprintln!("xtask: running {cmd:?}");
     let status = cmd.status().map_err(|e| format!("{cmd:?}: {e}"))?;
@@ -100,9 +136,16 @@ fn test(which: &[String]) -> Result {
     let all = which.is_empty();
     let wants = |name: &str| all || which.iter().any(|w| w == name);
     setup()?;
+    let mut tally = Tally::default();
+    let result = run_tests(&wants, &mut tally);
+    println!("\nxtask: {} passed, {} failed", tally.passed, tally.failed);
+    result
+}
+
+fn run_tests(wants: &dyn Fn(&str) -> bool, tally: &mut Tally) -> Result {
     if wants("native") {
         // CPU (NdArray) and the GPU code path through wgpu (Vulkan; lavapipe on a CPU-only box).
-        run(cargo().args(["test", "--workspace"]))?;
+        tally.run(cargo().args(["test", "--workspace"]))?;
     }
     if wants("cuda") {
         // No GPU needed to compile; CUDA is loaded at run time.
@@ -117,7 +160,7 @@ fn test(which: &[String]) -> Result {
             .env("CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER", wasm_bindgen_runner())
             .env("CHROMEDRIVER", "/usr/bin/chromedriver")
             .env("WASM_BINDGEN_TEST_TIMEOUT", "400");
-        run(&mut c)?;
+        tally.run(&mut c)?;
     }
     Ok(())
 }
