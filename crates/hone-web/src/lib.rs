@@ -5,6 +5,8 @@
 
 #![cfg(target_arch = "wasm32")]
 
+pub mod blob;
+
 use burn::backend::wgpu::{graphics::WebGpu, init_setup_async, RuntimeOptions, WgpuDevice};
 use hone::io::MemFiles;
 use hone::model::CausalLm;
