@@ -84,12 +84,6 @@ async fn qwen2_sharded_logits_match_transformers() {
 #[wasm_bindgen_test]
 fn tokenizer_ids_match_python_tokenizers() {
     let tok = hone::data::Tokenizer::from_bytes(fixture!("tokenizer.json"), "tokenizer.json").unwrap();
-    let cases: serde_json::Value = serde_json::from_slice(fixture!("tokenizer_cases.json")).unwrap();
-    let cases = cases.as_array().unwrap();
-    assert!(cases.len() >= 5);
-    for case in cases {
-        let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        assert_eq!(tok.encode(text, true).unwrap(), want, "ids for {text:?}");
-    }
+    let checked = hone::parity::check_token_ids(&tok, fixture!("tokenizer_cases.json")).unwrap();
+    assert!(checked >= 5);
 }

@@ -29,3 +29,19 @@ pub fn read_ids(st: &SafeTensors, name: &str) -> Result<Vec<u32>> {
     }
     Ok(bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect())
 }
+
+/// Checks `tok` against a fixture list of `{"text", "ids"}` made with Python `tokenizers`
+/// (special tokens added). Returns how many cases matched, or the first mismatch.
+pub fn check_token_ids(tok: &crate::data::Tokenizer, cases_json: &[u8]) -> std::result::Result<usize, String> {
+    let cases: serde_json::Value = serde_json::from_slice(cases_json).map_err(|e| e.to_string())?;
+    let cases = cases.as_array().ok_or("cases are not a list")?;
+    for case in cases {
+        let text = case["text"].as_str().ok_or("case without text")?;
+        let want: Vec<u32> = case["ids"].as_array().ok_or("case without ids")?.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect();
+        let got = tok.encode(text, true).map_err(|e| e.to_string())?;
+        if got != want {
+            return Err(format!("ids for {text:?}: hone {got:?}, tokenizers {want:?}"));
+        }
+    }
+    Ok(cases.len())
+}
