@@ -5,8 +5,10 @@
 pub mod data;
 pub mod error;
 pub mod io;
+pub mod lora;
 pub mod model;
 pub mod parity;
 pub mod quant;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -2,32 +2,13 @@
 //! a weight `model.layers.3.self_attn.q_proj.weight` lives at `model.layers[3].self_attn.q_proj`.
 
 use super::config::Config;
+use crate::lora::LoraLinear;
+use crate::quant::HoneBackend;
 use super::rope;
 use burn::module::Module;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-
-/// A frozen linear layer, `y = x·Wᵀ + b`, with W in Hugging Face's `[out, in]` layout.
-#[derive(Module, Debug)]
-pub struct Linear<B: Backend> {
-    pub weight: Tensor<B, 2>,
-    pub bias: Option<Tensor<B, 1>>,
-}
-
-impl<B: Backend> Linear<B> {
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [b, t, d_in] = x.dims();
-        let d_out = self.weight.dims()[0];
-        // A 2-D matmul on the flattened batch: no reliance on batch broadcasting in matmul.
-        let y = x.reshape([b * t, d_in]).matmul(self.weight.clone().transpose());
-        let y = match &self.bias {
-            Some(bias) => y + bias.clone().unsqueeze_dim(0),
-            None => y,
-        };
-        y.reshape([b, t, d_out])
-    }
-}
 
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
@@ -46,12 +27,12 @@ impl<B: Backend> RmsNorm<B> {
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
     /// Separate projections (Llama, Mistral, Qwen2) ...
-    pub q_proj: Option<Linear<B>>,
-    pub k_proj: Option<Linear<B>>,
-    pub v_proj: Option<Linear<B>>,
+    pub q_proj: Option<LoraLinear<B>>,
+    pub k_proj: Option<LoraLinear<B>>,
+    pub v_proj: Option<LoraLinear<B>>,
     /// ... or Phi-3's fused one, rows ordered q, k, v.
-    pub qkv_proj: Option<Linear<B>>,
-    pub o_proj: Linear<B>,
+    pub qkv_proj: Option<LoraLinear<B>>,
+    pub o_proj: LoraLinear<B>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -111,7 +92,7 @@ fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
     x.reshape([b, kv, 1, t * d]).repeat_dim(2, n_rep).reshape([b, kv * n_rep, t, d])
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: HoneBackend> Attention<B> {
     pub fn forward(&self, x: Tensor<B, 3>, pos: &Positions<B>) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -121,7 +102,7 @@ impl<B: Backend> Attention<B> {
                 (qkv.clone().narrow(2, 0, nh * hd), qkv.clone().narrow(2, nh * hd, nkv * hd), qkv.narrow(2, (nh + nkv) * hd, nkv * hd))
             }
             None => {
-                let proj = |p: &Option<Linear<B>>| p.as_ref().expect("separate q/k/v projections").forward(x.clone());
+                let proj = |p: &Option<LoraLinear<B>>| p.as_ref().expect("separate q/k/v projections").forward(x.clone());
                 (proj(&self.q_proj), proj(&self.k_proj), proj(&self.v_proj))
             }
         };
@@ -137,14 +118,14 @@ impl<B: Backend> Attention<B> {
 
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    pub gate_proj: Option<Linear<B>>,
-    pub up_proj: Option<Linear<B>>,
+    pub gate_proj: Option<LoraLinear<B>>,
+    pub up_proj: Option<LoraLinear<B>>,
     /// Phi-3's fused projection: gate rows first, then up.
-    pub gate_up_proj: Option<Linear<B>>,
-    pub down_proj: Linear<B>,
+    pub gate_up_proj: Option<LoraLinear<B>>,
+    pub down_proj: LoraLinear<B>,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: HoneBackend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let (gate, up) = match &self.gate_up_proj {
             Some(gu) => {
@@ -169,7 +150,7 @@ pub struct DecoderLayer<B: Backend> {
     pub post_attention_layernorm: RmsNorm<B>,
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: HoneBackend> DecoderLayer<B> {
     pub fn forward(&self, x: Tensor<B, 3>, pos: &Positions<B>) -> Tensor<B, 3> {
         let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), pos);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
@@ -188,12 +169,12 @@ pub struct Body<B: Backend> {
 pub struct CausalLm<B: Backend> {
     pub model: Body<B>,
     /// `None` when the embeddings are tied.
-    pub lm_head: Option<Linear<B>>,
+    pub lm_head: Option<LoraLinear<B>>,
     #[module(skip)]
     pub config: Config,
 }
 
-impl<B: Backend> CausalLm<B> {
+impl<B: HoneBackend> CausalLm<B> {
     /// Final hidden states `[B, T, hidden]` for token ids `[B, T]`.
     pub fn hidden(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let t = ids.dims()[1];
@@ -216,6 +197,65 @@ impl<B: Backend> CausalLm<B> {
                 h.reshape([b * t, d]).matmul(self.model.embed_tokens.clone().transpose()).reshape([b, t, v])
             }
         }
+    }
+
+    /// Every linear layer with its Hugging Face module name (`model.layers.0.self_attn.q_proj`,
+    /// ..., `lm_head`), in a fixed order.
+    pub fn linears(&self) -> Vec<(String, &LoraLinear<B>)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let a = &layer.self_attn;
+            let m = &layer.mlp;
+            let named = [
+                ("self_attn.q_proj", a.q_proj.as_ref()),
+                ("self_attn.k_proj", a.k_proj.as_ref()),
+                ("self_attn.v_proj", a.v_proj.as_ref()),
+                ("self_attn.qkv_proj", a.qkv_proj.as_ref()),
+                ("self_attn.o_proj", Some(&a.o_proj)),
+                ("mlp.gate_proj", m.gate_proj.as_ref()),
+                ("mlp.up_proj", m.up_proj.as_ref()),
+                ("mlp.gate_up_proj", m.gate_up_proj.as_ref()),
+                ("mlp.down_proj", Some(&m.down_proj)),
+            ];
+            for (name, lin) in named {
+                if let Some(lin) = lin {
+                    out.push((format!("model.layers.{i}.{name}"), lin));
+                }
+            }
+        }
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head".to_string(), head));
+        }
+        out
+    }
+
+    /// As [`Self::linears`], mutably.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.model.layers.iter_mut().enumerate() {
+            let a = &mut layer.self_attn;
+            let m = &mut layer.mlp;
+            let named = [
+                ("self_attn.q_proj", a.q_proj.as_mut()),
+                ("self_attn.k_proj", a.k_proj.as_mut()),
+                ("self_attn.v_proj", a.v_proj.as_mut()),
+                ("self_attn.qkv_proj", a.qkv_proj.as_mut()),
+                ("self_attn.o_proj", Some(&mut a.o_proj)),
+                ("mlp.gate_proj", m.gate_proj.as_mut()),
+                ("mlp.up_proj", m.up_proj.as_mut()),
+                ("mlp.gate_up_proj", m.gate_up_proj.as_mut()),
+                ("mlp.down_proj", Some(&mut m.down_proj)),
+            ];
+            for (name, lin) in named {
+                if let Some(lin) = lin {
+                    out.push((format!("model.layers.{i}.{name}"), lin));
+                }
+            }
+        }
+        if let Some(head) = &mut self.lm_head {
+            out.push(("lm_head".to_string(), head));
+        }
+        out
     }
 
     /// Logits `[T, vocab]` for one sequence of ids.

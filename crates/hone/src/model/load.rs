@@ -4,7 +4,9 @@
 //! to f32 and moved to the device before the next is read.
 
 use super::config::{Arch, Config};
-use super::decoder::{Attention, Body, CausalLm, DecoderLayer, Linear, Mlp, RmsNorm};
+use super::decoder::{Attention, Body, CausalLm, DecoderLayer, Mlp, RmsNorm};
+use crate::lora::LoraLinear;
+use crate::quant::{FrozenWeight, HoneBackend, Nf4Tensor, Nf4Weight};
 use crate::error::{Error, Result};
 use crate::io::safetensors::SafeTensors;
 use crate::io::FileSet;
@@ -57,6 +59,10 @@ impl Weights {
         Ok(Weights { shards, index, location: files.location() })
     }
 
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
@@ -92,21 +98,60 @@ impl Weights {
     }
 }
 
-/// Loads a model from a directory-like file set onto `device`.
-pub fn load_model<B: Backend>(files: &dyn FileSet, device: &B::Device) -> Result<CausalLm<B>> {
-    let config = read_config(files)?;
-    let weights = Weights::open(files)?;
-    build(config, &weights, device)
+/// How the frozen base is held on the device.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadOptions {
+    /// Quantize every linear layer of the decoder blocks to NF4 while loading (QLoRA);
+    /// embeddings, norms and lm_head stay f32, as bitsandbytes does.
+    pub nf4: Option<Nf4Options>,
 }
 
-pub fn build<B: Backend>(config: Config, w: &Weights, device: &B::Device) -> Result<CausalLm<B>> {
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { nf4: None }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Nf4Options {
+    pub blocksize: usize,
+    pub double_quant: bool,
+}
+
+impl Default for Nf4Options {
+    fn default() -> Self {
+        Nf4Options { blocksize: 64, double_quant: true }
+    }
+}
+
+/// Loads a model from a directory-like file set onto `device`, unquantized.
+pub fn load_model<B: HoneBackend>(files: &dyn FileSet, device: &B::Device) -> Result<CausalLm<B>> {
+    load_model_with(files, LoadOptions::default(), device)
+}
+
+pub fn load_model_with<B: HoneBackend>(files: &dyn FileSet, options: LoadOptions, device: &B::Device) -> Result<CausalLm<B>> {
+    let config = read_config(files)?;
+    let weights = Weights::open(files)?;
+    build(config, &weights, options, device)
+}
+
+pub fn build<B: HoneBackend>(config: Config, w: &Weights, options: LoadOptions, device: &B::Device) -> Result<CausalLm<B>> {
     let c = &config;
     let (h, hd, nh, nkv, inter) = (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size);
-    let linear = |name: &str, d_out: usize, d_in: usize, bias: bool| -> Result<Linear<B>> {
-        Ok(Linear {
-            weight: w.tensor(&format!("{name}.weight"), [d_out, d_in], device)?,
-            bias: if bias { Some(w.tensor(&format!("{name}.bias"), [d_out], device)?) } else { None },
-        })
+    // Decoder-block linears: quantized one by one as they are read, if asked.
+    let linear = |name: &str, d_out: usize, d_in: usize, bias: bool| -> Result<LoraLinear<B>> {
+        let key = format!("{name}.weight");
+        let weight = match options.nf4 {
+            Some(o) => {
+                let values = w.read(&key, &[d_out, d_in])?;
+                let q = Nf4Tensor::quantize(&values, &[d_out, d_in], o.blocksize, o.double_quant)
+                    .map_err(|m| Error::tensor(w.location(), &key, m))?;
+                FrozenWeight::nf4(Nf4Weight::from_host(&q, device))
+            }
+            None => FrozenWeight::dense(w.tensor(&key, [d_out, d_in], device)?),
+        };
+        let bias = if bias { Some(w.tensor(&format!("{name}.bias"), [d_out], device)?) } else { None };
+        Ok(LoraLinear::new(weight, bias))
     };
     let norm = |name: &str| -> Result<RmsNorm<B>> { Ok(RmsNorm { weight: w.tensor(&format!("{name}.weight"), [h], device)?, eps: c.rms_norm_eps }) };
 
@@ -145,7 +190,7 @@ pub fn build<B: Backend>(config: Config, w: &Weights, device: &B::Device) -> Res
     let lm_head = if c.tie_word_embeddings && !w.contains("lm_head.weight") {
         None
     } else {
-        Some(linear("lm_head", c.vocab_size, h, false)?)
+        Some(LoraLinear::new(FrozenWeight::dense(w.tensor("lm_head.weight", [c.vocab_size, h], device)?), None))
     };
     Ok(CausalLm { model: Body { embed_tokens, layers, norm: norm_final }, lm_head, config })
 }

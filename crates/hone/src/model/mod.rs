@@ -7,4 +7,4 @@ pub mod rope;
 
 pub use config::{Arch, Config, Rope};
 pub use decoder::CausalLm;
-pub use load::load_model;
+pub use load::{load_model, load_model_with, LoadOptions, Nf4Options};

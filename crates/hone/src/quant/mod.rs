@@ -1,7 +1,9 @@
 //! Frozen, quantized base weights. Knows nothing of LoRA.
 
 pub mod dynamic_map;
+pub mod frozen;
 pub mod nf4;
 pub mod torch_sum;
 
-pub use nf4::{Nf4Tensor, NestedAbsmax};
+pub use frozen::{FrozenWeight, HoneBackend, Nf4Weight};
+pub use nf4::{NestedAbsmax, Nf4Tensor};

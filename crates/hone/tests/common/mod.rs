@@ -1,6 +1,6 @@
 #![allow(dead_code)]
 
-use burn::tensor::backend::Backend;
+use hone::quant::HoneBackend;
 use hone::io::safetensors::SafeTensors;
 use hone::io::{Dir, FileSource};
 use hone::parity::{read_ids, rel_error};
@@ -13,7 +13,7 @@ pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-pub fn check_all_archs<B: Backend>(device: &B::Device) {
+pub fn check_all_archs<B: HoneBackend>(device: &B::Device) {
     for arch in ARCHS {
         let dir = fixtures().join(arch);
         let model = hone::model::load_model::<B>(&Dir(dir.clone()), device).unwrap();

@@ -1,0 +1,73 @@
+//! A linear layer: a frozen base weight (dense or NF4), an optional bias, and an optional
+//! LoRA adapter: `y = x·Wᵀ + b + s·dropout(x)·Aᵀ·Bᵀ`.
+
+use crate::quant::{FrozenWeight, HoneBackend};
+use burn::module::{Module, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Tensor};
+
+/// The trainable pair, in PEFT's layout: A `[r, in]`, B `[out, r]`.
+#[derive(Module, Debug)]
+pub struct Lora<B: Backend> {
+    pub lora_a: Param<Tensor<B, 2>>,
+    pub lora_b: Param<Tensor<B, 2>>,
+    /// `alpha / r`, or `alpha / √r` with rsLoRA.
+    pub scaling: f64,
+    pub dropout: f64,
+}
+
+impl<B: Backend> Lora<B> {
+    pub fn rank(&self) -> usize {
+        self.lora_a.dims()[0]
+    }
+
+    /// `s·dropout(x)·Aᵀ·Bᵀ` for `x: [m, in]`. Dropout only while gradients are tracked.
+    pub fn delta(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let x = if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
+            let keep = 1.0 - self.dropout;
+            let mask = x.random_like(Distribution::Bernoulli(keep));
+            x * mask / keep
+        } else {
+            x
+        };
+        x.matmul(self.lora_a.val().transpose()).matmul(self.lora_b.val().transpose()).mul_scalar(self.scaling)
+    }
+
+    /// `s·B·A`, the `[out, in]` update a merge adds to the base weight.
+    pub fn delta_weight(&self) -> Tensor<B, 2> {
+        self.lora_b.val().matmul(self.lora_a.val()).mul_scalar(self.scaling)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct LoraLinear<B: Backend> {
+    pub weight: FrozenWeight<B>,
+    pub bias: Option<Tensor<B, 1>>,
+    pub lora: Option<Lora<B>>,
+}
+
+impl<B: HoneBackend> LoraLinear<B> {
+    pub fn new(weight: FrozenWeight<B>, bias: Option<Tensor<B, 1>>) -> Self {
+        LoraLinear { weight, bias, lora: None }
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, d_in] = x.dims();
+        let x = x.reshape([b * t, d_in]);
+        let mut y = B::frozen_matmul(x.clone(), &self.weight);
+        if let Some(bias) = &self.bias {
+            y = y + bias.clone().unsqueeze_dim(0);
+        }
+        if let Some(lora) = &self.lora {
+            y = y + lora.delta(x);
+        }
+        y.reshape([b, t, self.out_features()])
+    }
+}

@@ -1,0 +1,214 @@
+//! PEFT's adapter files: `adapter_config.json` and `adapter_model.safetensors` with keys
+//! `base_model.model.<module>.lora_A.weight` `[r, in]` and `.lora_B.weight` `[out, r]`.
+//! Writing is deterministic (sorted keys and fields), so the same tensors give the same bytes
+//! on every target; reading accepts F32 and BF16 adapters trained elsewhere.
+
+use super::config::{LoraConfig, Targets};
+use super::linear::{Lora, LoraLinear};
+use crate::error::{Error, Result};
+use crate::io::safetensors::{write_f32, SafeTensors};
+use crate::io::FileSet;
+use crate::quant::HoneBackend;
+use burn::module::Param;
+use burn::tensor::{Tensor, TensorData};
+use std::collections::{BTreeMap, BTreeSet};
+
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
+const PREFIX: &str = "base_model.model.";
+
+/// One adapted layer's tensors on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostLora {
+    pub module: String,
+    pub a: Vec<f32>,
+    pub a_shape: [usize; 2],
+    pub b: Vec<f32>,
+    pub b_shape: [usize; 2],
+}
+
+/// An adapter as read from (or about to be written to) PEFT's files.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Adapter {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub use_rslora: bool,
+    pub base_model_name_or_path: String,
+    pub layers: Vec<HostLora>,
+}
+
+impl Adapter {
+    pub fn scaling(&self) -> f64 {
+        LoraConfig { r: self.r, alpha: self.alpha, use_rslora: self.use_rslora, ..Default::default() }.scaling()
+    }
+
+    /// `adapter_config.json`, with the fields PEFT writes (sorted, two-space indent).
+    pub fn config_json(&self) -> Vec<u8> {
+        let targets: BTreeSet<&str> = self.layers.iter().map(|l| l.module.rsplit('.').next().unwrap_or(&l.module)).collect();
+        let alpha = if self.alpha.fract() == 0.0 { serde_json::json!(self.alpha as i64) } else { serde_json::json!(self.alpha) };
+        let cfg = serde_json::json!({
+            "alpha_pattern": {},
+            "auto_mapping": null,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "layer_replication": null,
+            "layers_pattern": null,
+            "layers_to_transform": null,
+            "loftq_config": {},
+            "lora_alpha": alpha,
+            "lora_bias": false,
+            "lora_dropout": self.dropout,
+            "megatron_config": null,
+            "megatron_core": "megatron.core",
+            "modules_to_save": null,
+            "peft_type": "LORA",
+            "r": self.r,
+            "rank_pattern": {},
+            "revision": null,
+            "target_modules": targets,
+            "task_type": "CAUSAL_LM",
+            "use_dora": false,
+            "use_rslora": self.use_rslora,
+        });
+        let mut out = serde_json::to_vec_pretty(&cfg).expect("json");
+        out.push(b'\n');
+        out
+    }
+
+    /// `adapter_model.safetensors` bytes (F32, metadata {"format": "pt"}).
+    pub fn weights_bytes(&self) -> Vec<u8> {
+        let names: Vec<(String, String)> = self
+            .layers
+            .iter()
+            .map(|l| (format!("{PREFIX}{}.lora_A.weight", l.module), format!("{PREFIX}{}.lora_B.weight", l.module)))
+            .collect();
+        let mut tensors: Vec<(&str, &[usize], &[f32])> = Vec::new();
+        for (l, (a, b)) in self.layers.iter().zip(&names) {
+            tensors.push((a, &l.a_shape, &l.a));
+            tensors.push((b, &l.b_shape, &l.b));
+        }
+        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        write_f32(&tensors, &meta)
+    }
+
+    /// Reads PEFT's two files.
+    pub fn read(files: &dyn FileSet) -> Result<Self> {
+        let cfg_src = files.open_required(ADAPTER_CONFIG_FILE)?;
+        let file = cfg_src.name().to_string();
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&cfg_src.read_all()?).map_err(|e| Error::format(&file, format!("invalid JSON: {e}")))?;
+        if cfg.get("peft_type").and_then(|v| v.as_str()) != Some("LORA") {
+            return Err(Error::unsupported(&file, "not a LoRA adapter (peft_type must be \"LORA\")"));
+        }
+        for (key, unsupported) in [("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out")] {
+            if cfg.get(key).and_then(|v| v.as_bool()) == Some(true) {
+                return Err(Error::unsupported(&file, format!("{unsupported} adapters")));
+            }
+        }
+        let r = cfg.get("r").and_then(|v| v.as_u64()).ok_or_else(|| Error::format(&file, "missing `r`"))? as usize;
+        let alpha = cfg.get("lora_alpha").and_then(|v| v.as_f64()).unwrap_or(8.0);
+        let st = SafeTensors::open(files.open_required(ADAPTER_WEIGHTS_FILE)?)?;
+        let mut modules = BTreeSet::new();
+        for key in st.tensors().keys() {
+            let module = key
+                .strip_prefix(PREFIX)
+                .and_then(|k| k.strip_suffix(".lora_A.weight").or_else(|| k.strip_suffix(".lora_B.weight")))
+                .ok_or_else(|| Error::tensor(st.name(), key, "not a LoRA A/B weight of a causal LM"))?;
+            modules.insert(module.to_string());
+        }
+        let mut layers = Vec::new();
+        for module in modules {
+            let (a_key, b_key) = (format!("{PREFIX}{module}.lora_A.weight"), format!("{PREFIX}{module}.lora_B.weight"));
+            let shape2 = |key: &str| -> Result<[usize; 2]> {
+                match st.info(key).map(|i| i.shape.as_slice()) {
+                    Some([x, y]) => Ok([*x, *y]),
+                    Some(other) => Err(Error::tensor(st.name(), key, format!("shape {other:?} is not 2-D"))),
+                    None => Err(Error::tensor(st.name(), key, "missing")),
+                }
+            };
+            let (a_shape, b_shape) = (shape2(&a_key)?, shape2(&b_key)?);
+            if a_shape[0] != b_shape[1] {
+                return Err(Error::tensor(st.name(), &b_key, format!("rank {} does not match lora_A's {}", b_shape[1], a_shape[0])));
+            }
+            layers.push(HostLora { a: st.read_f32(&a_key)?.1, a_shape, b: st.read_f32(&b_key)?.1, b_shape, module });
+        }
+        Ok(Adapter {
+            r,
+            alpha,
+            dropout: cfg.get("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0),
+            use_rslora: cfg.get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false),
+            base_model_name_or_path: cfg.get("base_model_name_or_path").and_then(|v| v.as_str()).unwrap_or("").to_string(),
+            layers,
+        })
+    }
+
+    /// Puts the adapter's tensors on the matching layers. Every adapter module must exist in
+    /// the model with matching shapes.
+    pub fn attach<B: HoneBackend>(&self, linears: Vec<(String, &mut LoraLinear<B>)>, device: &B::Device) -> Result<()> {
+        let mut by_name: BTreeMap<String, &mut LoraLinear<B>> = linears.into_iter().collect();
+        for l in &self.layers {
+            let key = format!("{PREFIX}{}.lora_A.weight", l.module);
+            let lin = by_name
+                .get_mut(&l.module)
+                .ok_or_else(|| Error::tensor(ADAPTER_WEIGHTS_FILE, &key, "the model has no such layer"))?;
+            let [out, inp] = lin.weight.dims();
+            if l.a_shape[1] != inp || l.b_shape[0] != out {
+                return Err(Error::tensor(
+                    ADAPTER_WEIGHTS_FILE,
+                    &key,
+                    format!("A {:?} / B {:?} do not fit a [{out}, {inp}] layer", l.a_shape, l.b_shape),
+                ));
+            }
+            lin.lora = Some(Lora {
+                lora_a: Param::from_tensor(Tensor::from_data(TensorData::new(l.a.clone(), l.a_shape), device)),
+                lora_b: Param::from_tensor(Tensor::from_data(TensorData::new(l.b.clone(), l.b_shape), device)),
+                scaling: self.scaling(),
+                dropout: self.dropout,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Adds fresh adapters to the layers `config.targets` selects (never lm_head for
+/// `all-linear`, as PEFT). Returns how many layers were adapted.
+pub fn add_adapters<B: HoneBackend>(linears: Vec<(String, &mut LoraLinear<B>)>, config: &LoraConfig, device: &B::Device) -> usize {
+    let mut n = 0;
+    for (index, (name, lin)) in linears.into_iter().enumerate() {
+        let selected = match &config.targets {
+            Targets::AllLinear => name != "lm_head",
+            t => t.matches(&name),
+        };
+        if selected {
+            let [out, inp] = lin.weight.dims();
+            lin.lora = Some(config.init(index as u64, out, inp, device));
+            n += 1;
+        }
+    }
+    n
+}
+
+/// The adapter's tensors read back from the device (native: synchronous reads).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn to_host<B: HoneBackend>(linears: Vec<(String, &LoraLinear<B>)>, config: &LoraConfig, base: &str) -> Adapter {
+    let layers = linears
+        .into_iter()
+        .filter_map(|(module, lin)| {
+            let l = lin.lora.as_ref()?;
+            let a = l.lora_a.val();
+            let b = l.lora_b.val();
+            Some(HostLora {
+                module,
+                a_shape: a.dims(),
+                b_shape: b.dims(),
+                a: a.into_data().to_vec().expect("f32"),
+                b: b.into_data().to_vec().expect("f32"),
+            })
+        })
+        .collect();
+    Adapter { r: config.r, alpha: config.alpha, dropout: config.dropout, use_rslora: config.use_rslora, base_model_name_or_path: base.to_string(), layers }
+}

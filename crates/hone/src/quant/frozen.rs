@@ -1,0 +1,164 @@
+//! Frozen base weights on the device, dense or NF4, and the one op that uses them:
+//! `y = x·Wᵀ`. Under autodiff the op has its own backward, `dx = dy·W`, which dequantizes W
+//! again from the packed codes: the dequantized weight is never kept from forward to backward
+//! (QLoRA's memory saving), and W gets no gradient.
+
+use super::nf4::{Nf4Tensor, NF4_CODE};
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+
+/// NF4 codes on the device: 8 codes per i32 word, the packed bytes in bitsandbytes' order
+/// (little-endian within the word), and one f32 absmax per block. Double-quantized absmax is
+/// expanded to f32 on the host at load, so that dequantizing on any device is one exact f32
+/// multiply per value and equals bitsandbytes bit for bit.
+#[derive(Module, Debug)]
+pub struct Nf4Weight<B: Backend> {
+    pub words: Tensor<B, 1, Int>,
+    pub absmax: Tensor<B, 1>,
+    pub out_features: usize,
+    pub in_features: usize,
+    pub blocksize: usize,
+}
+
+impl<B: Backend> Nf4Weight<B> {
+    pub fn from_host(q: &Nf4Tensor, device: &B::Device) -> Self {
+        let [out_features, in_features] = match q.shape.as_slice() {
+            [o, i] => [*o, *i],
+            other => panic!("NF4 weight must be 2-D, got {other:?}"),
+        };
+        let mut bytes = q.packed.clone();
+        bytes.resize(bytes.len().div_ceil(4) * 4, 0);
+        let words: Vec<i32> = bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let n_words = words.len();
+        let absmax = q.absmax_f32();
+        let n_blocks = absmax.len();
+        Nf4Weight {
+            words: Tensor::from_data(TensorData::new(words, [n_words]), device),
+            absmax: Tensor::from_data(TensorData::new(absmax, [n_blocks]), device),
+            out_features,
+            in_features,
+            blocksize: q.blocksize,
+        }
+    }
+
+    /// The dense `[out, in]` weight, `code[q] * absmax[block]`, with tensor ops only, so it runs
+    /// on every backend (CPU, Vulkan/Metal, WebGPU, CUDA).
+    pub fn dequantize(&self) -> Tensor<B, 2> {
+        let device = self.words.device();
+        let n = self.out_features * self.in_features;
+        let n_words = self.words.dims()[0];
+        // Element 2j sits in the high nibble of byte j; byte b of a word is bits 8b..8b+8.
+        let nibbles: Vec<Tensor<B, 2, Int>> = (0..8)
+            .map(|k| {
+                let shift = 8 * (k / 2) + if k % 2 == 0 { 4 } else { 0 };
+                self.words.clone().bitwise_right_shift_scalar(burn::tensor::ElementConversion::elem(shift as i32)).bitwise_and_scalar(burn::tensor::ElementConversion::elem(15i32)).unsqueeze_dim(1)
+            })
+            .collect();
+        let codes = Tensor::cat(nibbles, 1).reshape([n_words * 8]);
+        let table = Tensor::<B, 1>::from_data(TensorData::new(NF4_CODE.to_vec(), [16]), &device);
+        let values = table.select(0, codes);
+        let n_blocks = self.absmax.dims()[0];
+        let padded = n_blocks * self.blocksize;
+        let values = if n_words * 8 >= padded {
+            values.narrow(0, 0, padded)
+        } else {
+            Tensor::cat(vec![values, Tensor::zeros([padded - n_words * 8], &device)], 0)
+        };
+        let w = values.reshape([n_blocks, self.blocksize]) * self.absmax.clone().unsqueeze_dim(1);
+        w.reshape([padded]).narrow(0, 0, n).reshape([self.out_features, self.in_features])
+    }
+}
+
+/// A frozen base weight `[out, in]`.
+#[derive(Module, Debug)]
+pub struct FrozenWeight<B: Backend> {
+    pub dense: Option<Tensor<B, 2>>,
+    pub nf4: Option<Nf4Weight<B>>,
+}
+
+impl<B: Backend> FrozenWeight<B> {
+    pub fn dense(w: Tensor<B, 2>) -> Self {
+        FrozenWeight { dense: Some(w), nf4: None }
+    }
+    pub fn nf4(w: Nf4Weight<B>) -> Self {
+        FrozenWeight { dense: None, nf4: Some(w) }
+    }
+    /// `[out, in]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match (&self.dense, &self.nf4) {
+            (Some(w), _) => w.dims(),
+            (None, Some(q)) => [q.out_features, q.in_features],
+            (None, None) => unreachable!("a frozen weight is dense or NF4"),
+        }
+    }
+    pub fn is_quantized(&self) -> bool {
+        self.nf4.is_some()
+    }
+    /// The weight as a dense tensor (dequantized if NF4).
+    pub fn to_dense(&self) -> Tensor<B, 2> {
+        match (&self.dense, &self.nf4) {
+            (Some(w), _) => w.clone(),
+            (None, Some(q)) => q.dequantize(),
+            (None, None) => unreachable!("a frozen weight is dense or NF4"),
+        }
+    }
+}
+
+/// The backends hone runs on: burn's, plus hone's op on frozen weights.
+pub trait HoneBackend: Backend {
+    /// `x·Wᵀ` for `x: [m, in]`.
+    fn frozen_matmul(x: Tensor<Self, 2>, w: &FrozenWeight<Self>) -> Tensor<Self, 2> {
+        x.matmul(w.to_dense().transpose())
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl HoneBackend for burn::backend::NdArray {}
+impl HoneBackend for burn::backend::Wgpu {}
+#[cfg(feature = "cuda")]
+impl HoneBackend for burn::backend::Cuda {}
+
+mod autodiff {
+    use super::{FrozenWeight, HoneBackend};
+    use burn::backend::autodiff::checkpoint::base::Checkpointer;
+    use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+    use burn::backend::autodiff::grads::Gradients;
+    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+    use burn::backend::Autodiff;
+    use burn::module::AutodiffModule;
+    use burn::tensor::{Tensor, TensorPrimitive};
+
+    /// Backward of `x·Wᵀ` for a frozen W. Its state is the frozen weight itself: for NF4 the
+    /// packed codes (a handle, no copy), dequantized again only here.
+    #[derive(Debug)]
+    struct FrozenMatmulBackward;
+
+    impl<B: HoneBackend> Backward<B, 1> for FrozenMatmulBackward {
+        type State = FrozenWeight<B>;
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+            let [parent] = ops.parents;
+            let grad = grads.consume::<B>(&ops.node);
+            if let Some(node) = parent {
+                let dy = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grad));
+                let dx = dy.matmul(ops.state.to_dense());
+                grads.register::<B>(node.id, dx.into_primitive().tensor());
+            }
+        }
+    }
+
+    impl<B: HoneBackend, C: CheckpointStrategy> HoneBackend for Autodiff<B, C> {
+        fn frozen_matmul(x: Tensor<Self, 2>, w: &FrozenWeight<Self>) -> Tensor<Self, 2> {
+            let inner_w: FrozenWeight<B> = w.valid();
+            let x = x.into_primitive().tensor();
+            let y = B::frozen_matmul(Tensor::from_primitive(TensorPrimitive::Float(x.primitive.clone())), &inner_w);
+            let y = y.into_primitive().tensor();
+            let out = match FrozenMatmulBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish(inner_w, y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            };
+            Tensor::from_primitive(TensorPrimitive::Float(out))
+        }
+    }
+}

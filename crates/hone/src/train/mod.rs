@@ -1,0 +1,3 @@
+//! Training: the loss (the trainer follows).
+
+pub mod loss;
