@@ -4,6 +4,7 @@ backward on fixed tokens, for a plain f32 base and for an NF4 (double-quant) bas
 
     python tests/reference/make_lora_fixtures.py
 """
+import json
 from pathlib import Path
 
 import torch
@@ -27,6 +28,24 @@ def loss_and_grads(model, ids):
     return out.loss.detach().float(), grads
 
 
+def adapter_logits(arch, base_dir, ids):
+    """Logits of the base, of the PEFT-written adapter, and of the hone-written adapter
+    (committed by hone's `write_hone_adapter_fixtures` test), each loaded by PEFT."""
+    out = {"ids": ids[0]}
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out["base.logits"] = base(ids).logits[0].contiguous()
+    for which in ["peft", "hone"]:
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager")
+        model = PeftModel.from_pretrained(base, OUT / f"{arch}_{which}_adapter").eval()
+        check = model.load_adapter(OUT / f"{arch}_{which}_adapter", adapter_name="check")
+        missing = [k for k in check.missing_keys if "lora_" in k and ".check." in k]
+        assert not missing and not check.unexpected_keys, (missing, check.unexpected_keys)
+        with torch.no_grad():
+            out[f"{which}_adapter.logits"] = model(ids).logits[0].contiguous()
+    return out
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     for arch in ["llama", "phi3"]:
@@ -44,8 +63,12 @@ def main():
         adapter_dir = OUT / f"{arch}_peft_adapter"
         model.save_pretrained(adapter_dir)
         (adapter_dir / "README.md").unlink()  # PEFT's model card: not needed
+        # Stable fixtures: a relative base path, and target_modules (a set in PEFT) sorted.
         cfg_path = adapter_dir / "adapter_config.json"
-        cfg_path.write_text(cfg_path.read_text().replace(str(base_dir), f"tests/fixtures/{arch}"))
+        saved = json.loads(cfg_path.read_text())
+        saved["base_model_name_or_path"] = f"tests/fixtures/{arch}"
+        saved["target_modules"] = sorted(saved["target_modules"])
+        cfg_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
         loss, grads = loss_and_grads(model, ids)
         t = {"loss": loss.reshape(1), "ids": ids[0]}
         t.update({f"{k}.grad": v for k, v in grads.items()})
@@ -64,6 +87,7 @@ def main():
         t["qlora.loss"] = qloss.reshape(1)
         t.update({f"qlora.{k}.grad": v for k, v in qgrads.items()})
         save_file(t, str(OUT / f"{arch}_grads.safetensors"))
+        save_file(adapter_logits(arch, base_dir, ids), str(OUT / f"{arch}_adapter_logits.safetensors"))
         print(arch, "loss", loss.item(), "qlora loss", qloss.item(), len(grads), "lora tensors")
 
 

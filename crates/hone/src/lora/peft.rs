@@ -36,6 +36,8 @@ pub struct Adapter {
     pub use_rslora: bool,
     pub base_model_name_or_path: String,
     pub layers: Vec<HostLora>,
+    /// Where the tensors came from, for messages.
+    pub source: String,
 }
 
 impl Adapter {
@@ -143,6 +145,7 @@ impl Adapter {
             use_rslora: cfg.get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false),
             base_model_name_or_path: cfg.get("base_model_name_or_path").and_then(|v| v.as_str()).unwrap_or("").to_string(),
             layers,
+            source: st.name().to_string(),
         })
     }
 
@@ -154,11 +157,11 @@ impl Adapter {
             let key = format!("{PREFIX}{}.lora_A.weight", l.module);
             let lin = by_name
                 .get_mut(&l.module)
-                .ok_or_else(|| Error::tensor(ADAPTER_WEIGHTS_FILE, &key, "the model has no such layer"))?;
+                .ok_or_else(|| Error::tensor(&self.source, &key, "the model has no such layer"))?;
             let [out, inp] = lin.weight.dims();
             if l.a_shape[1] != inp || l.b_shape[0] != out {
                 return Err(Error::tensor(
-                    ADAPTER_WEIGHTS_FILE,
+                    &self.source,
                     &key,
                     format!("A {:?} / B {:?} do not fit a [{out}, {inp}] layer", l.a_shape, l.b_shape),
                 ));
@@ -210,5 +213,13 @@ pub fn to_host<B: HoneBackend>(linears: Vec<(String, &LoraLinear<B>)>, config: &
             })
         })
         .collect();
-    Adapter { r: config.r, alpha: config.alpha, dropout: config.dropout, use_rslora: config.use_rslora, base_model_name_or_path: base.to_string(), layers }
+    Adapter {
+        r: config.r,
+        alpha: config.alpha,
+        dropout: config.dropout,
+        use_rslora: config.use_rslora,
+        base_model_name_or_path: base.to_string(),
+        layers,
+        source: "(in memory)".to_string(),
+    }
 }
