@@ -106,9 +106,10 @@ def to_v4_config(path):
 
 
 def main():
-    if ROOT.exists():
-        shutil.rmtree(ROOT)
-    ROOT.mkdir(parents=True)
+    ROOT.mkdir(parents=True, exist_ok=True)
+    for arch in ARCHS:  # only this script's outputs: other scripts own the rest of fixtures/
+        if (ROOT / arch).exists():
+            shutil.rmtree(ROOT / arch)
     tok = make_tokenizer()
     tok.save(str(ROOT / "tokenizer.json"))
     cases = [{"text": s, "ids": tok.encode(s).ids} for s in TOKENIZER_STRINGS]
