@@ -3,6 +3,7 @@
 //! source is a file; in the browser it is a `Blob` (see hone-web); in tests it is memory.
 
 pub mod safetensors;
+pub mod weights;
 
 use crate::error::{Error, Result};
 use std::sync::Arc;

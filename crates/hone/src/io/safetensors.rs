@@ -224,3 +224,81 @@ pub fn write_f32(tensors: &[(&str, &[usize], &[f32])], metadata: &BTreeMap<Strin
     }
     out
 }
+
+/// Writes a safetensors file tensor by tensor: the header is laid out from the declared
+/// tensors first, then each tensor's bytes are appended in that order, so a model is never
+/// held whole in memory. Keys are sorted, as in [`write_f32`].
+#[cfg(not(target_arch = "wasm32"))]
+pub struct StreamWriter {
+    file: std::io::BufWriter<std::fs::File>,
+    order: Vec<(String, usize)>,
+    next: usize,
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl StreamWriter {
+    /// `tensors`: (name, dtype, shape). Tensors must then be written in sorted name order
+    /// (see [`StreamWriter::order`]).
+    pub fn create(path: &std::path::Path, tensors: &[(String, Dtype, Vec<usize>)], metadata: &BTreeMap<String, String>) -> Result<Self> {
+        use std::io::Write;
+        let mut sorted: Vec<_> = tensors.to_vec();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut header = serde_json::Map::new();
+        if !metadata.is_empty() {
+            header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map"));
+        }
+        let mut offset = 0usize;
+        let mut order = Vec::new();
+        for (name, dtype, shape) in &sorted {
+            let len = shape.iter().product::<usize>() * dtype.size();
+            header.insert(name.clone(), serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [offset, offset + len]}));
+            order.push((name.clone(), len));
+            offset += len;
+        }
+        let mut header = serde_json::to_vec(&header).expect("json");
+        while header.len() % 8 != 0 {
+            header.push(b' ');
+        }
+        let name = path.display().to_string();
+        let file = std::fs::File::create(path).map_err(|e| Error::io(&name, e))?;
+        let mut file = std::io::BufWriter::new(file);
+        file.write_all(&(header.len() as u64).to_le_bytes()).map_err(|e| Error::io(&name, e))?;
+        file.write_all(&header).map_err(|e| Error::io(&name, e))?;
+        Ok(StreamWriter { file, order, next: 0 })
+    }
+
+    /// The names in the order their bytes must be written.
+    pub fn order(&self) -> Vec<String> {
+        self.order.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let (want, len) = self.order.get(self.next).ok_or_else(|| Error::tensor("(writer)", name, "more tensors than declared"))?;
+        if want != name || *len != bytes.len() {
+            return Err(Error::tensor("(writer)", name, format!("expected `{want}` of {len} bytes next")));
+        }
+        self.file.write_all(bytes).map_err(|e| Error::io(name, e))?;
+        self.next += 1;
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<()> {
+        use std::io::Write;
+        if self.next != self.order.len() {
+            return Err(Error::io("(writer)", format!("{} of {} tensors written", self.next, self.order.len())));
+        }
+        self.file.flush().map_err(|e| Error::io("(writer)", e))?;
+        self.file.into_inner().map_err(|e| Error::io("(writer)", e.to_string()))?.sync_all().map_err(|e| Error::io("(writer)", e))
+    }
+}
+
+/// f32 values encoded as `dtype` (round to nearest even for F16/BF16, as torch's `.to()`).
+pub fn from_f32(dtype: Dtype, values: &[f32]) -> Option<Vec<u8>> {
+    Some(match dtype {
+        Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        Dtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+        Dtype::BF16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+        _ => return None,
+    })
+}

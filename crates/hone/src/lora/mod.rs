@@ -3,6 +3,8 @@
 
 pub mod config;
 pub mod linear;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod merge;
 pub mod peft;
 
 pub use config::{LoraConfig, Targets};

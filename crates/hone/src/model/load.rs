@@ -8,94 +8,14 @@ use super::decoder::{Attention, Body, CausalLm, DecoderLayer, Mlp, RmsNorm};
 use crate::lora::LoraLinear;
 use crate::quant::{FrozenWeight, HoneBackend, Nf4Tensor, Nf4Weight};
 use crate::error::{Error, Result};
-use crate::io::safetensors::SafeTensors;
+use crate::io::weights::Weights;
 use crate::io::FileSet;
-use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
-use std::collections::BTreeMap;
 
 pub const CONFIG_FILE: &str = "config.json";
-pub const WEIGHTS_FILE: &str = "model.safetensors";
-pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 
 pub fn read_config(files: &dyn FileSet) -> Result<Config> {
     let src = files.open_required(CONFIG_FILE)?;
     Config::from_json(&src.read_all()?, src.name())
-}
-
-/// The weights of a model: every tensor name mapped to the shard that holds it.
-pub struct Weights {
-    shards: Vec<SafeTensors>,
-    index: BTreeMap<String, usize>,
-    location: String,
-}
-
-impl Weights {
-    pub fn open(files: &dyn FileSet) -> Result<Self> {
-        let names: Vec<String> = match files.open(WEIGHTS_INDEX_FILE)? {
-            Some(src) => {
-                let json: serde_json::Value = serde_json::from_slice(&src.read_all()?)
-                    .map_err(|e| Error::format(src.name(), format!("invalid JSON: {e}")))?;
-                let map = json
-                    .get("weight_map")
-                    .and_then(|m| m.as_object())
-                    .ok_or_else(|| Error::format(src.name(), "no `weight_map` object"))?;
-                let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
-                shards.sort();
-                shards.dedup();
-                shards
-            }
-            None => vec![WEIGHTS_FILE.to_string()],
-        };
-        let mut shards = Vec::new();
-        let mut index = BTreeMap::new();
-        for name in names {
-            let st = SafeTensors::open(files.open_required(&name)?)?;
-            for tensor in st.tensors().keys() {
-                index.insert(tensor.clone(), shards.len());
-            }
-            shards.push(st);
-        }
-        Ok(Weights { shards, index, location: files.location() })
-    }
-
-    pub fn location(&self) -> &str {
-        &self.location
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
-    }
-
-    pub fn names(&self) -> impl Iterator<Item = &String> {
-        self.index.keys()
-    }
-
-    /// Reads one tensor as f32 and checks its shape.
-    pub fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let shard = self.index.get(name).ok_or_else(|| {
-            let file = match self.shards.as_slice() {
-                [one] => one.name().to_string(),
-                _ => format!("{}/{WEIGHTS_INDEX_FILE}", self.location),
-            };
-            Error::tensor(file, name, "missing (the model's config needs it)")
-        })?;
-        let st = &self.shards[*shard];
-        let (got, values) = st.read_f32(name)?;
-        if got != shape {
-            return Err(Error::tensor(
-                st.name(),
-                name,
-                format!("shape {got:?} does not match the config, which implies {shape:?}"),
-            ));
-        }
-        Ok(values)
-    }
-
-    pub fn tensor<B: Backend, const D: usize>(&self, name: &str, shape: [usize; D], device: &B::Device) -> Result<Tensor<B, D>> {
-        let values = self.read(name, &shape)?;
-        Ok(Tensor::from_data(TensorData::new(values, shape), device))
-    }
 }
 
 /// How the frozen base is held on the device.

@@ -1,0 +1,118 @@
+//! Merging an adapter into its base: `W + s·B·A`, as PEFT's `merge_and_unload` computes it in
+//! f32, written out as a standard model directory (same keys, config and tokenizer as the
+//! base, no LoRA keys), streamed tensor by tensor.
+
+use super::peft::{Adapter, HostLora};
+use crate::error::{Error, Result};
+use crate::io::safetensors::{from_f32, to_f32, StreamWriter};
+use crate::io::weights::{Weights, WEIGHTS_FILE};
+use crate::io::FileSet;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// `s·(B·A)` `[out, in]` in f32. The product accumulates over the rank with one fused
+/// multiply-add per step, in rank order, as the f32 GEMM kernels PyTorch calls do, and is then
+/// scaled: PEFT's `(B @ A) * scaling`.
+pub fn delta(layer: &HostLora, scaling: f64) -> Vec<f32> {
+    let [out, r] = layer.b_shape;
+    let inp = layer.a_shape[1];
+    let s = scaling as f32;
+    let mut d = vec![0f32; out * inp];
+    for i in 0..out {
+        for j in 0..inp {
+            let mut acc = 0f32;
+            for k in 0..r {
+                acc = layer.b[i * r + k].mul_add(layer.a[k * inp + j], acc);
+            }
+            d[i * inp + j] = acc * s;
+        }
+    }
+    d
+}
+
+/// Files copied unchanged from the base directory when present.
+pub const COPIED_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+];
+
+pub struct MergeReport {
+    pub merged_layers: usize,
+    pub tensors: usize,
+}
+
+/// Writes the merged model into `out` (created atomically: a temp dir, then renamed).
+pub fn merge_to_dir(base: &dyn FileSet, adapter: &Adapter, out: &Path) -> Result<MergeReport> {
+    let out_name = out.display().to_string();
+    if out.exists() {
+        return Err(Error::io(&out_name, "already exists; choose a new output directory"));
+    }
+    let weights = Weights::open(base)?;
+    let by_key: BTreeMap<String, &HostLora> = adapter.layers.iter().map(|l| (format!("{}.weight", l.module), l)).collect();
+    for key in by_key.keys() {
+        if !weights.contains(key) {
+            return Err(Error::tensor(&adapter.source, key, "the base model has no such weight"));
+        }
+    }
+    let tmp = out.with_file_name(format!(
+        ".{}.tmp-{}",
+        out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(tmp.display(), e))?;
+    let result = write_merged(base, &weights, &by_key, adapter, &tmp);
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return result;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| Error::io(&out_name, e))?;
+    result
+}
+
+fn write_merged(
+    base: &dyn FileSet,
+    weights: &Weights,
+    by_key: &BTreeMap<String, &HostLora>,
+    adapter: &Adapter,
+    dir: &Path,
+) -> Result<MergeReport> {
+    let mut declared = Vec::new();
+    for name in weights.names() {
+        let (_, info) = weights.info(name).expect("indexed");
+        declared.push((name.clone(), info.dtype, info.shape.clone()));
+    }
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    let mut writer = StreamWriter::create(&dir.join(WEIGHTS_FILE), &declared, &meta)?;
+    let mut merged_layers = 0;
+    for name in writer.order() {
+        let (st, _) = weights.info(&name).expect("indexed");
+        let (info, bytes) = st.read_raw(&name)?;
+        let bytes = match by_key.get(&name) {
+            Some(layer) => {
+                let mut w = to_f32(info.dtype, &bytes).ok_or_else(|| Error::tensor(st.name(), &name, "not a float weight"))?;
+                if info.shape != [layer.b_shape[0], layer.a_shape[1]] {
+                    return Err(Error::tensor(&adapter.source, &name, format!("adapter does not fit the base's shape {:?}", info.shape)));
+                }
+                for (w, d) in w.iter_mut().zip(delta(layer, adapter.scaling())) {
+                    *w += d;
+                }
+                merged_layers += 1;
+                from_f32(info.dtype, &w).expect("float dtype")
+            }
+            None => bytes,
+        };
+        writer.write(&name, &bytes)?;
+    }
+    writer.finish()?;
+    for file in COPIED_FILES {
+        if let Some(src) = base.open(file)? {
+            std::fs::write(dir.join(file), src.read_all()?).map_err(|e| Error::io(dir.join(file).display(), e))?;
+        }
+    }
+    Ok(MergeReport { merged_layers, tensors: declared.len() })
+}
