@@ -3,6 +3,8 @@ use anyhow::{bail, Context};
 use hone::data::Tokenizer;
 use hone::io::safetensors::write_f32;
 use hone::io::Dir;
+use hone::lora::peft::Adapter;
+use hone::model::{LoadOptions, Nf4Options};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -21,6 +23,12 @@ pub struct Args {
     out: PathBuf,
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendKind,
+    /// A PEFT LoRA adapter directory to apply (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Quantize the base's decoder linears to NF4 while loading (QLoRA's frozen base).
+    #[arg(long)]
+    nf4: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -34,7 +42,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("no input tokens");
     }
     let (vocab, logits) = with_backend!(args.backend, |B, device| {
-        let model = hone::model::load_model::<B>(&dir, &device)?;
+        let options = LoadOptions { nf4: args.nf4.then(Nf4Options::default) };
+        let mut model = hone::model::load_model_with::<B>(&dir, options, &device)?;
+        if let Some(adapter) = &args.adapter {
+            Adapter::read(&Dir(adapter.clone()))?.attach(model.linears_mut(), &device)?;
+        }
         let vocab = model.config.vocab_size;
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
             bail!("token id {bad} is outside the vocabulary ({vocab})");

@@ -2,6 +2,7 @@
 
 mod backend;
 mod logits;
+mod merge;
 
 use clap::{Parser, Subcommand};
 
@@ -17,12 +18,15 @@ enum Command {
     /// Run the model on some tokens and write the logits ([sequence, vocab], f32) to a
     /// safetensors file, to compare with transformers.
     Logits(logits::Args),
+    /// Merge a LoRA adapter into its base and write a standard model directory.
+    Merge(merge::Args),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Logits(args) => logits::run(args),
+        Command::Merge(args) => merge::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

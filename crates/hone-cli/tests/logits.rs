@@ -69,3 +69,47 @@ fn bad_model_dir_is_a_clear_error() {
     assert!(stderr.contains("/nonexistent/model/config.json"), "{stderr}");
     assert!(!out.exists());
 }
+
+#[test]
+fn adapter_flag_applies_a_peft_adapter() {
+    let fixtures = fixtures();
+    let expected = open(&fixtures.join("lora/phi3_adapter_logits.safetensors"));
+    let ids = read_ids(&expected, "ids").unwrap();
+    let out = std::env::temp_dir().join(format!("hone-adapter-{}.safetensors", std::process::id()));
+    let ids_arg = ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let status = Command::new(env!("CARGO_BIN_EXE_hone"))
+        .args(["logits", "--model"])
+        .arg(fixtures.join("phi3"))
+        .arg("--adapter")
+        .arg(fixtures.join("lora/phi3_peft_adapter"))
+        .args(["--input-ids", &ids_arg, "--out"])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (_, ours) = open(&out).read_f32("logits").unwrap();
+    let (_, peft) = expected.read_f32("peft_adapter.logits").unwrap();
+    assert!(rel_error(&ours, &peft) < 1e-4);
+    std::fs::remove_file(out).unwrap();
+}
+
+#[test]
+fn merge_command_writes_a_model_directory() {
+    let fixtures = fixtures();
+    let out = std::env::temp_dir().join(format!("hone-merge-cli-{}", std::process::id()));
+    let result = Command::new(env!("CARGO_BIN_EXE_hone"))
+        .args(["merge", "--model"])
+        .arg(fixtures.join("llama"))
+        .arg("--adapter")
+        .arg(fixtures.join("lora/llama_hone_adapter"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert!(String::from_utf8_lossy(&result.stderr).contains("merged 6 adapted layers"));
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    std::fs::remove_dir_all(out).unwrap();
+}

@@ -1,0 +1,30 @@
+use hone::io::Dir;
+use hone::lora::merge::merge_to_dir;
+use hone::lora::peft::Adapter;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The base model directory the adapter was trained on.
+    #[arg(long)]
+    model: PathBuf,
+    /// The PEFT LoRA adapter directory.
+    #[arg(long)]
+    adapter: PathBuf,
+    /// The new model directory (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let adapter = Adapter::read(&Dir(args.adapter.clone()))?;
+    let report = merge_to_dir(&Dir(args.model.clone()), &adapter, &args.out)?;
+    eprintln!(
+        "merged {} adapted layers into {} ({} tensors; W + {}·B·A in f32, stored in the base's dtypes)",
+        report.merged_layers,
+        args.out.display(),
+        report.tensors,
+        adapter.scaling()
+    );
+    Ok(())
+}
