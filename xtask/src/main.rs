@@ -25,8 +25,11 @@ fn main() {
 
 type Result<T = ()> = std::result::Result<T, String>;
 
+/// The workspace root. `cargo run` sets CARGO_MANIFEST_DIR at run time too; prefer that, since
+/// two checkouts sharing one target dir share the `xtask` binary.
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    manifest.parent().unwrap().to_path_buf()
 }
 
 /// Totals of the cargo test runs, for one closing line.

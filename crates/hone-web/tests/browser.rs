@@ -87,3 +87,26 @@ fn tokenizer_ids_match_python_tokenizers() {
     let checked = hone::parity::check_token_ids(&tok, fixture!("tokenizer_cases.json")).unwrap();
     assert!(checked >= 5);
 }
+
+#[wasm_bindgen_test]
+async fn nf4_quantize_and_webgpu_dequantize_match_bitsandbytes() {
+    use hone::quant::{Nf4Tensor, Nf4Weight};
+    let device = hone_web::device().await;
+    let st = SafeTensors::open(Box::new(MemSource::new("nf4.safetensors", fixture!("nf4/nf4.safetensors").to_vec()))).unwrap();
+    for case in ["square", "ragged", "wide", "small_block", "many_blocks", "zeros"] {
+        let (shape, w) = st.read_f32(&format!("{case}.weight")).unwrap();
+        let (_, bs) = st.read_raw(&format!("{case}.blocksize")).unwrap();
+        let bs = i64::from_le_bytes(bs[..8].try_into().unwrap()) as usize;
+        for (dq, key) in [(false, format!("{case}.dequantized")), (true, format!("{case}.dq.dequantized"))] {
+            // Quantized in wasm, bit-exact with bitsandbytes' packed bytes ...
+            let q = Nf4Tensor::quantize(&w, &shape, bs, dq).unwrap();
+            assert_eq!(q.packed, st.read_raw(&format!("{case}.packed")).unwrap().1, "{case}: packed");
+            // ... and dequantized on WebGPU, bit-exact with bitsandbytes' values.
+            let ours = Nf4Weight::<hone_web::Backend>::from_host(&q, &device).dequantize().into_data_async().await.unwrap().to_vec::<f32>().unwrap();
+            let (_, theirs) = st.read_f32(&key).unwrap();
+            let differ = ours.iter().zip(&theirs).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(ours.len(), theirs.len());
+            assert_eq!(differ, 0, "{case} (double quant {dq}): {differ} values differ");
+        }
+    }
+}

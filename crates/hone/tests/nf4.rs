@@ -88,3 +88,29 @@ fn bad_blocksizes_are_refused() {
         assert!(Nf4Tensor::quantize(&[0.0; 64], &[64], bs, false).is_err(), "block size {bs}");
     }
 }
+
+/// The device dequantization (tensor ops, any backend) equals bitsandbytes' values bit for bit.
+fn device_dequant_matches<B: hone::quant::HoneBackend>(device: &B::Device) {
+    let st = fixture();
+    for case in CASES {
+        let (shape, w) = st.read_f32(&format!("{case}.weight")).unwrap();
+        let bs = blocksize(&st, case);
+        for (dq, key) in [(false, format!("{case}.dequantized")), (true, format!("{case}.dq.dequantized"))] {
+            let q = Nf4Tensor::quantize(&w, &shape, bs, dq).unwrap();
+            let on_device = hone::quant::Nf4Weight::<B>::from_host(&q, device).dequantize();
+            assert_eq!(on_device.dims().to_vec(), shape);
+            let ours = on_device.into_data().to_vec::<f32>().unwrap();
+            same(&bits(&ours), &bits(&f32s(&st, &key)), &format!("{case} (double quant {dq}): device dequantized"));
+        }
+    }
+}
+
+#[test]
+fn device_dequant_matches_bitsandbytes_on_ndarray() {
+    device_dequant_matches::<burn::backend::NdArray>(&Default::default());
+}
+
+#[test]
+fn device_dequant_matches_bitsandbytes_on_wgpu() {
+    device_dequant_matches::<burn::backend::Wgpu>(&Default::default());
+}
