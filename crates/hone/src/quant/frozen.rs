@@ -119,8 +119,12 @@ impl HoneBackend for burn::backend::Wgpu {}
 #[cfg(feature = "cuda")]
 impl HoneBackend for burn::backend::Cuda {}
 
+/// A debug switch that makes the autodiff op keep the dequantized weight for backward (the
+/// naive way), so that a test can show its memory check fails on it. Never on in normal use.
+pub static SAVE_DEQUANTIZED_FOR_BACKWARD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 mod autodiff {
-    use super::{FrozenWeight, HoneBackend};
+    use super::{FrozenWeight, HoneBackend, SAVE_DEQUANTIZED_FOR_BACKWARD};
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
     use burn::backend::autodiff::grads::Gradients;
@@ -150,6 +154,9 @@ mod autodiff {
 
     impl<B: HoneBackend, C: CheckpointStrategy> HoneBackend for Autodiff<B, C> {
         fn frozen_matmul(x: Tensor<Self, 2>, w: &FrozenWeight<Self>) -> Tensor<Self, 2> {
+            if SAVE_DEQUANTIZED_FOR_BACKWARD.load(std::sync::atomic::Ordering::Relaxed) {
+                return x.matmul(w.to_dense().transpose());
+            }
             let inner_w: FrozenWeight<B> = w.valid();
             let x = x.into_primitive().tensor();
             let y = B::frozen_matmul(Tensor::from_primitive(TensorPrimitive::Float(x.primitive.clone())), &inner_w);

@@ -1,0 +1,95 @@
+//! QLoRA's memory promise, measured with the wgpu backend's own accounting: between forward and
+//! backward the graph keeps activations and the packed NF4 codes, never a dequantized weight.
+//! The same check run with the dequantized weight saved for backward (a debug switch) fails,
+//! which shows that the check can fail.
+
+use burn::backend::{Autodiff, Wgpu};
+use burn::tensor::{Int, Tensor, TensorData};
+use cubecl::Runtime;
+use hone::io::safetensors::write_f32;
+use hone::io::MemFiles;
+use hone::lora::peft::add_adapters;
+use hone::lora::{LoraConfig, Targets};
+use hone::model::{load_model_with, LoadOptions, Nf4Options};
+use hone::quant::frozen::SAVE_DEQUANTIZED_FOR_BACKWARD;
+use hone::train::loss::causal_lm_loss;
+use std::sync::atomic::Ordering;
+
+type B = Autodiff<Wgpu>;
+
+const HIDDEN: usize = 256;
+const INTER: usize = 1024;
+const LAYERS: usize = 4;
+const VOCAB: usize = 64;
+const TOKENS: usize = 8;
+
+/// A synthetic Llama with big enough linears that one dequantized weight is easy to see.
+fn model_files() -> MemFiles {
+    let config = serde_json::json!({
+        "model_type": "llama", "vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": INTER,
+        "num_hidden_layers": LAYERS, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 64, "tie_word_embeddings": true
+    });
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut seed = 1u32;
+    let mut rand = |n: usize| -> Vec<f32> {
+        (0..n).map(|_| { seed = seed.wrapping_mul(1664525).wrapping_add(1013904223); (seed >> 8) as f32 / (1u32 << 24) as f32 * 0.1 - 0.05 }).collect()
+    };
+    tensors.push(("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN], rand(VOCAB * HIDDEN)));
+    tensors.push(("model.norm.weight".into(), vec![HIDDEN], vec![1.0; HIDDEN]));
+    for i in 0..LAYERS {
+        let p = format!("model.layers.{i}");
+        for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+            tensors.push((format!("{p}.self_attn.{n}.weight"), vec![HIDDEN, HIDDEN], rand(HIDDEN * HIDDEN)));
+        }
+        tensors.push((format!("{p}.mlp.gate_proj.weight"), vec![INTER, HIDDEN], rand(INTER * HIDDEN)));
+        tensors.push((format!("{p}.mlp.up_proj.weight"), vec![INTER, HIDDEN], rand(INTER * HIDDEN)));
+        tensors.push((format!("{p}.mlp.down_proj.weight"), vec![HIDDEN, INTER], rand(INTER * HIDDEN)));
+        tensors.push((format!("{p}.input_layernorm.weight"), vec![HIDDEN], vec![1.0; HIDDEN]));
+        tensors.push((format!("{p}.post_attention_layernorm.weight"), vec![HIDDEN], vec![1.0; HIDDEN]));
+    }
+    let refs: Vec<(&str, &[usize], &[f32])> = tensors.iter().map(|(n, s, v)| (n.as_str(), s.as_slice(), v.as_slice())).collect();
+    MemFiles::new("synthetic").with("config.json", serde_json::to_vec(&config).unwrap()).with("model.safetensors", write_f32(&refs, &Default::default()))
+}
+
+fn bytes_in_use(device: &burn::backend::wgpu::WgpuDevice) -> u64 {
+    let client = cubecl::wgpu::WgpuRuntime::client(device);
+    client.flush();
+    client.memory_usage().unwrap().bytes_in_use
+}
+
+/// Device bytes the autodiff graph holds after forward (before backward), and after backward.
+fn held_by_graph() -> (u64, u64) {
+    let device = burn::backend::wgpu::WgpuDevice::default();
+    let mut model = load_model_with::<B>(&model_files(), LoadOptions { nf4: Some(Nf4Options::default()) }, &device).unwrap();
+    let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, seed: 1 };
+    add_adapters(model.linears_mut(), &lora, &device);
+    let ids: Vec<i64> = (0..TOKENS as i64).map(|i| (i * 7) % VOCAB as i64).collect();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, TOKENS]), &device);
+    let rest = bytes_in_use(&device);
+    let loss = causal_lm_loss(model.forward(ids.clone()), ids);
+    let after_forward = bytes_in_use(&device);
+    let grads = loss.backward();
+    drop(grads);
+    let after_backward = bytes_in_use(&device);
+    (after_forward.saturating_sub(rest), after_backward.saturating_sub(rest))
+}
+
+#[test]
+fn dequantized_weights_are_not_kept_for_backward() {
+    let one_dequantized_layer = (4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTER) as u64 * 4;
+    // Saved activations: a few [tokens, INTER] tensors per layer, with generous room.
+    let activations = (LAYERS * 32 * TOKENS * INTER * 4) as u64;
+    let bound = one_dequantized_layer + activations;
+
+    let (held, after) = held_by_graph();
+    println!("held between forward and backward: {held} bytes (bound {bound}; one dequantized layer {one_dequantized_layer}); after backward {after}");
+    assert!(held < bound, "the graph holds {held} bytes, over {bound}");
+
+    SAVE_DEQUANTIZED_FOR_BACKWARD.store(true, Ordering::Relaxed);
+    let (naive, _) = held_by_graph();
+    SAVE_DEQUANTIZED_FOR_BACKWARD.store(false, Ordering::Relaxed);
+    println!("naive (dequantized weights saved for backward): {naive} bytes");
+    assert!(naive > bound, "the check cannot tell: naive {naive} <= bound {bound}");
+    assert!(naive > held + (LAYERS as u64 - 1) * one_dequantized_layer, "naive {naive} vs {held}");
+}
