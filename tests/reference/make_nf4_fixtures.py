@@ -4,13 +4,17 @@ dequantized weights, on shapes that are and are not multiples of the block size.
 
     python tests/reference/make_nf4_fixtures.py
 """
+import json
+import shutil
 from pathlib import Path
 
 import bitsandbytes.functional as F
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-OUT = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "nf4"
+FIX = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
+OUT = FIX / "nf4"
 
 # (name, shape, blocksize, scale); the last includes exact zeros and an all-zero block.
 CASES = [
@@ -50,5 +54,26 @@ def main():
     print({k: tuple(v.shape) for k, v in t.items() if k.startswith("ragged")})
 
 
+def bnb4_checkpoint():
+    """transformers' own 4-bit save of the llama fixture (NF4, double quant), and its logits
+    computed on bitsandbytes' exact path (dequantize, then f32 matmul)."""
+    out = FIX / "llama_bnb4"
+    if out.exists():
+        shutil.rmtree(out)
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(FIX / "llama", dtype=torch.float32, quantization_config=cfg,
+                                                 attn_implementation="eager", device_map="cpu")
+    model.save_pretrained(out)
+    (out / "generation_config.json").unlink(missing_ok=True)
+    shutil.copy(FIX / "llama" / "tokenizer.json", out / "tokenizer.json")
+    ids = load_file(str(FIX / "llama" / "expected.safetensors"))["ids_1"].unsqueeze(0)
+    # Inputs that require grad keep bitsandbytes off its approximate CPU inference kernel.
+    model.enable_input_require_grads()
+    logits = model(ids).logits[0].detach().float().contiguous()
+    save_file({"ids": ids[0], "logits": logits}, str(out / "expected.safetensors"))
+
+
 if __name__ == "__main__":
     main()
+    bnb4_checkpoint()

@@ -3,6 +3,7 @@
 mod backend;
 mod logits;
 mod merge;
+mod quantize;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +21,8 @@ enum Command {
     Logits(logits::Args),
     /// Merge a LoRA adapter into its base and write a standard model directory.
     Merge(merge::Args),
+    /// Save a model pre-quantized to NF4 in bitsandbytes' layout.
+    Quantize(quantize::Args),
 }
 
 fn main() {
@@ -27,6 +30,7 @@ fn main() {
     let result = match cli.command {
         Command::Logits(args) => logits::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Quantize(args) => quantize::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -65,6 +65,8 @@ pub struct Config {
     pub eos_token_ids: Vec<u32>,
     /// The dtype the checkpoint was saved in (informational; hone computes in f32).
     pub dtype: Option<String>,
+    /// The checkpoint is pre-quantized in bitsandbytes' 4-bit NF4 layout.
+    pub bnb_nf4: bool,
 }
 
 /// The raw JSON, every field optional so that a missing one gets a clear message.
@@ -95,6 +97,7 @@ struct Raw {
     eos_token_id: Option<serde_json::Value>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
+    quantization_config: Option<serde_json::Value>,
 }
 
 impl Config {
@@ -150,12 +153,27 @@ impl Config {
             bos_token_id: raw.bos_token_id.as_ref().and_then(first_id),
             eos_token_ids: ids(raw.eos_token_id.as_ref()),
             dtype: raw.dtype.or(raw.torch_dtype),
+            bnb_nf4: parse_quantization(raw.quantization_config.as_ref(), file)?,
         })
     }
 
     pub fn rotary_dim(&self) -> usize {
         // transformers: int(head_dim * partial_rotary_factor)
         (self.head_dim as f64 * self.partial_rotary_factor) as usize
+    }
+}
+
+/// `quantization_config`: hone reads bitsandbytes 4-bit NF4 checkpoints; anything else is
+/// refused rather than misread.
+fn parse_quantization(q: Option<&serde_json::Value>, file: &str) -> Result<bool> {
+    let Some(q) = q.filter(|q| !q.is_null()) else { return Ok(false) };
+    let method = q.get("quant_method").and_then(|v| v.as_str()).unwrap_or("?");
+    let four_bit = q.get("load_in_4bit").and_then(|v| v.as_bool()) == Some(true);
+    let nf4 = q.get("bnb_4bit_quant_type").and_then(|v| v.as_str()) == Some("nf4");
+    if method == "bitsandbytes" && four_bit && nf4 {
+        Ok(true)
+    } else {
+        Err(Error::unsupported(file, format!("quantization_config `{method}` (hone reads bitsandbytes 4-bit NF4 checkpoints)")))
     }
 }
 

@@ -6,7 +6,7 @@
 use super::config::{Arch, Config};
 use super::decoder::{Attention, Body, CausalLm, DecoderLayer, Mlp, RmsNorm};
 use crate::lora::LoraLinear;
-use crate::quant::{FrozenWeight, HoneBackend, Nf4Tensor, Nf4Weight};
+use crate::quant::{bnb, FrozenWeight, HoneBackend, Nf4Tensor, Nf4Weight};
 use crate::error::{Error, Result};
 use crate::io::weights::Weights;
 use crate::io::FileSet;
@@ -61,6 +61,19 @@ pub fn build<B: HoneBackend>(config: Config, w: &Weights, options: LoadOptions, 
     // Decoder-block linears: quantized one by one as they are read, if asked.
     let linear = |name: &str, d_out: usize, d_in: usize, bias: bool| -> Result<LoraLinear<B>> {
         let key = format!("{name}.weight");
+        if c.bnb_nf4 {
+            // Pre-quantized by bitsandbytes: taken as stored, never requantized.
+            let q = bnb::deserialize(&key, |k| match w.info(k) {
+                Some((st, _)) => st.read_raw(k).map(|(_, b)| Some(b)).map_err(|e| e.to_string()),
+                None => Ok(None),
+            })
+            .map_err(|m| Error::tensor(w.location(), &key, m))?;
+            if q.shape != [d_out, d_in] {
+                return Err(Error::tensor(w.location(), &key, format!("quantized shape {:?} does not match the config's [{d_out}, {d_in}]", q.shape)));
+            }
+            let bias = if bias { Some(w.tensor(&format!("{name}.bias"), [d_out], device)?) } else { None };
+            return Ok(LoraLinear::new(FrozenWeight::nf4(Nf4Weight::from_host(&q, device)), bias));
+        }
         let weight = match options.nf4 {
             Some(o) => {
                 let values = w.read(&key, &[d_out, d_in])?;
@@ -113,4 +126,16 @@ pub fn build<B: HoneBackend>(config: Config, w: &Weights, options: LoadOptions, 
         Some(LoraLinear::new(FrozenWeight::dense(w.tensor("lm_head.weight", [c.vocab_size, h], device)?), None))
     };
     Ok(CausalLm { model: Body { embed_tokens, layers, norm: norm_final }, lm_head, config })
+}
+
+/// Whether `name` is the weight of a linear layer inside a decoder block (what QLoRA quantizes;
+/// embeddings, norms and lm_head are not).
+pub fn is_decoder_linear(name: &str) -> bool {
+    const PROJ: [&str; 9] = ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj"];
+    let Some(rest) = name.strip_prefix("model.layers.") else { return false };
+    let mut parts = rest.split('.');
+    let (Some(index), Some(block), Some(proj), Some("weight"), None) = (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    index.parse::<usize>().is_ok() && (block == "self_attn" || block == "mlp") && PROJ.contains(&proj)
 }

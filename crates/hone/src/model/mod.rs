@@ -3,6 +3,8 @@
 pub mod config;
 pub mod decoder;
 pub mod load;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod quantize;
 pub mod rope;
 
 pub use config::{Arch, Config, Rope};

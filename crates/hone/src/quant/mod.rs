@@ -1,5 +1,6 @@
 //! Frozen, quantized base weights. Knows nothing of LoRA.
 
+pub mod bnb;
 pub mod dynamic_map;
 pub mod frozen;
 pub mod nf4;
