@@ -90,7 +90,7 @@ fn tokenizer_ids_match_python_tokenizers() {
 
 #[wasm_bindgen_test]
 async fn nf4_quantize_and_webgpu_dequantize_match_bitsandbytes() {
-    use hone::quant::{Nf4Tensor, Nf4Weight};
+    use hone::quant::{HoneBackend, Nf4Tensor, Nf4Weight};
     let device = hone_web::device().await;
     let st = SafeTensors::open(Box::new(MemSource::new("nf4.safetensors", fixture!("nf4/nf4.safetensors").to_vec()))).unwrap();
     for case in ["square", "ragged", "wide", "small_block", "many_blocks", "zeros"] {
@@ -101,12 +101,16 @@ async fn nf4_quantize_and_webgpu_dequantize_match_bitsandbytes() {
             // Quantized in wasm, bit-exact with bitsandbytes' packed bytes ...
             let q = Nf4Tensor::quantize(&w, &shape, bs, dq).unwrap();
             assert_eq!(q.packed, st.read_raw(&format!("{case}.packed")).unwrap().1, "{case}: packed");
-            // ... and dequantized on WebGPU, bit-exact with bitsandbytes' values.
-            let ours = Nf4Weight::<hone_web::Backend>::from_host(&q, &device).dequantize().into_data_async().await.unwrap().to_vec::<f32>().unwrap();
+            // ... and dequantized on WebGPU (the shaders/ kernel, and the tensor-op version),
+            // bit-exact with bitsandbytes' values.
+            let w = Nf4Weight::<hone_web::Backend>::from_host(&q, &device);
             let (_, theirs) = st.read_f32(&key).unwrap();
-            let differ = ours.iter().zip(&theirs).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-            assert_eq!(ours.len(), theirs.len());
-            assert_eq!(differ, 0, "{case} (double quant {dq}): {differ} values differ");
+            for (path, t) in [("kernel", <hone_web::Backend as HoneBackend>::nf4_dequantize(&w)), ("tensor ops", w.dequantize())] {
+                let ours = t.into_data_async().await.unwrap().to_vec::<f32>().unwrap();
+                let differ = ours.iter().zip(&theirs).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                assert_eq!(ours.len(), theirs.len());
+                assert_eq!(differ, 0, "{case} (double quant {dq}, {path}): {differ} values differ");
+            }
         }
     }
 }

@@ -54,7 +54,7 @@ fn model_files() -> MemFiles {
 
 fn bytes_in_use(device: &burn::backend::wgpu::WgpuDevice) -> u64 {
     let client = cubecl::wgpu::WgpuRuntime::client(device);
-    client.flush();
+    client.flush().unwrap();
     client.memory_usage().unwrap().bytes_in_use
 }
 

@@ -89,7 +89,9 @@ fn bad_blocksizes_are_refused() {
     }
 }
 
-/// The device dequantization (tensor ops, any backend) equals bitsandbytes' values bit for bit.
+/// The device dequantization equals bitsandbytes' values bit for bit: the backend's own
+/// (`nf4_dequantize`: the CubeCL kernel in shaders/ on wgpu, tensor ops on ndarray) and the
+/// portable tensor-op version.
 fn device_dequant_matches<B: hone::quant::HoneBackend>(device: &B::Device) {
     let st = fixture();
     for case in CASES {
@@ -97,10 +99,12 @@ fn device_dequant_matches<B: hone::quant::HoneBackend>(device: &B::Device) {
         let bs = blocksize(&st, case);
         for (dq, key) in [(false, format!("{case}.dequantized")), (true, format!("{case}.dq.dequantized"))] {
             let q = Nf4Tensor::quantize(&w, &shape, bs, dq).unwrap();
-            let on_device = hone::quant::Nf4Weight::<B>::from_host(&q, device).dequantize();
-            assert_eq!(on_device.dims().to_vec(), shape);
-            let ours = on_device.into_data().to_vec::<f32>().unwrap();
-            same(&bits(&ours), &bits(&f32s(&st, &key)), &format!("{case} (double quant {dq}): device dequantized"));
+            let w = hone::quant::Nf4Weight::<B>::from_host(&q, device);
+            for (path, on_device) in [("backend", B::nf4_dequantize(&w)), ("tensor ops", w.dequantize())] {
+                assert_eq!(on_device.dims().to_vec(), shape);
+                let ours = on_device.into_data().to_vec::<f32>().unwrap();
+                same(&bits(&ours), &bits(&f32s(&st, &key)), &format!("{case} (double quant {dq}): {path} dequantized"));
+            }
         }
     }
 }

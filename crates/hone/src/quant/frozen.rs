@@ -95,29 +95,55 @@ impl<B: Backend> FrozenWeight<B> {
     pub fn is_quantized(&self) -> bool {
         self.nf4.is_some()
     }
-    /// The weight as a dense tensor (dequantized if NF4).
+}
+
+impl<B: HoneBackend> FrozenWeight<B> {
+    /// The weight as a dense tensor (dequantized if NF4, with the backend's kernel).
     pub fn to_dense(&self) -> Tensor<B, 2> {
         match (&self.dense, &self.nf4) {
             (Some(w), _) => w.clone(),
-            (None, Some(q)) => q.dequantize(),
+            (None, Some(q)) => B::nf4_dequantize(q),
             (None, None) => unreachable!("a frozen weight is dense or NF4"),
         }
     }
 }
 
-/// The backends hone runs on: burn's, plus hone's op on frozen weights.
+/// The backends hone runs on: burn's, plus hone's ops on frozen weights.
 pub trait HoneBackend: Backend {
     /// `x·Wᵀ` for `x: [m, in]`.
     fn frozen_matmul(x: Tensor<Self, 2>, w: &FrozenWeight<Self>) -> Tensor<Self, 2> {
         x.matmul(w.to_dense().transpose())
     }
+
+    /// The dense weight of an NF4 one. By default with tensor ops (any backend); GPU backends
+    /// run the kernel in `shaders/`.
+    fn nf4_dequantize(w: &Nf4Weight<Self>) -> Tensor<Self, 2> {
+        w.dequantize()
+    }
 }
 
 #[cfg(not(target_arch = "wasm32"))]
 impl HoneBackend for burn::backend::NdArray {}
-impl HoneBackend for burn::backend::Wgpu {}
-#[cfg(feature = "cuda")]
-impl HoneBackend for burn::backend::Cuda {}
+
+/// wgpu (Vulkan, Metal, WebGPU) and CUDA: burn's CubeCL backend.
+impl<R, F, I, BT> HoneBackend for burn_cubecl::CubeBackend<R, F, I, BT>
+where
+    R: burn_cubecl::CubeRuntime,
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+    fn nf4_dequantize(w: &Nf4Weight<Self>) -> Tensor<Self, 2> {
+        // The kernel computes in f32 (hone's compute dtype everywhere).
+        if F::dtype() != burn::tensor::DType::F32 || I::dtype() != burn::tensor::DType::I32 {
+            return w.dequantize();
+        }
+        let words = w.words.clone().into_primitive();
+        let absmax = w.absmax.clone().into_primitive().tensor();
+        let out = hone_shaders::nf4::nf4_dequantize(words, absmax, w.out_features, w.in_features, w.blocksize);
+        Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out))
+    }
+}
 
 /// A debug switch that makes the autodiff op keep the dequantized weight for backward (the
 /// naive way), so that a test can show its memory check fails on it. Never on in normal use.

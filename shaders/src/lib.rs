@@ -1,0 +1,5 @@
+//! hone's GPU kernels, written once in CubeCL and compiled to WGSL (WebGPU, Vulkan, Metal) and
+//! CUDA. Each is checked bit for bit against the CPU reference and bitsandbytes (see the NF4
+//! tests in crates/hone and crates/hone-web).
+
+pub mod nf4;
