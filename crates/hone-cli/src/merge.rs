@@ -19,6 +19,9 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let adapter = Adapter::read(&Dir(args.adapter.clone()))?;
     let report = merge_to_dir(&Dir(args.model.clone()), &adapter, &args.out)?;
+    if report.dequantized_nf4_base {
+        eprintln!("note: the base is an NF4 checkpoint; the adapter was merged into its dequantized weights and the output is a dense f32 model");
+    }
     eprintln!(
         "merged {} adapted layers into {} ({} tensors; W + {}·B·A in f32, stored in the base's dtypes)",
         report.merged_layers,

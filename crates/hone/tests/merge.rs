@@ -68,3 +68,28 @@ fn merge_refuses_an_existing_output_and_leaves_nothing_on_error() {
     let existing = std::env::temp_dir();
     assert!(merge_to_dir(&Dir(fixtures.join("phi3")), &adapter, &existing).is_err());
 }
+
+#[test]
+fn merge_into_an_nf4_checkpoint_uses_its_dequantized_weights() {
+    let fixtures = common::fixtures();
+    let adapter = Adapter::read(&Dir(fixtures.join("lora/llama_hone_adapter"))).unwrap();
+    let out = std::env::temp_dir().join(format!("hone-merge-nf4-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let report = merge_to_dir(&Dir(fixtures.join("llama_bnb4")), &adapter, &out).unwrap();
+    assert!(report.dequantized_nf4_base);
+    assert_eq!(report.merged_layers, adapter.layers.len());
+    let merged = open(&out.join("model.safetensors"));
+    assert!(merged.tensors().keys().all(|k| !k.contains(".weight.")), "no quantization parts left");
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert!(cfg.get("quantization_config").is_none());
+    // Dense merged model == NF4 base with the adapter applied on the fly.
+    let device = Default::default();
+    let ids = [3u32, 50, 7, 200, 11, 90, 4];
+    let dense = load_model::<NdArray>(&Dir(out.clone()), &device).unwrap();
+    let mut nf4 = load_model::<NdArray>(&Dir(fixtures.join("llama_bnb4")), &device).unwrap();
+    adapter.attach(nf4.linears_mut(), &device).unwrap();
+    let a = dense.logits(&ids, &device).into_data().to_vec::<f32>().unwrap();
+    let b = nf4.logits(&ids, &device).into_data().to_vec::<f32>().unwrap();
+    assert!(rel_error(&a, &b) < 1e-5, "{}", rel_error(&a, &b));
+    std::fs::remove_dir_all(&out).unwrap();
+}

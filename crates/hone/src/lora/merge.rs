@@ -4,7 +4,8 @@
 
 use super::peft::{Adapter, HostLora};
 use crate::error::{Error, Result};
-use crate::io::safetensors::{from_f32, to_f32, StreamWriter};
+use crate::io::safetensors::{from_f32, to_f32, Dtype, StreamWriter};
+use crate::quant::bnb::{deserialize, QUANT_STATE_SUFFIX};
 use crate::io::weights::{Weights, WEIGHTS_FILE};
 use crate::io::FileSet;
 use std::collections::BTreeMap;
@@ -44,6 +45,16 @@ pub const COPIED_FILES: &[&str] = &[
 pub struct MergeReport {
     pub merged_layers: usize,
     pub tensors: usize,
+    /// The base was a bitsandbytes NF4 checkpoint: the adapter was merged into its dequantized
+    /// weights and the output is a dense (f32) model.
+    pub dequantized_nf4_base: bool,
+}
+
+/// Whether a base directory holds a bitsandbytes 4-bit checkpoint (its config.json says so).
+fn is_bnb_checkpoint(base: &dyn FileSet) -> Result<bool> {
+    let Some(src) = base.open("config.json")? else { return Ok(false) };
+    let cfg: serde_json::Value = serde_json::from_slice(&src.read_all()?).map_err(|e| Error::format(src.name(), e))?;
+    Ok(cfg.get("quantization_config").and_then(|q| q.get("quant_method")).and_then(|m| m.as_str()) == Some("bitsandbytes"))
 }
 
 /// Writes the merged model into `out` (created atomically: a temp dir, then renamed).
@@ -74,6 +85,26 @@ pub fn merge_to_dir(base: &dyn FileSet, adapter: &Adapter, out: &Path) -> Result
     result
 }
 
+/// The NF4 weights of a bitsandbytes checkpoint: base name → dense shape.
+fn nf4_weights(weights: &Weights) -> Result<BTreeMap<String, Vec<usize>>> {
+    let mut out = BTreeMap::new();
+    for name in weights.names() {
+        if let Some(base) = name.strip_suffix(&format!(".{QUANT_STATE_SUFFIX}")) {
+            let q = read_nf4(weights, base)?;
+            out.insert(base.to_string(), q.shape);
+        }
+    }
+    Ok(out)
+}
+
+fn read_nf4(weights: &Weights, name: &str) -> Result<crate::quant::Nf4Tensor> {
+    deserialize(name, |k| match weights.info(k) {
+        Some((st, _)) => st.read_raw(k).map(|(_, b)| Some(b)).map_err(|e| e.to_string()),
+        None => Ok(None),
+    })
+    .map_err(|m| Error::tensor(weights.location(), name, m))
+}
+
 fn write_merged(
     base: &dyn FileSet,
     weights: &Weights,
@@ -81,17 +112,34 @@ fn write_merged(
     adapter: &Adapter,
     dir: &Path,
 ) -> Result<MergeReport> {
+    // An NF4 checkpoint's quantized weights come out dense (f32) and their parts are dropped.
+    let nf4 = if is_bnb_checkpoint(base)? { nf4_weights(weights)? } else { BTreeMap::new() };
+    let is_part = |name: &str| nf4.keys().any(|b| name.len() > b.len() && name.starts_with(b.as_str()) && name[b.len()..].starts_with('.'));
     let mut declared = Vec::new();
     for name in weights.names() {
-        let (_, info) = weights.info(name).expect("indexed");
-        declared.push((name.clone(), info.dtype, info.shape.clone()));
+        if is_part(name) {
+            continue;
+        }
+        match nf4.get(name) {
+            Some(shape) => declared.push((name.clone(), Dtype::F32, shape.clone())),
+            None => {
+                let (_, info) = weights.info(name).expect("indexed");
+                declared.push((name.clone(), info.dtype, info.shape.clone()));
+            }
+        }
     }
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let mut writer = StreamWriter::create(&dir.join(WEIGHTS_FILE), &declared, &meta)?;
     let mut merged_layers = 0;
     for name in writer.order() {
         let (st, _) = weights.info(&name).expect("indexed");
-        let (info, bytes) = st.read_raw(&name)?;
+        let (mut info, mut bytes) = st.read_raw(&name)?;
+        if nf4.contains_key(&name) {
+            let q = read_nf4(weights, &name)?;
+            bytes = from_f32(Dtype::F32, &q.dequantize()).expect("f32");
+            info.dtype = Dtype::F32;
+            info.shape = q.shape;
+        }
         let bytes = match by_key.get(&name) {
             Some(layer) => {
                 let mut w = to_f32(info.dtype, &bytes).ok_or_else(|| Error::tensor(st.name(), &name, "not a float weight"))?;
@@ -111,8 +159,18 @@ fn write_merged(
     writer.finish()?;
     for file in COPIED_FILES {
         if let Some(src) = base.open(file)? {
-            std::fs::write(dir.join(file), src.read_all()?).map_err(|e| Error::io(dir.join(file).display(), e))?;
+            let mut bytes = src.read_all()?;
+            if *file == "config.json" && !nf4.is_empty() {
+                // A dense model now: without its quantization_config.
+                let mut cfg: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| Error::format(src.name(), e))?;
+                if let Some(obj) = cfg.as_object_mut() {
+                    obj.remove("quantization_config");
+                }
+                bytes = serde_json::to_vec_pretty(&cfg).expect("json");
+                bytes.push(b'\n');
+            }
+            std::fs::write(dir.join(file), bytes).map_err(|e| Error::io(dir.join(file).display(), e))?;
         }
     }
-    Ok(MergeReport { merged_layers, tensors: declared.len() })
+    Ok(MergeReport { merged_layers, tensors: declared.len(), dequantized_nf4_base: !nf4.is_empty() })
 }
