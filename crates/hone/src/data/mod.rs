@@ -1,4 +1,9 @@
-//! Text in: tokenizers (and, later, datasets and chat templates).
+//! Text in: tokenizers, chat templates, datasets.
 
+pub mod dataset;
+pub mod template;
 pub mod tokenizer;
+
+pub use dataset::{Example, Format, Sample};
+pub use template::{ChatTemplate, Message};
 pub use tokenizer::Tokenizer;

@@ -31,6 +31,15 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer { file: self.file.clone(), message: e.to_string() })
     }
 
+    /// Ids and each token's byte range in `text`.
+    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::Tokenizer { file: self.file.clone(), message: e.to_string() })?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special_tokens)

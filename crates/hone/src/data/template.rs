@@ -1,0 +1,130 @@
+//! Chat templates: the model's own Jinja template (`chat_template` in tokenizer_config.json, or
+//! chat_template.jinja) rendered with minijinja, with Python string methods as transformers'
+//! Jinja has them. `{% generation %}…{% endgeneration %}` blocks (transformers' marker for
+//! assistant tokens) are kept as spans so that loss can be put on them.
+
+use crate::error::{Error, Result};
+use crate::io::FileSet;
+use serde::Serialize;
+
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
+
+// Private-use characters that stand for the generation markers while rendering.
+const GEN_START: char = '\u{F8F0}';
+const GEN_END: char = '\u{F8F1}';
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// A rendered conversation: the text, and the byte ranges inside `{% generation %}` blocks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    pub text: String,
+    pub generation_spans: Vec<(usize, usize)>,
+}
+
+pub struct ChatTemplate {
+    source: String,
+    env: minijinja::Environment<'static>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    /// Whether the template marks assistant tokens with `{% generation %}`.
+    pub has_generation_markers: bool,
+    file: String,
+}
+
+/// `"<s>"` or `{"content": "<s>", ...}`, as tokenizer_config.json writes special tokens.
+fn special_token(v: Option<&serde_json::Value>) -> Option<String> {
+    match v? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+        _ => None,
+    }
+}
+
+impl ChatTemplate {
+    pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>, file: &str) -> Result<Self> {
+        let has_generation_markers = source.contains("generation %}") || source.contains("generation -%}");
+        let mut src = source.to_string();
+        for (tag, ch) in [("generation", GEN_START), ("endgeneration", GEN_END)] {
+            for (open, close) in [("{%", "%}"), ("{%-", "%}"), ("{%", "-%}"), ("{%-", "-%}")] {
+                for space in [" ", ""] {
+                    src = src.replace(&format!("{open}{space}{tag}{space}{close}"), &format!("{{{{ '{ch}' }}}}"));
+                }
+            }
+        }
+        let mut env = minijinja::Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_function("strftime_now", |_fmt: String| -> String { String::new() });
+        env.add_template_owned("chat", src).map_err(|e| Error::format(file, format!("chat template does not parse: {e}")))?;
+        Ok(ChatTemplate { source: source.to_string(), env, bos_token, eos_token, has_generation_markers, file: file.to_string() })
+    }
+
+    /// The model's template and special tokens, from tokenizer_config.json (or
+    /// chat_template.jinja); `Ok(None)` when the model has no chat template.
+    pub fn open(files: &dyn FileSet) -> Result<Option<Self>> {
+        let cfg: Option<(String, serde_json::Value)> = match files.open(TOKENIZER_CONFIG_FILE)? {
+            Some(src) => {
+                let v = serde_json::from_slice(&src.read_all()?).map_err(|e| Error::format(src.name(), format!("invalid JSON: {e}")))?;
+                Some((src.name().to_string(), v))
+            }
+            None => None,
+        };
+        let bos = cfg.as_ref().and_then(|(_, c)| special_token(c.get("bos_token")));
+        let eos = cfg.as_ref().and_then(|(_, c)| special_token(c.get("eos_token")));
+        if let Some(src) = files.open(CHAT_TEMPLATE_FILE)? {
+            let text = String::from_utf8(src.read_all()?).map_err(|_| Error::format(src.name(), "not UTF-8"))?;
+            return Self::new(&text, bos, eos, src.name()).map(Some);
+        }
+        let Some((file, cfg)) = cfg else { return Ok(None) };
+        let template = match cfg.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            // A list of named templates: the "default" one.
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template").and_then(|s| s.as_str()).map(String::from)),
+            _ => None,
+        };
+        template.map(|t| Self::new(&t, bos, eos, &file)).transpose()
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Renders `messages` (and the assistant header after them when `add_generation_prompt`).
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Rendered> {
+        let tmpl = self.env.get_template("chat").expect("added");
+        let text = tmpl
+            .render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_token.clone().unwrap_or_default(),
+                eos_token => self.eos_token.clone().unwrap_or_default(),
+            })
+            .map_err(|e| Error::format(&self.file, format!("chat template failed: {e}")))?;
+        let mut clean = String::with_capacity(text.len());
+        let mut spans = Vec::new();
+        let mut open = None;
+        for ch in text.chars() {
+            match ch {
+                GEN_START => open = Some(clean.len()),
+                GEN_END => {
+                    if let Some(start) = open.take() {
+                        spans.push((start, clean.len()));
+                    }
+                }
+                c => clean.push(c),
+            }
+        }
+        Ok(Rendered { text: clean, generation_spans: spans })
+    }
+}
