@@ -7,8 +7,9 @@ use burn::tensor::{Int, Tensor};
 
 pub const IGNORE_INDEX: i64 = -100;
 
-/// `logits: [B, T, V]`, `labels: [B, T]` → scalar loss `[1]`.
-pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+/// Summed negative log-likelihood over the counted tokens, `[1]`.
+/// `logits: [B, T, V]`, `labels: [B, T]`.
+pub fn causal_lm_nll_sum<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     let [b, t, v] = logits.dims();
     let logits = logits.narrow(1, 0, t - 1);
     let labels = labels.narrow(1, 1, t - 1);
@@ -17,6 +18,16 @@ pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int
     let logp = log_softmax(logits.reshape([b * (t - 1), v]), 1);
     let picked = logp.gather(1, safe.reshape([b * (t - 1), 1])).reshape([b * (t - 1)]);
     let keep = keep.reshape([b * (t - 1)]).float();
-    let count = keep.clone().sum();
-    -(picked * keep).sum() / count
+    -(picked * keep).sum()
+}
+
+/// Number of tokens the loss counts for host-side labels `[B][T]` (after the shift).
+pub fn counted_tokens(labels: &[Vec<i64>]) -> usize {
+    labels.iter().map(|row| row.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()).sum()
+}
+
+/// Mean loss `[1]`.
+pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    let keep = labels.clone().narrow(1, 1, labels.dims()[1] - 1).not_equal_elem(IGNORE_INDEX).float().sum();
+    causal_lm_nll_sum(logits, labels) / keep
 }

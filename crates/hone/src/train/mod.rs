@@ -1,3 +1,9 @@
-//! Training: the loss (the trainer follows).
+//! Training: the loss, AdamW, learning-rate schedules and the step-by-step trainer.
 
 pub mod loss;
+pub mod optim;
+pub mod schedule;
+pub mod trainer;
+
+pub use schedule::Schedule;
+pub use trainer::{EvalReport, StepReport, TrainConfig, TrainState, Trainer};

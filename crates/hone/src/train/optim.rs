@@ -1,0 +1,59 @@
+//! AdamW on the LoRA parameters, in PyTorch's order of operations (`torch.optim.AdamW`,
+//! single-tensor path), and global-norm gradient clipping as `clip_grad_norm_`.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+/// First and second moments of one parameter.
+#[derive(Debug, Clone)]
+pub struct Moments<B: Backend> {
+    pub exp_avg: Tensor<B, 2>,
+    pub exp_avg_sq: Tensor<B, 2>,
+}
+
+impl<B: Backend> Moments<B> {
+    pub fn zeros(shape: [usize; 2], device: &B::Device) -> Self {
+        Moments { exp_avg: Tensor::zeros(shape, device), exp_avg_sq: Tensor::zeros(shape, device) }
+    }
+}
+
+/// One AdamW update of `param` with `grad`; `step` counts from 1.
+pub fn adamw_update<B: Backend>(param: Tensor<B, 2>, grad: Tensor<B, 2>, m: &mut Moments<B>, cfg: &AdamWConfig, lr: f64, step: usize) -> Tensor<B, 2> {
+    let param = param.mul_scalar(1.0 - lr * cfg.weight_decay);
+    // torch's lerp(exp_avg, grad, 1 - beta1) for a weight below one half.
+    let w = 1.0 - cfg.beta1;
+    m.exp_avg = m.exp_avg.clone() + (grad.clone() - m.exp_avg.clone()).mul_scalar(w);
+    m.exp_avg_sq = m.exp_avg_sq.clone().mul_scalar(cfg.beta2) + (grad.clone() * grad).mul_scalar(1.0 - cfg.beta2);
+    let bias_correction1 = 1.0 - cfg.beta1.powi(step as i32);
+    let bias_correction2 = 1.0 - cfg.beta2.powi(step as i32);
+    let step_size = lr / bias_correction1;
+    let denom = m.exp_avg_sq.clone().sqrt().div_scalar(bias_correction2.sqrt()).add_scalar(cfg.eps);
+    param - (m.exp_avg.clone() / denom).mul_scalar(step_size)
+}
+
+/// Scales `grads` so that their global L2 norm is at most `max_norm` (as `clip_grad_norm_`:
+/// coefficient `max_norm / (norm + 1e-6)`, capped at 1). Returns the norm before clipping,
+/// as a device scalar (no host read).
+pub fn clip_global_norm<B: Backend>(grads: &mut [Tensor<B, 2>], max_norm: f64) -> Tensor<B, 1> {
+    let norms: Vec<Tensor<B, 1>> = grads.iter().map(|g| g.clone().square().sum().sqrt()).collect();
+    let total = Tensor::cat(norms, 0).square().sum().sqrt();
+    let coef = (total.clone().add_scalar(1e-6).recip().mul_scalar(max_norm)).clamp_max(1.0);
+    for g in grads.iter_mut() {
+        *g = g.clone() * coef.clone().unsqueeze_dim::<2>(0);
+    }
+    total
+}
