@@ -1,5 +1,7 @@
 //! Training: the loss, AdamW, learning-rate schedules and the step-by-step trainer.
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod checkpoint;
 pub mod loss;
 pub mod optim;
 pub mod schedule;
