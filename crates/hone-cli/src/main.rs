@@ -4,6 +4,7 @@ mod backend;
 mod logits;
 mod merge;
 mod quantize;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +24,10 @@ enum Command {
     Merge(merge::Args),
     /// Save a model pre-quantized to NF4 in bitsandbytes' layout.
     Quantize(quantize::Args),
+    /// Fine-tune a LoRA adapter (QLoRA on an NF4 base by default) and write it in PEFT's format.
+    Train(train::TrainArgs),
+    /// Loss and perplexity of a model (with an adapter) on a dataset.
+    Eval(train::EvalArgs),
 }
 
 fn main() {
@@ -31,6 +36,8 @@ fn main() {
         Command::Logits(args) => logits::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Quantize(args) => quantize::run(args),
+        Command::Train(args) => train::run_train(args),
+        Command::Eval(args) => train::run_eval(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,0 +1,426 @@
+//! `hone train` and `hone eval`.
+
+use crate::backend::{with_backend, BackendKind};
+use anyhow::{bail, Context};
+use hone::data::dataset::{encode, parse_jsonl, EncodeOptions};
+use hone::data::{ChatTemplate, Format, Sample, Tokenizer};
+use hone::io::Dir;
+use hone::lora::peft::{add_adapters, Adapter};
+use hone::lora::{LoraConfig, Targets};
+use hone::model::{LoadOptions, Nf4Options};
+use hone::quant::HoneBackend;
+use hone::train::checkpoint::{self, adapter_files, write_dir_atomic, SavedState};
+use hone::train::optim::AdamWConfig;
+use hone::train::trainer::evaluate;
+use hone::train::{Schedule, TrainConfig, Trainer};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Every setting of a run. Flags override the TOML file given with `--config`, whose keys are
+/// the flags' long names with `_` for `-`.
+#[derive(clap::Args, Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct TrainArgs {
+    /// Base model directory (Hugging Face layout).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Training data, JSONL.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Where the PEFT adapter is written (created atomically; must not exist unless resuming).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Held-out data, JSONL (else `--eval-split` of the training data, if set).
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Fraction of the training data held out for evaluation.
+    #[arg(long)]
+    pub eval_split: Option<f64>,
+    /// Evaluate every N steps (and at the end).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Stop after this many evaluations without improvement; the best adapter is kept.
+    #[arg(long)]
+    pub patience: Option<usize>,
+    /// text | completion | chat | alpaca (detected per line when not given).
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Put loss on every token, not only on completions / assistant turns.
+    #[arg(long)]
+    #[serde(default)]
+    pub train_on_prompts: bool,
+    #[arg(long)]
+    pub rank: Option<usize>,
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// all-linear, a comma-separated list (q_proj,v_proj,…), or a regex.
+    #[arg(long)]
+    pub targets: Option<String>,
+    #[arg(long)]
+    #[serde(default)]
+    pub rslora: bool,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// constant | linear | cosine.
+    #[arg(long)]
+    pub schedule: Option<String>,
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Global gradient-norm clipping (0 disables).
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    #[arg(long, conflicts_with = "steps")]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub steps: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Longer samples are truncated (the count is reported).
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Base weights: nf4 (QLoRA, the default) or none (plain LoRA on f32 weights).
+    #[arg(long)]
+    pub quantize: Option<String>,
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendKind>,
+    /// A TOML file with any of these settings.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Continue the run saved in this checkpoint directory.
+    #[arg(long)]
+    #[serde(skip)]
+    pub resume: Option<PathBuf>,
+    /// Save a checkpoint every N steps (and on Ctrl-C).
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Skip (and count) malformed or incomplete lines instead of stopping.
+    #[arg(long)]
+    #[serde(default)]
+    pub skip_bad_lines: bool,
+    /// No progress bar; one line per step.
+    #[arg(long)]
+    #[serde(default)]
+    pub quiet: bool,
+}
+
+macro_rules! overlay {
+    ($base:ident, $top:ident, $($f:ident),*) => { $( if $top.$f.is_some() { $base.$f = $top.$f.clone(); } )* };
+}
+
+impl TrainArgs {
+    /// The TOML file's settings with the flags on top.
+    fn resolve(self) -> anyhow::Result<TrainArgs> {
+        let Some(path) = &self.config else { return Ok(self) };
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut base: TrainArgs = toml::from_str(&text).with_context(|| format!("{}: invalid config", path.display()))?;
+        let top = self;
+        overlay!(base, top, model, data, out, eval_data, eval_split, eval_every, patience, format, rank, alpha, dropout, targets, lr, schedule,
+            warmup_steps, weight_decay, max_grad_norm, epochs, steps, batch_size, grad_accum, max_len, seed, quantize, backend, save_every);
+        base.train_on_prompts |= top.train_on_prompts;
+        base.rslora |= top.rslora;
+        base.skip_bad_lines |= top.skip_bad_lines;
+        base.quiet |= top.quiet;
+        base.config = top.config;
+        base.resume = top.resume;
+        if base.steps.is_some() && top.epochs.is_some() {
+            base.steps = None;
+        }
+        Ok(base)
+    }
+}
+
+struct Data {
+    train: Vec<Sample>,
+    eval: Vec<Sample>,
+    truncated: usize,
+    skipped: usize,
+}
+
+fn load_samples(path: &Path, format: Option<Format>, skip_bad: bool, tok: &Tokenizer, template: Option<&ChatTemplate>, opts: EncodeOptions) -> anyhow::Result<(Vec<Sample>, usize, usize)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let (examples, skipped) = parse_jsonl(&text, &path.display().to_string(), format, skip_bad)?;
+    let eos = template.and_then(|t| t.eos_token.clone());
+    let mut samples = Vec::with_capacity(examples.len());
+    let mut truncated = 0;
+    for (i, e) in examples.iter().enumerate() {
+        let full = encode(e, tok, template, eos.as_deref(), EncodeOptions { max_len: None, ..opts })
+            .with_context(|| format!("{}: example {}", path.display(), i + 1))?;
+        let mut s = full.clone();
+        if let Some(max) = opts.max_len {
+            if s.input_ids.len() > max {
+                truncated += 1;
+                s.input_ids.truncate(max);
+                s.labels.truncate(max);
+            }
+        }
+        samples.push(s);
+    }
+    Ok((samples, truncated, skipped))
+}
+
+fn split_eval(mut train: Vec<Sample>, fraction: f64, seed: u64) -> (Vec<Sample>, Vec<Sample>) {
+    let n_eval = ((train.len() as f64) * fraction).round().clamp(1.0, (train.len().saturating_sub(1)) as f64) as usize;
+    // Every k-th example, so the split is stable and spread over the file.
+    let stride = (train.len() / n_eval).max(1);
+    let offset = (seed as usize) % stride;
+    let mut eval = Vec::new();
+    let mut i = train.len();
+    while i > 0 {
+        i -= 1;
+        if i % stride == offset && eval.len() < n_eval {
+            eval.push(train.remove(i));
+        }
+    }
+    eval.reverse();
+    (train, eval)
+}
+
+pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
+    let a = args.resolve()?;
+    let model_dir = a.model.clone().context("--model is required")?;
+    let data_path = a.data.clone().context("--data is required")?;
+    let out = a.out.clone().context("--out is required")?;
+    if out.exists() && a.resume.is_none() {
+        bail!("{} already exists; choose a new --out (or --resume a checkpoint)", out.display());
+    }
+    let format = match &a.format {
+        Some(f) => Some(Format::parse(f).with_context(|| format!("--format {f}: expected text, completion, chat or alpaca"))?),
+        None => None,
+    };
+    let files = Dir(model_dir.clone());
+    let tok = Tokenizer::open(&files)?;
+    let template = ChatTemplate::open(&files)?;
+    let opts = EncodeOptions { train_on_completions_only: !a.train_on_prompts, max_len: a.max_len };
+    let (train, truncated, skipped) = load_samples(&data_path, format, a.skip_bad_lines, &tok, template.as_ref(), opts)?;
+    let seed = a.seed.unwrap_or(42);
+    let (train, eval, eval_truncated) = match (&a.eval_data, a.eval_split) {
+        (Some(p), _) => {
+            let (e, t, _) = load_samples(p, format, a.skip_bad_lines, &tok, template.as_ref(), opts)?;
+            (train, e, t)
+        }
+        (None, Some(f)) if f > 0.0 && f < 1.0 => {
+            let (t, e) = split_eval(train, f, seed);
+            (t, e, 0)
+        }
+        (None, Some(f)) => bail!("--eval-split {f}: must be between 0 and 1"),
+        (None, None) => (train, Vec::new(), 0),
+    };
+    let data = Data { train, eval, truncated: truncated + eval_truncated, skipped };
+    eprintln!(
+        "data: {} training and {} evaluation examples; {} truncated to --max-len; {} bad lines skipped",
+        data.train.len(),
+        data.eval.len(),
+        data.truncated,
+        data.skipped
+    );
+    let backend = a.backend.unwrap_or(BackendKind::Cpu);
+    with_backend!(backend, |Inner, device| train_with::<burn::backend::Autodiff<Inner>>(&a, data, &model_dir, &out, &tok, device))
+}
+
+fn train_with<B>(a: &TrainArgs, data: Data, model_dir: &Path, out: &Path, tok: &Tokenizer, device: B::Device) -> anyhow::Result<()>
+where
+    B: burn::tensor::backend::AutodiffBackend + HoneBackend,
+    B::InnerBackend: HoneBackend,
+{
+    let nf4 = match a.quantize.as_deref().unwrap_or("nf4") {
+        "nf4" => Some(Nf4Options::default()),
+        "none" => None,
+        other => bail!("--quantize {other}: expected nf4 or none"),
+    };
+    let loading = std::time::Instant::now();
+    let mut model = hone::model::load_model_with::<B>(&Dir(model_dir.to_path_buf()), LoadOptions { nf4 }, &device)?;
+    eprintln!("model: {} loaded in {:.1}s ({})", model_dir.display(), loading.elapsed().as_secs_f64(), if nf4.is_some() { "NF4 base, QLoRA" } else { "f32 base, LoRA" });
+    let lora = LoraConfig {
+        r: a.rank.unwrap_or(16),
+        alpha: a.alpha.unwrap_or(32.0),
+        dropout: a.dropout.unwrap_or(0.05),
+        targets: Targets::parse(a.targets.as_deref().unwrap_or("all-linear")),
+        use_rslora: a.rslora,
+        seed: a.seed.unwrap_or(42),
+    };
+    let adapted = add_adapters(model.linears_mut(), &lora, &device);
+    if adapted == 0 {
+        bail!("--targets {:?} matches no layer of this model", a.targets.as_deref().unwrap_or("all-linear"));
+    }
+    let cfg = TrainConfig {
+        lr: a.lr.unwrap_or(2e-4),
+        schedule: match a.schedule.as_deref() {
+            None => Schedule::Linear,
+            Some(s) => Schedule::parse(s).with_context(|| format!("--schedule {s}: expected constant, linear or cosine"))?,
+        },
+        warmup_steps: a.warmup_steps.unwrap_or(0),
+        adamw: AdamWConfig { weight_decay: a.weight_decay.unwrap_or(0.0), ..Default::default() },
+        max_grad_norm: match a.max_grad_norm.unwrap_or(1.0) {
+            x if x > 0.0 => Some(x),
+            _ => None,
+        },
+        batch_size: a.batch_size.unwrap_or(4),
+        grad_accum: a.grad_accum.unwrap_or(1),
+        max_steps: a.steps,
+        epochs: a.epochs.unwrap_or(1),
+        seed: a.seed.unwrap_or(42),
+        shuffle: true,
+        pad_id: tok.token_to_id("<|endoftext|>").or_else(|| tok.token_to_id("<pad>")).unwrap_or(0),
+    };
+    let eval_samples = data.eval;
+    let mut trainer = Trainer::new(model, lora.clone(), data.train, cfg.clone(), device);
+    let base_name = model_dir.display().to_string();
+    let ckpt_dir = out.with_file_name(format!("{}.checkpoint", out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()));
+    let mut saved = SavedState { state: trainer.state.clone(), config: cfg, base_model: base_name.clone(), best_eval_loss: None, best_step: None, evals_without_improvement: 0 };
+    if let Some(dir) = &a.resume {
+        let loaded = checkpoint::load(dir).with_context(|| format!("resuming from {}", dir.display()))?;
+        if loaded.saved.config != trainer.cfg {
+            bail!("{}: the checkpoint was made with other training settings; resume with the same ones", dir.display());
+        }
+        trainer.restore(&loaded.adapter, loaded.moments, loaded.saved.state.clone())?;
+        saved = loaded.saved;
+        eprintln!("resumed at step {} of {}", trainer.state.step, trainer.state.total_steps);
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+    }
+    let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(trainer.state.total_steps as u64) };
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}").expect("template"));
+    bar.set_position(trainer.state.step as u64);
+    let started = std::time::Instant::now();
+    let mut tokens = 0usize;
+    let mut best: Option<Adapter> = None;
+    let save_every = a.save_every.unwrap_or(0);
+    let eval_every = a.eval_every.unwrap_or(if eval_samples.is_empty() { 0 } else { (trainer.state.total_steps / 5).max(1) });
+    while !trainer.done() {
+        let r = trainer.step();
+        tokens += r.tokens;
+        if !r.loss.is_finite() {
+            checkpoint::save(&ckpt_dir, &trainer, &saved)?;
+            bail!("the loss became {} at step {}; checkpoint saved in {} (try a lower --lr)", r.loss, r.step, ckpt_dir.display());
+        }
+        let tps = tokens as f64 / started.elapsed().as_secs_f64();
+        let msg = format!("loss {:.4}  lr {:.2e}  {:.0} tok/s", r.loss, r.lr, tps);
+        if a.quiet {
+            eprintln!("step {}/{}  {msg}", r.step, r.total_steps);
+        }
+        bar.set_message(msg);
+        bar.set_position(r.step as u64);
+        let last = trainer.done();
+        if !eval_samples.is_empty() && (last || (eval_every > 0 && r.step % eval_every == 0)) {
+            let e = trainer.evaluate(&eval_samples);
+            say(&bar, a.quiet, format!("step {}: eval loss {:.4}, perplexity {:.2}", r.step, e.loss, e.perplexity));
+            if saved.best_eval_loss.is_none_or(|b| e.loss < b) {
+                saved.best_eval_loss = Some(e.loss);
+                saved.best_step = Some(r.step);
+                saved.evals_without_improvement = 0;
+                best = Some(trainer.adapter(&base_name));
+            } else {
+                saved.evals_without_improvement += 1;
+                if a.patience.is_some_and(|p| saved.evals_without_improvement >= p) {
+                    say(&bar, a.quiet, format!("early stop: no improvement in {} evaluations", saved.evals_without_improvement));
+                    break;
+                }
+            }
+        }
+        saved.state = trainer.state.clone();
+        if stop.load(Ordering::SeqCst) || (save_every > 0 && r.step % save_every == 0 && !last) {
+            checkpoint::save(&ckpt_dir, &trainer, &saved)?;
+            if stop.load(Ordering::SeqCst) {
+                bar.abandon();
+                eprintln!("interrupted: checkpoint at step {} in {}; continue with --resume {}", r.step, ckpt_dir.display(), ckpt_dir.display());
+                return Ok(());
+            }
+        }
+    }
+    bar.finish();
+    let adapter = match (best, saved.best_step) {
+        (Some(b), Some(step)) => {
+            eprintln!("keeping the best adapter (step {step}, eval loss {:.4})", saved.best_eval_loss.unwrap_or(f64::NAN));
+            b
+        }
+        _ => trainer.adapter(&base_name),
+    };
+    write_dir_atomic(out, &adapter_files(&adapter))?;
+    let _ = std::fs::remove_dir_all(&ckpt_dir);
+    eprintln!(
+        "wrote {} ({} layers, r={}) after {} steps in {:.1}s, {:.0} tokens/s",
+        out.display(),
+        adapter.layers.len(),
+        lora.r,
+        trainer.state.step,
+        started.elapsed().as_secs_f64(),
+        tokens as f64 / started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// A line above the progress bar, or on stderr when the bar is hidden.
+fn say(bar: &ProgressBar, quiet: bool, msg: String) {
+    if quiet {
+        eprintln!("{msg}");
+    } else {
+        bar.println(msg);
+    }
+}
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    format: Option<String>,
+    #[arg(long)]
+    max_len: Option<usize>,
+    #[arg(long)]
+    train_on_prompts: bool,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Quantize the base to NF4 while loading (as it was trained with QLoRA).
+    #[arg(long)]
+    nf4: bool,
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendKind,
+    /// One JSON line: {"loss": …, "perplexity": …, "tokens": …}.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
+    let files = Dir(a.model.clone());
+    let tok = Tokenizer::open(&files)?;
+    let template = ChatTemplate::open(&files)?;
+    let format = match &a.format {
+        Some(f) => Some(Format::parse(f).with_context(|| format!("--format {f}"))?),
+        None => None,
+    };
+    let opts = EncodeOptions { train_on_completions_only: !a.train_on_prompts, max_len: a.max_len };
+    let (samples, _, _) = load_samples(&a.data, format, false, &tok, template.as_ref(), opts)?;
+    let report = with_backend!(a.backend, |B, device| {
+        let mut model = hone::model::load_model_with::<B>(&files, LoadOptions { nf4: a.nf4.then(Nf4Options::default) }, &device)?;
+        if let Some(dir) = &a.adapter {
+            Adapter::read(&Dir(dir.clone()))?.attach(model.linears_mut(), &device)?;
+        }
+        evaluate(&model, &samples, a.batch_size, 0, &device)
+    });
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("loss {:.6}  perplexity {:.4}  ({} tokens)", report.loss, report.perplexity, report.tokens);
+    }
+    Ok(())
+}
