@@ -2,6 +2,7 @@
 //! [`ByteSource`], read by range, so that a weights file is never resident whole. Natively a
 //! source is a file; in the browser it is a `Blob` (see hone-web); in tests it is memory.
 
+pub mod gguf;
 pub mod safetensors;
 pub mod weights;
 
