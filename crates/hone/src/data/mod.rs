@@ -1,6 +1,7 @@
 //! Text in: tokenizers, chat templates, datasets.
 
 pub mod dataset;
+pub mod gguf_tokenizer;
 pub mod template;
 pub mod tokenizer;
 
