@@ -4,6 +4,7 @@
 
 pub mod data;
 pub mod error;
+pub mod generate;
 pub mod io;
 pub mod lora;
 pub mod model;

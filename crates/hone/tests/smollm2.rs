@@ -44,3 +44,16 @@ fn tokenizer_from_gguf_equals_transformers() {
     assert_eq!(prompt, f["prompt"].as_str().unwrap());
     assert_eq!(tok.encode(&prompt, false).unwrap(), ids(&f["prompt_ids"]));
 }
+
+#[test]
+fn greedy_generation_equals_transformers() {
+    use burn::backend::NdArray;
+    use hone::generate::{generate, GenerateConfig};
+    use hone::model::gguf::load_gguf;
+    let g = Gguf::open(Box::new(FileSource::open(&smollm2_gguf()).unwrap())).unwrap();
+    let device = Default::default();
+    let (model, _, _) = load_gguf::<NdArray>(&g, Default::default(), &device).unwrap();
+    let f = fixture();
+    let out = generate(&model, &ids(&f["prompt_ids"]), &GenerateConfig { max_new_tokens: 30, ..Default::default() }, &device);
+    assert_eq!(out, ids(&f["greedy_ids"]));
+}

@@ -48,20 +48,43 @@ pub struct Positions<B: Backend> {
 
 impl<B: Backend> Positions<B> {
     pub fn new(cfg: &Config, seq_len: usize, device: &B::Device) -> Self {
+        Self::with_past(cfg, 0, seq_len, device)
+    }
+
+    /// For `seq_len` new tokens after `past` cached ones: RoPE at positions `past..past+seq_len`,
+    /// and a `[seq_len, past + seq_len]` causal mask.
+    pub fn with_past(cfg: &Config, past: usize, seq_len: usize, device: &B::Device) -> Self {
         let rot = cfg.rotary_dim();
-        let (cos, sin) = rope::cos_sin(cfg, seq_len);
+        let total = past + seq_len;
+        let (cos, sin) = rope::cos_sin(cfg, total);
+        let rows = |v: Vec<f32>| v[past * rot..].to_vec();
         let table = |v: Vec<f32>| Tensor::<B, 2>::from_data(TensorData::new(v, [seq_len, rot]), device).unsqueeze_dims::<4>(&[0, 1]);
-        let mut mask = vec![0f32; seq_len * seq_len];
+        let mut mask = vec![0f32; seq_len * total];
         for i in 0..seq_len {
-            for j in 0..seq_len {
-                let outside_window = cfg.sliding_window.is_some_and(|w| i - j.min(i) >= w);
-                if j > i || outside_window {
-                    mask[i * seq_len + j] = f32::NEG_INFINITY;
+            let qi = past + i;
+            for j in 0..total {
+                let outside_window = cfg.sliding_window.is_some_and(|w| j <= qi && qi - j >= w);
+                if j > qi || outside_window {
+                    mask[i * total + j] = f32::NEG_INFINITY;
                 }
             }
         }
-        let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [seq_len, seq_len]), device).unsqueeze_dims::<4>(&[0, 1]);
-        Positions { cos: table(cos), sin: table(sin), mask }
+        let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [seq_len, total]), device).unsqueeze_dims::<4>(&[0, 1]);
+        Positions { cos: table(rows(cos)), sin: table(rows(sin)), mask }
+    }
+}
+
+/// Keys and values of the tokens seen so far, per layer (`[B, kv_heads, T, head_dim]`, after
+/// RoPE), so that generation computes each new token once.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    pub layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    pub len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(layers: usize) -> Self {
+        KvCache { layers: vec![None; layers], len: 0 }
     }
 }
 
@@ -94,6 +117,10 @@ fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
 
 impl<B: HoneBackend> Attention<B> {
     pub fn forward(&self, x: Tensor<B, 3>, pos: &Positions<B>) -> Tensor<B, 3> {
+        self.forward_cached(x, pos, None)
+    }
+
+    pub fn forward_cached(&self, x: Tensor<B, 3>, pos: &Positions<B>, cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let (q, k, v) = match &self.qkv_proj {
@@ -108,8 +135,17 @@ impl<B: HoneBackend> Attention<B> {
         };
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
         let q = apply_rope(heads(q, nh), pos);
-        let k = repeat_kv(apply_rope(heads(k, nkv), pos), nh / nkv);
-        let v = repeat_kv(heads(v, nkv), nh / nkv);
+        let mut k = apply_rope(heads(k, nkv), pos);
+        let mut v = heads(v, nkv);
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.take() {
+                k = Tensor::cat(vec![pk, k], 2);
+                v = Tensor::cat(vec![pv, v], 2);
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let k = repeat_kv(k, nh / nkv);
+        let v = repeat_kv(v, nh / nkv);
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((hd as f64).powf(-0.5)) + pos.mask.clone();
         let out = softmax(scores, 3).matmul(v);
         self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, nh * hd]))
@@ -152,7 +188,11 @@ pub struct DecoderLayer<B: Backend> {
 
 impl<B: HoneBackend> DecoderLayer<B> {
     pub fn forward(&self, x: Tensor<B, 3>, pos: &Positions<B>) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), pos);
+        self.forward_cached(x, pos, None)
+    }
+
+    pub fn forward_cached(&self, x: Tensor<B, 3>, pos: &Positions<B>, cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>) -> Tensor<B, 3> {
+        let h = x.clone() + self.self_attn.forward_cached(self.input_layernorm.forward(x), pos, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -189,6 +229,22 @@ impl<B: HoneBackend> CausalLm<B> {
     /// Logits `[B, T, vocab]`.
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let h = self.hidden(ids);
+        self.head(h)
+    }
+
+    /// Logits for new tokens `ids` after those in `cache`, which is extended with them.
+    pub fn forward_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+        let t = ids.dims()[1];
+        let pos = Positions::with_past(&self.config, cache.len, t, &ids.device());
+        let mut x = burn::tensor::module::embedding(self.model.embed_tokens.clone(), ids);
+        for (layer, slot) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward_cached(x, &pos, Some(slot));
+        }
+        cache.len += t;
+        self.head(self.model.norm.forward(x))
+    }
+
+    fn head(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(head) => head.forward(h),
             None => {

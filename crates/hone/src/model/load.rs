@@ -55,7 +55,41 @@ pub fn load_model_with<B: HoneBackend>(files: &dyn FileSet, options: LoadOptions
     build(config, &weights, options, device)
 }
 
-pub fn build<B: HoneBackend>(config: Config, w: &Weights, options: LoadOptions, device: &B::Device) -> Result<CausalLm<B>> {
+/// Where the loader gets tensors by their Hugging Face names: safetensors shards, or a GGUF file
+/// (model::gguf) that maps the names and undoes llama.cpp's layout.
+pub trait TensorSource {
+    fn location(&self) -> String;
+    fn contains(&self, name: &str) -> bool;
+    /// A floating-point tensor as f32, checked against `shape`.
+    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+    /// A stored tensor's raw bytes (for bitsandbytes' parts); `None` when not stored.
+    fn raw(&self, name: &str) -> Result<Option<Vec<u8>>>;
+}
+
+impl TensorSource for Weights {
+    fn location(&self) -> String {
+        Weights::location(self).to_string()
+    }
+    fn contains(&self, name: &str) -> bool {
+        Weights::contains(self, name)
+    }
+    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        Weights::read(self, name, shape)
+    }
+    fn raw(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        match self.info(name) {
+            Some((st, _)) => st.read_raw(name).map(|(_, b)| Some(b)),
+            None => Ok(None),
+        }
+    }
+}
+
+fn tensor<B: burn::tensor::backend::Backend, const D: usize>(w: &dyn TensorSource, name: &str, shape: [usize; D], device: &B::Device) -> Result<burn::tensor::Tensor<B, D>> {
+    let values = w.read(name, &shape)?;
+    Ok(burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(values, shape), device))
+}
+
+pub fn build<B: HoneBackend>(config: Config, w: &dyn TensorSource, options: LoadOptions, device: &B::Device) -> Result<CausalLm<B>> {
     let c = &config;
     let (h, hd, nh, nkv, inter) = (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size);
     // Decoder-block linears: quantized one by one as they are read, if asked.
@@ -63,15 +97,12 @@ pub fn build<B: HoneBackend>(config: Config, w: &Weights, options: LoadOptions, 
         let key = format!("{name}.weight");
         if c.bnb_nf4 {
             // Pre-quantized by bitsandbytes: taken as stored, never requantized.
-            let q = bnb::deserialize(&key, |k| match w.info(k) {
-                Some((st, _)) => st.read_raw(k).map(|(_, b)| Some(b)).map_err(|e| e.to_string()),
-                None => Ok(None),
-            })
+            let q = bnb::deserialize(&key, |k| w.raw(k).map_err(|e| e.to_string()))
             .map_err(|m| Error::tensor(w.location(), &key, m))?;
             if q.shape != [d_out, d_in] {
                 return Err(Error::tensor(w.location(), &key, format!("quantized shape {:?} does not match the config's [{d_out}, {d_in}]", q.shape)));
             }
-            let bias = if bias { Some(w.tensor(&format!("{name}.bias"), [d_out], device)?) } else { None };
+            let bias = if bias { Some(tensor::<B, _>(w, &format!("{name}.bias"), [d_out], device)?) } else { None };
             return Ok(LoraLinear::new(FrozenWeight::nf4(Nf4Weight::from_host(&q, device)), bias));
         }
         let weight = match options.nf4 {
@@ -81,14 +112,14 @@ pub fn build<B: HoneBackend>(config: Config, w: &Weights, options: LoadOptions, 
                     .map_err(|m| Error::tensor(w.location(), &key, m))?;
                 FrozenWeight::nf4(Nf4Weight::from_host(&q, device))
             }
-            None => FrozenWeight::dense(w.tensor(&key, [d_out, d_in], device)?),
+            None => FrozenWeight::dense(tensor::<B, _>(w, &key, [d_out, d_in], device)?),
         };
-        let bias = if bias { Some(w.tensor(&format!("{name}.bias"), [d_out], device)?) } else { None };
+        let bias = if bias { Some(tensor::<B, _>(w, &format!("{name}.bias"), [d_out], device)?) } else { None };
         Ok(LoraLinear::new(weight, bias))
     };
-    let norm = |name: &str| -> Result<RmsNorm<B>> { Ok(RmsNorm { weight: w.tensor(&format!("{name}.weight"), [h], device)?, eps: c.rms_norm_eps }) };
+    let norm = |name: &str| -> Result<RmsNorm<B>> { Ok(RmsNorm { weight: tensor::<B, _>(w, &format!("{name}.weight"), [h], device)?, eps: c.rms_norm_eps }) };
 
-    let embed_tokens = w.tensor(&"model.embed_tokens.weight".to_string(), [c.vocab_size, h], device)?;
+    let embed_tokens = tensor::<B, 2>(w, "model.embed_tokens.weight", [c.vocab_size, h], device)?;
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
@@ -123,7 +154,7 @@ pub fn build<B: HoneBackend>(config: Config, w: &Weights, options: LoadOptions, 
     let lm_head = if c.tie_word_embeddings && !w.contains("lm_head.weight") {
         None
     } else {
-        Some(LoraLinear::new(FrozenWeight::dense(w.tensor("lm_head.weight", [c.vocab_size, h], device)?), None))
+        Some(LoraLinear::new(FrozenWeight::dense(tensor::<B, _>(w, "lm_head.weight", [c.vocab_size, h], device)?), None))
     };
     Ok(CausalLm { model: Body { embed_tokens, layers, norm: norm_final }, lm_head, config })
 }

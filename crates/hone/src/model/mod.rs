@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod decoder;
+pub mod gguf;
 pub mod load;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod quantize;

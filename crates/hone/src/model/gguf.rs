@@ -1,0 +1,142 @@
+//! Llama-architecture GGUF files as hone models: the config from `llama.*` metadata, tensors
+//! renamed to Hugging Face's names and dequantized to f32 as they are read, and q/k projections
+//! un-permuted (llama.cpp's converter interleaves their rotary halves). With NF4 on, each
+//! decoder linear is then quantized to NF4 as it loads.
+
+use super::config::{Arch, Config, Rope};
+use super::decoder::CausalLm;
+use super::load::{build, LoadOptions, TensorSource};
+use crate::data::gguf_tokenizer::{chat_template_from_gguf, tokenizer_from_gguf};
+use crate::data::{ChatTemplate, Tokenizer};
+use crate::error::{Error, Result};
+use crate::io::gguf::{Gguf, Value};
+use crate::quant::HoneBackend;
+
+pub fn config_from_gguf(g: &Gguf) -> Result<Config> {
+    let file = g.name().to_string();
+    let arch = g.get("general.architecture").and_then(Value::as_str).unwrap_or("?");
+    if arch != "llama" {
+        return Err(Error::unsupported(&file, format!("GGUF architecture `{arch}` (hone reads llama-architecture GGUF files)")));
+    }
+    let num = |key: &str| -> Result<usize> {
+        g.get(&format!("llama.{key}")).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| Error::format(&file, format!("missing `llama.{key}`")))
+    };
+    let hidden_size = num("embedding_length")?;
+    let heads = num("attention.head_count")?;
+    let vocab = match num("vocab_size") {
+        Ok(v) => v,
+        Err(_) => g.get("tokenizer.ggml.tokens").and_then(Value::as_array).map(|a| a.len()).ok_or_else(|| Error::format(&file, "no vocabulary size"))?,
+    };
+    let head_dim = num("rope.dimension_count").unwrap_or(hidden_size / heads);
+    let id = |key: &str| g.get(key).and_then(Value::as_u64).map(|v| v as u32);
+    Ok(Config {
+        arch: Arch::Llama,
+        model_type: "llama".into(),
+        vocab_size: vocab,
+        hidden_size,
+        intermediate_size: num("feed_forward_length")?,
+        num_hidden_layers: num("block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: num("attention.head_count_kv").unwrap_or(heads),
+        head_dim,
+        rms_norm_eps: g.get("llama.attention.layer_norm_rms_epsilon").and_then(Value::as_f64).unwrap_or(1e-5),
+        max_position_embeddings: num("context_length").unwrap_or(2048),
+        rope_theta: g.get("llama.rope.freq_base").and_then(Value::as_f64).unwrap_or(10000.0),
+        rope: Rope::Default,
+        partial_rotary_factor: 1.0,
+        tie_word_embeddings: !g.tensors.contains_key("output.weight"),
+        qkv_bias: false,
+        o_bias: false,
+        mlp_bias: false,
+        sliding_window: None,
+        bos_token_id: id("tokenizer.ggml.bos_token_id"),
+        eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+        dtype: Some("float32".into()),
+        bnb_nf4: false,
+    })
+}
+
+/// Tensors of a llama GGUF under Hugging Face names.
+pub struct GgufWeights<'a> {
+    pub gguf: &'a Gguf,
+    pub config: &'a Config,
+}
+
+impl GgufWeights<'_> {
+    fn gguf_name(name: &str) -> Option<String> {
+        Some(match name {
+            "model.embed_tokens.weight" => "token_embd.weight".into(),
+            "model.norm.weight" => "output_norm.weight".into(),
+            "lm_head.weight" => "output.weight".into(),
+            _ => {
+                let rest = name.strip_prefix("model.layers.")?;
+                let (i, rest) = rest.split_once('.')?;
+                let part = match rest {
+                    "input_layernorm.weight" => "attn_norm.weight",
+                    "post_attention_layernorm.weight" => "ffn_norm.weight",
+                    "self_attn.q_proj.weight" => "attn_q.weight",
+                    "self_attn.k_proj.weight" => "attn_k.weight",
+                    "self_attn.v_proj.weight" => "attn_v.weight",
+                    "self_attn.o_proj.weight" => "attn_output.weight",
+                    "mlp.gate_proj.weight" => "ffn_gate.weight",
+                    "mlp.up_proj.weight" => "ffn_up.weight",
+                    "mlp.down_proj.weight" => "ffn_down.weight",
+                    _ => return None,
+                };
+                format!("blk.{i}.{part}")
+            }
+        })
+    }
+}
+
+/// Undoes llama.cpp's `permute` of a q/k weight `[heads * head_dim, cols]`: within each head,
+/// rows stored as interleaved pairs go back to the two rotary halves.
+fn unpermute(w: &[f32], heads: usize, rows: usize, cols: usize) -> Vec<f32> {
+    let hd = rows / heads;
+    let half = hd / 2;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                // stored row: h*hd + 2*i + j  →  HF row: h*hd + j*half + i
+                let src = (h * hd + 2 * i + j) * cols;
+                let dst = (h * hd + j * half + i) * cols;
+                out[dst..dst + cols].copy_from_slice(&w[src..src + cols]);
+            }
+        }
+    }
+    out
+}
+
+impl TensorSource for GgufWeights<'_> {
+    fn location(&self) -> String {
+        self.gguf.name().to_string()
+    }
+    fn contains(&self, name: &str) -> bool {
+        Self::gguf_name(name).is_some_and(|n| self.gguf.tensors.contains_key(&n))
+    }
+    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let g = Self::gguf_name(name).ok_or_else(|| Error::tensor(self.gguf.name(), name, "no GGUF counterpart"))?;
+        let (got, values) = self.gguf.read_f32(&g)?;
+        if got != shape {
+            return Err(Error::tensor(self.gguf.name(), &g, format!("shape {got:?} does not match the metadata, which implies {shape:?}")));
+        }
+        Ok(if name.ends_with("q_proj.weight") {
+            unpermute(&values, self.config.num_attention_heads, shape[0], shape[1])
+        } else if name.ends_with("k_proj.weight") {
+            unpermute(&values, self.config.num_key_value_heads, shape[0], shape[1])
+        } else {
+            values
+        })
+    }
+    fn raw(&self, _name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+}
+
+/// A llama GGUF as a hone model, with its tokenizer and chat template.
+pub fn load_gguf<B: HoneBackend>(gguf: &Gguf, options: LoadOptions, device: &B::Device) -> Result<(CausalLm<B>, Tokenizer, Option<ChatTemplate>)> {
+    let config = config_from_gguf(gguf)?;
+    let model = build(config.clone(), &GgufWeights { gguf, config: &config }, options, device)?;
+    Ok((model, tokenizer_from_gguf(gguf)?, chat_template_from_gguf(gguf)?))
+}
