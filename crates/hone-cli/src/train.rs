@@ -24,7 +24,7 @@ use std::sync::Arc;
 #[derive(clap::Args, Deserialize, Default, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct TrainArgs {
-    /// Base model directory (Hugging Face layout).
+    /// Base model: a Hugging Face directory or a GGUF file (default: SmolLM2-135M-Instruct).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Training data, JSONL.
@@ -189,7 +189,7 @@ fn split_eval(mut train: Vec<Sample>, fraction: f64, seed: u64) -> (Vec<Sample>,
 
 pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     let a = args.resolve()?;
-    let model_dir = a.model.clone().context("--model is required")?;
+    let model_dir = crate::model::resolve(a.model.as_deref())?;
     let data_path = a.data.clone().context("--data is required")?;
     let out = a.out.clone().context("--out is required")?;
     if out.exists() && a.resume.is_none() {
@@ -199,9 +199,8 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         Some(f) => Some(Format::parse(f).with_context(|| format!("--format {f}: expected text, completion, chat or alpaca"))?),
         None => None,
     };
-    let files = Dir(model_dir.clone());
-    let tok = Tokenizer::open(&files)?;
-    let template = ChatTemplate::open(&files)?;
+    let text = crate::model::text(&model_dir)?;
+    let (tok, template) = (text.tokenizer, text.template);
     let opts = EncodeOptions { train_on_completions_only: !a.train_on_prompts, max_len: a.max_len };
     let (train, truncated, skipped) = load_samples(&data_path, format, a.skip_bad_lines, &tok, template.as_ref(), opts)?;
     let seed = a.seed.unwrap_or(42);
@@ -240,7 +239,7 @@ where
         other => bail!("--quantize {other}: expected nf4 or none"),
     };
     let loading = std::time::Instant::now();
-    let mut model = hone::model::load_model_with::<B>(&Dir(model_dir.to_path_buf()), LoadOptions { nf4 }, &device)?;
+    let mut model = crate::model::weights::<B>(model_dir, LoadOptions { nf4 }, &device)?;
     eprintln!("model: {} loaded in {:.1}s ({})", model_dir.display(), loading.elapsed().as_secs_f64(), if nf4.is_some() { "NF4 base, QLoRA" } else { "f32 base, LoRA" });
     let lora = LoraConfig {
         r: a.rank.unwrap_or(16),
@@ -376,8 +375,9 @@ fn say(bar: &ProgressBar, quiet: bool, msg: String) {
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
+    /// A Hugging Face model directory or a GGUF file (default: SmolLM2-135M-Instruct).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     #[arg(long)]
     adapter: Option<PathBuf>,
     #[arg(long)]
@@ -401,9 +401,9 @@ pub struct EvalArgs {
 }
 
 pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
-    let files = Dir(a.model.clone());
-    let tok = Tokenizer::open(&files)?;
-    let template = ChatTemplate::open(&files)?;
+    let path = crate::model::resolve(a.model.as_deref())?;
+    let text = crate::model::text(&path)?;
+    let (tok, template) = (text.tokenizer, text.template);
     let format = match &a.format {
         Some(f) => Some(Format::parse(f).with_context(|| format!("--format {f}"))?),
         None => None,
@@ -411,7 +411,7 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     let opts = EncodeOptions { train_on_completions_only: !a.train_on_prompts, max_len: a.max_len };
     let (samples, _, _) = load_samples(&a.data, format, false, &tok, template.as_ref(), opts)?;
     let report = with_backend!(a.backend, |B, device| {
-        let mut model = hone::model::load_model_with::<B>(&files, LoadOptions { nf4: a.nf4.then(Nf4Options::default) }, &device)?;
+        let mut model = crate::model::weights::<B>(&path, LoadOptions { nf4: a.nf4.then(Nf4Options::default) }, &device)?;
         if let Some(dir) = &a.adapter {
             Adapter::read(&Dir(dir.clone()))?.attach(model.linears_mut(), &device)?;
         }

@@ -113,3 +113,15 @@ fn merge_command_writes_a_model_directory() {
     }
     std::fs::remove_dir_all(out).unwrap();
 }
+
+#[test]
+fn generate_with_the_default_model_answers() {
+    // `cargo xtask test` fetches the default model (SmolLM2-135M-Instruct) first.
+    let result = Command::new(env!("CARGO_BIN_EXE_hone"))
+        .args(["generate", "--prompt", "What is the capital of France?", "--max-new-tokens", "12"])
+        .output()
+        .unwrap();
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let out = String::from_utf8_lossy(&result.stdout);
+    assert!(out.contains("Paris"), "{out}");
+}
