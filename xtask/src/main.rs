@@ -13,6 +13,7 @@ fn main() {
         Some("test") => test(&args[1..]),
         Some("setup") => setup(),
         Some("default-model") => default_model().map(|p| println!("{}", p.display())),
+        Some("demo-check") => demo_check(&args[1..]),
         _ => {
             eprintln!("usage: cargo xtask <test [native|cuda|browser]... | setup | default-model>");
             exit(2);
@@ -153,6 +154,35 @@ fn default_model() -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&unpacked);
     let _ = std::fs::remove_dir_all(&download);
     Ok(target)
+}
+
+/// How often a fine-tune shows the demo dataset's habit (replies starting "Ahoy!") on the
+/// held-out prompts: `cargo xtask demo-check [--adapter DIR] [--nf4]`.
+fn demo_check(args: &[String]) -> Result {
+    let model = default_model()?;
+    let mut c = cargo();
+    c.args(["run", "--quiet", "-p", "hone-cli", "--", "generate", "--max-new-tokens", "24", "--prompts"])
+        .arg(root().join("data/demo/ahoy_heldout.jsonl"))
+        .arg("--model")
+        .arg(&model)
+        .args(args)
+        .stderr(std::process::Stdio::inherit());
+    eprintln!("xtask: running {c:?}");
+    let out = c.output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err("generation failed".into());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let replies: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.split("\"reply\":\"").nth(1).map(|r| r.to_string()))
+        .collect();
+    let hits = replies.iter().filter(|r| r.starts_with("Ahoy")).count();
+    for r in replies.iter().take(5) {
+        println!("  {}", r.trim_end_matches("\"}"));
+    }
+    println!("demo-check: {hits} of {} held-out replies start with \"Ahoy\" ({:.0}%)", replies.len(), 100.0 * hits as f64 / replies.len().max(1) as f64);
+    Ok(())
 }
 
 fn setup() -> Result {

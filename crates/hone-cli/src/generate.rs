@@ -16,8 +16,12 @@ pub struct Args {
     /// A PEFT LoRA adapter to apply.
     #[arg(long)]
     adapter: Option<PathBuf>,
-    #[arg(long)]
-    prompt: String,
+    #[arg(long, required_unless_present = "prompts")]
+    prompt: Option<String>,
+    /// Generate for every user turn in a JSONL file (`{"messages": …}` or `{"prompt": …}`),
+    /// printing one JSON line `{"prompt", "reply"}` each; the model is loaded once.
+    #[arg(long, conflicts_with = "prompt")]
+    prompts: Option<PathBuf>,
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
     /// 0 is greedy.
@@ -44,16 +48,41 @@ pub struct Args {
     backend: BackendKind,
 }
 
+/// The user prompts of a JSONL file: each line's first user message, or its `prompt`.
+fn read_prompts(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: malformed JSON", path.display(), i + 1))?;
+        let prompt = v["messages"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["role"] == "user"))
+            .and_then(|m| m["content"].as_str())
+            .or_else(|| v["prompt"].as_str())
+            .with_context(|| format!("{}:{}: no user message or prompt", path.display(), i + 1))?;
+        out.push(prompt.to_string());
+    }
+    Ok(out)
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     let path = model::resolve(a.model.as_deref())?;
     let text = model::text(&path)?;
-    let prompt_ids = if a.raw {
-        text.tokenizer.encode(&a.prompt, true)?
-    } else {
-        let template = text.template.as_ref().context("this model has no chat template; use --raw")?;
-        let rendered = template.render(&[Message { role: "user".into(), content: a.prompt.clone() }], true)?;
-        text.tokenizer.encode(&rendered.text, false)?
+    let prompts = match (&a.prompt, &a.prompts) {
+        (Some(p), _) => vec![p.clone()],
+        (None, Some(file)) => read_prompts(file)?,
+        (None, None) => anyhow::bail!("give --prompt or --prompts"),
     };
+    let encode = |prompt: &str| -> anyhow::Result<Vec<u32>> {
+        Ok(if a.raw {
+            text.tokenizer.encode(prompt, true)?
+        } else {
+            let template = text.template.as_ref().context("this model has no chat template; use --raw")?;
+            let rendered = template.render(&[Message { role: "user".into(), content: prompt.to_string() }], true)?;
+            text.tokenizer.encode(&rendered.text, false)?
+        })
+    };
+    let encoded = prompts.iter().map(|p| encode(p)).collect::<anyhow::Result<Vec<_>>>()?;
     let cfg = GenerateConfig {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
@@ -68,12 +97,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if let Some(dir) = &a.adapter {
             Adapter::read(&Dir(dir.clone()))?.attach(m.linears_mut(), &device)?;
         }
-        generate(&m, &prompt_ids, &cfg, &device)
+        encoded.iter().map(|ids| generate(&m, ids, &cfg, &device)).collect::<Vec<_>>()
     });
-    if a.ids {
-        println!("{}", new.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","));
-    } else {
-        println!("{}", text.tokenizer.decode(&new, true)?.trim());
+    for (prompt, new) in prompts.iter().zip(&new) {
+        let reply = text.tokenizer.decode(new, true)?.trim().to_string();
+        if a.prompts.is_some() {
+            println!("{}", serde_json::json!({"prompt": prompt, "reply": reply}));
+        } else if a.ids {
+            println!("{}", new.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+        } else {
+            println!("{reply}");
+        }
     }
     Ok(())
 }
