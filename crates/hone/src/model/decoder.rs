@@ -250,7 +250,8 @@ impl<B: HoneBackend> CausalLm<B> {
             None => {
                 let [b, t, d] = h.dims();
                 let v = self.model.embed_tokens.dims()[0];
-                h.reshape([b * t, d]).matmul(self.model.embed_tokens.clone().transpose()).reshape([b, t, v])
+                // (E·hᵀ)ᵀ rather than h·Eᵀ: the [vocab, hidden] embedding is never transposed.
+                self.model.embed_tokens.clone().matmul(h.reshape([b * t, d]).transpose()).transpose().reshape([b, t, v])
             }
         }
     }

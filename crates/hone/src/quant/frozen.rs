@@ -110,9 +110,11 @@ impl<B: HoneBackend> FrozenWeight<B> {
 
 /// The backends hone runs on: burn's, plus hone's ops on frozen weights.
 pub trait HoneBackend: Backend {
-    /// `x·Wᵀ` for `x: [m, in]`.
+    /// `x·Wᵀ` for `x: [m, in]`, computed as `(W·xᵀ)ᵀ`: W stays in its stored `[out, in]`
+    /// layout, and only activation-sized operands are transposed (on the CPU backend a
+    /// transposed weight is copied whole at every call; measured 0.5 s per token on SmolLM2).
     fn frozen_matmul(x: Tensor<Self, 2>, w: &FrozenWeight<Self>) -> Tensor<Self, 2> {
-        x.matmul(w.to_dense().transpose())
+        w.to_dense().matmul(x.transpose()).transpose()
     }
 
     /// The dense weight of an NF4 one. By default with tensor ops (any backend); GPU backends
