@@ -77,7 +77,11 @@ pub fn text(path: &Path) -> anyhow::Result<Text> {
 pub fn weights<B: HoneBackend>(path: &Path, options: LoadOptions, device: &B::Device) -> anyhow::Result<CausalLm<B>> {
     if is_gguf(path) {
         let g = open_gguf(path)?;
-        Ok(hone::model::gguf::load_gguf::<B>(&g, options, device)?.0)
+        let (model, report) = hone::model::gguf::load_gguf_with_report::<B>(&g, options, device)?;
+        if let Some(e) = report.nf4_rel_error {
+            eprintln!("NF4 over the GGUF's weights adds {e:.2e} relative error (‖deq(NF4(W)) − W‖ / ‖W‖, decoder linears)");
+        }
+        Ok(model)
     } else {
         Ok(hone::model::load_model_with::<B>(&Dir(path.to_path_buf()), options, device)?)
     }

@@ -5,7 +5,7 @@
 
 use super::config::{Arch, Config, Rope};
 use super::decoder::CausalLm;
-use super::load::{build, LoadOptions, TensorSource};
+use super::load::{build_with_report, LoadOptions, LoadReport, TensorSource};
 use crate::data::gguf_tokenizer::{chat_template_from_gguf, tokenizer_from_gguf};
 use crate::data::{ChatTemplate, Tokenizer};
 use crate::error::{Error, Result};
@@ -136,7 +136,12 @@ impl TensorSource for GgufWeights<'_> {
 
 /// A llama GGUF as a hone model, with its tokenizer and chat template.
 pub fn load_gguf<B: HoneBackend>(gguf: &Gguf, options: LoadOptions, device: &B::Device) -> Result<(CausalLm<B>, Tokenizer, Option<ChatTemplate>)> {
-    let config = config_from_gguf(gguf)?;
-    let model = build(config.clone(), &GgufWeights { gguf, config: &config }, options, device)?;
+    let (model, _) = load_gguf_with_report(gguf, options, device)?;
     Ok((model, tokenizer_from_gguf(gguf)?, chat_template_from_gguf(gguf)?))
+}
+
+/// As [`load_gguf`], with the error NF4 adds over the GGUF's own (dequantized) values.
+pub fn load_gguf_with_report<B: HoneBackend>(gguf: &Gguf, options: LoadOptions, device: &B::Device) -> Result<(CausalLm<B>, LoadReport)> {
+    let config = config_from_gguf(gguf)?;
+    build_with_report(config.clone(), &GgufWeights { gguf, config: &config }, options, device)
 }

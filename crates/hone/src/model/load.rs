@@ -90,6 +90,17 @@ fn tensor<B: burn::tensor::backend::Backend, const D: usize>(w: &dyn TensorSourc
 }
 
 pub fn build<B: HoneBackend>(config: Config, w: &dyn TensorSource, options: LoadOptions, device: &B::Device) -> Result<CausalLm<B>> {
+    build_with_report(config, w, options, device).map(|(m, _)| m)
+}
+
+/// What quantizing while loading cost: ‖deq(NF4(W)) − W‖ / ‖W‖ over all quantized weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LoadReport {
+    pub nf4_rel_error: Option<f64>,
+}
+
+pub fn build_with_report<B: HoneBackend>(config: Config, w: &dyn TensorSource, options: LoadOptions, device: &B::Device) -> Result<(CausalLm<B>, LoadReport)> {
+    let err = std::cell::Cell::new((0f64, 0f64));
     let c = &config;
     let (h, hd, nh, nkv, inter) = (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size);
     // Decoder-block linears: quantized one by one as they are read, if asked.
@@ -110,6 +121,12 @@ pub fn build<B: HoneBackend>(config: Config, w: &dyn TensorSource, options: Load
                 let values = w.read(&key, &[d_out, d_in])?;
                 let q = Nf4Tensor::quantize(&values, &[d_out, d_in], o.blocksize, o.double_quant)
                     .map_err(|m| Error::tensor(w.location(), &key, m))?;
+                let (mut diff, mut norm) = err.get();
+                for (a, b) in q.dequantize().iter().zip(&values) {
+                    diff += ((a - b) as f64).powi(2);
+                    norm += (*b as f64).powi(2);
+                }
+                err.set((diff, norm));
                 FrozenWeight::nf4(Nf4Weight::from_host(&q, device))
             }
             None => FrozenWeight::dense(tensor::<B, _>(w, &key, [d_out, d_in], device)?),
@@ -156,7 +173,9 @@ pub fn build<B: HoneBackend>(config: Config, w: &dyn TensorSource, options: Load
     } else {
         Some(LoraLinear::new(FrozenWeight::dense(tensor::<B, _>(w, "lm_head.weight", [c.vocab_size, h], device)?), None))
     };
-    Ok(CausalLm { model: Body { embed_tokens, layers, norm: norm_final }, lm_head, config })
+    let (diff, norm) = err.get();
+    let report = LoadReport { nf4_rel_error: (options.nf4.is_some() && norm > 0.0).then(|| (diff / norm).sqrt()) };
+    Ok((CausalLm { model: Body { embed_tokens, layers, norm: norm_final }, lm_head, config }, report))
 }
 
 /// Whether `name` is the weight of a linear layer inside a decoder block (what QLoRA quantizes;
