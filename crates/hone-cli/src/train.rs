@@ -157,7 +157,7 @@ fn load_samples(path: &Path, format: Option<Format>, skip_bad: bool, tok: &Token
     for (i, e) in examples.iter().enumerate() {
         let full = encode(e, tok, template, eos.as_deref(), EncodeOptions { max_len: None, ..opts })
             .with_context(|| format!("{}: example {}", path.display(), i + 1))?;
-        let mut s = full.clone();
+        let mut s = full;
         if let Some(max) = opts.max_len {
             if s.input_ids.len() > max {
                 truncated += 1;

@@ -5,8 +5,6 @@
 use super::safetensors::{SafeTensors, TensorInfo};
 use super::FileSet;
 use crate::error::{Error, Result};
-use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
 use std::collections::BTreeMap;
 
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -85,11 +83,6 @@ impl Weights {
             ));
         }
         Ok(values)
-    }
-
-    pub fn tensor<B: Backend, const D: usize>(&self, name: &str, shape: [usize; D], device: &B::Device) -> Result<Tensor<B, D>> {
-        let values = self.read(name, &shape)?;
-        Ok(Tensor::from_data(TensorData::new(values, shape), device))
     }
 }
 
