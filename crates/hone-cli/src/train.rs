@@ -2,17 +2,16 @@
 
 use crate::backend::{with_backend, BackendKind};
 use anyhow::{bail, Context};
-use hone::data::dataset::{encode, parse_jsonl, EncodeOptions};
+use hone::data::dataset::EncodeOptions;
 use hone::data::{ChatTemplate, Format, Sample, Tokenizer};
 use hone::io::Dir;
 use hone::lora::peft::{add_adapters, Adapter};
-use hone::lora::{LoraConfig, Targets};
 use hone::model::{LoadOptions, Nf4Options};
 use hone::quant::HoneBackend;
 use hone::train::checkpoint::{self, adapter_files, write_dir_atomic, SavedState};
-use hone::train::optim::AdamWConfig;
 use hone::train::trainer::evaluate;
-use hone::train::{Schedule, TrainConfig, Trainer};
+use hone::train::run::{self, pad_id, samples_from_jsonl, RunSettings};
+use hone::train::{Schedule, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -120,6 +119,34 @@ macro_rules! overlay {
 }
 
 impl TrainArgs {
+    /// The settings the page shares, by the same names.
+    fn settings(&self) -> RunSettings {
+        RunSettings {
+            format: self.format.clone(),
+            train_on_prompts: self.train_on_prompts,
+            rank: self.rank,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            targets: self.targets.clone(),
+            rslora: self.rslora,
+            lr: self.lr,
+            schedule: self.schedule.clone(),
+            warmup_steps: self.warmup_steps,
+            weight_decay: self.weight_decay,
+            max_grad_norm: self.max_grad_norm,
+            epochs: self.epochs,
+            steps: self.steps,
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            max_len: self.max_len,
+            seed: self.seed,
+            quantize: self.quantize.clone(),
+            eval_split: self.eval_split,
+            eval_every: self.eval_every,
+            patience: self.patience,
+        }
+    }
+
     /// The TOML file's settings with the flags on top.
     fn resolve(self) -> anyhow::Result<TrainArgs> {
         let Some(path) = &self.config else { return Ok(self) };
@@ -150,41 +177,8 @@ struct Data {
 
 fn load_samples(path: &Path, format: Option<Format>, skip_bad: bool, tok: &Tokenizer, template: Option<&ChatTemplate>, opts: EncodeOptions) -> anyhow::Result<(Vec<Sample>, usize, usize)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let (examples, skipped) = parse_jsonl(&text, &path.display().to_string(), format, skip_bad)?;
-    let eos = template.and_then(|t| t.eos_token.clone());
-    let mut samples = Vec::with_capacity(examples.len());
-    let mut truncated = 0;
-    for (i, e) in examples.iter().enumerate() {
-        let full = encode(e, tok, template, eos.as_deref(), EncodeOptions { max_len: None, ..opts })
-            .with_context(|| format!("{}: example {}", path.display(), i + 1))?;
-        let mut s = full;
-        if let Some(max) = opts.max_len {
-            if s.input_ids.len() > max {
-                truncated += 1;
-                s.input_ids.truncate(max);
-                s.labels.truncate(max);
-            }
-        }
-        samples.push(s);
-    }
-    Ok((samples, truncated, skipped))
-}
-
-fn split_eval(mut train: Vec<Sample>, fraction: f64, seed: u64) -> (Vec<Sample>, Vec<Sample>) {
-    let n_eval = ((train.len() as f64) * fraction).round().clamp(1.0, (train.len().saturating_sub(1)) as f64) as usize;
-    // Every k-th example, so the split is stable and spread over the file.
-    let stride = (train.len() / n_eval).max(1);
-    let offset = (seed as usize) % stride;
-    let mut eval = Vec::new();
-    let mut i = train.len();
-    while i > 0 {
-        i -= 1;
-        if i % stride == offset && eval.len() < n_eval {
-            eval.push(train.remove(i));
-        }
-    }
-    eval.reverse();
-    (train, eval)
+    let s = samples_from_jsonl(&text, &path.display().to_string(), format, skip_bad, tok, template, opts)?;
+    Ok((s.samples, s.truncated, s.skipped))
 }
 
 pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
@@ -210,7 +204,7 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
             (train, e, t)
         }
         (None, Some(f)) if f > 0.0 && f < 1.0 => {
-            let (t, e) = split_eval(train, f, seed);
+            let (t, e) = run::split_eval(train, f, seed);
             (t, e, 0)
         }
         (None, Some(f)) => bail!("--eval-split {f}: must be between 0 and 1"),
@@ -233,46 +227,20 @@ where
     B: burn::tensor::backend::AutodiffBackend + HoneBackend,
     B::InnerBackend: HoneBackend,
 {
-    let nf4 = match a.quantize.as_deref().unwrap_or("nf4") {
-        "nf4" => Some(Nf4Options::default()),
-        "none" => None,
-        other => bail!("--quantize {other}: expected nf4 or none"),
-    };
+    let settings = a.settings();
+    let nf4 = settings.nf4().map_err(|_| anyhow::anyhow!("--quantize {}: expected nf4 or none", a.quantize.as_deref().unwrap_or_default()))?;
     let loading = std::time::Instant::now();
     let mut model = crate::model::weights::<B>(model_dir, LoadOptions { nf4 }, &device)?;
     eprintln!("model: {} loaded in {:.1}s ({})", model_dir.display(), loading.elapsed().as_secs_f64(), if nf4.is_some() { "NF4 base, QLoRA" } else { "f32 base, LoRA" });
-    let lora = LoraConfig {
-        r: a.rank.unwrap_or(16),
-        alpha: a.alpha.unwrap_or(32.0),
-        dropout: a.dropout.unwrap_or(0.05),
-        targets: Targets::parse(a.targets.as_deref().unwrap_or("all-linear")),
-        use_rslora: a.rslora,
-        seed: a.seed.unwrap_or(42),
-    };
+    let lora = settings.lora();
     let adapted = add_adapters(model.linears_mut(), &lora, &device);
     if adapted == 0 {
         bail!("--targets {:?} matches no layer of this model", a.targets.as_deref().unwrap_or("all-linear"));
     }
-    let cfg = TrainConfig {
-        lr: a.lr.unwrap_or(2e-4),
-        schedule: match a.schedule.as_deref() {
-            None => Schedule::Linear,
-            Some(s) => Schedule::parse(s).with_context(|| format!("--schedule {s}: expected constant, linear or cosine"))?,
-        },
-        warmup_steps: a.warmup_steps.unwrap_or(0),
-        adamw: AdamWConfig { weight_decay: a.weight_decay.unwrap_or(0.0), ..Default::default() },
-        max_grad_norm: match a.max_grad_norm.unwrap_or(1.0) {
-            x if x > 0.0 => Some(x),
-            _ => None,
-        },
-        batch_size: a.batch_size.unwrap_or(4),
-        grad_accum: a.grad_accum.unwrap_or(1),
-        max_steps: a.steps,
-        epochs: a.epochs.unwrap_or(1),
-        seed: a.seed.unwrap_or(42),
-        shuffle: true,
-        pad_id: tok.token_to_id("<|endoftext|>").or_else(|| tok.token_to_id("<pad>")).unwrap_or(0),
-    };
+    if let Some(s) = a.schedule.as_deref() {
+        Schedule::parse(s).with_context(|| format!("--schedule {s}: expected constant, linear or cosine"))?;
+    }
+    let cfg = settings.train(pad_id(tok))?;
     let eval_samples = data.eval;
     let mut trainer = Trainer::new(model, lora.clone(), data.train, cfg.clone(), device);
     let base_name = model_dir.display().to_string();
@@ -300,7 +268,7 @@ where
     let mut tokens = 0usize;
     let mut best: Option<Adapter> = None;
     let save_every = a.save_every.unwrap_or(0);
-    let eval_every = a.eval_every.unwrap_or(if eval_samples.is_empty() { 0 } else { (trainer.state.total_steps / 5).max(1) });
+    let eval_every = run::eval_every(&settings, trainer.state.total_steps, !eval_samples.is_empty());
     while !trainer.done() {
         let r = trainer.step();
         tokens += r.tokens;

@@ -6,6 +6,7 @@
 #![cfg(target_arch = "wasm32")]
 
 pub mod blob;
+pub mod session;
 
 use burn::backend::wgpu::{graphics::WebGpu, init_setup_async, RuntimeOptions, WgpuDevice};
 use hone::io::MemFiles;
@@ -17,20 +18,36 @@ pub type Backend = burn::backend::Wgpu;
 
 thread_local! {
     static DEVICE: RefCell<Option<WgpuDevice>> = const { RefCell::new(None) };
+    /// The largest buffer the device allows (min of maxBufferSize and maxStorageBufferBindingSize).
+    pub(crate) static LIMITS: RefCell<u64> = const { RefCell::new(0) };
+    static LOST: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
-/// The WebGPU device, set up on first use.
+/// The WebGPU device, set up on first use. cubecl requests it with the adapter's own limits and
+/// features (so a 1 GiB maxBufferSize adapter gives 1 GiB buffers, not WebGPU's 256 MiB default).
 pub async fn device() -> WgpuDevice {
     if let Some(d) = DEVICE.with(|d| d.borrow().clone()) {
         return d;
     }
     let device = WgpuDevice::default();
-    init_setup_async::<WebGpu>(&device, RuntimeOptions::default()).await;
+    let setup = init_setup_async::<WebGpu>(&device, RuntimeOptions::default()).await;
+    let l = setup.device.limits();
+    LIMITS.with(|x| *x.borrow_mut() = l.max_buffer_size.min(l.max_storage_buffer_binding_size as u64));
+    setup.device.set_device_lost_callback(|reason, message| {
+        LOST.with(|x| *x.borrow_mut() = Some(format!("{reason:?}: {message}")));
+    });
     DEVICE.with(|d| *d.borrow_mut() = Some(device.clone()));
     device
 }
 
-fn js_err(e: impl std::fmt::Display) -> JsError {
+/// Why the GPU device was lost, if it was (the page then resumes from its last checkpoint in a
+/// fresh worker).
+#[wasm_bindgen(js_name = deviceLost)]
+pub fn device_lost() -> Option<String> {
+    LOST.with(|x| x.borrow().clone())
+}
+
+pub(crate) fn js_err(e: impl std::fmt::Display) -> JsError {
     JsError::new(&e.to_string())
 }
 

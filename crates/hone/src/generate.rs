@@ -77,27 +77,76 @@ pub fn pick(logits: &mut [f32], context: &[u32], cfg: &GenerateConfig, rng: &mut
     candidates.last().map_or(0, |c| c.0)
 }
 
+/// Generation one token at a time, split where the logits are read back, so that the native
+/// loop reads synchronously and the browser's awaits the read.
+pub struct Generator<'a, B: HoneBackend> {
+    model: &'a CausalLm<B>,
+    cfg: &'a GenerateConfig,
+    device: B::Device,
+    cache: KvCache<B>,
+    rng: rand_chacha::ChaCha8Rng,
+    context: Vec<u32>,
+    next: Vec<u32>,
+    pub out: Vec<u32>,
+    done: bool,
+}
+
+impl<'a, B: HoneBackend> Generator<'a, B> {
+    pub fn new(model: &'a CausalLm<B>, prompt: &[u32], cfg: &'a GenerateConfig, device: &B::Device) -> Self {
+        Generator {
+            model,
+            cfg,
+            device: device.clone(),
+            cache: KvCache::new(model.model.layers.len()),
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed),
+            context: prompt.to_vec(),
+            next: prompt.to_vec(),
+            out: Vec::new(),
+            done: cfg.max_new_tokens == 0 || prompt.is_empty(),
+        }
+    }
+
+    pub fn done(&self) -> bool {
+        self.done
+    }
+
+    /// Runs the model on the tokens not yet seen; returns the last position's logits, on the device.
+    pub fn forward(&mut self) -> Tensor<B, 1> {
+        let ids: Vec<i64> = self.next.iter().map(|&i| i as i64).collect();
+        let t = ids.len();
+        let logits = self.model.forward_cached(Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, t]), &self.device), &mut self.cache);
+        let v = logits.dims()[2];
+        logits.narrow(1, t - 1, 1).reshape([v])
+    }
+
+    /// Picks the next token from the logits `forward` gave, read back; returns it.
+    pub fn accept(&mut self, mut logits: Vec<f32>) -> u32 {
+        let token = pick(&mut logits, &self.context, self.cfg, &mut self.rng);
+        self.out.push(token);
+        self.context.push(token);
+        self.next = vec![token];
+        self.done = self.cfg.stop_ids.contains(&token) || self.out.len() >= self.cfg.max_new_tokens;
+        token
+    }
+}
+
 /// New tokens after `prompt` (native: one synchronous read of the last logits per token).
 #[cfg(not(target_arch = "wasm32"))]
 pub fn generate<B: HoneBackend>(model: &CausalLm<B>, prompt: &[u32], cfg: &GenerateConfig, device: &B::Device) -> Vec<u32> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
-    let mut cache = KvCache::new(model.model.layers.len());
-    let mut context = prompt.to_vec();
-    let mut out = Vec::new();
-    let mut next: Vec<u32> = prompt.to_vec();
-    while out.len() < cfg.max_new_tokens {
-        let ids: Vec<i64> = next.iter().map(|&i| i as i64).collect();
-        let t = ids.len();
-        let logits = model.forward_cached(Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, t]), device), &mut cache);
-        let v = logits.dims()[2];
-        let mut last = logits.narrow(1, t - 1, 1).reshape([v]).into_data().to_vec::<f32>().expect("f32");
-        let token = pick(&mut last, &context, cfg, &mut rng);
-        out.push(token);
-        context.push(token);
-        if cfg.stop_ids.contains(&token) {
-            break;
-        }
-        next = vec![token];
+    let mut g = Generator::new(model, prompt, cfg, device);
+    while !g.done() {
+        let logits = g.forward().into_data().to_vec::<f32>().expect("f32");
+        g.accept(logits);
     }
-    out
+    g.out
+}
+
+/// New tokens after `prompt`, reading each token's logits asynchronously (the browser's way).
+pub async fn generate_async<B: HoneBackend>(model: &CausalLm<B>, prompt: &[u32], cfg: &GenerateConfig, device: &B::Device) -> crate::Result<Vec<u32>> {
+    let mut g = Generator::new(model, prompt, cfg, device);
+    while !g.done() {
+        let logits = crate::readback::read_f32(g.forward()).await?;
+        g.accept(logits);
+    }
+    Ok(g.out)
 }

@@ -1,6 +1,7 @@
 //! hone's core: model loading and the decoder, generic over burn's `Backend`; native and wasm32.
 //!
-//! Layers, bottom up: `io` (byte sources, safetensors) and `data` (tokenizer) → `model`.
+//! Layers, bottom up: `io` (byte sources, safetensors, GGUF), `readback` and `data` (formats,
+//! templates) → `quant` (NF4) → `lora` and `model` → `train`, `generate`.
 
 pub mod data;
 pub mod error;
@@ -10,6 +11,7 @@ pub mod lora;
 pub mod model;
 pub mod parity;
 pub mod quant;
+pub mod readback;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -231,3 +231,25 @@ pub fn to_host<B: HoneBackend>(linears: Vec<(String, &LoraLinear<B>)>, config: &
         source: "(in memory)".to_string(),
     }
 }
+
+/// The adapter's tensors read back asynchronously (in the browser, the only way).
+pub async fn to_host_async<B: HoneBackend>(linears: Vec<(String, &LoraLinear<B>)>, config: &LoraConfig, base: &str) -> Result<Adapter> {
+    use crate::readback::read_f32;
+    let mut layers = Vec::new();
+    for (module, lin) in linears {
+        let Some(l) = lin.lora.as_ref() else { continue };
+        let a = l.lora_a.val();
+        let b = l.lora_b.val();
+        let (a_shape, b_shape) = (a.dims(), b.dims());
+        layers.push(HostLora { module, a_shape, b_shape, a: read_f32(a).await?, b: read_f32(b).await? });
+    }
+    Ok(Adapter {
+        r: config.r,
+        alpha: config.alpha,
+        dropout: config.dropout,
+        use_rslora: config.use_rslora,
+        base_model_name_or_path: base.to_string(),
+        layers,
+        source: "(in memory)".to_string(),
+    })
+}

@@ -7,7 +7,9 @@ pub mod load;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod quantize;
 pub mod rope;
+pub mod text;
 
 pub use config::{Arch, Config, Rope};
 pub use decoder::CausalLm;
+pub use text::ModelText;
 pub use load::{load_model, load_model_with, LoadOptions, Nf4Options};

@@ -4,13 +4,18 @@
 //! whole. Dropout and data order derive from (seed, step) and (seed, epoch), so no RNG state
 //! needs saving.
 
-use super::trainer::{TrainConfig, TrainState, Trainer};
+use super::trainer::{TrainConfig, TrainState};
+#[cfg(not(target_arch = "wasm32"))]
+use super::trainer::Trainer;
 use crate::error::{Error, Result};
 use crate::io::safetensors::{write_f32, SafeTensors};
-use crate::io::{Dir, FileSet};
+use crate::io::FileSet;
 use crate::lora::peft::{Adapter, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
+#[cfg(not(target_arch = "wasm32"))]
 use crate::quant::HoneBackend;
+#[cfg(not(target_arch = "wasm32"))]
 use burn::tensor::backend::AutodiffBackend;
+#[cfg(not(target_arch = "wasm32"))]
 use std::path::Path;
 
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -28,6 +33,7 @@ pub struct SavedState {
     pub evals_without_improvement: usize,
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// Writes `files` (name → bytes) as the directory `dir`, atomically replacing any previous one.
 pub fn write_dir_atomic(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
     let name = dir.display().to_string();
@@ -59,22 +65,27 @@ pub fn adapter_files(adapter: &Adapter) -> Vec<(&'static str, Vec<u8>)> {
     vec![(ADAPTER_CONFIG_FILE, adapter.config_json()), (ADAPTER_WEIGHTS_FILE, adapter.weights_bytes())]
 }
 
-pub fn save<B: AutodiffBackend + HoneBackend>(dir: &Path, trainer: &Trainer<B>, saved: &SavedState) -> Result<()>
-where
-    B::InnerBackend: HoneBackend,
-{
-    let adapter = trainer.adapter(&saved.base_model);
-    let moments = trainer.optimizer_state();
+/// A checkpoint's files (name → bytes), the same natively and in the browser's OPFS.
+pub fn checkpoint_files(adapter: &Adapter, moments: Vec<(String, [usize; 2], Vec<f32>, Vec<f32>)>, saved: &SavedState) -> Vec<(&'static str, Vec<u8>)> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     for (k, shape, m, v) in moments {
         tensors.push((format!("{k}.exp_avg"), shape.to_vec(), m));
         tensors.push((format!("{k}.exp_avg_sq"), shape.to_vec(), v));
     }
     let refs: Vec<(&str, &[usize], &[f32])> = tensors.iter().map(|(n, s, v)| (n.as_str(), s.as_slice(), v.as_slice())).collect();
-    let mut files = adapter_files(&adapter);
+    let mut files = adapter_files(adapter);
     files.push((OPTIMIZER_FILE, write_f32(&refs, &Default::default())));
     files.push((STATE_FILE, serde_json::to_vec_pretty(saved).expect("json")));
-    write_dir_atomic(dir, &files)
+    files
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+pub fn save<B: AutodiffBackend + HoneBackend>(dir: &Path, trainer: &Trainer<B>, saved: &SavedState) -> Result<()>
+where
+    B::InnerBackend: HoneBackend,
+{
+    let adapter = trainer.adapter(&saved.base_model);
+    write_dir_atomic(dir, &checkpoint_files(&adapter, trainer.optimizer_state(), saved))
 }
 
 pub struct Loaded {
@@ -83,9 +94,14 @@ pub struct Loaded {
     pub saved: SavedState,
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 pub fn load(dir: &Path) -> Result<Loaded> {
-    let files = Dir(dir.to_path_buf());
-    let adapter = Adapter::read(&files)?;
+    read(&crate::io::Dir(dir.to_path_buf()))
+}
+
+/// A checkpoint from its files, wherever they are.
+pub fn read(files: &dyn FileSet) -> Result<Loaded> {
+    let adapter = Adapter::read(files)?;
     let state_src = files.open_required(STATE_FILE)?;
     let saved: SavedState = serde_json::from_slice(&state_src.read_all()?).map_err(|e| Error::format(state_src.name(), e))?;
     let st = SafeTensors::open(files.open_required(OPTIMIZER_FILE)?)?;

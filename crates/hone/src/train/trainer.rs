@@ -7,6 +7,7 @@ use super::loss::{causal_lm_nll_sum, counted_tokens, IGNORE_INDEX};
 use super::optim::{adamw_update, clip_global_norm, AdamWConfig, Moments};
 use super::schedule::{LrSchedule, Schedule};
 use crate::data::Sample;
+pub use crate::readback::read_f32;
 use crate::lora::peft::Adapter;
 use crate::lora::LoraConfig;
 use crate::model::CausalLm;
@@ -165,6 +166,11 @@ where
         }
     }
 
+    /// Training examples.
+    pub fn data_len(&self) -> usize {
+        self.data.len()
+    }
+
     pub fn done(&self) -> bool {
         self.state.step >= self.state.total_steps
     }
@@ -306,6 +312,25 @@ where
             .collect()
     }
 
+    /// The adapter's tensors read back asynchronously (the browser cannot read synchronously).
+    pub async fn adapter_async(&self, base_model_name_or_path: &str) -> crate::Result<Adapter> {
+        crate::lora::peft::to_host_async(self.model.linears(), &self.lora, base_model_name_or_path).await
+    }
+
+    /// [`Trainer::optimizer_state`], read back asynchronously.
+    pub async fn optimizer_state_async(&self) -> crate::Result<Vec<(String, [usize; 2], Vec<f32>, Vec<f32>)>> {
+        let mut out = Vec::with_capacity(self.moments.len());
+        for (k, m) in &self.moments {
+            out.push((k.clone(), m.exp_avg.dims(), read_f32(m.exp_avg.clone()).await?, read_f32(m.exp_avg_sq.clone()).await?));
+        }
+        Ok(out)
+    }
+
+    /// The model without autodiff, for [`evaluate_pending`] and generation.
+    pub fn eval_model(&self) -> CausalLm<B::InnerBackend> {
+        self.model.valid()
+    }
+
     /// Restores a checkpoint: adapter tensors, optimizer moments and the data position.
     pub fn restore(&mut self, adapter: &Adapter, moments: Vec<(String, [usize; 2], Vec<f32>, Vec<f32>)>, state: TrainState) -> crate::Result<()> {
         adapter.attach(self.model.linears_mut(), &self.device)?;
@@ -324,6 +349,29 @@ where
     pub fn device(&self) -> &B::Device {
         &self.device
     }
+}
+
+/// The summed loss over `samples`, left on the device (one read at the end, not one per batch),
+/// and the number of tokens it counts.
+pub fn evaluate_pending<B: HoneBackend>(model: &CausalLm<B>, samples: &[Sample], batch_size: usize, pad: u32, device: &B::Device) -> (Tensor<B, 1>, usize) {
+    let mut sum: Option<Tensor<B, 1>> = None;
+    let mut count = 0usize;
+    for chunk in samples.chunks(batch_size.max(1)) {
+        let (ids, labels) = pad_batch(&chunk.iter().collect::<Vec<_>>(), pad);
+        count += counted_tokens(&labels);
+        let nll = causal_lm_nll_sum(model.forward(to_tensor::<B>(&ids, device)), to_tensor::<B>(&labels, device));
+        sum = Some(match sum {
+            Some(s) => s + nll,
+            None => nll,
+        });
+    }
+    (sum.unwrap_or_else(|| Tensor::zeros([1], device)), count)
+}
+
+/// Loss and perplexity from a summed loss and its token count.
+pub fn eval_report(sum: f64, count: usize) -> EvalReport {
+    let loss = sum / count.max(1) as f64;
+    EvalReport { loss, perplexity: loss.exp(), tokens: count }
 }
 
 /// Loss and perplexity of `model` over `samples` (no gradients).

@@ -1,0 +1,400 @@
+//! A fine-tuning session in the page's worker: the model the user picked, its data, the
+//! trainer, and everything the page shows or saves. The same core pieces as `hone train`
+//! (settings, samples, trainer, PEFT files), so both write the same adapter from the same inputs.
+
+use crate::blob::{BlobFiles, BlobSource};
+use crate::{device, js_err, Backend};
+use burn::backend::wgpu::WgpuDevice;
+use burn::backend::Autodiff;
+use hone::data::{Message, Sample};
+use hone::generate::{generate_async, GenerateConfig};
+use hone::io::gguf::Gguf;
+use hone::io::{FileSet, MemFiles};
+use hone::lora::peft::add_adapters;
+use hone::model::{CausalLm, Config, LoadOptions, ModelText};
+use hone::quant::HoneBackend;
+use hone::readback::read_f32;
+use hone::train::checkpoint::{self, adapter_files, checkpoint_files, SavedState};
+use hone::train::plan;
+use hone::train::run::{self, pad_id, samples_from_jsonl, RunSettings};
+use hone::train::trainer::{eval_report, evaluate_pending};
+use hone::train::Trainer;
+use serde::Serialize;
+use wasm_bindgen::prelude::*;
+
+type Train = Autodiff<Backend>;
+
+enum Weights {
+    Dir(BlobFiles),
+    Gguf(Gguf),
+}
+
+/// What the page shows about a model once it is opened.
+#[derive(Serialize)]
+struct ModelInfo {
+    name: String,
+    model_type: String,
+    layers: usize,
+    hidden_size: usize,
+    vocab_size: usize,
+    max_position_embeddings: usize,
+    has_chat_template: bool,
+    max_buffer_size: u64,
+}
+
+#[derive(Serialize)]
+struct Prepared {
+    train_examples: usize,
+    eval_examples: usize,
+    truncated: usize,
+    skipped: usize,
+    total_steps: usize,
+    eval_every: usize,
+    adapted_layers: usize,
+}
+
+#[derive(Serialize)]
+struct PreviewToken {
+    text: String,
+    trained: bool,
+}
+
+fn to_js<T: Serialize>(v: &T) -> Result<JsValue, JsError> {
+    v.serialize(&serde_wasm_bindgen::Serializer::json_compatible()).map_err(js_err)
+}
+
+fn files_to_map(files: Vec<(&str, Vec<u8>)>) -> js_sys::Map {
+    let map = js_sys::Map::new();
+    for (name, bytes) in files {
+        map.set(&JsValue::from_str(name), &js_sys::Uint8Array::from(bytes.as_slice()));
+    }
+    map
+}
+
+#[wasm_bindgen]
+pub struct Session {
+    name: String,
+    weights: Weights,
+    config: Config,
+    text: ModelText,
+    device: WgpuDevice,
+    max_buffer_size: u64,
+    settings: RunSettings,
+    model: Option<CausalLm<Backend>>,
+    trainer: Option<Trainer<Train>>,
+    eval: Vec<Sample>,
+    saved: Option<SavedState>,
+}
+
+#[wasm_bindgen]
+impl Session {
+    /// Opens a model from the files the user picked: a Hugging Face folder (config.json,
+    /// tokenizer.json, safetensors) or one .gguf file. Only config and tokenizer are read now;
+    /// weights are read tensor by tensor when training starts.
+    pub async fn open(name: String, names: Vec<String>, blobs: Vec<web_sys::Blob>) -> Result<Session, JsError> {
+        if names.len() != blobs.len() {
+            return Err(JsError::new("names and files differ in number"));
+        }
+        let base = |n: &str| n.rsplit('/').next().unwrap_or(n).to_string();
+        let gguf: Vec<usize> = (0..names.len()).filter(|&i| names[i].to_ascii_lowercase().ends_with(".gguf")).collect();
+        let (weights, config, text) = if let Some(&i) = gguf.first() {
+            let g = Gguf::open(Box::new(BlobSource::new(base(&names[i]), blobs[i].clone()))).map_err(js_err)?;
+            let config = hone::model::gguf::config_from_gguf(&g).map_err(js_err)?;
+            let text = ModelText::from_gguf(&g).map_err(js_err)?;
+            (Weights::Gguf(g), config, text)
+        } else {
+            let mut files = BlobFiles::new(&name);
+            for (n, b) in names.iter().zip(&blobs) {
+                files.insert(base(n), b.clone());
+            }
+            if files.open("config.json").map_err(js_err)?.is_none() {
+                return Err(JsError::new(&format!(
+                    "{name}: not a model folder: it has no config.json (and no .gguf file). Pick a Hugging Face model folder with config.json, tokenizer.json and .safetensors weights, or a .gguf file."
+                )));
+            }
+            let config = hone::model::load::read_config(&files).map_err(js_err)?;
+            let text = ModelText::from_files(&files).map_err(js_err)?;
+            (Weights::Dir(files), config, text)
+        };
+        let (device, limits) = device_with_limits().await;
+        Ok(Session {
+            name,
+            weights,
+            config,
+            text,
+            device,
+            max_buffer_size: limits,
+            settings: RunSettings::default(),
+            model: None,
+            trainer: None,
+            eval: Vec::new(),
+            saved: None,
+        })
+    }
+
+    pub fn info(&self) -> Result<JsValue, JsError> {
+        let c = &self.config;
+        to_js(&ModelInfo {
+            name: self.name.clone(),
+            model_type: c.model_type.clone(),
+            layers: c.num_hidden_layers,
+            hidden_size: c.hidden_size,
+            vocab_size: c.vocab_size,
+            max_position_embeddings: c.max_position_embeddings,
+            has_chat_template: self.text.template.is_some(),
+            max_buffer_size: self.max_buffer_size,
+        })
+    }
+
+    /// The memory a run with these settings needs (an estimate from config.json), and whether it
+    /// fits this GPU's largest buffer.
+    pub fn estimate(&self, settings: JsValue) -> Result<JsValue, JsError> {
+        let s = parse_settings(settings)?;
+        let seq = s.max_len.unwrap_or(256).min(self.config.max_position_embeddings);
+        let p = plan::estimate(&self.config, &s.lora(), s.batch_size.unwrap_or(4), seq, s.nf4().map_err(js_err)?.is_some());
+        #[derive(Serialize)]
+        struct Estimate {
+            #[serde(flatten)]
+            plan: plan::MemoryPlan,
+            total: String,
+            fits: bool,
+            max_buffer_size: u64,
+        }
+        to_js(&Estimate { total: plan::human(p.total_bytes), fits: p.largest_buffer_bytes <= self.max_buffer_size, max_buffer_size: self.max_buffer_size, plan: p })
+    }
+
+    /// The first `n` examples as the trainer sees them: each token's text and whether it is
+    /// trained on (has a label).
+    pub fn preview(&self, data: String, settings: JsValue, n: usize) -> Result<JsValue, JsError> {
+        let s = parse_settings(settings)?;
+        let head: String = data.lines().filter(|l| !l.trim().is_empty()).take(n).collect::<Vec<_>>().join("\n");
+        let samples = samples_from_jsonl(&head, "dataset", s.format().map_err(js_err)?, false, &self.text.tokenizer, self.text.template.as_ref(), s.encode_options())
+            .map_err(js_err)?;
+        let mut out = Vec::new();
+        for sample in &samples.samples {
+            let mut toks = Vec::new();
+            for (i, &id) in sample.input_ids.iter().enumerate() {
+                let text = self.text.tokenizer.decode(&[id], false).map_err(js_err)?;
+                toks.push(PreviewToken { text, trained: sample.labels.get(i).is_some_and(|&l| l >= 0) });
+            }
+            out.push(toks);
+        }
+        to_js(&out)
+    }
+
+    /// Reads the weights (NF4 while loading unless `quantize` is "none"), adds fresh LoRA
+    /// adapters, and sets up the trainer on `data` (JSONL) with `eval_data` or a split held out.
+    pub async fn prepare(&mut self, data: String, eval_data: Option<String>, settings: JsValue) -> Result<JsValue, JsError> {
+        let s = parse_settings(settings)?;
+        let est = plan::estimate(&self.config, &s.lora(), s.batch_size.unwrap_or(4), s.max_len.unwrap_or(256), s.nf4().map_err(js_err)?.is_some());
+        if est.largest_buffer_bytes > self.max_buffer_size {
+            return Err(JsError::new(&format!(
+                "{}: the model does not fit this GPU: {} needs a {} buffer, and this GPU's largest is {}",
+                self.name,
+                est.largest_buffer,
+                plan::human(est.largest_buffer_bytes),
+                plan::human(self.max_buffer_size)
+            )));
+        }
+        let (format, opts) = (s.format().map_err(js_err)?, s.encode_options());
+        let (tok, template) = (&self.text.tokenizer, self.text.template.as_ref());
+        let train = samples_from_jsonl(&data, "dataset", format, false, tok, template, opts).map_err(js_err)?;
+        let (train_samples, eval_samples) = match (eval_data, s.eval_split) {
+            (Some(e), _) if !e.trim().is_empty() => {
+                (train.samples, samples_from_jsonl(&e, "eval dataset", format, false, tok, template, opts).map_err(js_err)?.samples)
+            }
+            (_, Some(f)) if f > 0.0 && f < 1.0 && train.samples.len() > 1 => run::split_eval(train.samples, f, s.seed()),
+            _ => (train.samples, Vec::new()),
+        };
+        let mut model = self.load_weights::<Train>(&s)?;
+        let lora = s.lora();
+        let adapted = add_adapters(model.linears_mut(), &lora, &self.device);
+        if adapted == 0 {
+            return Err(JsError::new(&format!("targets {:?} match no layer of this model", s.targets.as_deref().unwrap_or("all-linear"))));
+        }
+        let cfg = s.train(pad_id(tok)).map_err(js_err)?;
+        let trainer = Trainer::new(model, lora, train_samples, cfg.clone(), self.device.clone());
+        let prepared = Prepared {
+            train_examples: trainer.data_len(),
+            eval_examples: eval_samples.len(),
+            truncated: train.truncated,
+            skipped: train.skipped,
+            total_steps: trainer.state.total_steps,
+            eval_every: run::eval_every(&s, trainer.state.total_steps, !eval_samples.is_empty()),
+            adapted_layers: adapted,
+        };
+        self.saved = Some(SavedState {
+            state: trainer.state.clone(),
+            config: cfg,
+            base_model: self.name.clone(),
+            best_eval_loss: None,
+            best_step: None,
+            evals_without_improvement: 0,
+        });
+        self.trainer = Some(trainer);
+        self.eval = eval_samples;
+        self.settings = s;
+        to_js(&prepared)
+    }
+
+    /// One optimizer step; resolves to {step, total_steps, epoch, loss, lr, tokens, trained_tokens, grad_norm}.
+    pub async fn step(&mut self) -> Result<JsValue, JsError> {
+        let trainer = self.trainer.as_mut().ok_or_else(|| JsError::new("prepare first"))?;
+        if trainer.done() {
+            return Err(JsError::new("training is finished"));
+        }
+        let pending = trainer.step_pending();
+        let mut r = pending.report;
+        r.loss = read_f32(pending.loss_sum).await.map_err(js_err)?[0] as f64;
+        if let Some(g) = pending.grad_norm {
+            r.grad_norm = Some(read_f32(g).await.map_err(js_err)?[0] as f64);
+        }
+        if let Some(saved) = &mut self.saved {
+            saved.state = trainer.state.clone();
+        }
+        #[derive(Serialize)]
+        struct Report {
+            step: usize,
+            total_steps: usize,
+            epoch: usize,
+            loss: f64,
+            lr: f64,
+            tokens: usize,
+            trained_tokens: usize,
+            grad_norm: Option<f64>,
+            done: bool,
+        }
+        to_js(&Report {
+            step: r.step,
+            total_steps: r.total_steps,
+            epoch: r.epoch,
+            loss: r.loss,
+            lr: r.lr,
+            tokens: r.tokens,
+            trained_tokens: r.trained_tokens,
+            grad_norm: r.grad_norm,
+            done: trainer.done(),
+        })
+    }
+
+    /// Loss and perplexity on the held-out examples: {loss, perplexity, tokens}, or null without any.
+    pub async fn evaluate(&mut self) -> Result<JsValue, JsError> {
+        let trainer = self.trainer.as_ref().ok_or_else(|| JsError::new("prepare first"))?;
+        if self.eval.is_empty() {
+            return Ok(JsValue::NULL);
+        }
+        let model = trainer.eval_model();
+        let (sum, count) = evaluate_pending(&model, &self.eval, trainer.cfg.batch_size, trainer.cfg.pad_id, &self.device);
+        let report = eval_report(read_f32(sum).await.map_err(js_err)?[0] as f64, count);
+        if let Some(saved) = &mut self.saved {
+            if saved.best_eval_loss.is_none_or(|b| report.loss < b) {
+                saved.best_eval_loss = Some(report.loss);
+                saved.best_step = Some(trainer.state.step);
+                saved.evals_without_improvement = 0;
+            } else {
+                saved.evals_without_improvement += 1;
+            }
+        }
+        to_js(&report)
+    }
+
+    /// The checkpoint's files (adapter, optimizer moments, trainer state), as a Map name → bytes.
+    pub async fn checkpoint(&self) -> Result<js_sys::Map, JsError> {
+        let trainer = self.trainer.as_ref().ok_or_else(|| JsError::new("prepare first"))?;
+        let saved = self.saved.as_ref().expect("set with the trainer");
+        let adapter = trainer.adapter_async(&self.name).await.map_err(js_err)?;
+        let moments = trainer.optimizer_state_async().await.map_err(js_err)?;
+        Ok(files_to_map(checkpoint_files(&adapter, moments, saved)))
+    }
+
+    /// Continues from a checkpoint's files; `prepare` must have been called with the same
+    /// settings and data. Returns the step it resumes at.
+    pub fn restore(&mut self, files: js_sys::Map) -> Result<usize, JsError> {
+        let trainer = self.trainer.as_mut().ok_or_else(|| JsError::new("prepare first"))?;
+        let set = map_to_files("checkpoint", files)?;
+        let loaded = checkpoint::read(&set).map_err(js_err)?;
+        if loaded.saved.config != trainer.cfg {
+            return Err(JsError::new("the checkpoint was made with other training settings; resume with the same ones"));
+        }
+        trainer.restore(&loaded.adapter, loaded.moments, loaded.saved.state.clone()).map_err(js_err)?;
+        let step = trainer.state.step;
+        self.saved = Some(loaded.saved);
+        Ok(step)
+    }
+
+    /// The adapter as PEFT's two files (adapter_config.json, adapter_model.safetensors).
+    pub async fn adapter(&self) -> Result<js_sys::Map, JsError> {
+        let trainer = self.trainer.as_ref().ok_or_else(|| JsError::new("prepare first"))?;
+        let adapter = trainer.adapter_async(&self.name).await.map_err(js_err)?;
+        Ok(files_to_map(adapter_files(&adapter)))
+    }
+
+    /// Greedy generation for a prompt (rendered with the chat template when there is one),
+    /// with the fine-tuned adapter or with the base model alone.
+    pub async fn generate(&mut self, prompt: String, max_new_tokens: usize, with_adapter: bool) -> Result<String, JsError> {
+        let mut model = match &self.trainer {
+            Some(t) => t.eval_model(),
+            None => match &self.model {
+                Some(m) => m.clone(),
+                None => {
+                    let s = self.settings.clone();
+                    let m = self.load_weights::<Backend>(&s)?;
+                    self.model = Some(m.clone());
+                    m
+                }
+            },
+        };
+        if !with_adapter {
+            for (_, l) in model.linears_mut() {
+                l.lora = None;
+            }
+        }
+        let tok = &self.text.tokenizer;
+        let ids = match &self.text.template {
+            Some(t) => {
+                let r = t.render(&[Message { role: "user".into(), content: prompt }], true).map_err(js_err)?;
+                tok.encode(&r.text, false).map_err(js_err)?
+            }
+            None => tok.encode(&prompt, true).map_err(js_err)?,
+        };
+        let cfg = GenerateConfig { max_new_tokens, stop_ids: self.text.stop_ids.clone(), ..Default::default() };
+        let out = generate_async(&model, &ids, &cfg, &self.device).await.map_err(js_err)?;
+        tok.decode(&out, true).map_err(js_err)
+    }
+}
+
+impl Session {
+    /// Reads the weights tensor by tensor from the picked files (quantizing to NF4 as they come).
+    fn load_weights<B: HoneBackend<Device = WgpuDevice>>(&self, s: &RunSettings) -> Result<CausalLm<B>, JsError> {
+        let options = LoadOptions { nf4: s.nf4().map_err(js_err)? };
+        let model = match &self.weights {
+            Weights::Dir(files) => hone::model::load_model_with::<B>(files, options, &self.device),
+            Weights::Gguf(g) => hone::model::gguf::load_gguf_with_report::<B>(g, options, &self.device).map(|(m, _)| m),
+        };
+        model.map_err(js_err)
+    }
+}
+
+fn parse_settings(v: JsValue) -> Result<RunSettings, JsError> {
+    if v.is_undefined() || v.is_null() {
+        return Ok(RunSettings::default());
+    }
+    serde_wasm_bindgen::from_value(v).map_err(|e| JsError::new(&format!("settings: {e}")))
+}
+
+fn map_to_files(location: &str, files: js_sys::Map) -> Result<MemFiles, JsError> {
+    let mut set = MemFiles::new(location);
+    for entry in files.entries() {
+        let pair: js_sys::Array = entry.map_err(|_| JsError::new("bad files map"))?.into();
+        let name = pair.get(0).as_string().ok_or_else(|| JsError::new("file names must be strings"))?;
+        set.insert(name, js_sys::Uint8Array::new(&pair.get(1)).to_vec());
+    }
+    Ok(set)
+}
+
+/// The WebGPU device, and the largest buffer it allows (cubecl requests the adapter's own limits).
+async fn device_with_limits() -> (WgpuDevice, u64) {
+    let d = device().await;
+    let limits = crate::LIMITS.with(|l| *l.borrow());
+    (d, limits)
+}

@@ -1,0 +1,162 @@
+//! What a training run is made from, shared by `hone train` and the page so that both train the
+//! same way from the same inputs: the settings (the CLI's long flag names, `_` for `-`, and its
+//! defaults), samples from JSONL text, and the held-out split.
+
+use super::optim::AdamWConfig;
+use super::schedule::Schedule;
+use super::trainer::TrainConfig;
+use crate::data::dataset::{encode, parse_jsonl, EncodeOptions};
+use crate::data::{ChatTemplate, Format, Sample, Tokenizer};
+use crate::error::{Error, Result};
+use crate::lora::{LoraConfig, Targets};
+use crate::model::Nf4Options;
+
+/// Every setting of a run that changes what is trained. `None` means the default.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunSettings {
+    pub format: Option<String>,
+    pub train_on_prompts: bool,
+    pub rank: Option<usize>,
+    pub alpha: Option<f64>,
+    pub dropout: Option<f64>,
+    pub targets: Option<String>,
+    pub rslora: bool,
+    pub lr: Option<f64>,
+    pub schedule: Option<String>,
+    pub warmup_steps: Option<usize>,
+    pub weight_decay: Option<f64>,
+    pub max_grad_norm: Option<f64>,
+    pub epochs: Option<usize>,
+    pub steps: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub grad_accum: Option<usize>,
+    pub max_len: Option<usize>,
+    pub seed: Option<u64>,
+    pub quantize: Option<String>,
+    pub eval_split: Option<f64>,
+    pub eval_every: Option<usize>,
+    pub patience: Option<usize>,
+}
+
+impl RunSettings {
+    pub fn seed(&self) -> u64 {
+        self.seed.unwrap_or(42)
+    }
+
+    pub fn format(&self) -> Result<Option<Format>> {
+        match &self.format {
+            None => Ok(None),
+            Some(f) => Format::parse(f).map(Some).ok_or_else(|| Error::format("format", format!("{f}: expected text, completion, chat or alpaca"))),
+        }
+    }
+
+    pub fn encode_options(&self) -> EncodeOptions {
+        EncodeOptions { train_on_completions_only: !self.train_on_prompts, max_len: self.max_len }
+    }
+
+    /// NF4 base weights (QLoRA, the default) or none.
+    pub fn nf4(&self) -> Result<Option<Nf4Options>> {
+        match self.quantize.as_deref().unwrap_or("nf4") {
+            "nf4" => Ok(Some(Nf4Options::default())),
+            "none" => Ok(None),
+            other => Err(Error::format("quantize", format!("{other}: expected nf4 or none"))),
+        }
+    }
+
+    pub fn lora(&self) -> LoraConfig {
+        LoraConfig {
+            r: self.rank.unwrap_or(16),
+            alpha: self.alpha.unwrap_or(32.0),
+            dropout: self.dropout.unwrap_or(0.05),
+            targets: Targets::parse(self.targets.as_deref().unwrap_or("all-linear")),
+            use_rslora: self.rslora,
+            seed: self.seed(),
+        }
+    }
+
+    pub fn train(&self, pad_id: u32) -> Result<TrainConfig> {
+        Ok(TrainConfig {
+            lr: self.lr.unwrap_or(2e-4),
+            schedule: match self.schedule.as_deref() {
+                None => Schedule::Linear,
+                Some(s) => Schedule::parse(s).ok_or_else(|| Error::format("schedule", format!("{s}: expected constant, linear or cosine")))?,
+            },
+            warmup_steps: self.warmup_steps.unwrap_or(0),
+            adamw: AdamWConfig { weight_decay: self.weight_decay.unwrap_or(0.0), ..Default::default() },
+            max_grad_norm: self.max_grad_norm.unwrap_or(1.0).gt(&0.0).then(|| self.max_grad_norm.unwrap_or(1.0)),
+            batch_size: self.batch_size.unwrap_or(4).max(1),
+            grad_accum: self.grad_accum.unwrap_or(1).max(1),
+            max_steps: self.steps,
+            epochs: self.epochs.unwrap_or(1),
+            seed: self.seed(),
+            shuffle: true,
+            pad_id,
+        })
+    }
+}
+
+/// The id padding uses: the tokenizer's end-of-text or pad token, else 0 (its labels are
+/// ignored either way).
+pub fn pad_id(tok: &Tokenizer) -> u32 {
+    tok.token_to_id("<|endoftext|>").or_else(|| tok.token_to_id("<pad>")).unwrap_or(0)
+}
+
+/// Samples from JSONL text, and how many were truncated to `max_len` and how many bad lines
+/// were skipped. `file` names the text in errors.
+pub struct Samples {
+    pub samples: Vec<Sample>,
+    pub truncated: usize,
+    pub skipped: usize,
+}
+
+pub fn samples_from_jsonl(
+    text: &str,
+    file: &str,
+    format: Option<Format>,
+    skip_bad_lines: bool,
+    tok: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    opts: EncodeOptions,
+) -> Result<Samples> {
+    let (examples, skipped) = parse_jsonl(text, file, format, skip_bad_lines)?;
+    let eos = template.and_then(|t| t.eos_token.clone());
+    let mut samples = Vec::with_capacity(examples.len());
+    let mut truncated = 0;
+    for (i, e) in examples.iter().enumerate() {
+        let mut s = encode(e, tok, template, eos.as_deref(), EncodeOptions { max_len: None, ..opts })
+            .map_err(|err| Error::format(format!("{file}: example {}", i + 1), err))?;
+        if let Some(max) = opts.max_len {
+            if s.input_ids.len() > max {
+                truncated += 1;
+                s.input_ids.truncate(max);
+                s.labels.truncate(max);
+            }
+        }
+        samples.push(s);
+    }
+    Ok(Samples { samples, truncated, skipped })
+}
+
+/// Holds out `fraction` of the samples: every k-th one, so the split is stable and spread over
+/// the file. Returns (train, eval).
+pub fn split_eval(mut train: Vec<Sample>, fraction: f64, seed: u64) -> (Vec<Sample>, Vec<Sample>) {
+    let n_eval = ((train.len() as f64) * fraction).round().clamp(1.0, (train.len().saturating_sub(1)) as f64) as usize;
+    let stride = (train.len() / n_eval.max(1)).max(1);
+    let offset = (seed as usize) % stride;
+    let mut eval = Vec::new();
+    let mut i = train.len();
+    while i > 0 {
+        i -= 1;
+        if i % stride == offset && eval.len() < n_eval {
+            eval.push(train.remove(i));
+        }
+    }
+    eval.reverse();
+    (train, eval)
+}
+
+/// Evaluate every `eval_every` steps, by default five times over the run.
+pub fn eval_every(settings: &RunSettings, total_steps: usize, has_eval: bool) -> usize {
+    settings.eval_every.unwrap_or(if has_eval { (total_steps / 5).max(1) } else { 0 })
+}
