@@ -2,7 +2,10 @@
 //!
 //! - `test`: installs what the tests need (wasm target, wasm-bindgen-cli at Cargo.lock's
 //!   version, Debian's chromium + chromedriver + lavapipe when run as root), then runs every
-//!   test: native (CPU and wgpu), the CUDA build check, and the browser tests.
+//!   test: native (CPU and wgpu), the CUDA build check, the browser tests, and the page test.
+//! - `serve [--port N] [--dev]`: builds and serves the page (see page.rs).
+
+mod page;
 
 use std::path::{Path, PathBuf};
 use std::process::{exit, Command};
@@ -12,10 +15,11 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("setup") => setup(),
+        Some("serve") => page::serve(&args[1..]),
         Some("default-model") => default_model().map(|p| println!("{}", p.display())),
         Some("demo-check") => demo_check(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <test [native|cuda|browser]... | setup | default-model>");
+            eprintln!("usage: cargo xtask <test [native|cuda|browser|page]... | serve [--port N] [--dev] | setup | default-model | demo-check>");
             exit(2);
         }
     };
@@ -32,6 +36,11 @@ type Result<T = ()> = std::result::Result<T, String>;
 fn root() -> PathBuf {
     let manifest = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
     manifest.parent().unwrap().to_path_buf()
+}
+
+/// Where cargo puts build outputs.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
 }
 
 /// Totals of the cargo test runs, for one closing line.
@@ -237,6 +246,9 @@ fn run_tests(wants: &dyn Fn(&str) -> bool, tally: &mut Tally) -> Result {
             .env("CHROMEDRIVER", "/usr/bin/chromedriver")
             .env("WASM_BINDGEN_TEST_TIMEOUT", "400");
         tally.run(&mut c)?;
+    }
+    if wants("page") {
+        page::test(tally)?;
     }
     Ok(())
 }

@@ -97,6 +97,9 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// base_model_name_or_path in adapter_config.json (default: --model as given), e.g. a Hub id.
+    #[arg(long)]
+    pub base_model_name: Option<String>,
     /// Continue the run saved in this checkpoint directory.
     #[arg(long)]
     #[serde(skip)]
@@ -154,7 +157,7 @@ impl TrainArgs {
         let mut base: TrainArgs = toml::from_str(&text).with_context(|| format!("{}: invalid config", path.display()))?;
         let top = self;
         overlay!(base, top, model, data, out, eval_data, eval_split, eval_every, patience, format, rank, alpha, dropout, targets, lr, schedule,
-            warmup_steps, weight_decay, max_grad_norm, epochs, steps, batch_size, grad_accum, max_len, seed, quantize, backend, save_every);
+            warmup_steps, weight_decay, max_grad_norm, epochs, steps, batch_size, grad_accum, max_len, seed, quantize, backend, save_every, base_model_name);
         base.train_on_prompts |= top.train_on_prompts;
         base.rslora |= top.rslora;
         base.skip_bad_lines |= top.skip_bad_lines;
@@ -243,7 +246,7 @@ where
     let cfg = settings.train(pad_id(tok))?;
     let eval_samples = data.eval;
     let mut trainer = Trainer::new(model, lora.clone(), data.train, cfg.clone(), device);
-    let base_name = model_dir.display().to_string();
+    let base_name = a.base_model_name.clone().unwrap_or_else(|| model_dir.display().to_string());
     let ckpt_dir = out.with_file_name(format!("{}.checkpoint", out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()));
     let mut saved = SavedState { state: trainer.state.clone(), config: cfg, base_model: base_name.clone(), best_eval_loss: None, best_step: None, evals_without_improvement: 0 };
     if let Some(dir) = &a.resume {

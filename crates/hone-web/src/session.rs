@@ -322,10 +322,12 @@ impl Session {
         Ok(step)
     }
 
-    /// The adapter as PEFT's two files (adapter_config.json, adapter_model.safetensors).
-    pub async fn adapter(&self) -> Result<js_sys::Map, JsError> {
+    /// The adapter as PEFT's two files (adapter_config.json, adapter_model.safetensors);
+    /// `base_model_name_or_path` defaults to the model's name.
+    pub async fn adapter(&self, base_model_name_or_path: Option<String>) -> Result<js_sys::Map, JsError> {
         let trainer = self.trainer.as_ref().ok_or_else(|| JsError::new("prepare first"))?;
-        let adapter = trainer.adapter_async(&self.name).await.map_err(js_err)?;
+        let base = base_model_name_or_path.filter(|b| !b.is_empty()).unwrap_or_else(|| self.name.clone());
+        let adapter = trainer.adapter_async(&base).await.map_err(js_err)?;
         Ok(files_to_map(adapter_files(&adapter)))
     }
 

@@ -1,0 +1,392 @@
+// The page: collects the user's choices, talks to the worker, and draws progress.
+import { zipStored } from './zip.js';
+
+const $ = (id) => document.getElementById(id);
+const worker = new Worker('worker.js', { type: 'module' });
+const pending = new Map();
+let nextId = 1;
+const state = { model: null, data: '', evalData: '', trainPoints: [], evalPoints: [], running: false, trained: false, checkpoint: null };
+
+function call(cmd, args = {}) {
+  const id = nextId++;
+  worker.postMessage({ id, cmd, ...args });
+  return new Promise((resolve, reject) => pending.set(id, { resolve, reject }));
+}
+
+function showError(text) {
+  const el = $('error');
+  el.textContent = text;
+  el.hidden = !text;
+}
+
+async function guarded(fn) {
+  try {
+    showError('');
+    return await fn();
+  } catch (e) {
+    showError(e instanceof Error ? e.message : String(e));
+    return undefined;
+  }
+}
+
+// ---- GPU ----
+async function checkGpu() {
+  if (!navigator.gpu) {
+    $('gpu-status').textContent = 'WebGPU is not available in this browser. Use a recent Chrome, Edge or Firefox with WebGPU enabled (or the hone CLI).';
+    showError('WebGPU is missing: training needs it.');
+    return;
+  }
+  const adapter = await navigator.gpu.requestAdapter();
+  if (!adapter) {
+    $('gpu-status').textContent = 'WebGPU is present but offered no GPU adapter.';
+    showError('No WebGPU adapter: training needs one.');
+    return;
+  }
+  const mb = (n) => `${Math.round(n / 2 ** 20)} MiB`;
+  const info = adapter.info || {};
+  $('gpu-status').textContent = `GPU: ${info.vendor || 'unknown'} ${info.architecture || ''} · largest buffer ${mb(adapter.limits.maxBufferSize)}, storage binding ${mb(adapter.limits.maxStorageBufferBindingSize)}${adapter.features.has('shader-f16') ? ' · f16' : ''}`;
+}
+
+// ---- settings ----
+function num(id) {
+  const v = $(id).value.trim();
+  return v === '' ? undefined : Number(v);
+}
+
+function settings() {
+  const s = {
+    rank: num('rank'),
+    alpha: num('alpha'),
+    dropout: num('dropout'),
+    targets: $('targets').value.trim() || undefined,
+    lr: num('lr'),
+    warmup_steps: num('warmup-steps'),
+    batch_size: num('batch-size'),
+    grad_accum: num('grad-accum'),
+    max_len: num('max-len'),
+    seed: num('seed'),
+    quantize: $('quantize').value,
+    train_on_prompts: $('train-on-prompts').checked,
+  };
+  const steps = num('steps');
+  if (steps) s.steps = steps;
+  else s.epochs = num('epochs');
+  const split = num('eval-split');
+  if (split && !state.evalData) s.eval_split = split;
+  for (const k of Object.keys(s)) if (s[k] === undefined) delete s[k];
+  return s;
+}
+
+function applySettings(s) {
+  const set = (id, v) => { if (v !== undefined && v !== null) $(id).value = v; };
+  set('rank', s.rank); set('alpha', s.alpha); set('dropout', s.dropout); set('targets', s.targets);
+  set('lr', s.lr); set('warmup-steps', s.warmup_steps); set('batch-size', s.batch_size); set('grad-accum', s.grad_accum);
+  set('max-len', s.max_len); set('seed', s.seed); set('quantize', s.quantize); set('eval-split', s.eval_split);
+  if (s.steps) set('steps', s.steps); else { $('steps').value = ''; set('epochs', s.epochs); }
+  $('train-on-prompts').checked = !!s.train_on_prompts;
+}
+
+async function refreshEstimate() {
+  if (!state.model) return;
+  const e = await call('estimate', { settings: settings() }).catch((err) => ({ error: err.message }));
+  if (e.error) {
+    $('estimate').textContent = e.error;
+    return;
+  }
+  const mb = (n) => `${(n / 1e6).toFixed(1)} MB`;
+  $('estimate').textContent = `Estimated GPU memory: ${e.total} (base ${mb(e.base_bytes)}, LoRA ${e.lora_params.toLocaleString()} parameters with optimizer ${mb(e.lora_bytes)}, activations ${mb(e.activation_bytes)}).`
+    + (e.fits ? '' : ` Does not fit: ${e.largest_buffer} needs ${mb(e.largest_buffer_bytes)} in one buffer; this GPU allows ${mb(e.max_buffer_size)}.`);
+}
+
+// ---- model ----
+async function modelOpened(info) {
+  state.model = info;
+  $('model-status').textContent = `Opened ${info.name}: ${info.model_type}, ${info.layers} layers, hidden size ${info.hidden_size}, vocabulary ${info.vocab_size}${info.has_chat_template ? ', chat template' : ''}.`;
+  // Sensible defaults for this model: the longest context it was trained for, up to 512.
+  $('max-len').value = Math.min(512, info.max_position_embeddings);
+  if (!$('base-name').value) $('base-name').value = info.name;
+  $('start').disabled = false;
+  $('generate').disabled = false;
+  await refreshEstimate();
+  await refreshPreview();
+  await offerResume();
+}
+
+async function openFiles(name, files) {
+  $('model-status').textContent = `Opening ${name}…`;
+  const info = await guarded(() => call('open', { name, files }));
+  if (info) await modelOpened(info);
+  else $('model-status').textContent = 'No model yet.';
+}
+
+async function collectDir(handle, prefix, out) {
+  for await (const [name, entry] of handle.entries()) {
+    if (entry.kind === 'file') out.push({ name: prefix + name, file: await entry.getFile() });
+  }
+}
+
+$('pick-folder').addEventListener('click', () => guarded(async () => {
+  if (!window.showDirectoryPicker) throw new Error('This browser has no folder picker: choose the model files with the file input instead.');
+  const dir = await window.showDirectoryPicker({ id: 'hone-model' });
+  const files = [];
+  await collectDir(dir, '', files);
+  await openFiles(dir.name, files);
+}));
+
+$('model-files').addEventListener('change', async (e) => {
+  const files = [...e.target.files];
+  if (!files.length) return;
+  const rel = files[0].webkitRelativePath;
+  const name = rel ? rel.split('/')[0] : files.length === 1 ? files[0].name : 'model';
+  await openFiles(name, files.map((f) => ({ name: f.name, file: f })));
+});
+
+async function openUrl(url) {
+  $('model-status').textContent = `Fetching ${url}…`;
+  const info = await guarded(() => call('openUrl', { url }));
+  if (info) await modelOpened(info);
+  else $('model-status').textContent = 'No model yet.';
+}
+
+$('load-url').addEventListener('click', () => {
+  const url = $('model-url').value.trim();
+  if (url) openUrl(url);
+});
+
+$('default-model').addEventListener('click', async () => {
+  const index = await guarded(async () => {
+    const r = await fetch('models/index.json');
+    if (!r.ok) throw new Error('This server has no default model (run `cargo xtask serve`).');
+    return r.json();
+  });
+  if (index && index.default) openUrl(new URL(`models/${index.default}`, location.href).href);
+});
+
+// ---- data ----
+async function readFileText(input) {
+  const f = input.files[0];
+  return f ? f.text() : '';
+}
+
+async function refreshPreview() {
+  const el = $('preview');
+  el.replaceChildren();
+  if (!state.model || !state.data.trim()) return;
+  let examples;
+  try {
+    examples = await call('preview', { data: state.data, settings: settings() });
+  } catch (e) {
+    showError(e.message);
+    return;
+  }
+  showError('');
+  const heading = document.createElement('p');
+  heading.textContent = 'First examples as the model sees them (highlighted tokens are trained on):';
+  el.append(heading);
+  for (const tokens of examples) {
+    const pre = document.createElement('pre');
+    pre.className = 'example';
+    for (const t of tokens) {
+      const span = document.createElement('span');
+      span.textContent = t.text;
+      if (t.trained) span.className = 'trained';
+      pre.append(span);
+    }
+    el.append(pre);
+  }
+}
+
+$('dataset-file').addEventListener('change', async (e) => {
+  state.data = await readFileText(e.target);
+  $('dataset-text').value = state.data.length < 200000 ? state.data : '';
+  await refreshPreview();
+});
+$('eval-file').addEventListener('change', async (e) => {
+  state.evalData = await readFileText(e.target);
+});
+let typing;
+$('dataset-text').addEventListener('input', (e) => {
+  state.data = e.target.value;
+  clearTimeout(typing);
+  typing = setTimeout(refreshPreview, 400);
+});
+for (const el of document.querySelectorAll('#settings-h ~ .grid input, #settings-h ~ .grid select')) {
+  el.addEventListener('change', () => { refreshEstimate(); refreshPreview(); });
+}
+
+// ---- training ----
+function setRunning(running, paused = false) {
+  state.running = running;
+  $('start').disabled = running || paused || !state.model;
+  $('pause').disabled = !running && !paused;
+  $('pause').textContent = paused ? 'Continue' : 'Pause';
+  $('cancel').disabled = !running && !paused;
+  $('generate').disabled = running || !state.model;
+  $('save-folder').disabled = running || !state.trained;
+  $('save-zip').disabled = running || !state.trained;
+}
+
+function drawChart() {
+  const all = [...state.trainPoints, ...state.evalPoints];
+  if (!all.length) return;
+  const total = Number($('progress').max) || 1;
+  const max = Math.max(...all.map((p) => p.loss));
+  const min = Math.min(...all.map((p) => p.loss));
+  const span = max - min || 1;
+  const xy = (p) => `${(10 + (580 * p.step) / total).toFixed(1)},${(185 - (160 * (p.loss - min)) / span).toFixed(1)}`;
+  $('train-line').setAttribute('points', state.trainPoints.map(xy).join(' '));
+  $('eval-line').setAttribute('points', state.evalPoints.map(xy).join(' '));
+  $('chart').dataset.points = String(state.trainPoints.length);
+  $('chart-max').textContent = max.toFixed(3);
+  $('chart-min').textContent = min.toFixed(3);
+}
+
+function fmtTime(s) {
+  if (!isFinite(s)) return '–';
+  s = Math.round(s);
+  return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, '0')}`;
+}
+
+async function start(resume) {
+  if (!state.data.trim()) {
+    showError('Choose a dataset file or paste JSONL first.');
+    return;
+  }
+  state.trainPoints = [];
+  state.evalPoints = [];
+  $('train-line').setAttribute('points', '');
+  $('eval-line').setAttribute('points', '');
+  setRunning(true);
+  $('progress-text').textContent = 'Loading weights and preparing…';
+  const r = await guarded(() => call('start', { data: state.data, evalData: state.evalData, settings: settings(), saveEvery: num('save-every') || 0, resume }));
+  if (!r) {
+    setRunning(false);
+    $('progress-text').textContent = '';
+    return;
+  }
+  $('resume-offer').hidden = true;
+  $('progress').max = r.total_steps;
+  $('progress').value = r.resumed_at;
+  $('progress-text').textContent = `${r.train_examples} training and ${r.eval_examples} held-out examples, ${r.adapted_layers} layers adapted; ${r.truncated} truncated to max length. ${r.resumed_at ? `Resumed at step ${r.resumed_at}.` : ''}`;
+}
+
+$('start').addEventListener('click', () => start(false));
+$('pause').addEventListener('click', () => guarded(() => call(state.running ? 'pause' : 'resume')));
+$('cancel').addEventListener('click', () => guarded(() => call('cancel')));
+
+worker.onmessage = ({ data }) => {
+  if (data.id !== undefined) {
+    const p = pending.get(data.id);
+    pending.delete(data.id);
+    if (data.ok) p.resolve(data.result);
+    else p.reject(new Error(data.error));
+    return;
+  }
+  switch (data.event) {
+    case 'progress': {
+      $('progress').max = data.total_steps;
+      $('progress').value = data.step;
+      $('progress-text').textContent = `step ${data.step}/${data.total_steps} · epoch ${data.epoch + 1} · loss ${data.loss.toFixed(4)} · lr ${data.lr.toExponential(2)} · ${Math.round(data.tokens_per_second)} tokens/s · ETA ${fmtTime(data.eta_seconds)}`;
+      state.trainPoints.push({ step: data.step, loss: data.loss });
+      state.trained = true;
+      drawChart();
+      break;
+    }
+    case 'eval':
+      state.evalPoints.push({ step: data.step, loss: data.loss });
+      drawChart();
+      break;
+    case 'checkpoint':
+      $('progress').dataset.checkpoint = String(data.step);
+      break;
+    case 'state':
+      if (data.state === 'running') setRunning(true);
+      else if (data.state === 'paused') setRunning(false, true);
+      else setRunning(false);
+      if (data.state === 'done') $('progress-text').textContent += ' · done';
+      if (data.state === 'cancelled') {
+        state.trained = false;
+        $('progress-text').textContent = 'Cancelled.';
+        setRunning(false);
+      }
+      break;
+    case 'error':
+      showError(data.error);
+      break;
+    default:
+      break;
+  }
+};
+
+// ---- resume after a reload ----
+async function offerResume() {
+  const info = await call('checkpointInfo').catch(() => null);
+  state.checkpoint = info;
+  if (!info) return;
+  $('resume-text').textContent = `Training of ${info.model} stopped at step ${info.step} of ${info.total}.` + (state.model && state.model.name === info.model ? '' : ` Open ${info.model} to resume.`);
+  $('resume-offer').hidden = false;
+  $('resume-checkpoint').disabled = !(state.model && state.model.name === info.model);
+}
+
+$('resume-checkpoint').addEventListener('click', async () => {
+  const info = state.checkpoint;
+  if (!info) return;
+  applySettings(info.settings);
+  $('save-every').value = info.saveEvery;
+  state.data = info.data;
+  state.evalData = info.evalData || '';
+  await start(true);
+});
+$('discard-checkpoint').addEventListener('click', async () => {
+  await guarded(() => call('discardCheckpoint'));
+  $('resume-offer').hidden = true;
+});
+
+// ---- generation ----
+$('generate').addEventListener('click', () => guarded(async () => {
+  $('generate').disabled = true;
+  $('out-base').textContent = '…';
+  $('out-tuned').textContent = state.trained ? '…' : '(train first)';
+  try {
+    const r = await call('generate', { prompt: $('prompt').value, maxNewTokens: num('max-new-tokens') || 48 });
+    $('out-base').textContent = r.base;
+    if (r.tuned !== null) $('out-tuned').textContent = r.tuned;
+  } finally {
+    $('generate').disabled = state.running;
+  }
+}));
+
+// ---- saving ----
+async function adapterFiles() {
+  const files = await call('adapter', { baseName: $('base-name').value.trim() });
+  return Object.entries(files);
+}
+
+$('save-folder').addEventListener('click', () => guarded(async () => {
+  if (!window.showDirectoryPicker) throw new Error('This browser cannot write to a folder: use "Download adapter (.zip)".');
+  const files = await adapterFiles();
+  const dir = await window.showDirectoryPicker({ id: 'hone-adapter', mode: 'readwrite' });
+  for (const [name, bytes] of files) {
+    const w = await (await dir.getFileHandle(name, { create: true })).createWritable();
+    await w.write(bytes);
+    await w.close(); // the file is replaced only now, whole
+  }
+  $('save-status').textContent = `Saved ${files.map((f) => f[0]).join(' and ')} to ${dir.name}.`;
+}));
+
+$('save-zip').addEventListener('click', () => guarded(async () => {
+  const files = await adapterFiles();
+  const url = URL.createObjectURL(new Blob([zipStored(files)], { type: 'application/zip' }));
+  const a = document.createElement('a');
+  a.href = url;
+  a.download = `${($('base-name').value.trim() || 'model').split('/').pop()}-lora-adapter.zip`;
+  a.click();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+  $('save-status').textContent = `Downloaded ${a.download}.`;
+}));
+
+checkGpu();
+worker.addEventListener('error', (e) => showError(`The worker failed: ${e.message}`));
+call('checkpointInfo').then((info) => {
+  if (info) offerResume();
+}).catch(() => {});

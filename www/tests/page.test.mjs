@@ -1,0 +1,248 @@
+// The page test: Debian's chromium (WebGPU on SwiftShader) driven by playwright-core.
+//   node www/tests/page.test.mjs <page url> <hone binary> <out dir>
+// Trains the tiny SmolLM2-shaped fixture through the page's file inputs, reloads mid-training
+// and resumes from OPFS, downloads the adapter, and compares it with what `hone train` writes
+// natively for the same model, data, settings and seed. Also: zero network requests while
+// training, and errors shown (not thrown) for bad inputs. Prints "test result: ok. N passed; M failed".
+import { chromium } from 'playwright-core';
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const [url, hone, outDir] = process.argv.slice(2);
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const fixture = path.join(root, 'tests/fixtures/smollm2');
+const modelFiles = ['config.json', 'model.safetensors', 'tokenizer.json'].map((f) => path.join(fixture, f));
+fs.mkdirSync(outDir, { recursive: true });
+
+// A small completion dataset for the tiny model (max 64 positions).
+const data = [];
+const words = ['red', 'blue', 'green', 'gold', 'gray', 'pink', 'teal', 'plum', 'lime', 'navy', 'rose', 'sand'];
+for (let i = 0; i < 12; i++) data.push(JSON.stringify({ prompt: `Colour ${i}: `, completion: `${words[i]} and ${words[(i + 5) % 12]}.` }));
+const dataPath = path.join(outDir, 'colours.jsonl');
+fs.writeFileSync(dataPath, data.join('\n') + '\n');
+const badDataPath = path.join(outDir, 'bad.jsonl');
+fs.writeFileSync(badDataPath, `${data[0]}\n${data[1]}\n{"prompt": "no end"\n`);
+const notModel = path.join(outDir, 'notes.txt');
+fs.writeFileSync(notModel, 'not a model');
+// An oversize model: config.json alone asks for a 2.1 GB embedding, past SwiftShader's 1 GiB buffers.
+const bigDir = path.join(outDir, 'big-model');
+fs.mkdirSync(bigDir, { recursive: true });
+const bigConfig = JSON.parse(fs.readFileSync(path.join(fixture, 'config.json'), 'utf8'));
+Object.assign(bigConfig, { vocab_size: 131072, hidden_size: 4096, intermediate_size: 14336, num_attention_heads: 32, num_key_value_heads: 8, head_dim: 128, max_position_embeddings: 4096 });
+fs.writeFileSync(path.join(bigDir, 'config.json'), JSON.stringify(bigConfig));
+fs.copyFileSync(path.join(fixture, 'tokenizer.json'), path.join(bigDir, 'tokenizer.json'));
+
+const SETTINGS = { rank: 4, alpha: 8, dropout: 0, lr: 0.01, steps: 6, batchSize: 4, maxLen: 48, seed: 7, saveEvery: 2 };
+const BASE_NAME = 'tiny-smollm2';
+
+let passed = 0;
+let failed = 0;
+async function check(name, fn) {
+  try {
+    await fn();
+    passed++;
+    console.log(`test page::${name} ... ok`);
+  } catch (e) {
+    failed++;
+    console.log(`test page::${name} ... FAILED\n${e.stack || e}`);
+  }
+}
+function assert(cond, msg) {
+  if (!cond) throw new Error(msg);
+}
+
+// ---- safetensors and zip readers (independent of the page's own code) ----
+function readSafetensors(buf) {
+  const n = Number(buf.readBigUInt64LE(0));
+  const headerBytes = buf.subarray(8, 8 + n);
+  const header = JSON.parse(headerBytes.toString('utf8'));
+  const tensors = {};
+  for (const [name, t] of Object.entries(header)) {
+    if (name === '__metadata__') continue;
+    assert(t.dtype === 'F32', `${name}: dtype ${t.dtype}`);
+    const [a, b] = t.data_offsets;
+    const bytes = buf.subarray(8 + n + a, 8 + n + b);
+    tensors[name] = { shape: t.shape, values: new Float32Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.length)) };
+  }
+  return { headerBytes, tensors };
+}
+function readZip(buf) {
+  const files = {};
+  let at = 0;
+  while (buf.readUInt32LE(at) === 0x04034b50) {
+    const size = buf.readUInt32LE(at + 18);
+    const nameLen = buf.readUInt16LE(at + 26);
+    const extraLen = buf.readUInt16LE(at + 28);
+    const name = buf.subarray(at + 30, at + 30 + nameLen).toString('utf8');
+    const start = at + 30 + nameLen + extraLen;
+    files[name] = buf.subarray(start, start + size);
+    at = start + size;
+  }
+  return files;
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  headless: true,
+  args: ['--no-sandbox', '--enable-unsafe-webgpu', '--use-webgpu-adapter=swiftshader', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic', '--no-first-run'],
+});
+const context = await browser.newContext({ acceptDownloads: true, viewport: { width: 1100, height: 1500 } });
+const requests = [];
+context.on('request', (r) => requests.push(r.url()));
+const page = await context.newPage();
+page.setDefaultTimeout(240000);
+const consoleLines = [];
+page.on('console', (m) => consoleLines.push(m.text()));
+page.on('pageerror', (e) => consoleLines.push(`pageerror: ${e.message}`));
+
+const byLabel = (name) => page.getByLabel(name, { exact: true });
+const button = (name) => page.getByRole('button', { name, exact: true });
+const errorText = async () => ((await page.locator('#error').isVisible()) ? page.locator('#error').textContent() : '');
+
+async function openFixture() {
+  await byLabel('Model files').setInputFiles(modelFiles);
+  await page.waitForFunction(() => document.getElementById('model-status').textContent.startsWith('Opened'));
+}
+async function fillSettings() {
+  await page.getByLabel('LoRA rank').fill(String(SETTINGS.rank));
+  await page.getByLabel('LoRA alpha').fill(String(SETTINGS.alpha));
+  await page.getByLabel('LoRA dropout').fill(String(SETTINGS.dropout));
+  await page.getByLabel('Learning rate').fill(String(SETTINGS.lr));
+  await page.getByLabel('Steps (overrides epochs)').fill(String(SETTINGS.steps));
+  await page.getByLabel('Batch size').fill(String(SETTINGS.batchSize));
+  await page.getByLabel('Max length').fill(String(SETTINGS.maxLen));
+  await page.getByLabel('Seed').fill(String(SETTINGS.seed));
+  await page.getByLabel('Checkpoint every N steps').fill(String(SETTINGS.saveEvery));
+  await page.getByLabel('Base model name (in adapter_config.json)').fill(BASE_NAME);
+}
+const progressStep = () => page.locator('#progress').evaluate((p) => Number(p.value));
+
+await page.goto(url);
+await page.waitForFunction(() => !document.getElementById('gpu-status').textContent.startsWith('Starting'));
+
+await check('webgpu_adapter_found', async () => {
+  const status = await page.locator('#gpu-status').textContent();
+  assert(status.startsWith('GPU:'), status);
+});
+
+await check('non_model_folder_is_an_error_on_the_page', async () => {
+  await byLabel('Model files').setInputFiles([notModel]);
+  await page.waitForFunction(() => !document.getElementById('error').hidden);
+  const e = await errorText();
+  assert(/not a model folder/.test(e), e);
+});
+
+await check('oversize_model_is_an_error_on_the_page', async () => {
+  await byLabel('Model files').setInputFiles([path.join(bigDir, 'config.json'), path.join(bigDir, 'tokenizer.json')]);
+  await page.waitForFunction(() => document.getElementById('model-status').textContent.startsWith('Opened'));
+  const est = await page.locator('#estimate').textContent();
+  assert(/Does not fit/.test(est), `estimate: ${est}`);
+  await byLabel('Dataset file').setInputFiles(dataPath);
+  await button('Start').click();
+  await page.waitForFunction(() => !document.getElementById('error').hidden);
+  const e = await errorText();
+  assert(/does not fit this GPU/.test(e), e);
+});
+
+await check('malformed_dataset_line_is_an_error_on_the_page', async () => {
+  await openFixture();
+  await byLabel('Dataset file').setInputFiles(badDataPath);
+  await fillSettings();
+  await button('Start').click();
+  await page.waitForFunction(() => !document.getElementById('error').hidden && document.getElementById('error').textContent.includes(':3'));
+  const e = await errorText();
+  assert(/dataset:3/.test(e), e);
+});
+
+let requestsDuringTraining = -1;
+let lossesBefore = [];
+await check('trains_shows_progress_and_checkpoints', async () => {
+  await page.reload();
+  await openFixture();
+  await byLabel('Dataset file').setInputFiles(dataPath);
+  await page.waitForSelector('#preview pre.example');
+  const trained = await page.locator('#preview .trained').count();
+  assert(trained > 0, 'the preview marks trained tokens');
+  await fillSettings();
+  const before = requests.length;
+  await button('Start').click();
+  await page.waitForFunction(() => Number(document.getElementById('progress').dataset.checkpoint || 0) >= 2 && Number(document.getElementById('progress').value) >= 3);
+  requestsDuringTraining = requests.length - before;
+  const points = Number(await page.locator('#chart').getAttribute('data-points'));
+  assert(points >= 3, `chart points ${points}`);
+  const text = await page.locator('#progress-text').textContent();
+  assert(/step \d+\/6 .* tokens\/s · ETA/.test(text), text);
+  await page.screenshot({ path: path.join(outDir, 'page-training.png'), fullPage: true });
+  lossesBefore = await page.evaluate(() => document.getElementById('train-line').getAttribute('points'));
+});
+
+await check('no_network_requests_while_training', async () => {
+  assert(requestsDuringTraining === 0, `${requestsDuringTraining} requests while training: ${requests.slice(-5).join(', ')}`);
+});
+
+let resumedAt = 0;
+await check('reload_resumes_from_opfs_checkpoint', async () => {
+  await page.reload();
+  await openFixture();
+  await page.waitForSelector('#resume-offer:not([hidden])');
+  const offer = await page.locator('#resume-text').textContent();
+  const m = /stopped at step (\d+) of 6/.exec(offer);
+  assert(m && Number(m[1]) >= 2, offer);
+  resumedAt = Number(m[1]);
+  await button('Resume from checkpoint').click();
+  await page.waitForFunction(() => /Resumed at step/.test(document.getElementById('progress-text').textContent) || Number(document.getElementById('progress').value) > 0);
+  const first = await progressStep();
+  assert(first >= resumedAt, `progress ${first} after resuming at ${resumedAt}`);
+  await page.waitForFunction(() => document.getElementById('progress-text').textContent.endsWith('done'));
+});
+
+let browserFiles = null;
+await check('saves_adapter_as_zip', async () => {
+  const [download] = await Promise.all([page.waitForEvent('download'), button('Download adapter (.zip)').click()]);
+  const zipPath = path.join(outDir, 'adapter.zip');
+  await download.saveAs(zipPath);
+  browserFiles = readZip(fs.readFileSync(zipPath));
+  assert(browserFiles['adapter_config.json'] && browserFiles['adapter_model.safetensors'], Object.keys(browserFiles).join(','));
+});
+
+await check('browser_adapter_equals_native_hone_train', async () => {
+  const nativeOut = path.join(outDir, 'native-adapter');
+  fs.rmSync(nativeOut, { recursive: true, force: true });
+  execFileSync(hone, ['train', '--model', fixture, '--data', dataPath, '--out', nativeOut, '--quiet', '--rank', String(SETTINGS.rank), '--alpha', String(SETTINGS.alpha), '--dropout', String(SETTINGS.dropout), '--lr', String(SETTINGS.lr), '--steps', String(SETTINGS.steps), '--batch-size', String(SETTINGS.batchSize), '--max-len', String(SETTINGS.maxLen), '--seed', String(SETTINGS.seed), '--base-model-name', BASE_NAME], { stdio: ['ignore', 'inherit', 'inherit'] });
+  const nativeConfig = fs.readFileSync(path.join(nativeOut, 'adapter_config.json'));
+  assert(Buffer.compare(nativeConfig, browserFiles['adapter_config.json']) === 0, 'adapter_config.json differs from the native one');
+  const native = readSafetensors(fs.readFileSync(path.join(nativeOut, 'adapter_model.safetensors')));
+  const web = readSafetensors(Buffer.from(browserFiles['adapter_model.safetensors']));
+  // Same serializer: the headers (names, shapes, offsets) are byte-identical.
+  assert(Buffer.compare(native.headerBytes, web.headerBytes) === 0, 'safetensors headers differ');
+  let worst = 0;
+  let worstName = '';
+  for (const [name, t] of Object.entries(native.tensors)) {
+    const w = web.tensors[name];
+    let diff = 0;
+    let norm = 0;
+    for (let i = 0; i < t.values.length; i++) {
+      diff += (t.values[i] - w.values[i]) ** 2;
+      norm += t.values[i] ** 2;
+    }
+    const rel = Math.sqrt(diff) / Math.max(Math.sqrt(norm), 1e-12);
+    if (rel > worst) [worst, worstName] = [rel, name];
+  }
+  console.log(`page: browser vs native adapter, worst relative error ${worst.toExponential(2)} (${worstName})`);
+  assert(worst < 1e-3, `relative error ${worst} at ${worstName}`);
+});
+
+await check('loss_falls', async () => {
+  const pts = (await page.evaluate(() => document.getElementById('train-line').getAttribute('points'))).trim().split(' ');
+  assert(pts.length >= 2, `points ${pts.length}`);
+  const y = (p) => Number(p.split(',')[1]);
+  // Higher on screen is higher loss: y grows as loss falls.
+  assert(y(pts[pts.length - 1]) > y(pts[0]), `loss did not fall: ${pts.join(' ')} (before reload: ${lossesBefore})`);
+});
+
+await browser.close();
+if (failed) console.log(consoleLines.slice(-30).join('\n'));
+console.log(`test result: ${failed ? 'FAILED' : 'ok'}. ${passed} passed; ${failed} failed`);
+process.exit(failed ? 1 : 0);

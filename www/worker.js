@@ -1,0 +1,262 @@
+// hone's worker: owns the WebGPU device and the training session, so the page stays
+// responsive. Messages in: {id, cmd, ...}; replies: {id, ok, result | error}; events: {event, ...}.
+// Checkpoints go to the origin-private file system (OPFS), in two slots written alternately:
+// a slot's meta.json is removed first and written last, so a kill mid-write leaves the other
+// slot as the latest whole checkpoint.
+import init, { Session, deviceLost } from './pkg/hone_web.js';
+
+const ready = init();
+let session = null;
+let modelName = null;
+let job = null; // {data, evalData, settings, saveEvery, evalEvery, running, stop}
+
+const post = (msg) => self.postMessage(msg);
+const event = (name, fields) => post({ event: name, ...fields });
+
+function message(e) {
+  if (e instanceof Error) return e.message;
+  if (typeof e === 'string') return e;
+  return String(e);
+}
+
+function gpuError(e) {
+  const lost = deviceLost();
+  return lost ? `The GPU device was lost (${lost}). Reload the page to resume from the last checkpoint.` : message(e);
+}
+
+// ---- OPFS checkpoints ----
+const SLOTS = ['hone-checkpoint-a', 'hone-checkpoint-b'];
+
+async function opfs() {
+  return navigator.storage.getDirectory();
+}
+
+async function writeFile(dir, name, bytes) {
+  const handle = await dir.getFileHandle(name, { create: true });
+  const w = await handle.createWritable();
+  await w.write(bytes);
+  await w.close();
+}
+
+async function readMeta(slot) {
+  try {
+    const dir = await (await opfs()).getDirectoryHandle(slot);
+    const file = await (await dir.getFileHandle('meta.json')).getFile();
+    return { slot, dir, meta: JSON.parse(await file.text()) };
+  } catch {
+    return null;
+  }
+}
+
+async function latestCheckpoint() {
+  const found = (await Promise.all(SLOTS.map(readMeta))).filter(Boolean);
+  found.sort((a, b) => b.meta.step - a.meta.step);
+  return found[0] || null;
+}
+
+async function saveCheckpoint(step) {
+  const latest = await latestCheckpoint();
+  const slot = latest && latest.slot === SLOTS[0] ? SLOTS[1] : SLOTS[0];
+  const root = await opfs();
+  const dir = await root.getDirectoryHandle(slot, { create: true });
+  try { await dir.removeEntry('meta.json'); } catch { /* a fresh slot */ }
+  const files = await session.checkpoint();
+  const names = [];
+  for (const [name, bytes] of files) {
+    await writeFile(dir, name, bytes);
+    names.push(name);
+  }
+  await writeFile(dir, 'data.jsonl', new TextEncoder().encode(job.data));
+  if (job.evalData) await writeFile(dir, 'eval.jsonl', new TextEncoder().encode(job.evalData));
+  const meta = { step, total: job.total, model: modelName, settings: job.settings, saveEvery: job.saveEvery, files: names, hasEval: !!job.evalData, savedAt: Date.now() };
+  await writeFile(dir, 'meta.json', new TextEncoder().encode(JSON.stringify(meta)));
+  event('checkpoint', { step });
+}
+
+async function clearCheckpoints() {
+  const root = await opfs();
+  for (const slot of SLOTS) {
+    try { await root.removeEntry(slot, { recursive: true }); } catch { /* none */ }
+  }
+}
+
+// ---- opening models ----
+async function fetchBlob(url) {
+  const r = await fetch(url);
+  if (!r.ok) throw new Error(`${url}: HTTP ${r.status}`);
+  return r.blob();
+}
+
+async function openFromUrl(url) {
+  const name = url.replace(/\/+$/, '').split('/').pop();
+  if (/\.gguf$/i.test(url)) return Session.open(name, [name], [await fetchBlob(url)]);
+  const base = url.replace(/\/+$/, '') + '/';
+  const names = [];
+  const blobs = [];
+  const add = async (file, optional) => {
+    try {
+      blobs.push(await fetchBlob(base + file));
+      names.push(file);
+      return true;
+    } catch (e) {
+      if (!optional) throw e;
+      return false;
+    }
+  };
+  await add('config.json', false);
+  await add('tokenizer.json', false);
+  await add('tokenizer_config.json', true);
+  await add('generation_config.json', true);
+  if (await add('model.safetensors.index.json', true)) {
+    const index = JSON.parse(await blobs[blobs.length - 1].text());
+    for (const shard of new Set(Object.values(index.weight_map))) await add(shard, false);
+  } else {
+    await add('model.safetensors', false);
+  }
+  return Session.open(name, names, blobs);
+}
+
+// ---- training loop ----
+async function runTraining() {
+  job.running = true;
+  job.stop = null;
+  event('state', { state: 'running' });
+  const started = performance.now();
+  let tokens = 0;
+  let steps = 0;
+  try {
+    for (;;) {
+      const r = await session.step();
+      tokens += r.tokens;
+      steps += 1;
+      const elapsed = (performance.now() - started) / 1000;
+      const eta = ((r.total_steps - r.step) * elapsed) / steps;
+      event('progress', { ...r, tokens_per_second: tokens / elapsed, eta_seconds: eta });
+      if (job.evalEvery > 0 && (r.step % job.evalEvery === 0 || r.done)) {
+        const e = await session.evaluate();
+        if (e) event('eval', { step: r.step, ...e });
+      }
+      if (job.saveEvery > 0 && r.step % job.saveEvery === 0 && !r.done) await saveCheckpoint(r.step);
+      if (r.done) {
+        job.running = false;
+        await clearCheckpoints();
+        event('state', { state: 'done' });
+        return;
+      }
+      if (job.stop) break;
+      // Let pause/cancel messages in between steps.
+      await new Promise((resolve) => setTimeout(resolve, 0));
+    }
+  } catch (e) {
+    job.running = false;
+    event('state', { state: 'error' });
+    event('error', { error: gpuError(e) });
+    return;
+  }
+  job.running = false;
+  const why = job.stop;
+  if (why === 'cancel') {
+    await clearCheckpoints();
+    session = null;
+    job = null;
+    event('state', { state: 'cancelled' });
+  } else {
+    event('state', { state: 'paused' });
+  }
+}
+
+// ---- commands ----
+const commands = {
+  async open({ name, files }) {
+    session = await Session.open(name, files.map((f) => f.name), files.map((f) => f.file));
+    modelName = name;
+    return session.info();
+  },
+  async openUrl({ url }) {
+    session = await openFromUrl(url);
+    modelName = url.replace(/\/+$/, '').split('/').pop();
+    return session.info();
+  },
+  async estimate({ settings }) {
+    return session.estimate(settings);
+  },
+  async preview({ data, settings }) {
+    return session.preview(data, settings, 3);
+  },
+  async start({ data, evalData, settings, saveEvery, resume }) {
+    if (job && job.running) throw new Error('training is already running');
+    const prepared = await session.prepare(data, evalData || null, settings);
+    job = { data, evalData, settings, saveEvery, evalEvery: prepared.eval_every, total: prepared.total_steps, running: false };
+    let from = 0;
+    if (resume) {
+      const latest = await latestCheckpoint();
+      if (!latest) throw new Error('no checkpoint to resume from');
+      const files = new Map();
+      for (const name of latest.meta.files) {
+        const file = await (await latest.dir.getFileHandle(name)).getFile();
+        files.set(name, new Uint8Array(await file.arrayBuffer()));
+      }
+      from = session.restore(files);
+    } else {
+      await clearCheckpoints();
+    }
+    runTraining();
+    return { ...prepared, resumed_at: from };
+  },
+  async pause() {
+    if (job && job.running) job.stop = 'pause';
+    return null;
+  },
+  async resume() {
+    if (!job || job.running) throw new Error('nothing to resume');
+    runTraining();
+    return null;
+  },
+  async cancel() {
+    if (job && job.running) job.stop = 'cancel';
+    else {
+      await clearCheckpoints();
+      job = null;
+      event('state', { state: 'cancelled' });
+    }
+    return null;
+  },
+  async checkpointInfo() {
+    const latest = await latestCheckpoint();
+    if (!latest) return null;
+    const data = await (await (await latest.dir.getFileHandle('data.jsonl')).getFile()).text();
+    let evalData = null;
+    if (latest.meta.hasEval) evalData = await (await (await latest.dir.getFileHandle('eval.jsonl')).getFile()).text();
+    return { ...latest.meta, data, evalData };
+  },
+  async discardCheckpoint() {
+    await clearCheckpoints();
+    return null;
+  },
+  async generate({ prompt, maxNewTokens }) {
+    if (job && job.running) throw new Error('pause training to generate');
+    const base = await session.generate(prompt, maxNewTokens, false);
+    const tuned = job ? await session.generate(prompt, maxNewTokens, true) : null;
+    return { base, tuned };
+  },
+  async adapter({ baseName }) {
+    const files = await session.adapter(baseName || null);
+    return Object.fromEntries(files);
+  },
+};
+
+self.onmessage = async ({ data }) => {
+  const { id, cmd, ...args } = data;
+  try {
+    await ready;
+    if (!commands[cmd]) throw new Error(`unknown command ${cmd}`);
+    if (cmd !== 'open' && cmd !== 'openUrl' && !cmd.startsWith('checkpoint') && cmd !== 'discardCheckpoint' && !session) {
+      throw new Error('open a model first');
+    }
+    post({ id, ok: true, result: await commands[cmd](args) });
+  } catch (e) {
+    post({ id, ok: false, error: gpuError(e) });
+  }
+};
+
+post({ event: 'worker-ready' });
