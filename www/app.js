@@ -168,32 +168,44 @@ async function readFileText(input) {
   return f ? f.text() : '';
 }
 
+// Re-rendered only when what it shows changes, and swapped in one piece, so the page does not
+// shift under the pointer while the user clicks elsewhere.
+let previewKey = '';
 async function refreshPreview() {
   const el = $('preview');
-  el.replaceChildren();
-  if (!state.model || !state.data.trim()) return;
-  let examples;
-  try {
-    examples = await call('preview', { data: state.data, settings: settings() });
-  } catch (e) {
-    showError(e.message);
+  const s = settings();
+  const key = JSON.stringify([state.model && state.model.name, state.data.slice(0, 20000), s.max_len, s.train_on_prompts]);
+  if (key === previewKey) return;
+  previewKey = key;
+  if (!state.model || !state.data.trim()) {
+    el.replaceChildren();
     return;
   }
-  showError('');
-  const heading = document.createElement('p');
-  heading.textContent = 'First examples as the model sees them (highlighted tokens are trained on):';
-  el.append(heading);
-  for (const tokens of examples) {
-    const pre = document.createElement('pre');
-    pre.className = 'example';
-    for (const t of tokens) {
-      const span = document.createElement('span');
-      span.textContent = t.text;
-      if (t.trained) span.className = 'trained';
-      pre.append(span);
+  const nodes = [];
+  try {
+    const examples = await call('preview', { data: state.data, settings: s });
+    const heading = document.createElement('p');
+    heading.textContent = 'First examples as the model sees them (highlighted tokens are trained on):';
+    nodes.push(heading);
+    for (const tokens of examples) {
+      const pre = document.createElement('pre');
+      pre.className = 'example';
+      for (const t of tokens) {
+        const span = document.createElement('span');
+        span.textContent = t.text;
+        if (t.trained) span.className = 'trained';
+        pre.append(span);
+      }
+      nodes.push(pre);
     }
-    el.append(pre);
+  } catch (e) {
+    // Shown in the preview, where the data is: the error names the dataset line.
+    const p = document.createElement('p');
+    p.className = 'preview-error';
+    p.textContent = e.message;
+    nodes.push(p);
   }
+  el.replaceChildren(...nodes);
 }
 
 $('dataset-file').addEventListener('change', async (e) => {
@@ -258,7 +270,7 @@ async function start(resume) {
   $('eval-line').setAttribute('points', '');
   setRunning(true);
   $('progress-text').textContent = 'Loading weights and preparing…';
-  const r = await guarded(() => call('start', { data: state.data, evalData: state.evalData, settings: settings(), saveEvery: num('save-every') || 0, resume }));
+  const r = await guarded(() => call('start', { data: state.data, evalData: state.evalData, settings: settings(), saveEvery: num('save-every') || 0, baseName: $('base-name').value.trim(), resume }));
   if (!r) {
     setRunning(false);
     $('progress-text').textContent = '';
@@ -333,6 +345,7 @@ $('resume-checkpoint').addEventListener('click', async () => {
   if (!info) return;
   applySettings(info.settings);
   $('save-every').value = info.saveEvery;
+  if (info.baseName) $('base-name').value = info.baseName;
   state.data = info.data;
   state.evalData = info.evalData || '';
   await start(true);

@@ -68,7 +68,7 @@ async function saveCheckpoint(step) {
   }
   await writeFile(dir, 'data.jsonl', new TextEncoder().encode(job.data));
   if (job.evalData) await writeFile(dir, 'eval.jsonl', new TextEncoder().encode(job.evalData));
-  const meta = { step, total: job.total, model: modelName, settings: job.settings, saveEvery: job.saveEvery, files: names, hasEval: !!job.evalData, savedAt: Date.now() };
+  const meta = { step, total: job.total, model: modelName, settings: job.settings, saveEvery: job.saveEvery, baseName: job.baseName, files: names, hasEval: !!job.evalData, savedAt: Date.now() };
   await writeFile(dir, 'meta.json', new TextEncoder().encode(JSON.stringify(meta)));
   event('checkpoint', { step });
 }
@@ -183,10 +183,10 @@ const commands = {
   async preview({ data, settings }) {
     return session.preview(data, settings, 3);
   },
-  async start({ data, evalData, settings, saveEvery, resume }) {
+  async start({ data, evalData, settings, saveEvery, baseName, resume }) {
     if (job && job.running) throw new Error('training is already running');
     const prepared = await session.prepare(data, evalData || null, settings);
-    job = { data, evalData, settings, saveEvery, evalEvery: prepared.eval_every, total: prepared.total_steps, running: false };
+    job = { data, evalData, settings, saveEvery, baseName, evalEvery: prepared.eval_every, total: prepared.total_steps, running: false };
     let from = 0;
     if (resume) {
       const latest = await latestCheckpoint();

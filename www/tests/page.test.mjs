@@ -47,6 +47,8 @@ async function check(name, fn) {
   } catch (e) {
     failed++;
     console.log(`test page::${name} ... FAILED\n${e.stack || e}`);
+    const seen = await page.evaluate(() => ['model-status', 'progress-text', 'error', 'preview', 'estimate'].map((id) => `${id}: ${document.getElementById(id).textContent}`)).catch(() => []);
+    console.log(`  page: ${seen.join('\n  page: ')}\n  console: ${consoleLines.slice(-8).join('\n  console: ')}`);
   }
 }
 function assert(cond, msg) {
@@ -92,7 +94,7 @@ const context = await browser.newContext({ acceptDownloads: true, viewport: { wi
 const requests = [];
 context.on('request', (r) => requests.push(r.url()));
 const page = await context.newPage();
-page.setDefaultTimeout(240000);
+page.setDefaultTimeout(Number(process.env.PAGE_TIMEOUT_MS || 240000));
 const consoleLines = [];
 page.on('console', (m) => consoleLines.push(m.text()));
 page.on('pageerror', (e) => consoleLines.push(`pageerror: ${e.message}`));

@@ -1,8 +1,9 @@
 //! How much memory a run needs, from config.json alone (before any weight is read), so that the
 //! page can say "this model does not fit" up front and the CLI can plan a big job.
 //!
-//! The base: NF4 decoder linears (4 bits plus bitsandbytes' double-quantized absmax, 8 bits per
-//! 64 weights and an f32 per 256 blocks), f32 embeddings, norms and an untied lm_head. LoRA: A
+//! The base: NF4 decoder linears as hone keeps them on the device (4-bit codes packed in i32
+//! words, and an f32 absmax per 64 weights: the double-quantized absmax is expanded at load so
+//! dequantizing is exact), f32 embeddings, norms and an untied lm_head. LoRA: A
 //! and B, their gradients and AdamW's two moments, all f32. Activations: what the backward pass
 //! keeps per token and layer, plus the logits and their gradient.
 
@@ -47,10 +48,9 @@ pub fn linear_shapes(c: &Config) -> Vec<(String, u64, u64)> {
     out
 }
 
-/// Bytes of NF4 storage for `n` weights: packed 4-bit codes, 8-bit absmax per 64, f32 per 256 blocks.
+/// Device bytes of NF4 storage for `n` weights: codes in i32 words, an f32 absmax per 64.
 pub fn nf4_bytes(n: u64) -> u64 {
-    let blocks = n.div_ceil(64);
-    n.div_ceil(2) + blocks + 4 * blocks.div_ceil(256) + 4
+    4 * n.div_ceil(8) + 4 * n.div_ceil(64)
 }
 
 pub fn estimate(c: &Config, lora: &LoraConfig, batch: usize, seq: usize, nf4: bool) -> MemoryPlan {
