@@ -101,6 +101,7 @@ async function refreshEstimate() {
 // ---- model ----
 async function modelOpened(info) {
   state.model = info;
+  $('estimate').textContent = '';
   $('model-status').textContent = `Opened ${info.name}: ${info.model_type}, ${info.layers} layers, hidden size ${info.hidden_size}, vocabulary ${info.vocab_size}${info.has_chat_template ? ', chat template' : ''}.`;
   // Sensible defaults for this model: the longest context it was trained for, up to 512.
   $('max-len').value = Math.min(512, info.max_position_embeddings);

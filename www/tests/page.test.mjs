@@ -139,6 +139,7 @@ await check('non_model_folder_is_an_error_on_the_page', async () => {
 await check('oversize_model_is_an_error_on_the_page', async () => {
   await byLabel('Model files').setInputFiles([path.join(bigDir, 'config.json'), path.join(bigDir, 'tokenizer.json')]);
   await page.waitForFunction(() => document.getElementById('model-status').textContent.startsWith('Opened'));
+  await page.waitForFunction(() => document.getElementById('estimate').textContent.length > 0);
   const est = await page.locator('#estimate').textContent();
   assert(/Does not fit/.test(est), `estimate: ${est}`);
   await byLabel('Dataset file').setInputFiles(dataPath);

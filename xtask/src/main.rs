@@ -4,7 +4,9 @@
 //!   version, Debian's chromium + chromedriver + lavapipe when run as root), then runs every
 //!   test: native (CPU and wgpu), the CUDA build check, the browser tests, and the page test.
 //! - `serve [--port N] [--dev]`: builds and serves the page (see page.rs).
+//! - `bench`: hone against PyTorch + PEFT + bitsandbytes (see bench.rs).
 
+mod bench;
 mod page;
 
 use std::path::{Path, PathBuf};
@@ -16,10 +18,11 @@ fn main() {
         Some("test") => test(&args[1..]),
         Some("setup") => setup(),
         Some("serve") => page::serve(&args[1..]),
+        Some("bench") => bench::bench(&args[1..]),
         Some("default-model") => default_model().map(|p| println!("{}", p.display())),
         Some("demo-check") => demo_check(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <test [native|cuda|browser|page]... | serve [--port N] [--dev] | setup | default-model | demo-check>");
+            eprintln!("usage: cargo xtask <test [native|cuda|browser|page]... | serve [--port N] [--dev] | bench [--reps N] [--case tiny|smollm2] | setup | default-model | demo-check>");
             exit(2);
         }
     };

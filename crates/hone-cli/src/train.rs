@@ -269,12 +269,18 @@ where
     bar.set_position(trainer.state.step as u64);
     let started = std::time::Instant::now();
     let mut tokens = 0usize;
+    // Throughput after the first step (which compiles kernels and warms caches), for benchmarks.
+    let mut after_first: Option<(std::time::Instant, usize)> = None;
     let mut best: Option<Adapter> = None;
     let save_every = a.save_every.unwrap_or(0);
     let eval_every = run::eval_every(&settings, trainer.state.total_steps, !eval_samples.is_empty());
     while !trainer.done() {
         let r = trainer.step();
         tokens += r.tokens;
+        match &mut after_first {
+            None => after_first = Some((std::time::Instant::now(), 0)),
+            Some((_, t)) => *t += r.tokens,
+        }
         if !r.loss.is_finite() {
             checkpoint::save(&ckpt_dir, &trainer, &saved)?;
             bail!("the loss became {} at step {}; checkpoint saved in {} (try a lower --lr)", r.loss, r.step, ckpt_dir.display());
@@ -314,6 +320,7 @@ where
         }
     }
     bar.finish();
+    let after_first_rate = after_first.filter(|(_, n)| *n > 0).map(|(t0, n)| n as f64 / t0.elapsed().as_secs_f64());
     let adapter = match (best, saved.best_step) {
         (Some(b), Some(step)) => {
             eprintln!("keeping the best adapter (step {step}, eval loss {:.4})", saved.best_eval_loss.unwrap_or(f64::NAN));
@@ -323,6 +330,9 @@ where
     };
     write_dir_atomic(out, &adapter_files(&adapter))?;
     let _ = std::fs::remove_dir_all(&ckpt_dir);
+    if let Some(rate) = after_first_rate {
+        eprintln!("throughput after the first step: {rate:.1} tokens/s");
+    }
     eprintln!(
         "wrote {} ({} layers, r={}) after {} steps in {:.1}s, {:.0} tokens/s",
         out.display(),
