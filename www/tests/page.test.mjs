@@ -237,6 +237,18 @@ await check('browser_adapter_equals_native_hone_train', async () => {
   assert(worst < 1e-3, `relative error ${worst} at ${worstName}`);
 });
 
+await check('generates_with_base_and_fine_tuned_side_by_side', async () => {
+  await page.getByLabel('Prompt', { exact: true }).fill('Colour 3: ');
+  await page.getByLabel('Max new tokens').fill('6');
+  await button('Generate').click();
+  await page.waitForFunction(() => document.getElementById('out-tuned').textContent !== '…' && document.getElementById('out-base').textContent !== '…');
+  const e = await errorText();
+  assert(!e, e);
+  const [base, tuned] = [await page.locator('#out-base').textContent(), await page.locator('#out-tuned').textContent()];
+  console.log(`page: base ${JSON.stringify(base)}, fine-tuned ${JSON.stringify(tuned)}`);
+  assert(tuned !== '(train first)', 'the fine-tuned column was not filled');
+});
+
 await check('loss_falls', async () => {
   const pts = (await page.evaluate(() => document.getElementById('train-line').getAttribute('points'))).trim().split(' ');
   assert(pts.length >= 2, `points ${pts.length}`);

@@ -5,6 +5,7 @@ mod generate;
 mod model;
 mod logits;
 mod merge;
+mod plan;
 mod quantize;
 mod train;
 
@@ -32,6 +33,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Loss and perplexity of a model (with an adapter) on a dataset.
     Eval(train::EvalArgs),
+    /// The memory a fine-tune needs, from the model's config alone.
+    Plan(plan::Args),
 }
 
 fn main() {
@@ -43,6 +46,7 @@ fn main() {
         Command::Quantize(args) => quantize::run(args),
         Command::Train(args) => train::run_train(args),
         Command::Eval(args) => train::run_eval(args),
+        Command::Plan(args) => plan::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
