@@ -18,8 +18,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// Every setting of a run. Flags override the TOML file given with `--config`, whose keys are
-/// the flags' long names with `_` for `-`.
+/// `hone train`'s flags: the run's settings, shared with the page, and where things are. Flags
+/// override the TOML file given with `--config`, whose keys are the flags' long names with `_`
+/// for `-`.
 #[derive(clap::Args, Deserialize, Default, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct TrainArgs {
@@ -35,62 +36,9 @@ pub struct TrainArgs {
     /// Held-out data, JSONL (else `--eval-split` of the training data, if set).
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
-    /// Fraction of the training data held out for evaluation.
-    #[arg(long)]
-    pub eval_split: Option<f64>,
-    /// Evaluate every N steps (and at the end).
-    #[arg(long)]
-    pub eval_every: Option<usize>,
-    /// Stop after this many evaluations without improvement; the best adapter is kept.
-    #[arg(long)]
-    pub patience: Option<usize>,
-    /// text | completion | chat | alpaca (detected per line when not given).
-    #[arg(long)]
-    pub format: Option<String>,
-    /// Put loss on every token, not only on completions / assistant turns.
-    #[arg(long)]
-    #[serde(default)]
-    pub train_on_prompts: bool,
-    #[arg(long)]
-    pub rank: Option<usize>,
-    #[arg(long)]
-    pub alpha: Option<f64>,
-    #[arg(long)]
-    pub dropout: Option<f64>,
-    /// all-linear, a comma-separated list (q_proj,v_proj,…), or a regex.
-    #[arg(long)]
-    pub targets: Option<String>,
-    #[arg(long)]
-    #[serde(default)]
-    pub rslora: bool,
-    #[arg(long)]
-    pub lr: Option<f64>,
-    /// constant | linear | cosine.
-    #[arg(long)]
-    pub schedule: Option<String>,
-    #[arg(long)]
-    pub warmup_steps: Option<usize>,
-    #[arg(long)]
-    pub weight_decay: Option<f64>,
-    /// Global gradient-norm clipping (0 disables).
-    #[arg(long)]
-    pub max_grad_norm: Option<f64>,
-    #[arg(long, conflicts_with = "steps")]
-    pub epochs: Option<usize>,
-    #[arg(long)]
-    pub steps: Option<usize>,
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    #[arg(long)]
-    pub grad_accum: Option<usize>,
-    /// Longer samples are truncated (the count is reported).
-    #[arg(long)]
-    pub max_len: Option<usize>,
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Base weights: nf4 (QLoRA, the default) or none (plain LoRA on f32 weights).
-    #[arg(long)]
-    pub quantize: Option<String>,
+    #[command(flatten)]
+    #[serde(skip)]
+    pub run: RunSettings,
     #[arg(long, value_enum)]
     pub backend: Option<BackendKind>,
     /// A TOML file with any of these settings.
@@ -122,51 +70,26 @@ macro_rules! overlay {
 }
 
 impl TrainArgs {
-    /// The settings the page shares, by the same names.
-    fn settings(&self) -> RunSettings {
-        RunSettings {
-            format: self.format.clone(),
-            train_on_prompts: self.train_on_prompts,
-            rank: self.rank,
-            alpha: self.alpha,
-            dropout: self.dropout,
-            targets: self.targets.clone(),
-            rslora: self.rslora,
-            lr: self.lr,
-            schedule: self.schedule.clone(),
-            warmup_steps: self.warmup_steps,
-            weight_decay: self.weight_decay,
-            max_grad_norm: self.max_grad_norm,
-            epochs: self.epochs,
-            steps: self.steps,
-            batch_size: self.batch_size,
-            grad_accum: self.grad_accum,
-            max_len: self.max_len,
-            seed: self.seed,
-            quantize: self.quantize.clone(),
-            eval_split: self.eval_split,
-            eval_every: self.eval_every,
-            patience: self.patience,
-        }
-    }
-
     /// The TOML file's settings with the flags on top.
     fn resolve(self) -> anyhow::Result<TrainArgs> {
         let Some(path) = &self.config else { return Ok(self) };
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut base: TrainArgs = toml::from_str(&text).with_context(|| format!("{}: invalid config", path.display()))?;
+        let invalid = || format!("{}: invalid config", path.display());
+        let mut table: toml::Table = toml::from_str(&text).with_context(invalid)?;
+        // The run's settings go to RunSettings, the rest (paths, backend) to TrainArgs.
+        let run_keys = serde_json::to_value(RunSettings::default())?;
+        let run_keys = run_keys.as_object().expect("a struct");
+        let run_table: toml::Table = table.iter().filter(|(k, _)| run_keys.contains_key(*k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        table.retain(|k, _| !run_keys.contains_key(k));
+        let mut base: TrainArgs = table.try_into().with_context(invalid)?;
+        base.run = run_table.try_into().with_context(invalid)?;
         let top = self;
-        overlay!(base, top, model, data, out, eval_data, eval_split, eval_every, patience, format, rank, alpha, dropout, targets, lr, schedule,
-            warmup_steps, weight_decay, max_grad_norm, epochs, steps, batch_size, grad_accum, max_len, seed, quantize, backend, save_every, base_model_name);
-        base.train_on_prompts |= top.train_on_prompts;
-        base.rslora |= top.rslora;
+        overlay!(base, top, model, data, out, eval_data, backend, save_every, base_model_name);
+        base.run.overlay(&top.run);
         base.skip_bad_lines |= top.skip_bad_lines;
         base.quiet |= top.quiet;
         base.config = top.config;
         base.resume = top.resume;
-        if base.steps.is_some() && top.epochs.is_some() {
-            base.steps = None;
-        }
         Ok(base)
     }
 }
@@ -192,16 +115,16 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     if out.exists() && a.resume.is_none() {
         bail!("{} already exists; choose a new --out (or --resume a checkpoint)", out.display());
     }
-    let format = match &a.format {
+    let format = match &a.run.format {
         Some(f) => Some(Format::parse(f).with_context(|| format!("--format {f}: expected text, completion, chat or alpaca"))?),
         None => None,
     };
     let text = crate::model::text(&model_dir)?;
     let (tok, template) = (text.tokenizer, text.template);
-    let opts = EncodeOptions { train_on_completions_only: !a.train_on_prompts, max_len: a.max_len };
+    let opts = EncodeOptions { train_on_completions_only: !a.run.train_on_prompts, max_len: a.run.max_len };
     let (train, truncated, skipped) = load_samples(&data_path, format, a.skip_bad_lines, &tok, template.as_ref(), opts)?;
-    let seed = a.seed.unwrap_or(42);
-    let (train, eval, eval_truncated) = match (&a.eval_data, a.eval_split) {
+    let seed = a.run.seed.unwrap_or(42);
+    let (train, eval, eval_truncated) = match (&a.eval_data, a.run.eval_split) {
         (Some(p), _) => {
             let (e, t, _) = load_samples(p, format, a.skip_bad_lines, &tok, template.as_ref(), opts)?;
             (train, e, t)
@@ -230,17 +153,17 @@ where
     B: burn::tensor::backend::AutodiffBackend + HoneBackend,
     B::InnerBackend: HoneBackend,
 {
-    let settings = a.settings();
-    let nf4 = settings.nf4().map_err(|_| anyhow::anyhow!("--quantize {}: expected nf4 or none", a.quantize.as_deref().unwrap_or_default()))?;
+    let settings = a.run.clone();
+    let nf4 = settings.nf4().map_err(|_| anyhow::anyhow!("--quantize {}: expected nf4 or none", a.run.quantize.as_deref().unwrap_or_default()))?;
     let loading = std::time::Instant::now();
     let mut model = crate::model::weights::<B>(model_dir, LoadOptions { nf4 }, &device)?;
     eprintln!("model: {} loaded in {:.1}s ({})", model_dir.display(), loading.elapsed().as_secs_f64(), if nf4.is_some() { "NF4 base, QLoRA" } else { "f32 base, LoRA" });
     let lora = settings.lora();
     let adapted = add_adapters(model.linears_mut(), &lora, &device);
     if adapted == 0 {
-        bail!("--targets {:?} matches no layer of this model", a.targets.as_deref().unwrap_or("all-linear"));
+        bail!("--targets {:?} matches no layer of this model", a.run.targets.as_deref().unwrap_or("all-linear"));
     }
-    if let Some(s) = a.schedule.as_deref() {
+    if let Some(s) = a.run.schedule.as_deref() {
         Schedule::parse(s).with_context(|| format!("--schedule {s}: expected constant, linear or cosine"))?;
     }
     let cfg = settings.train(pad_id(tok))?;
@@ -303,7 +226,7 @@ where
                 best = Some(trainer.adapter(&base_name));
             } else {
                 saved.evals_without_improvement += 1;
-                if a.patience.is_some_and(|p| saved.evals_without_improvement >= p) {
+                if a.run.patience.is_some_and(|p| saved.evals_without_improvement >= p) {
                     say(&bar, a.quiet, format!("early stop: no improvement in {} evaluations", saved.evals_without_improvement));
                     break;
                 }

@@ -92,3 +92,25 @@ fn bad_lines_are_named_or_skipped_and_nothing_is_half_written() {
     assert!(!r.status.success(), "completion data read as chat has no usable line");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn packing_token_budget_and_checkpointing_flags() {
+    let dir = tmp("packing");
+    let data = write_data(&dir, false);
+    let out = dir.join("adapter");
+    let model = fixtures().join("llama");
+    // 12 short samples packed into rows of 48 tokens, two rows (96 tokens) per micro-batch.
+    let r = hone(&["train", "--model", s(&model), "--data", s(&data), "--out", s(&out), "--quiet", "--rank", "2", "--epochs", "1",
+        "--packing", "--max-len", "48", "--max-batch-tokens", "96", "--checkpointing", "off"]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{stderr}");
+    // Unpacked, batch 4: three steps; packed, fewer rows and so fewer steps.
+    let steps: usize = stderr.lines().filter(|l| l.starts_with("step ") && l.contains("loss")).count();
+    assert!((1..3).contains(&steps), "{steps} steps:\n{stderr}");
+    assert!(out.join("adapter_model.safetensors").exists());
+
+    let r = hone(&["train", "--model", s(&model), "--data", s(&data), "--out", s(&dir.join("x")), "--checkpointing", "sometimes"]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && stderr.contains("checkpointing") && stderr.contains("expected on or off"), "{stderr}");
+    assert!(!dir.join("x").exists());
+}

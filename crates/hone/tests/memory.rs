@@ -3,10 +3,11 @@
 //! The same check run with the dequantized weight saved for backward (a debug switch) fails,
 //! which shows that the check can fail.
 
+mod common;
+
 use burn::backend::{Autodiff, Wgpu};
 use burn::tensor::{Int, Tensor, TensorData};
 use cubecl::Runtime;
-use hone::io::safetensors::write_f32;
 use hone::io::MemFiles;
 use hone::lora::peft::add_adapters;
 use hone::lora::{LoraConfig, Targets};
@@ -25,31 +26,7 @@ const TOKENS: usize = 8;
 
 /// A synthetic Llama with big enough linears that one dequantized weight is easy to see.
 fn model_files() -> MemFiles {
-    let config = serde_json::json!({
-        "model_type": "llama", "vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": INTER,
-        "num_hidden_layers": LAYERS, "num_attention_heads": 4, "num_key_value_heads": 4,
-        "rms_norm_eps": 1e-5, "max_position_embeddings": 64, "tie_word_embeddings": true
-    });
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    let mut seed = 1u32;
-    let mut rand = |n: usize| -> Vec<f32> {
-        (0..n).map(|_| { seed = seed.wrapping_mul(1664525).wrapping_add(1013904223); (seed >> 8) as f32 / (1u32 << 24) as f32 * 0.1 - 0.05 }).collect()
-    };
-    tensors.push(("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN], rand(VOCAB * HIDDEN)));
-    tensors.push(("model.norm.weight".into(), vec![HIDDEN], vec![1.0; HIDDEN]));
-    for i in 0..LAYERS {
-        let p = format!("model.layers.{i}");
-        for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-            tensors.push((format!("{p}.self_attn.{n}.weight"), vec![HIDDEN, HIDDEN], rand(HIDDEN * HIDDEN)));
-        }
-        tensors.push((format!("{p}.mlp.gate_proj.weight"), vec![INTER, HIDDEN], rand(INTER * HIDDEN)));
-        tensors.push((format!("{p}.mlp.up_proj.weight"), vec![INTER, HIDDEN], rand(INTER * HIDDEN)));
-        tensors.push((format!("{p}.mlp.down_proj.weight"), vec![HIDDEN, INTER], rand(INTER * HIDDEN)));
-        tensors.push((format!("{p}.input_layernorm.weight"), vec![HIDDEN], vec![1.0; HIDDEN]));
-        tensors.push((format!("{p}.post_attention_layernorm.weight"), vec![HIDDEN], vec![1.0; HIDDEN]));
-    }
-    let refs: Vec<(&str, &[usize], &[f32])> = tensors.iter().map(|(n, s, v)| (n.as_str(), s.as_slice(), v.as_slice())).collect();
-    MemFiles::new("synthetic").with("config.json", serde_json::to_vec(&config).unwrap()).with("model.safetensors", write_f32(&refs, &Default::default()))
+    common::Synthetic { hidden: HIDDEN, inter: INTER, layers: LAYERS, vocab: VOCAB, heads: 4, max_positions: 64 }.files()
 }
 
 fn bytes_in_use(device: &burn::backend::wgpu::WgpuDevice) -> u64 {

@@ -1,6 +1,6 @@
 //! Three AdamW steps (linear schedule, clipping, weight decay, a padded batch of two) give
 //! PEFT's losses and final LoRA weights, for LoRA and for QLoRA on an NF4 base
-//! (tests/reference/make_train_fixtures.py).
+//! (tests/reference/make_train_fixtures.py), with activation checkpointing and without.
 
 mod common;
 
@@ -17,7 +17,7 @@ use hone::train::{Schedule, TrainConfig, Trainer};
 
 type B = Autodiff<NdArray>;
 
-fn check(qlora: bool) {
+fn check(qlora: bool, checkpointing: bool) {
     let fixtures = common::fixtures();
     let expected = SafeTensors::open(Box::new(FileSource::open(&fixtures.join("train/llama_adamw.safetensors")).unwrap())).unwrap();
     let e = SafeTensors::open(Box::new(FileSource::open(&fixtures.join("llama/expected.safetensors")).unwrap())).unwrap();
@@ -45,6 +45,9 @@ fn check(qlora: bool) {
         seed: 0,
         shuffle: false,
         pad_id: 0,
+        checkpointing,
+        pack_len: None,
+        max_batch_tokens: None,
     };
     let lora = LoraConfig { r: adapter.r, alpha: adapter.alpha, dropout: 0.0, ..Default::default() };
     let mut trainer = Trainer::new(model, lora, samples, cfg, device);
@@ -54,7 +57,7 @@ fn check(qlora: bool) {
     while !trainer.done() {
         losses.push(trainer.step().loss);
     }
-    println!("qlora={qlora}: losses {losses:?} (PEFT {want_losses:?})");
+    println!("qlora={qlora} checkpointing={checkpointing}: losses {losses:?} (PEFT {want_losses:?})");
     assert_eq!(losses.len(), 3);
     for (ours, theirs) in losses.iter().zip(&want_losses) {
         assert!(((ours - *theirs as f64) / *theirs as f64).abs() < 1e-4, "loss {ours} vs {theirs}");
@@ -69,16 +72,18 @@ fn check(qlora: bool) {
             assert!(err < 1e-4, "{}.{which}: {err:.3e}", layer.module);
         }
     }
-    println!("qlora={qlora}: {} layers, worst rel error of final A/B {worst:.2e}", trained.layers.len());
+    println!("qlora={qlora} checkpointing={checkpointing}: {} layers, worst rel error of final A/B {worst:.2e}", trained.layers.len());
     assert_eq!(trained.layers.len(), 14);
 }
 
 #[test]
 fn three_adamw_steps_match_peft() {
-    check(false);
+    check(false, true);
+    check(false, false);
 }
 
 #[test]
 fn three_adamw_steps_match_peft_on_nf4_base() {
-    check(true);
+    check(true, true);
+    check(true, false);
 }

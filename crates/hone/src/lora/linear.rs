@@ -21,9 +21,10 @@ impl<B: Backend> Lora<B> {
         self.lora_a.dims()[0]
     }
 
-    /// `s·dropout(x)·Aᵀ·Bᵀ` for `x: [m, in]`. Dropout only while gradients are tracked.
+    /// `s·dropout(x)·Aᵀ·Bᵀ` for `x: [m, in]`. Dropout only while training: when gradients are
+    /// tracked, or inside [`with_training_dropout`].
     pub fn delta(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let x = if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
+        let x = if self.dropout > 0.0 && (B::ad_enabled(&x.device()) || TRAINING_WITHOUT_GRAD.with(|t| t.get())) {
             let keep = 1.0 - self.dropout;
             let mask = x.random_like(Distribution::Bernoulli(keep));
             x * mask / keep
@@ -37,6 +38,19 @@ impl<B: Backend> Lora<B> {
     pub fn delta_weight(&self) -> Tensor<B, 2> {
         self.lora_b.val().matmul(self.lora_a.val()).mul_scalar(self.scaling)
     }
+}
+
+thread_local! {
+    static TRAINING_WITHOUT_GRAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with LoRA dropout on although no gradients are tracked: activation checkpointing's
+/// first forward runs untracked and must see the same dropout as the tracked recomputation.
+pub fn with_training_dropout<R>(f: impl FnOnce() -> R) -> R {
+    let before = TRAINING_WITHOUT_GRAD.with(|t| t.replace(true));
+    let out = f();
+    TRAINING_WITHOUT_GRAD.with(|t| t.set(before));
+    out
 }
 
 #[derive(Module, Debug)]

@@ -206,30 +206,16 @@ pub fn add_adapters<B: HoneBackend>(linears: Vec<(String, &mut LoraLinear<B>)>, 
 /// The adapter's tensors read back from the device (native: synchronous reads).
 #[cfg(not(target_arch = "wasm32"))]
 pub fn to_host<B: HoneBackend>(linears: Vec<(String, &LoraLinear<B>)>, config: &LoraConfig, base: &str) -> Adapter {
+    let read = |t: burn::tensor::Tensor<B, 2>| t.into_data().to_vec().expect("f32");
     let layers = linears
         .into_iter()
         .filter_map(|(module, lin)| {
             let l = lin.lora.as_ref()?;
-            let a = l.lora_a.val();
-            let b = l.lora_b.val();
-            Some(HostLora {
-                module,
-                a_shape: a.dims(),
-                b_shape: b.dims(),
-                a: a.into_data().to_vec().expect("f32"),
-                b: b.into_data().to_vec().expect("f32"),
-            })
+            let (a, b) = (l.lora_a.val(), l.lora_b.val());
+            Some(HostLora { module, a_shape: a.dims(), b_shape: b.dims(), a: read(a), b: read(b) })
         })
         .collect();
-    Adapter {
-        r: config.r,
-        alpha: config.alpha,
-        dropout: config.dropout,
-        use_rslora: config.use_rslora,
-        base_model_name_or_path: base.to_string(),
-        layers,
-        source: "(in memory)".to_string(),
-    }
+    Adapter::in_memory(config, base, layers)
 }
 
 /// The adapter's tensors read back asynchronously (in the browser, the only way).
@@ -238,18 +224,24 @@ pub async fn to_host_async<B: HoneBackend>(linears: Vec<(String, &LoraLinear<B>)
     let mut layers = Vec::new();
     for (module, lin) in linears {
         let Some(l) = lin.lora.as_ref() else { continue };
-        let a = l.lora_a.val();
-        let b = l.lora_b.val();
+        let (a, b) = (l.lora_a.val(), l.lora_b.val());
         let (a_shape, b_shape) = (a.dims(), b.dims());
         layers.push(HostLora { module, a_shape, b_shape, a: read_f32(a).await?, b: read_f32(b).await? });
     }
-    Ok(Adapter {
-        r: config.r,
-        alpha: config.alpha,
-        dropout: config.dropout,
-        use_rslora: config.use_rslora,
-        base_model_name_or_path: base.to_string(),
-        layers,
-        source: "(in memory)".to_string(),
-    })
+    Ok(Adapter::in_memory(config, base, layers))
+}
+
+impl Adapter {
+    /// An adapter of `config`'s settings made from tensors read back from a model.
+    fn in_memory(config: &LoraConfig, base: &str, layers: Vec<HostLora>) -> Adapter {
+        Adapter {
+            r: config.r,
+            alpha: config.alpha,
+            dropout: config.dropout,
+            use_rslora: config.use_rslora,
+            base_model_name_or_path: base.to_string(),
+            layers,
+            source: "(in memory)".to_string(),
+        }
+    }
 }

@@ -72,6 +72,51 @@ impl<B: Backend> Positions<B> {
         let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [seq_len, total]), device).unsqueeze_dims::<4>(&[0, 1]);
         Positions { cos: table(rows(cos)), sin: table(rows(sin)), mask }
     }
+
+    /// For rows of `t` tokens, each made of samples (packing) of the given lengths: positions
+    /// restart at every sample and no token attends across samples. Tokens past a row's samples
+    /// (padding) form one more sample of their own. Tables and mask are per row, `[B, 1, T, ·]`.
+    pub fn packed(cfg: &Config, rows: &[Vec<usize>], t: usize, device: &B::Device) -> Self {
+        let rot = cfg.rotary_dim();
+        let b = rows.len();
+        let mut segments: Vec<Vec<usize>> = rows.to_vec();
+        for seg in &mut segments {
+            let used: usize = seg.iter().sum();
+            assert!(used <= t, "packed samples ({used} tokens) longer than the row ({t})");
+            if used < t {
+                seg.push(t - used);
+            }
+        }
+        // LongRoPE picks its factors by the longest position in use, as transformers does.
+        let longest = segments.iter().flatten().copied().max().unwrap_or(1);
+        let (cos, sin) = rope::cos_sin(cfg, longest);
+        let (mut cos_rows, mut sin_rows) = (Vec::with_capacity(b * t * rot), Vec::with_capacity(b * t * rot));
+        let mut mask = vec![f32::NEG_INFINITY; b * t * t];
+        for (r, seg) in segments.iter().enumerate() {
+            let mut start = 0;
+            for &len in seg {
+                cos_rows.extend_from_slice(&cos[..len * rot]);
+                sin_rows.extend_from_slice(&sin[..len * rot]);
+                for i in 0..len {
+                    for j in 0..=i {
+                        let outside_window = cfg.sliding_window.is_some_and(|w| i - j >= w);
+                        if !outside_window {
+                            mask[r * t * t + (start + i) * t + start + j] = 0.0;
+                        }
+                    }
+                }
+                start += len;
+            }
+        }
+        let table = |v: Vec<f32>| Tensor::<B, 3>::from_data(TensorData::new(v, [b, t, rot]), device).unsqueeze_dim::<4>(1);
+        let mask = Tensor::<B, 3>::from_data(TensorData::new(mask, [b, t, t]), device).unsqueeze_dim::<4>(1);
+        Positions { cos: table(cos_rows), sin: table(sin_rows), mask }
+    }
+
+    /// The same tables on another backend of the same device (the autodiff one and its inner).
+    pub fn to_backend<O: Backend>(&self, f: impl Fn(Tensor<B, 4>) -> Tensor<O, 4>) -> Positions<O> {
+        Positions { cos: f(self.cos.clone()), sin: f(self.sin.clone()), mask: f(self.mask.clone()) }
+    }
 }
 
 /// Keys and values of the tokens seen so far, per layer (`[B, kv_heads, T, head_dim]`, after
@@ -217,13 +262,21 @@ pub struct CausalLm<B: Backend> {
 impl<B: HoneBackend> CausalLm<B> {
     /// Final hidden states `[B, T, hidden]` for token ids `[B, T]`.
     pub fn hidden(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let t = ids.dims()[1];
-        let pos = Positions::new(&self.config, t, &ids.device());
-        let mut x = burn::tensor::module::embedding(self.model.embed_tokens.clone(), ids);
+        let pos = Positions::new(&self.config, ids.dims()[1], &ids.device());
+        self.hidden_at(ids, &pos)
+    }
+
+    /// [`Self::hidden`] with given positions and mask (packed rows).
+    pub fn hidden_at(&self, ids: Tensor<B, 2, Int>, pos: &Positions<B>) -> Tensor<B, 3> {
+        let mut x = self.embed(ids);
         for layer in &self.model.layers {
-            x = layer.forward(x, &pos);
+            x = layer.forward(x, pos);
         }
         self.model.norm.forward(x)
+    }
+
+    pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        burn::tensor::module::embedding(self.model.embed_tokens.clone(), ids)
     }
 
     /// Logits `[B, T, vocab]`.
@@ -232,11 +285,17 @@ impl<B: HoneBackend> CausalLm<B> {
         self.head(h)
     }
 
+    /// Logits with given positions and mask (packed rows).
+    pub fn forward_at(&self, ids: Tensor<B, 2, Int>, pos: &Positions<B>) -> Tensor<B, 3> {
+        let h = self.hidden_at(ids, pos);
+        self.head(h)
+    }
+
     /// Logits for new tokens `ids` after those in `cache`, which is extended with them.
     pub fn forward_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
         let t = ids.dims()[1];
         let pos = Positions::with_past(&self.config, cache.len, t, &ids.device());
-        let mut x = burn::tensor::module::embedding(self.model.embed_tokens.clone(), ids);
+        let mut x = self.embed(ids);
         for (layer, slot) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
             x = layer.forward_cached(x, &pos, Some(slot));
         }
@@ -244,7 +303,8 @@ impl<B: HoneBackend> CausalLm<B> {
         self.head(self.model.norm.forward(x))
     }
 
-    fn head(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// Logits from final (normed) hidden states.
+    pub fn head(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(head) => head.forward(h),
             None => {

@@ -11,35 +11,99 @@ use crate::error::{Error, Result};
 use crate::lora::{LoraConfig, Targets};
 use crate::model::Nf4Options;
 
-/// Every setting of a run that changes what is trained. `None` means the default.
+/// Row length when packing without `max_len`.
+pub const DEFAULT_PACK_LEN: usize = 2048;
+
+/// Every setting of a run that changes what is trained. `None` means the default. With the
+/// `cli` feature these are also `hone train`'s flags (the same names, `-` for `_`).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 #[serde(default, deny_unknown_fields)]
 pub struct RunSettings {
+    /// text | completion | chat | alpaca (detected per line when not given).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub format: Option<String>,
+    /// Put loss on every token, not only on completions / assistant turns.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub train_on_prompts: bool,
+    #[cfg_attr(feature = "cli", arg(long))]
     pub rank: Option<usize>,
+    #[cfg_attr(feature = "cli", arg(long))]
     pub alpha: Option<f64>,
+    #[cfg_attr(feature = "cli", arg(long))]
     pub dropout: Option<f64>,
+    /// all-linear, a comma-separated list (q_proj,v_proj,…), or a regex.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub targets: Option<String>,
+    #[cfg_attr(feature = "cli", arg(long))]
     pub rslora: bool,
+    #[cfg_attr(feature = "cli", arg(long))]
     pub lr: Option<f64>,
+    /// constant | linear | cosine.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub schedule: Option<String>,
+    #[cfg_attr(feature = "cli", arg(long))]
     pub warmup_steps: Option<usize>,
+    #[cfg_attr(feature = "cli", arg(long))]
     pub weight_decay: Option<f64>,
+    /// Global gradient-norm clipping (0 disables).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub max_grad_norm: Option<f64>,
+    #[cfg_attr(feature = "cli", arg(long, conflicts_with = "steps"))]
     pub epochs: Option<usize>,
+    #[cfg_attr(feature = "cli", arg(long))]
     pub steps: Option<usize>,
+    #[cfg_attr(feature = "cli", arg(long))]
     pub batch_size: Option<usize>,
+    #[cfg_attr(feature = "cli", arg(long))]
     pub grad_accum: Option<usize>,
+    /// Longer samples are truncated (the count is reported).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub max_len: Option<usize>,
+    #[cfg_attr(feature = "cli", arg(long))]
     pub seed: Option<u64>,
+    /// Base weights: nf4 (QLoRA, the default) or none (plain LoRA on f32 weights).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub quantize: Option<String>,
+    /// Fraction of the training data held out for evaluation.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub eval_split: Option<f64>,
+    /// Evaluate every N steps (and at the end).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub eval_every: Option<usize>,
+    /// Stop after this many evaluations without improvement; the best adapter is kept.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub patience: Option<usize>,
+    /// Activation checkpointing per decoder layer: on (the default) or off.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub checkpointing: Option<String>,
+    /// Pack several samples into each row of --max-len tokens (no attention across them).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub packing: bool,
+    /// Fill each micro-batch up to this many (padded) tokens instead of --batch-size rows.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub max_batch_tokens: Option<usize>,
+}
+
+macro_rules! overlay {
+    ($base:ident, $top:ident; $($opt:ident),*; $($flag:ident),*) => {
+        $( if $top.$opt.is_some() { $base.$opt = $top.$opt.clone(); } )*
+        $( $base.$flag |= $top.$flag; )*
+    };
 }
 
 impl RunSettings {
+    /// These settings with every one that `top` sets put over them (flags over a config file).
+    pub fn overlay(&mut self, top: &RunSettings) {
+        let base = self;
+        overlay!(base, top; format, rank, alpha, dropout, targets, lr, schedule, warmup_steps, weight_decay, max_grad_norm, epochs, steps,
+            batch_size, grad_accum, max_len, seed, quantize, eval_split, eval_every, patience, checkpointing, max_batch_tokens;
+            train_on_prompts, rslora, packing);
+        if top.epochs.is_some() && top.steps.is_none() {
+            base.steps = None;
+        }
+    }
+
     pub fn seed(&self) -> u64 {
         self.seed.unwrap_or(42)
     }
@@ -92,6 +156,13 @@ impl RunSettings {
             seed: self.seed(),
             shuffle: true,
             pad_id,
+            checkpointing: match self.checkpointing.as_deref().unwrap_or("on") {
+                "on" | "true" => true,
+                "off" | "false" => false,
+                other => return Err(Error::format("checkpointing", format!("{other}: expected on or off"))),
+            },
+            pack_len: self.packing.then(|| self.max_len.unwrap_or(DEFAULT_PACK_LEN)),
+            max_batch_tokens: self.max_batch_tokens,
         })
     }
 }

@@ -10,6 +10,7 @@ use crate::data::Sample;
 pub use crate::readback::read_f32;
 use crate::lora::peft::Adapter;
 use crate::lora::LoraConfig;
+use crate::model::decoder::Positions;
 use crate::model::CausalLm;
 use crate::quant::HoneBackend;
 use burn::module::{AutodiffModule, Param};
@@ -37,6 +38,14 @@ pub struct TrainConfig {
     pub shuffle: bool,
     /// Id used for padding (its labels are ignored).
     pub pad_id: u32,
+    /// Recompute each decoder layer's activations during backward instead of keeping them from
+    /// the forward pass (activation checkpointing per layer).
+    pub checkpointing: bool,
+    /// Pack consecutive samples into rows of up to this many tokens (positions restart at each
+    /// sample and no token attends across samples); `None` pads one sample per row.
+    pub pack_len: Option<usize>,
+    /// Fill each micro-batch up to this many (padded) tokens instead of `batch_size` rows.
+    pub max_batch_tokens: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -54,6 +63,9 @@ impl Default for TrainConfig {
             seed: 42,
             shuffle: true,
             pad_id: 0,
+            checkpointing: true,
+            pack_len: None,
+            max_batch_tokens: None,
         }
     }
 }
@@ -117,6 +129,103 @@ pub fn steps_per_epoch(samples: usize, batch_size: usize, grad_accum: usize) -> 
     samples.div_ceil(batch_size.max(1)).div_ceil(grad_accum.max(1))
 }
 
+/// The rows of the micro-batch that starts at `order[at]`, each row a list of sample indices
+/// (one, unless packing), and where the next micro-batch starts. A micro-batch never crosses
+/// the end of the epoch.
+pub fn micro_batch(cfg: &TrainConfig, lens: &[usize], order: &[usize], mut at: usize) -> (Vec<Vec<usize>>, usize) {
+    let mut rows: Vec<Vec<usize>> = Vec::new();
+    let mut longest = 0;
+    while at < order.len() {
+        let row: Vec<usize> = match cfg.pack_len {
+            Some(cap) => {
+                let mut row = vec![order[at]];
+                let mut used = lens[order[at]];
+                while at + row.len() < order.len() && used + lens[order[at + row.len()]] <= cap {
+                    used += lens[order[at + row.len()]];
+                    row.push(order[at + row.len()]);
+                }
+                row
+            }
+            None => vec![order[at]],
+        };
+        let used: usize = row.iter().map(|&i| lens[i]).sum();
+        let len = cfg.pack_len.map_or(used, |cap| cap.max(used));
+        let fits = match cfg.max_batch_tokens {
+            Some(budget) => (rows.len() + 1) * longest.max(len) <= budget,
+            None => rows.len() < cfg.batch_size.max(1),
+        };
+        if !fits && !rows.is_empty() {
+            break;
+        }
+        longest = longest.max(len);
+        at += row.len();
+        rows.push(row);
+    }
+    (rows, at)
+}
+
+/// Optimizer steps over `epochs` epochs of `lens`, batched as `cfg` says.
+fn total_steps(cfg: &TrainConfig, lens: &[usize]) -> usize {
+    let accum = cfg.grad_accum.max(1);
+    if cfg.pack_len.is_none() && cfg.max_batch_tokens.is_none() {
+        return steps_per_epoch(lens.len(), cfg.batch_size, accum) * cfg.epochs;
+    }
+    (0..cfg.epochs)
+        .map(|e| {
+            let order = epoch_order(lens.len(), cfg.seed, e, cfg.shuffle);
+            let (mut at, mut n) = (0usize, 0usize);
+            while at < order.len() {
+                at = micro_batch(cfg, lens, &order, at).1;
+                n += 1;
+            }
+            n.div_ceil(accum)
+        })
+        .sum()
+}
+
+/// One micro-batch on the host: rows of ids and labels padded to one length, and (when packing)
+/// the lengths of the samples in each row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub ids: Vec<Vec<i64>>,
+    pub labels: Vec<Vec<i64>>,
+    pub packed: Option<Vec<Vec<usize>>>,
+}
+
+impl Batch {
+    /// One sample per row.
+    pub fn padded(samples: &[&Sample], pad: u32) -> Batch {
+        let (ids, labels) = pad_batch(samples, pad);
+        Batch { ids, labels, packed: None }
+    }
+
+    /// Several samples per row. A sample's first label is ignored: the token before it belongs
+    /// to another sample (as transformers' DataCollatorWithFlattening does).
+    pub fn packed(rows: &[Vec<&Sample>], pad: u32) -> Batch {
+        let joined: Vec<Sample> = rows
+            .iter()
+            .map(|row| Sample {
+                input_ids: row.iter().flat_map(|s| s.input_ids.iter().copied()).collect(),
+                labels: row.iter().flat_map(|s| s.labels.iter().enumerate().map(|(i, &l)| if i == 0 { IGNORE_INDEX } else { l })).collect(),
+            })
+            .collect();
+        let (ids, labels) = pad_batch(&joined.iter().collect::<Vec<_>>(), pad);
+        let packed = Some(rows.iter().map(|row| row.iter().map(|s| s.input_ids.len()).collect()).collect());
+        Batch { ids, labels, packed }
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.ids.first().map_or(0, |r| r.len())
+    }
+
+    fn positions<B: Backend>(&self, config: &crate::model::Config, device: &B::Device) -> Positions<B> {
+        match &self.packed {
+            Some(rows) => Positions::packed(config, rows, self.seq_len(), device),
+            None => Positions::new(config, self.seq_len(), device),
+        }
+    }
+}
+
 fn epoch_order(n: usize, seed: u64, epoch: usize, shuffle: bool) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     if shuffle {
@@ -141,6 +250,22 @@ pub fn pad_batch(samples: &[&Sample], pad: u32) -> (Vec<Vec<i64>>, Vec<Vec<i64>>
     (ids, labels)
 }
 
+/// Gradients of the LoRA tensors of `linears` (zeros for one the loss does not reach).
+fn lora_grads<'a, B: AutodiffBackend + HoneBackend>(
+    linears: impl IntoIterator<Item = (String, &'a crate::lora::LoraLinear<B>)>,
+    g: &B::Gradients,
+) -> Vec<(String, Tensor<B::InnerBackend, 2>)> {
+    let mut out = Vec::new();
+    for (name, lin) in linears {
+        let Some(l) = &lin.lora else { continue };
+        for (which, p) in [("lora_A", &l.lora_a), ("lora_B", &l.lora_b)] {
+            let value = p.val();
+            out.push((format!("{name}.{which}"), value.grad(g).unwrap_or_else(|| value.inner().zeros_like())));
+        }
+    }
+    out
+}
+
 fn to_tensor<B: Backend>(rows: &[Vec<i64>], device: &B::Device) -> Tensor<B, 2, Int> {
     let (b, t) = (rows.len(), rows.first().map_or(0, |r| r.len()));
     Tensor::from_data(TensorData::new(rows.concat(), [b, t]), device)
@@ -152,7 +277,8 @@ where
 {
     /// `model` must already carry its LoRA adapters.
     pub fn new(model: CausalLm<B>, lora: LoraConfig, data: Vec<Sample>, cfg: TrainConfig, device: B::Device) -> Self {
-        let total_steps = cfg.max_steps.unwrap_or(steps_per_epoch(data.len(), cfg.batch_size, cfg.grad_accum) * cfg.epochs);
+        let lens: Vec<usize> = data.iter().map(|s| s.input_ids.len()).collect();
+        let total_steps = cfg.max_steps.unwrap_or_else(|| total_steps(&cfg, &lens));
         let order = epoch_order(data.len(), cfg.seed, 0, cfg.shuffle);
         Trainer {
             model,
@@ -179,61 +305,53 @@ where
         LrSchedule { kind: self.cfg.schedule, lr: self.cfg.lr, warmup_steps: self.cfg.warmup_steps, total_steps: self.state.total_steps }
     }
 
-    /// The next `batch_size` sample indices, moving to the next epoch (and its order) at the end.
-    fn next_indices(&mut self) -> Vec<usize> {
-        let mut out = Vec::with_capacity(self.cfg.batch_size);
-        while out.len() < self.cfg.batch_size {
-            if self.state.position >= self.order.len() {
-                if !out.is_empty() {
-                    break; // the epoch's last, shorter batch
-                }
-                self.state.epoch += 1;
-                self.state.position = 0;
-                self.order = epoch_order(self.data.len(), self.cfg.seed, self.state.epoch, self.cfg.shuffle);
-            }
-            out.push(self.order[self.state.position]);
-            self.state.position += 1;
+    /// The next micro-batch's rows of sample indices, moving to the next epoch (and its order)
+    /// at the end of one.
+    fn next_rows(&mut self) -> Vec<Vec<usize>> {
+        if self.state.position >= self.order.len() {
+            self.state.epoch += 1;
+            self.state.position = 0;
+            self.order = epoch_order(self.data.len(), self.cfg.seed, self.state.epoch, self.cfg.shuffle);
         }
-        out
+        let lens: Vec<usize> = self.data.iter().map(|s| s.input_ids.len()).collect();
+        let (rows, next) = micro_batch(&self.cfg, &lens, &self.order, self.state.position);
+        self.state.position = next;
+        rows
+    }
+
+    fn batch(&self, rows: &[Vec<usize>]) -> Batch {
+        let samples: Vec<Vec<&Sample>> = rows.iter().map(|r| r.iter().map(|&i| &self.data[i]).collect()).collect();
+        match self.cfg.pack_len {
+            Some(_) => Batch::packed(&samples, self.cfg.pad_id),
+            None => Batch::padded(&samples.iter().map(|r| r[0]).collect::<Vec<_>>(), self.cfg.pad_id),
+        }
     }
 
     /// One optimizer step; its loss stays on the device (see [`Trainer::step`] for a read).
     pub fn step_pending(&mut self) -> PendingStep<B::InnerBackend> {
         let step = self.state.step;
-        // Dropout masks depend only on (seed, step): a resumed run draws the same ones.
-        B::seed(&self.device, self.cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(step as u64));
-        let batches: Vec<Vec<usize>> = (0..self.cfg.grad_accum.max(1)).map(|_| self.next_indices()).collect();
-        let padded: Vec<_> = batches
-            .iter()
-            .map(|idx| pad_batch(&idx.iter().map(|&i| &self.data[i]).collect::<Vec<_>>(), self.cfg.pad_id))
-            .collect();
-        let counted: usize = padded.iter().map(|(_, labels)| counted_tokens(labels)).sum();
-        let tokens: usize = batches.iter().flatten().map(|&i| self.data[i].input_ids.len()).sum();
+        let rows: Vec<Vec<Vec<usize>>> = (0..self.cfg.grad_accum.max(1)).map(|_| self.next_rows()).collect();
+        let batches: Vec<Batch> = rows.iter().map(|r| self.batch(r)).collect();
+        let counted: usize = batches.iter().map(|b| counted_tokens(&b.labels)).sum();
+        let tokens: usize = rows.iter().flatten().flatten().map(|&i| self.data[i].input_ids.len()).sum();
         let norm = counted.max(1) as f64;
 
         let mut grads: BTreeMap<String, Tensor<B::InnerBackend, 2>> = BTreeMap::new();
         let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
-        for (ids, labels) in &padded {
-            let ids_t = to_tensor::<B>(ids, &self.device);
-            let labels_t = to_tensor::<B>(labels, &self.device);
-            let nll = causal_lm_nll_sum(self.model.forward(ids_t), labels_t).div_scalar(norm);
-            let g = nll.backward();
+        for (k, batch) in batches.iter().enumerate() {
+            // Dropout masks depend only on (seed, step, micro-batch): a resumed run draws the same.
+            let seed = self.cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(step as u64).wrapping_add((k as u64) << 40);
+            let (nll, g) = self.gradients(batch, norm, seed);
             loss_sum = Some(match loss_sum {
-                Some(l) => l + nll.clone().inner(),
-                None => nll.clone().inner(),
+                Some(l) => l + nll,
+                None => nll,
             });
-            for (name, lin) in self.model.linears() {
-                let Some(l) = &lin.lora else { continue };
-                for (which, p) in [("lora_A", &l.lora_a), ("lora_B", &l.lora_b)] {
-                    let key = format!("{name}.{which}");
-                    let value = p.val();
-                    let gp = value.grad(&g).unwrap_or_else(|| value.inner().zeros_like());
-                    let acc = match grads.remove(&key) {
-                        Some(prev) => prev + gp,
-                        None => gp,
-                    };
-                    grads.insert(key, acc);
-                }
+            for (key, gp) in g {
+                let acc = match grads.remove(&key) {
+                    Some(prev) => prev + gp,
+                    None => gp,
+                };
+                grads.insert(key, acc);
             }
         }
 
@@ -270,6 +388,76 @@ where
                 grad_norm: None,
             },
         }
+    }
+
+    /// The summed loss of one micro-batch divided by `norm`, and the gradient of every LoRA
+    /// tensor (`{module}.lora_A` / `.lora_B`), with or without activation checkpointing as the
+    /// config says. `seed` fixes the dropout masks.
+    pub fn gradients(&self, batch: &Batch, norm: f64, seed: u64) -> (Tensor<B::InnerBackend, 1>, Vec<(String, Tensor<B::InnerBackend, 2>)>) {
+        if self.cfg.checkpointing {
+            return self.gradients_checkpointed(batch, norm, seed);
+        }
+        B::seed(&self.device, seed);
+        let pos = batch.positions::<B>(&self.model.config, &self.device);
+        let labels = to_tensor::<B>(&batch.labels, &self.device);
+        let nll = causal_lm_nll_sum(self.model.forward_at(to_tensor::<B>(&batch.ids, &self.device), &pos), labels).div_scalar(norm);
+        let g = nll.backward();
+        (nll.inner(), lora_grads(self.model.linears(), &g))
+    }
+
+    /// As [`Self::gradients`], keeping only each decoder layer's input from the forward pass: a
+    /// first pass runs without tracking and saves the layer inputs; then, from the top, each
+    /// layer is run again with tracking from its saved input and back-propagated alone, its
+    /// output's gradient coming from the layer above. Peak memory holds one layer's activations
+    /// rather than all of them, for one more forward pass.
+    fn gradients_checkpointed(&self, batch: &Batch, norm: f64, seed: u64) -> (Tensor<B::InnerBackend, 1>, Vec<(String, Tensor<B::InnerBackend, 2>)>) {
+        let layer_seed = |i: usize| seed ^ (i as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        let inner_device = self.model.model.embed_tokens.clone().inner().device();
+        let pos = batch.positions::<B::InnerBackend>(&self.model.config, &inner_device);
+        let untracked = self.model.valid();
+        let mut inputs: Vec<Tensor<B::InnerBackend, 3>> = vec![untracked.embed(to_tensor::<B::InnerBackend>(&batch.ids, &inner_device))];
+        crate::lora::linear::with_training_dropout(|| {
+            for (i, layer) in untracked.model.layers.iter().enumerate() {
+                B::seed(&self.device, layer_seed(i));
+                let x = layer.forward(inputs[i].clone(), &pos);
+                inputs.push(x);
+            }
+        });
+        drop(untracked);
+
+        let named = self.model.linears();
+        let in_layer = |i: Option<usize>| {
+            let prefix = i.map(|i| format!("model.layers.{i}."));
+            named.iter().filter(move |(n, _)| match &prefix {
+                Some(p) => n.starts_with(p.as_str()),
+                None => !n.starts_with("model.layers."),
+            })
+        };
+        let mut out = Vec::new();
+
+        // The head: final norm, logits and loss from the last layer's output.
+        let top = Tensor::<B, 3>::from_inner(inputs.pop().expect("embeddings")).require_grad();
+        let labels = to_tensor::<B>(&batch.labels, &self.device);
+        let nll = causal_lm_nll_sum(self.model.head(self.model.model.norm.forward(top.clone())), labels).div_scalar(norm);
+        let g = nll.backward();
+        out.extend(lora_grads(in_layer(None).map(|(n, l)| (n.clone(), *l)), &g));
+        let mut grad_out = top.grad(&g).expect("the loss depends on the hidden states");
+        drop(g);
+
+        let pos = pos.to_backend(Tensor::<B, 4>::from_inner);
+        for i in (0..self.model.model.layers.len()).rev() {
+            let x = Tensor::<B, 3>::from_inner(inputs.pop().expect("a saved input per layer")).require_grad();
+            B::seed(&self.device, layer_seed(i));
+            let y = self.model.model.layers[i].forward(x.clone(), &pos);
+            // d(sum(y·g))/dy = g: back-propagates the upper layers' gradient through this layer.
+            let g = (y * Tensor::from_inner(grad_out)).sum().backward();
+            out.extend(lora_grads(in_layer(Some(i)).map(|(n, l)| (n.clone(), *l)), &g));
+            grad_out = match x.grad(&g) {
+                Some(gx) => gx,
+                None => break,
+            };
+        }
+        (nll.inner(), out)
     }
 
     /// One optimizer step, its loss read back (native: a synchronous read).

@@ -28,3 +28,59 @@ pub fn check_all_archs<B: HoneBackend>(device: &B::Device) {
         }
     }
 }
+
+/// Shape of a synthetic Llama made in memory with seeded weights.
+pub struct Synthetic {
+    pub hidden: usize,
+    pub inter: usize,
+    pub layers: usize,
+    pub vocab: usize,
+    pub heads: usize,
+    pub max_positions: usize,
+}
+
+impl Synthetic {
+    pub fn files(&self) -> hone::io::MemFiles {
+        self.files_with(serde_json::json!({}))
+    }
+
+    /// With `extra` config.json fields set over the defaults.
+    pub fn files_with(&self, extra: serde_json::Value) -> hone::io::MemFiles {
+        let mut config = serde_json::json!({
+            "model_type": "llama", "vocab_size": self.vocab, "hidden_size": self.hidden, "intermediate_size": self.inter,
+            "num_hidden_layers": self.layers, "num_attention_heads": self.heads, "num_key_value_heads": self.heads,
+            "rms_norm_eps": 1e-5, "max_position_embeddings": self.max_positions, "tie_word_embeddings": true
+        });
+        for (k, v) in extra.as_object().expect("an object") {
+            config[k] = v.clone();
+        }
+        let (h, m) = (self.hidden, self.inter);
+        let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        let mut seed = 1u32;
+        let mut rand = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                    (seed >> 8) as f32 / (1u32 << 24) as f32 * 0.1 - 0.05
+                })
+                .collect()
+        };
+        tensors.push(("model.embed_tokens.weight".into(), vec![self.vocab, h], rand(self.vocab * h)));
+        tensors.push(("model.norm.weight".into(), vec![h], vec![1.0; h]));
+        for i in 0..self.layers {
+            let p = format!("model.layers.{i}");
+            for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+                tensors.push((format!("{p}.self_attn.{n}.weight"), vec![h, h], rand(h * h)));
+            }
+            tensors.push((format!("{p}.mlp.gate_proj.weight"), vec![m, h], rand(m * h)));
+            tensors.push((format!("{p}.mlp.up_proj.weight"), vec![m, h], rand(m * h)));
+            tensors.push((format!("{p}.mlp.down_proj.weight"), vec![h, m], rand(m * h)));
+            tensors.push((format!("{p}.input_layernorm.weight"), vec![h], vec![1.0; h]));
+            tensors.push((format!("{p}.post_attention_layernorm.weight"), vec![h], vec![1.0; h]));
+        }
+        let refs: Vec<(&str, &[usize], &[f32])> = tensors.iter().map(|(n, s, v)| (n.as_str(), s.as_slice(), v.as_slice())).collect();
+        hone::io::MemFiles::new("synthetic")
+            .with("config.json", serde_json::to_vec(&config).unwrap())
+            .with("model.safetensors", hone::io::safetensors::write_f32(&refs, &Default::default()))
+    }
+}
