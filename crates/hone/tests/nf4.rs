@@ -118,3 +118,32 @@ fn device_dequant_matches_bitsandbytes_on_ndarray() {
 fn device_dequant_matches_bitsandbytes_on_wgpu() {
     device_dequant_matches::<burn::backend::Wgpu>(&Default::default());
 }
+
+/// Quantizing in pieces (as loading streams a tensor) gives the whole-tensor result, and the
+/// error it reports equals the error of the dequantized weight.
+#[test]
+fn streamed_quantization_equals_whole_tensor() {
+    let st = fixture();
+    for case in CASES {
+        let x = f32s(&st, &format!("{case}.weight"));
+        let shape = st.info(&format!("{case}.weight")).unwrap().shape.clone();
+        for blocksize in [64, 128] {
+            let whole = Nf4Tensor::quantize(&x, &shape, blocksize, true).unwrap();
+            let mut b = hone::quant::nf4::Nf4Builder::new(&shape, blocksize, true).unwrap();
+            for piece in x.chunks(blocksize * 3) {
+                b.push(piece).unwrap();
+            }
+            let (streamed, (diff, norm)) = b.finish().unwrap();
+            assert_eq!(streamed, whole, "{case} blocksize {blocksize}");
+            let direct: f64 = whole.dequantize().iter().zip(&x).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+            let ssq: f64 = x.iter().map(|v| (*v as f64).powi(2)).sum();
+            assert!((diff - direct).abs() <= 1e-6 * ssq.max(1e-30), "{case}: error {diff} vs {direct}");
+            assert!((norm - ssq).abs() <= 1e-9 * ssq.max(1e-30));
+        }
+        // A piece that is not whole blocks (before the end) is refused.
+        let mut b = hone::quant::nf4::Nf4Builder::new(&shape, 64, true).unwrap();
+        if x.len() > 100 {
+            assert!(b.push(&x[..33]).is_err());
+        }
+    }
+}

@@ -165,6 +165,28 @@ impl SafeTensors {
     }
 }
 
+impl SafeTensors {
+    /// One floating-point tensor as f32, `chunk` values at a time (the last piece may be
+    /// shorter), so that only one piece of it is ever in memory.
+    pub fn read_f32_chunks(&self, name: &str, chunk: usize, f: &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()> {
+        let info = self.tensors.get(name).ok_or_else(|| Error::tensor(self.name(), name, "missing"))?;
+        let size = info.dtype.size();
+        let numel = ((info.end - info.start) as usize) / size;
+        let mut at = 0usize;
+        while at < numel {
+            let n = chunk.max(1).min(numel - at);
+            let bytes = self.source.read_vec(info.start + (at * size) as u64, n * size)?;
+            let values = to_f32(info.dtype, &bytes).ok_or_else(|| {
+                Error::tensor(self.name(), name, format!("dtype {} is not a floating-point weight", info.dtype.name()))
+            })?;
+            drop(bytes);
+            f(&values)?;
+            at += n;
+        }
+        Ok(())
+    }
+}
+
 fn parse_entry(entry: &serde_json::Value) -> Result<(String, Vec<usize>, u64, u64), String> {
     let dtype = entry.get("dtype").and_then(|d| d.as_str()).ok_or("no dtype")?.to_string();
     let shape = entry

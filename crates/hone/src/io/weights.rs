@@ -64,8 +64,8 @@ impl Weights {
         self.index.keys()
     }
 
-    /// Reads one tensor as f32 and checks its shape.
-    pub fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    /// The shard holding `name`, after checking the tensor's shape against `shape`.
+    fn shard(&self, name: &str, shape: &[usize]) -> Result<&SafeTensors> {
         let shard = self.index.get(name).ok_or_else(|| {
             let file = match self.shards.as_slice() {
                 [one] => one.name().to_string(),
@@ -74,7 +74,7 @@ impl Weights {
             Error::tensor(file, name, "missing (the model's config needs it)")
         })?;
         let st = &self.shards[*shard];
-        let (got, values) = st.read_f32(name)?;
+        let got = &st.info(name).expect("indexed").shape;
         if got != shape {
             return Err(Error::tensor(
                 st.name(),
@@ -82,7 +82,17 @@ impl Weights {
                 format!("shape {got:?} does not match the config, which implies {shape:?}"),
             ));
         }
-        Ok(values)
+        Ok(st)
+    }
+
+    /// Reads one tensor as f32 and checks its shape.
+    pub fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        Ok(self.shard(name, shape)?.read_f32(name)?.1)
+    }
+
+    /// As [`Weights::read`], `chunk` values at a time.
+    pub fn read_chunks(&self, name: &str, shape: &[usize], chunk: usize, f: &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()> {
+        self.shard(name, shape)?.read_f32_chunks(name, chunk, f)
     }
 }
 

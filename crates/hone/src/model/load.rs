@@ -6,7 +6,8 @@
 use super::config::{Arch, Config};
 use super::decoder::{Attention, Body, CausalLm, DecoderLayer, Mlp, RmsNorm};
 use crate::lora::LoraLinear;
-use crate::quant::{bnb, FrozenWeight, HoneBackend, Nf4Tensor, Nf4Weight};
+use crate::quant::nf4::Nf4Builder;
+use crate::quant::{bnb, FrozenWeight, HoneBackend, Nf4Weight};
 use crate::error::{Error, Result};
 use crate::io::weights::Weights;
 use crate::io::FileSet;
@@ -64,7 +65,15 @@ pub trait TensorSource {
     fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
     /// A stored tensor's raw bytes (for bitsandbytes' parts); `None` when not stored.
     fn raw(&self, name: &str) -> Result<Option<Vec<u8>>>;
+    /// As `read`, in pieces of `chunk` values, for sources that can (the whole tensor at once
+    /// otherwise).
+    fn read_chunks(&self, name: &str, shape: &[usize], _chunk: usize, f: &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()> {
+        f(&self.read(name, shape)?)
+    }
 }
+
+/// Values per piece when quantizing while loading: 16 MB of f32, whole NF4 blocks.
+const LOAD_CHUNK: usize = 1 << 22;
 
 impl TensorSource for Weights {
     fn location(&self) -> String {
@@ -81,6 +90,9 @@ impl TensorSource for Weights {
             Some((st, _)) => st.read_raw(name).map(|(_, b)| Some(b)),
             None => Ok(None),
         }
+    }
+    fn read_chunks(&self, name: &str, shape: &[usize], chunk: usize, f: &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()> {
+        Weights::read_chunks(self, name, shape, chunk, f)
     }
 }
 
@@ -118,15 +130,14 @@ pub fn build_with_report<B: HoneBackend>(config: Config, w: &dyn TensorSource, o
         }
         let weight = match options.nf4 {
             Some(o) => {
-                let values = w.read(&key, &[d_out, d_in])?;
-                let q = Nf4Tensor::quantize(&values, &[d_out, d_in], o.blocksize, o.double_quant)
-                    .map_err(|m| Error::tensor(w.location(), &key, m))?;
-                let (mut diff, mut norm) = err.get();
-                for (a, b) in q.dequantize().iter().zip(&values) {
-                    diff += ((a - b) as f64).powi(2);
-                    norm += (*b as f64).powi(2);
-                }
-                err.set((diff, norm));
+                // Streamed: a piece of the weight at a time, never the whole of it in f32.
+                let bad = |m: String| Error::tensor(w.location(), &key, m);
+                let mut builder = Nf4Builder::new(&[d_out, d_in], o.blocksize, o.double_quant).map_err(bad)?;
+                let chunk = LOAD_CHUNK / o.blocksize * o.blocksize;
+                w.read_chunks(&key, &[d_out, d_in], chunk, &mut |piece| builder.push(piece).map_err(bad))?;
+                let (q, (d, n)) = builder.finish().map_err(bad)?;
+                let (diff, norm) = err.get();
+                err.set((diff + d, norm + n));
                 FrozenWeight::nf4(Nf4Weight::from_host(&q, device))
             }
             None => FrozenWeight::dense(tensor::<B, _>(w, &key, [d_out, d_in], device)?),

@@ -27,9 +27,11 @@ impl<B: Backend> Nf4Weight<B> {
             [o, i] => [*o, *i],
             other => panic!("NF4 weight must be 2-D, got {other:?}"),
         };
-        let mut bytes = q.packed.clone();
-        bytes.resize(bytes.len().div_ceil(4) * 4, 0);
-        let words: Vec<i32> = bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let words: Vec<i32> = q
+            .packed
+            .chunks(4)
+            .map(|c| i32::from_le_bytes(std::array::from_fn(|k| c.get(k).copied().unwrap_or(0))))
+            .collect();
         let n_words = words.len();
         let absmax = q.absmax_f32();
         let n_blocks = absmax.len();

@@ -128,6 +128,89 @@ pub fn dequantize_blockwise_8bit(codes: &[u8], absmax: &[f32], blocksize: usize)
     codes.iter().enumerate().map(|(i, &c)| code[c as usize] * absmax[i / blocksize]).collect()
 }
 
+/// Quantizes a weight that arrives in pieces (streamed from a file), holding only the codes
+/// and per-block statistics: pieces must be whole blocks, except the last. The result equals
+/// [`Nf4Tensor::quantize`] of the whole weight, double quantization included (it needs every
+/// absmax, so it runs in [`Nf4Builder::finish`]).
+pub struct Nf4Builder {
+    shape: Vec<usize>,
+    blocksize: usize,
+    double_quant: bool,
+    numel: usize,
+    seen: usize,
+    packed: Vec<u8>,
+    absmax: Vec<f32>,
+    /// Per block Σ code², Σ code·x, and the total Σ x²: the quantization error once the final
+    /// (possibly double-quantized) absmax is known, without keeping the weight.
+    stats: Vec<(f64, f64)>,
+    sum_sq: f64,
+}
+
+impl Nf4Builder {
+    pub fn new(shape: &[usize], blocksize: usize, double_quant: bool) -> Result<Self, String> {
+        check_blocksize(blocksize)?;
+        let numel: usize = shape.iter().product();
+        let blocks = numel.div_ceil(blocksize);
+        Ok(Nf4Builder {
+            shape: shape.to_vec(),
+            blocksize,
+            double_quant,
+            numel,
+            seen: 0,
+            packed: Vec::with_capacity(numel.div_ceil(2)),
+            absmax: Vec::with_capacity(blocks),
+            stats: Vec::with_capacity(blocks),
+            sum_sq: 0.0,
+        })
+    }
+
+    pub fn push(&mut self, x: &[f32]) -> Result<(), String> {
+        if self.seen + x.len() > self.numel {
+            return Err(format!("more than {} values for shape {:?}", self.numel, self.shape));
+        }
+        if x.len() % self.blocksize != 0 && self.seen + x.len() != self.numel {
+            return Err(format!("a piece of {} values is not whole blocks of {}", x.len(), self.blocksize));
+        }
+        self.seen += x.len();
+        let absmax = block_absmax(x, self.blocksize);
+        let mids = midpoints(&NF4_CODE);
+        let q: Vec<u8> = scaled(x, &absmax, self.blocksize).into_iter().map(|s| nearest(s, &mids)).collect();
+        let pad = nearest(0.0, &mids);
+        self.packed.extend(q.chunks(2).map(|p| (p[0] << 4) | p.get(1).copied().unwrap_or(pad)));
+        for (codes, values) in q.chunks(self.blocksize).zip(x.chunks(self.blocksize)) {
+            let (mut cc, mut cx) = (0f64, 0f64);
+            for (&c, &v) in codes.iter().zip(values) {
+                let c = NF4_CODE[c as usize] as f64;
+                cc += c * c;
+                cx += c * v as f64;
+                self.sum_sq += (v as f64) * (v as f64);
+            }
+            self.stats.push((cc, cx));
+        }
+        self.absmax.extend(absmax);
+        Ok(())
+    }
+
+    /// The quantized weight, and its relative error ‖deq − W‖ / ‖W‖ as (Σ(deq − W)², ΣW²).
+    pub fn finish(self) -> Result<(Nf4Tensor, (f64, f64)), String> {
+        if self.seen != self.numel {
+            return Err(format!("{} values for shape {:?}", self.seen, self.shape));
+        }
+        let absmax = if self.double_quant {
+            let offset = super::torch_sum::mean(&self.absmax);
+            let centered: Vec<f32> = self.absmax.iter().map(|a| a - offset).collect();
+            let (codes, nested_absmax) = quantize_blockwise_8bit(&centered, NESTED_BLOCKSIZE);
+            Absmax::Nested(NestedAbsmax { codes, nested_absmax, offset })
+        } else {
+            Absmax::Plain(self.absmax)
+        };
+        let q = Nf4Tensor { shape: self.shape, blocksize: self.blocksize, packed: self.packed, absmax };
+        // Σ(a·c − x)² per block = a²·Σc² − 2a·Σcx + Σx², with a the absmax dequantization uses.
+        let diff: f64 = q.absmax_f32().iter().zip(&self.stats).map(|(&a, &(cc, cx))| (a as f64).powi(2) * cc - 2.0 * a as f64 * cx).sum::<f64>() + self.sum_sq;
+        Ok((q, (diff.max(0.0), self.sum_sq)))
+    }
+}
+
 impl Nf4Tensor {
     /// Quantizes a row-major f32 weight. `double_quant` also quantizes the absmax (QLoRA's
     /// `bnb_4bit_use_double_quant`).
