@@ -63,6 +63,10 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(default)]
     pub quiet: bool,
+    /// Start even when the memory plan says the run will not fit.
+    #[arg(long)]
+    #[serde(default)]
+    pub ignore_memory_plan: bool,
 }
 
 macro_rules! overlay {
@@ -88,6 +92,7 @@ impl TrainArgs {
         base.run.overlay(&top.run);
         base.skip_bad_lines |= top.skip_bad_lines;
         base.quiet |= top.quiet;
+        base.ignore_memory_plan |= top.ignore_memory_plan;
         base.config = top.config;
         base.resume = top.resume;
         Ok(base)
@@ -145,7 +150,29 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         data.skipped
     );
     let backend = a.backend.unwrap_or(BackendKind::Cpu);
+    check_fit(&a, &model_dir, &data, backend)?;
     with_backend!(backend, |Inner, device| train_with::<burn::backend::Autodiff<Inner>>(&a, data, &model_dir, &out, &tok, device))
+}
+
+/// Refuses a run the plan says cannot fit, before any weight is read: on the CPU against the
+/// memory the OS has available. (GPU memory is not queried: burn 0.21 does not report a
+/// device's capacity; `hone plan` prints what a GPU run needs.)
+fn check_fit(a: &TrainArgs, model: &Path, data: &Data, backend: BackendKind) -> anyhow::Result<()> {
+    let config = crate::plan::read_config(model)?;
+    let seq = data.train.iter().chain(&data.eval).map(|s| s.input_ids.len()).max().unwrap_or(1);
+    let p = crate::plan::for_run(&config, &a.run, seq, backend)?;
+    eprintln!("plan: {} of memory ({} bytes; sequences up to {seq} tokens; `hone plan` breaks it down)", hone::train::plan::human(p.total_bytes), p.total_bytes);
+    if let (BackendKind::Cpu, Some(free)) = (backend, crate::plan::available_host_bytes()) {
+        if p.total_bytes > free && !a.ignore_memory_plan {
+            bail!(
+                "this run needs about {} but {} is available (short by {}): lower --batch-size or --max-len, keep --checkpointing on, or pass --ignore-memory-plan",
+                hone::train::plan::human(p.total_bytes),
+                hone::train::plan::human(free),
+                hone::train::plan::human(p.total_bytes - free)
+            );
+        }
+    }
+    Ok(())
 }
 
 fn train_with<B>(a: &TrainArgs, data: Data, model_dir: &Path, out: &Path, tok: &Tokenizer, device: B::Device) -> anyhow::Result<()>
@@ -265,6 +292,9 @@ where
         started.elapsed().as_secs_f64(),
         tokens as f64 / started.elapsed().as_secs_f64()
     );
+    if let Some(peak) = crate::plan::peak_rss_bytes() {
+        eprintln!("peak memory (process RSS): {} ({peak} bytes)", hone::train::plan::human(peak));
+    }
     Ok(())
 }
 

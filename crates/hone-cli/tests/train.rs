@@ -114,3 +114,15 @@ fn packing_token_budget_and_checkpointing_flags() {
     assert!(!r.status.success() && stderr.contains("checkpointing") && stderr.contains("expected on or off"), "{stderr}");
     assert!(!dir.join("x").exists());
 }
+
+#[test]
+fn a_run_that_cannot_fit_is_refused_before_loading() {
+    let dir = tmp("fit");
+    let data = write_data(&dir, false);
+    let out = dir.join("adapter");
+    let r = hone(&["train", "--model", s(&fixtures().join("llama")), "--data", s(&data), "--out", s(&out), "--batch-size", "100000000", "--checkpointing", "off"]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success(), "{stderr}");
+    assert!(stderr.contains("this run needs about") && stderr.contains("short by") && stderr.contains("--batch-size"), "{stderr}");
+    assert!(!out.exists());
+}

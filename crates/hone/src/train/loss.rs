@@ -10,15 +10,25 @@ pub const IGNORE_INDEX: i64 = -100;
 /// Summed negative log-likelihood over the counted tokens, `[1]`.
 /// `logits: [B, T, V]`, `labels: [B, T]`.
 pub fn causal_lm_nll_sum<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    let t = logits.dims()[1];
+    nll_sum(logits.narrow(1, 0, t - 1), labels.narrow(1, 1, t - 1))
+}
+
+/// Summed negative log-likelihood of `targets` (already shifted: the token each position
+/// predicts, IGNORE_INDEX where none) under `logits: [B, T, V]`.
+pub fn nll_sum<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     let [b, t, v] = logits.dims();
-    let logits = logits.narrow(1, 0, t - 1);
-    let labels = labels.narrow(1, 1, t - 1);
-    let keep = labels.clone().not_equal_elem(IGNORE_INDEX);
-    let safe = labels.clamp_min(0);
-    let logp = log_softmax(logits.reshape([b * (t - 1), v]), 1);
-    let picked = logp.gather(1, safe.reshape([b * (t - 1), 1])).reshape([b * (t - 1)]);
-    let keep = keep.reshape([b * (t - 1)]).float();
+    let keep = targets.clone().not_equal_elem(IGNORE_INDEX);
+    let safe = targets.clamp_min(0);
+    let logp = log_softmax(logits.reshape([b * t, v]), 1);
+    let picked = logp.gather(1, safe.reshape([b * t, 1])).reshape([b * t]);
+    let keep = keep.reshape([b * t]).float();
     -(picked * keep).sum()
+}
+
+/// Host labels `[B][T]` shifted left by one: position t holds the label of t+1.
+pub fn shifted_targets(labels: &[Vec<i64>]) -> Vec<Vec<i64>> {
+    labels.iter().map(|row| row.iter().skip(1).copied().chain(std::iter::once(IGNORE_INDEX)).collect()).collect()
 }
 
 /// Number of tokens the loss counts for host-side labels `[B][T]` (after the shift).

@@ -5,22 +5,75 @@
 //! words, and an f32 absmax per 64 weights: the double-quantized absmax is expanded at load so
 //! dequantizing is exact), f32 embeddings, norms and an untied lm_head. LoRA: A
 //! and B, their gradients and AdamW's two moments, all f32. Activations: what the backward pass
-//! keeps per token and layer, plus the logits and their gradient.
+//! keeps (with checkpointing, the layer inputs and one layer at a time), plus the logits and
+//! their gradient (one piece of them with chunked cross-entropy).
 
 use crate::lora::LoraConfig;
 use crate::model::{Arch, Config};
 
+/// Where the run's tensors live, which changes how NF4 codes are stored.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub enum Device {
+    /// wgpu (WebGPU, Vulkan, Metal) and CUDA: codes in i32 words.
+    Gpu,
+    /// The NdArray CPU backend: its integer tensors are i64, so codes take twice the room, and
+    /// the process itself (code, tokenizer, allocator) counts, since memory here is RSS.
+    Cpu,
+}
+
+/// Process memory of the `hone` binary on the CPU backend besides the run's tensors (code,
+/// thread pools, allocator slack), and per vocabulary entry (the tokenizer's tables), fitted to
+/// peak RSS measured on the tiny fixture and SmolLM2 (hone-cli/tests/plan.rs checks them).
+pub const CPU_RUNTIME_BYTES: u64 = 27_000_000;
+pub const CPU_BYTES_PER_VOCAB_ENTRY: u64 = 600;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlanOptions {
+    pub batch: usize,
+    /// Longest sequence in a micro-batch.
+    pub seq: usize,
+    pub nf4: bool,
+    /// Activation checkpointing per decoder layer (with chunked cross-entropy).
+    pub checkpointing: bool,
+    pub device: Device,
+    /// Logits per piece of the chunked cross-entropy (see TrainConfig::logits_chunk).
+    pub logits_chunk: usize,
+}
+
+impl PlanOptions {
+    pub fn new(batch: usize, seq: usize, nf4: bool) -> Self {
+        PlanOptions { batch, seq, nf4, checkpointing: true, device: Device::Gpu, logits_chunk: crate::train::trainer::LOGITS_CHUNK }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct MemoryPlan {
+    /// NF4 codes of the decoder linears.
+    pub nf4_codes_bytes: u64,
+    /// Their per-block absmax (f32, double quantization expanded at load).
+    pub nf4_stats_bytes: u64,
+    /// Unquantized weights: embeddings, lm_head, norms (and every linear without NF4).
+    pub dense_bytes: u64,
     pub base_bytes: u64,
     pub lora_params: u64,
+    pub lora_weight_bytes: u64,
+    pub lora_grad_bytes: u64,
+    /// AdamW's two moments.
+    pub optimizer_bytes: u64,
     /// LoRA weights, gradients and optimizer moments.
     pub lora_bytes: u64,
+    /// What the backward pass keeps: every layer's activations, or with checkpointing the
+    /// layer inputs plus one layer's activations.
     pub activation_bytes: u64,
+    /// Logits and their gradient at the peak (one piece of them with chunked cross-entropy).
+    pub logits_bytes: u64,
+    /// A dequantized linear for its matmul, and the process itself on the CPU.
+    pub workspace_bytes: u64,
     pub total_bytes: u64,
     /// The biggest single buffer (a GPU's maxBufferSize must hold it).
     pub largest_buffer_bytes: u64,
     pub largest_buffer: &'static str,
+    pub checkpointing: bool,
 }
 
 /// Every decoder linear as (HF module name, in, out).
@@ -48,45 +101,94 @@ pub fn linear_shapes(c: &Config) -> Vec<(String, u64, u64)> {
     out
 }
 
-/// Device bytes of NF4 storage for `n` weights: codes in i32 words, an f32 absmax per 64.
+/// Device bytes of NF4 storage for `n` weights on a GPU: codes in i32 words, an f32 absmax per 64.
 pub fn nf4_bytes(n: u64) -> u64 {
-    4 * n.div_ceil(8) + 4 * n.div_ceil(64)
+    nf4_code_bytes(n, Device::Gpu) + nf4_stat_bytes(n)
 }
 
+fn nf4_code_bytes(n: u64, device: Device) -> u64 {
+    let word = match device {
+        Device::Gpu => 4,
+        Device::Cpu => 8,
+    };
+    word * n.div_ceil(8)
+}
+
+fn nf4_stat_bytes(n: u64) -> u64 {
+    4 * n.div_ceil(64)
+}
+
+/// The plan for a QLoRA (or LoRA) run on a GPU with checkpointing on, hone's default.
 pub fn estimate(c: &Config, lora: &LoraConfig, batch: usize, seq: usize, nf4: bool) -> MemoryPlan {
+    plan(c, lora, &PlanOptions::new(batch, seq, nf4))
+}
+
+pub fn plan(c: &Config, lora: &LoraConfig, o: &PlanOptions) -> MemoryPlan {
     let linears = linear_shapes(c);
-    let linear_weights: u64 = linears.iter().map(|(_, i, o)| i * o).sum();
-    let (v, h) = (c.vocab_size as u64, c.hidden_size as u64);
+    let (v, h, layers) = (c.vocab_size as u64, c.hidden_size as u64, c.num_hidden_layers as u64);
     let embed = v * h * 4;
     let head = if c.tie_word_embeddings { 0 } else { v * h * 4 };
-    let norms = (2 * c.num_hidden_layers as u64 + 1) * h * 4;
-    let base_linears = if nf4 { linears.iter().map(|(_, i, o)| nf4_bytes(i * o)).sum() } else { linear_weights * 4 };
-    let base_bytes = embed + head + norms + base_linears;
+    let norms = (2 * layers + 1) * h * 4;
+    let (nf4_codes_bytes, nf4_stats_bytes, dense_linears) = if o.nf4 {
+        let codes = linears.iter().map(|(_, i, o_)| nf4_code_bytes(i * o_, o.device)).sum();
+        let stats = linears.iter().map(|(_, i, o_)| nf4_stat_bytes(i * o_)).sum();
+        (codes, stats, 0)
+    } else {
+        (0, 0, linears.iter().map(|(_, i, o_)| i * o_ * 4).sum())
+    };
+    let dense_bytes = embed + head + norms + dense_linears;
+    let base_bytes = nf4_codes_bytes + nf4_stats_bytes + dense_bytes;
 
-    let lora_params: u64 = linears.iter().filter(|(n, _, _)| lora.targets.matches(n)).map(|(_, i, o)| lora.r as u64 * (i + o)).sum();
-    let lora_bytes = lora_params * 4 * 4;
+    let lora_params: u64 = linears.iter().filter(|(n, _, _)| lora.targets.matches(n)).map(|(_, i, o_)| lora.r as u64 * (i + o_)).sum();
+    let (lora_weight_bytes, lora_grad_bytes, optimizer_bytes) = (lora_params * 4, lora_params * 4, lora_params * 8);
+    let lora_bytes = lora_weight_bytes + lora_grad_bytes + optimizer_bytes;
 
-    let tokens = (batch * seq) as u64;
+    let (rows, seq) = (o.batch as u64, o.seq as u64);
+    let tokens = rows * seq;
     let (i, q) = (c.intermediate_size as u64, (c.num_attention_heads * c.head_dim) as u64);
-    // Per token and layer, kept for backward: norms' inputs and outputs, q/k/v, attention out,
-    // MLP gate/up/act; attention probabilities per head and key position.
-    let per_token_layer = 4 * (4 * h + 3 * q + 3 * i) + 4 * (c.num_attention_heads * seq) as u64;
-    let logits = tokens * v * 4;
-    let activation_bytes = tokens * c.num_hidden_layers as u64 * per_token_layer + 3 * logits;
+    // One layer's autodiff graph, per token: the norms' intermediates, q/k/v and RoPE's copies,
+    // attention output, the MLP's gate/up/activation/product; scores, masked scores and
+    // probabilities per head and key position. (Coefficients from peak RSS measured on
+    // SmolLM2 with checkpointing off, batch × length 4×128, 2×256, 4×256.)
+    let layer_graph = tokens * (4 * (7 * h + 8 * q + 6 * i) + 12 * c.num_attention_heads as u64 * seq);
+    let all_logits = tokens * v * 4;
+    let (activation_bytes, logits_bytes) = if o.checkpointing {
+        // Saved layer inputs, one layer's graph being back-propagated, the gradient flowing down.
+        let positions = (o.logits_chunk as u64 / (rows * v).max(1)).clamp(1, seq.max(1));
+        let piece = rows * positions * v * 4;
+        ((layers + 1) * tokens * h * 4 + layer_graph + 2 * tokens * h * 4, 3 * piece)
+    } else {
+        (layers * layer_graph, 3 * all_logits)
+    };
     // The largest linear, dequantized on the fly for a matmul.
-    let largest_linear = linears.iter().map(|(_, i, o)| i * o * 4).max().unwrap_or(0);
-    let (largest_buffer_bytes, largest_buffer) = [(embed, "embed_tokens"), (logits, "logits"), (largest_linear, "a dequantized linear")]
+    let largest_linear = linears.iter().map(|(_, i, o_)| i * o_ * 4).max().unwrap_or(0);
+    let workspace_bytes = largest_linear
+        + match o.device {
+            Device::Gpu => 0,
+            Device::Cpu => CPU_RUNTIME_BYTES + CPU_BYTES_PER_VOCAB_ENTRY * v,
+        };
+    let logits_buffer = logits_bytes / 3;
+    let (largest_buffer_bytes, largest_buffer) = [(embed, "embed_tokens"), (logits_buffer, "logits"), (largest_linear, "a dequantized linear")]
         .into_iter()
         .max_by_key(|x| x.0)
         .expect("three candidates");
     MemoryPlan {
+        nf4_codes_bytes,
+        nf4_stats_bytes,
+        dense_bytes,
         base_bytes,
         lora_params,
+        lora_weight_bytes,
+        lora_grad_bytes,
+        optimizer_bytes,
         lora_bytes,
         activation_bytes,
-        total_bytes: base_bytes + lora_bytes + activation_bytes + largest_linear,
+        logits_bytes,
+        workspace_bytes,
+        total_bytes: base_bytes + lora_bytes + activation_bytes + logits_bytes + workspace_bytes,
         largest_buffer_bytes,
         largest_buffer,
+        checkpointing: o.checkpointing,
     }
 }
 

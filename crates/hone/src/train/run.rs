@@ -163,6 +163,7 @@ impl RunSettings {
             },
             pack_len: self.packing.then(|| self.max_len.unwrap_or(DEFAULT_PACK_LEN)),
             max_batch_tokens: self.max_batch_tokens,
+            logits_chunk: super::trainer::LOGITS_CHUNK,
         })
     }
 }

@@ -3,7 +3,7 @@
 //! the step's counted tokens (as transformers' Trainer), global-norm clipping, seeded data order
 //! and dropout, and a state that checkpoints and resumes exactly.
 
-use super::loss::{causal_lm_nll_sum, counted_tokens, IGNORE_INDEX};
+use super::loss::{causal_lm_nll_sum, counted_tokens, nll_sum, shifted_targets, IGNORE_INDEX};
 use super::optim::{adamw_update, clip_global_norm, AdamWConfig, Moments};
 use super::schedule::{LrSchedule, Schedule};
 use crate::data::Sample;
@@ -20,6 +20,7 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct TrainConfig {
     pub lr: f64,
     pub schedule: Schedule,
@@ -46,7 +47,14 @@ pub struct TrainConfig {
     pub pack_len: Option<usize>,
     /// Fill each micro-batch up to this many (padded) tokens instead of `batch_size` rows.
     pub max_batch_tokens: Option<usize>,
+    /// With checkpointing, the loss is computed a few positions at a time so that at most this
+    /// many logits exist at once (chunked cross-entropy; 128k vocabularies never materialise
+    /// `[tokens, vocab]`).
+    pub logits_chunk: usize,
 }
+
+/// Default [`TrainConfig::logits_chunk`]: 16M values, 64 MB of f32.
+pub const LOGITS_CHUNK: usize = 1 << 24;
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -66,6 +74,7 @@ impl Default for TrainConfig {
             checkpointing: true,
             pack_len: None,
             max_batch_tokens: None,
+            logits_chunk: LOGITS_CHUNK,
         }
     }
 }
@@ -435,14 +444,39 @@ where
         };
         let mut out = Vec::new();
 
-        // The head: final norm, logits and loss from the last layer's output.
-        let top = Tensor::<B, 3>::from_inner(inputs.pop().expect("embeddings")).require_grad();
-        let labels = to_tensor::<B>(&batch.labels, &self.device);
-        let nll = causal_lm_nll_sum(self.model.head(self.model.model.norm.forward(top.clone())), labels).div_scalar(norm);
-        let g = nll.backward();
-        out.extend(lora_grads(in_layer(None).map(|(n, l)| (n.clone(), *l)), &g));
-        let mut grad_out = top.grad(&g).expect("the loss depends on the hidden states");
-        drop(g);
+        // The head, a few positions at a time: final norm, logits and loss from the last
+        // layer's output (chunked cross-entropy), each piece back-propagated alone.
+        let top = inputs.pop().expect("embeddings");
+        let [rows, t, _] = top.dims();
+        let vocab = self.model.config.vocab_size;
+        let step = (self.cfg.logits_chunk / (rows * vocab).max(1)).clamp(1, t.max(1));
+        let targets = shifted_targets(&batch.labels);
+        let mut nll: Option<Tensor<B::InnerBackend, 1>> = None;
+        let mut grad_pieces = Vec::new();
+        let mut head_grads: BTreeMap<String, Tensor<B::InnerBackend, 2>> = BTreeMap::new();
+        for start in (0..t).step_by(step) {
+            let len = step.min(t - start);
+            let x = Tensor::<B, 3>::from_inner(top.clone().narrow(1, start, len)).require_grad();
+            let piece: Vec<Vec<i64>> = targets.iter().map(|r| r[start..start + len].to_vec()).collect();
+            let loss = nll_sum(self.model.head(self.model.model.norm.forward(x.clone())), to_tensor::<B>(&piece, &self.device)).div_scalar(norm);
+            let g = loss.backward();
+            for (k, gp) in lora_grads(in_layer(None).map(|(n, l)| (n.clone(), *l)), &g) {
+                let acc = match head_grads.remove(&k) {
+                    Some(prev) => prev + gp,
+                    None => gp,
+                };
+                head_grads.insert(k, acc);
+            }
+            grad_pieces.push(x.grad(&g).expect("the loss depends on the hidden states"));
+            nll = Some(match nll {
+                Some(n) => n + loss.inner(),
+                None => loss.inner(),
+            });
+        }
+        drop(top);
+        out.extend(head_grads);
+        let mut grad_out = Tensor::cat(grad_pieces, 1);
+        let nll = nll.expect("at least one position");
 
         let pos = pos.to_backend(Tensor::<B, 4>::from_inner);
         for i in (0..self.model.model.layers.len()).rev() {
@@ -457,7 +491,7 @@ where
                 None => break,
             };
         }
-        (nll.inner(), out)
+        (nll, out)
     }
 
     /// One optimizer step, its loss read back (native: a synchronous read).
@@ -540,20 +574,38 @@ where
 }
 
 /// The summed loss over `samples`, left on the device (one read at the end, not one per batch),
-/// and the number of tokens it counts.
+/// and the number of tokens it counts. Logits are made a few positions at a time.
 pub fn evaluate_pending<B: HoneBackend>(model: &CausalLm<B>, samples: &[Sample], batch_size: usize, pad: u32, device: &B::Device) -> (Tensor<B, 1>, usize) {
     let mut sum: Option<Tensor<B, 1>> = None;
     let mut count = 0usize;
     for chunk in samples.chunks(batch_size.max(1)) {
         let (ids, labels) = pad_batch(&chunk.iter().collect::<Vec<_>>(), pad);
         count += counted_tokens(&labels);
-        let nll = causal_lm_nll_sum(model.forward(to_tensor::<B>(&ids, device)), to_tensor::<B>(&labels, device));
+        let nll = nll_sum_chunked(model, model.hidden(to_tensor::<B>(&ids, device)), &labels, LOGITS_CHUNK, device);
         sum = Some(match sum {
             Some(s) => s + nll,
             None => nll,
         });
     }
     (sum.unwrap_or_else(|| Tensor::zeros([1], device)), count)
+}
+
+/// The summed loss from final hidden states `[B, T, hidden]`, at most `chunk` logits at a time.
+fn nll_sum_chunked<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, labels: &[Vec<i64>], chunk: usize, device: &B::Device) -> Tensor<B, 1> {
+    let [rows, t, _] = hidden.dims();
+    let step = (chunk / (rows * model.config.vocab_size).max(1)).clamp(1, t.max(1));
+    let targets = shifted_targets(labels);
+    let mut sum: Option<Tensor<B, 1>> = None;
+    for start in (0..t).step_by(step) {
+        let len = step.min(t - start);
+        let piece: Vec<Vec<i64>> = targets.iter().map(|r| r[start..start + len].to_vec()).collect();
+        let nll = nll_sum(model.head(hidden.clone().narrow(1, start, len)), to_tensor::<B>(&piece, device));
+        sum = Some(match sum {
+            Some(s) => s + nll,
+            None => nll,
+        });
+    }
+    sum.unwrap_or_else(|| Tensor::zeros([1], device))
 }
 
 /// Loss and perplexity from a summed loss and its token count.
@@ -565,15 +617,6 @@ pub fn eval_report(sum: f64, count: usize) -> EvalReport {
 /// Loss and perplexity of `model` over `samples` (no gradients).
 #[cfg(not(target_arch = "wasm32"))]
 pub fn evaluate<B: HoneBackend>(model: &CausalLm<B>, samples: &[Sample], batch_size: usize, pad: u32, device: &B::Device) -> EvalReport {
-    let mut sum = 0f64;
-    let mut count = 0usize;
-    for chunk in samples.chunks(batch_size.max(1)) {
-        let (ids, labels) = pad_batch(&chunk.iter().collect::<Vec<_>>(), pad);
-        count += counted_tokens(&labels);
-        let nll = causal_lm_nll_sum(model.forward(to_tensor::<B>(&ids, device)), to_tensor::<B>(&labels, device));
-        sum += nll.into_data().to_vec::<f32>().expect("f32")[0] as f64;
-    }
-    let loss = sum / count.max(1) as f64;
-    EvalReport { loss, perplexity: loss.exp(), tokens: count }
+    let (sum, count) = evaluate_pending(model, samples, batch_size, pad, device);
+    eval_report(sum.into_data().to_vec::<f32>().expect("f32")[0] as f64, count)
 }
-
