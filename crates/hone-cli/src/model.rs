@@ -3,7 +3,10 @@
 
 use hone::io::gguf::Gguf;
 use hone::io::{Dir, FileSource};
+use hone::io::weights::Weights;
+use hone::model::load::{build_with_report, TensorSource};
 use hone::model::{CausalLm, LoadOptions};
+use indicatif::{ProgressBar, ProgressStyle};
 use hone::quant::HoneBackend;
 use std::path::{Path, PathBuf};
 
@@ -40,14 +43,68 @@ pub fn text(path: &Path) -> anyhow::Result<Text> {
 }
 
 pub fn weights<B: HoneBackend>(path: &Path, options: LoadOptions, device: &B::Device) -> anyhow::Result<CausalLm<B>> {
-    if is_gguf(path) {
+    let (model, report) = if is_gguf(path) {
         let g = open_gguf(path)?;
-        let (model, report) = hone::model::gguf::load_gguf_with_report::<B>(&g, options, device)?;
-        if let Some(e) = report.nf4_rel_error {
-            eprintln!("NF4 over the GGUF's weights adds {e:.2e} relative error (‖deq(NF4(W)) − W‖ / ‖W‖, decoder linears)");
-        }
-        Ok(model)
+        let config = hone::model::gguf::config_from_gguf(&g)?;
+        let source = Progress::new(hone::model::gguf::GgufWeights { gguf: &g, config: &config }, &config);
+        build_with_report::<B>(config.clone(), &source, options, device)?
     } else {
-        Ok(hone::model::load_model_with::<B>(&Dir(path.to_path_buf()), options, device)?)
+        let dir = Dir(path.to_path_buf());
+        let config = hone::model::load::read_config(&dir)?;
+        let source = Progress::new(Weights::open(&dir)?, &config);
+        build_with_report::<B>(config, &source, options, device)?
+    };
+    if let Some(e) = report.nf4_rel_error {
+        eprintln!("NF4 adds {e:.2e} relative error over the stored weights (‖deq(NF4(W)) − W‖ / ‖W‖, decoder linears)");
+    }
+    Ok(model)
+}
+
+/// A tensor source that moves a progress bar as weights are read (and quantized), one step per
+/// decoder-linear weight.
+struct Progress<S> {
+    inner: S,
+    bar: ProgressBar,
+}
+
+impl<S: TensorSource> Progress<S> {
+    fn new(inner: S, config: &hone::model::Config) -> Self {
+        let total = hone::train::plan::linear_shapes(config).len() as u64;
+        let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ProgressBar::new(total) } else { ProgressBar::hidden() };
+        bar.set_style(ProgressStyle::with_template("loading {bar:30} {pos}/{len} weights  {elapsed}").expect("template"));
+        Progress { inner, bar }
+    }
+    fn tick(&self, name: &str) {
+        if hone::model::load::is_decoder_linear(name) {
+            self.bar.inc(1);
+        }
+    }
+}
+
+impl<S> Drop for Progress<S> {
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+impl<S: TensorSource> TensorSource for Progress<S> {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(name)
+    }
+    fn read(&self, name: &str, shape: &[usize]) -> hone::Result<Vec<f32>> {
+        let out = self.inner.read(name, shape);
+        self.tick(name);
+        out
+    }
+    fn raw(&self, name: &str) -> hone::Result<Option<Vec<u8>>> {
+        self.inner.raw(name)
+    }
+    fn read_chunks(&self, name: &str, shape: &[usize], chunk: usize, f: &mut dyn FnMut(&[f32]) -> hone::Result<()>) -> hone::Result<()> {
+        let out = self.inner.read_chunks(name, shape, chunk, f);
+        self.tick(name);
+        out
     }
 }
