@@ -362,9 +362,14 @@ $('generate').addEventListener('click', () => guarded(async () => {
   $('out-base').textContent = '…';
   $('out-tuned').textContent = state.trained ? '…' : '(train first)';
   try {
-    const r = await call('generate', { prompt: $('prompt').value, maxNewTokens: num('max-new-tokens') || 48 });
-    $('out-base').textContent = r.base;
-    if (r.tuned !== null) $('out-tuned').textContent = r.tuned;
+    const r = await call('generate', { prompt: $('prompt').value, maxNewTokens: num('max-new-tokens') || 48, ignoreEos: $('ignore-eos').checked, settings: settings() });
+    // The token ids ride along for scripts and tests (data-ids).
+    $('out-base').textContent = r.base.text;
+    $('out-base').dataset.ids = r.base.ids.join(',');
+    if (r.tuned !== null) {
+      $('out-tuned').textContent = r.tuned.text;
+      $('out-tuned').dataset.ids = r.tuned.ids.join(',');
+    }
   } finally {
     $('generate').disabled = state.running;
   }

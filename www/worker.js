@@ -233,10 +233,10 @@ const commands = {
     await clearCheckpoints();
     return null;
   },
-  async generate({ prompt, maxNewTokens }) {
+  async generate({ prompt, maxNewTokens, ignoreEos, settings }) {
     if (job && job.running) throw new Error('pause training to generate');
-    const base = await session.generate(prompt, maxNewTokens, false);
-    const tuned = job ? await session.generate(prompt, maxNewTokens, true) : null;
+    const base = await session.generate(prompt, maxNewTokens, false, !!ignoreEos, settings);
+    const tuned = job ? await session.generate(prompt, maxNewTokens, true, !!ignoreEos, settings) : null;
     return { base, tuned };
   },
   async adapter({ baseName }) {

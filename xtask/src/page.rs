@@ -156,10 +156,17 @@ pub fn test(tally: &mut crate::Tally) -> Result {
     }
     run(cargo().args(["build", "-p", "hone-cli"]))?;
     let dir = build(false)?;
-    let addr = serve_in_background(dir, None, 0)?;
+    let addr = serve_in_background(dir.clone(), None, 0)?;
     let out = target_dir().join("page-test");
     let _ = std::fs::remove_dir_all(&out);
     let mut c = Command::new("node");
     c.arg(www.join("tests/page.test.mjs")).arg(&addr).arg(target_dir().join("debug/hone")).arg(&out).current_dir(root());
+    tally.run(&mut c)?;
+    // The real default model, served as `cargo xtask serve` serves it: the release page (a
+    // dev-profile wasm build takes minutes per SmolLM2 forward on SwiftShader).
+    let release = build(true)?;
+    let addr = serve_in_background(release, Some(crate::default_model()?), 0)?;
+    let mut c = Command::new("node");
+    c.arg(www.join("tests/smollm2.test.mjs")).arg(&addr).current_dir(root());
     tally.run(&mut c)
 }

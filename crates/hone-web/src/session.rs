@@ -80,7 +80,8 @@ pub struct Session {
     device: WgpuDevice,
     max_buffer_size: u64,
     settings: RunSettings,
-    model: Option<CausalLm<Backend>>,
+    /// The model for generation before any training, and whether its base is NF4.
+    model: Option<(bool, CausalLm<Backend>)>,
     trainer: Option<Trainer<Train>>,
     eval: Vec<Sample>,
     saved: Option<SavedState>,
@@ -150,8 +151,7 @@ impl Session {
     /// fits this GPU's largest buffer.
     pub fn estimate(&self, settings: JsValue) -> Result<JsValue, JsError> {
         let s = parse_settings(settings)?;
-        let seq = s.max_len.unwrap_or(256).min(self.config.max_position_embeddings);
-        let p = plan::estimate(&self.config, &s.lora(), s.batch_size.unwrap_or(4), seq, s.nf4().map_err(js_err)?.is_some());
+        let p = self.plan(&s)?;
         #[derive(Serialize)]
         struct Estimate {
             #[serde(flatten)]
@@ -186,7 +186,7 @@ impl Session {
     /// adapters, and sets up the trainer on `data` (JSONL) with `eval_data` or a split held out.
     pub async fn prepare(&mut self, data: String, eval_data: Option<String>, settings: JsValue) -> Result<JsValue, JsError> {
         let s = parse_settings(settings)?;
-        let est = plan::estimate(&self.config, &s.lora(), s.batch_size.unwrap_or(4), s.max_len.unwrap_or(256), s.nf4().map_err(js_err)?.is_some());
+        let est = self.plan(&s)?;
         if est.largest_buffer_bytes > self.max_buffer_size {
             return Err(JsError::new(&format!(
                 "{}: the model does not fit this GPU: {} needs a {} buffer, and this GPU's largest is {}",
@@ -206,6 +206,8 @@ impl Session {
             (_, Some(f)) if f > 0.0 && f < 1.0 && train.samples.len() > 1 => run::split_eval(train.samples, f, s.seed()),
             _ => (train.samples, Vec::new()),
         };
+        // The generation-only model goes: training brings its own copy of the base.
+        self.model = None;
         let mut model = self.load_weights::<Train>(&s)?;
         let lora = s.lora();
         let adapted = add_adapters(model.linears_mut(), &lora, &self.device);
@@ -332,19 +334,22 @@ impl Session {
     }
 
     /// Greedy generation for a prompt (rendered with the chat template when there is one),
-    /// with the fine-tuned adapter or with the base model alone.
-    pub async fn generate(&mut self, prompt: String, max_new_tokens: usize, with_adapter: bool) -> Result<String, JsError> {
+    /// with the fine-tuned adapter or with the base model alone: `{text, ids}`. With
+    /// `ignore_eos` it runs past the end-of-turn tokens (as llama.cpp's `--ignore-eos`).
+    pub async fn generate(&mut self, prompt: String, max_new_tokens: usize, with_adapter: bool, ignore_eos: bool, settings: JsValue) -> Result<JsValue, JsError> {
         let mut model = match &self.trainer {
+            // After training starts, the base is the one being trained.
             Some(t) => t.eval_model(),
-            None => match &self.model {
-                Some(m) => m.clone(),
-                None => {
-                    let s = self.settings.clone();
-                    let m = self.load_weights::<Backend>(&s)?;
-                    self.model = Some(m.clone());
-                    m
+            // Before, the base the settings choose (NF4 or f32), loaded once per choice.
+            None => {
+                let s = parse_settings(settings)?;
+                let nf4 = s.nf4().map_err(js_err)?.is_some();
+                if self.model.as_ref().is_none_or(|(q, _)| *q != nf4) {
+                    self.model = None;
+                    self.model = Some((nf4, self.load_weights::<Backend>(&s)?));
                 }
-            },
+                self.model.as_ref().expect("just loaded").1.clone()
+            }
         };
         if !with_adapter {
             for (_, l) in model.linears_mut() {
@@ -359,13 +364,34 @@ impl Session {
             }
             None => tok.encode(&prompt, true).map_err(js_err)?,
         };
-        let cfg = GenerateConfig { max_new_tokens, stop_ids: self.text.stop_ids.clone(), ..Default::default() };
+        let stop_ids = if ignore_eos { Vec::new() } else { self.text.stop_ids.clone() };
+        let cfg = GenerateConfig { max_new_tokens, stop_ids, ..Default::default() };
         let out = generate_async(&model, &ids, &cfg, &self.device).await.map_err(js_err)?;
-        tok.decode(&out, true).map_err(js_err)
+        #[derive(Serialize)]
+        struct Generated {
+            text: String,
+            ids: Vec<u32>,
+        }
+        to_js(&Generated { text: tok.decode(&out, true).map_err(js_err)?, ids: out })
     }
 }
 
 impl Session {
+    /// The memory plan for these settings, sequences at most the model's context long.
+    fn plan(&self, s: &RunSettings) -> Result<plan::MemoryPlan, JsError> {
+        let cfg = s.train(0).map_err(js_err)?;
+        let seq = s.max_len.unwrap_or(256).min(self.config.max_position_embeddings);
+        let options = plan::PlanOptions {
+            batch: cfg.batch_size,
+            seq,
+            nf4: s.nf4().map_err(js_err)?.is_some(),
+            checkpointing: cfg.checkpointing,
+            device: plan::Device::Gpu,
+            logits_chunk: cfg.logits_chunk,
+        };
+        Ok(plan::plan(&self.config, &s.lora(), &options))
+    }
+
     /// Reads the weights tensor by tensor from the picked files (quantizing to NF4 as they come).
     fn load_weights<B: HoneBackend<Device = WgpuDevice>>(&self, s: &RunSettings) -> Result<CausalLm<B>, JsError> {
         let options = LoadOptions { nf4: s.nf4().map_err(js_err)? };

@@ -53,3 +53,21 @@ fn metadata_of_every_value_type() {
     let bad = Gguf::open(Box::new(MemSource::new("bad.gguf", bytes))).err().unwrap().to_string();
     assert!(bad.contains("bad.gguf") && bad.contains("not a GGUF"), "{bad}");
 }
+
+/// A SentencePiece ("llama") vocabulary in a GGUF, without merges (as llama.cpp writes Llama 2
+/// and Mistral): the tokenizer hone builds gives transformers' ids (BOS included) and decodes
+/// alike (tests/reference/make_spm_gguf_fixture.py).
+#[test]
+fn sentencepiece_tokenizer_from_gguf_equals_transformers() {
+    let dir = common::fixtures().join("gguf");
+    let g = Gguf::open(Box::new(FileSource::open(&dir.join("spm_llama.gguf")).unwrap())).unwrap();
+    let tok = hone::data::gguf_tokenizer::tokenizer_from_gguf(&g).unwrap();
+    let expected: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("spm_llama.json")).unwrap()).unwrap();
+    for case in expected["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let ids = tok.encode(text, true).unwrap();
+        assert_eq!(ids, want, "{text:?}");
+        assert_eq!(tok.decode(&ids, true).unwrap(), case["decoded"].as_str().unwrap(), "{text:?}");
+    }
+}
