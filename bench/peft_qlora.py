@@ -28,6 +28,8 @@ def main():
     p.add_argument("--quantize", default="nf4")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--export-hf", help="save the --model GGUF as a Hugging Face folder here and exit")
+    p.add_argument("--generate", type=int, default=0, help="instead of training: greedy-generate this many tokens (f32 base) and report tokens/s")
+    p.add_argument("--prompt", default="Tell me about the sea.")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -64,6 +66,16 @@ def main():
         kw = {}
         src = a.model
     tok = AutoTokenizer.from_pretrained(src, **kw)
+    if a.generate:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw).eval()
+        ids = tok(a.prompt, return_tensors="pt")["input_ids"]
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=a.generate, min_new_tokens=a.generate, do_sample=False)
+        secs = time.perf_counter() - t1
+        new = out.shape[1] - ids.shape[1]
+        print(json.dumps({"generated": int(new), "generate_tokens_per_s": new / secs}))
+        return
     qcfg = None
     if a.quantize == "nf4":
         qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)

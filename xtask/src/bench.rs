@@ -15,6 +15,7 @@ struct Sample {
     load_s: f64,
     tokens_per_s: f64,
     peak_rss_mb: f64,
+    generate_tokens_per_s: f64,
 }
 
 /// Runs `cmd`, sampling its peak RSS; returns (stdout, stderr, peak MB).
@@ -83,7 +84,7 @@ fn hone_run(case: &Case, data: &Path, threads: usize) -> Result<Sample> {
         .and_then(|v| v.split(' ').next())
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| format!("hone printed no throughput:\n{stderr}"))?;
-    Ok(Sample { load_s, tokens_per_s, peak_rss_mb: peak })
+    Ok(Sample { load_s, tokens_per_s, peak_rss_mb: peak, generate_tokens_per_s: f64::NAN })
 }
 
 fn peer_run(case: &Case, data: &Path, threads: usize, python: &str) -> Result<Sample> {
@@ -98,7 +99,32 @@ fn peer_run(case: &Case, data: &Path, threads: usize, python: &str) -> Result<Sa
     let (stdout, _, peak) = measured(&mut c)?;
     let line = stdout.lines().last().unwrap_or("");
     let field = |k: &str| line.split(&format!("\"{k}\": ")).nth(1).and_then(|v| v.split([',', '}']).next()).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(f64::NAN);
-    Ok(Sample { load_s: field("load_s"), tokens_per_s: field("train_tokens_per_s"), peak_rss_mb: peak })
+    Ok(Sample { load_s: field("load_s"), tokens_per_s: field("train_tokens_per_s"), peak_rss_mb: peak, generate_tokens_per_s: f64::NAN })
+}
+
+/// Greedy generation of `tokens` new tokens (past any EOS) from a raw prompt on the f32 base.
+const GEN_TOKENS: usize = 64;
+const GEN_PROMPT: &str = "Tell me about the sea.";
+
+fn hone_generate(case: &Case, tokens: usize, threads: usize) -> Result<f64> {
+    let mut c = Command::new(target_dir().join("debug/hone"));
+    c.args(["generate", "--raw", "--ignore-eos", "--prompt", GEN_PROMPT, "--max-new-tokens", &tokens.to_string()])
+        .arg("--model")
+        .arg(&case.model)
+        .env("RAYON_NUM_THREADS", threads.to_string());
+    let (_, stderr, _) = measured(&mut c)?;
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("generated ").and_then(|r| r.split(": ").nth(1)).and_then(|r| r.split(' ').next()).and_then(|v| v.parse().ok()))
+        .ok_or_else(|| format!("hone printed no generation rate:\n{stderr}"))
+}
+
+fn peer_generate(case: &Case, tokens: usize, threads: usize, python: &str) -> Result<f64> {
+    let mut c = Command::new(python);
+    c.arg(root().join("bench/peft_qlora.py")).arg("--model").arg(&case.model).args(["--data", "-", "--generate", &tokens.to_string(), "--prompt", GEN_PROMPT, "--threads", &threads.to_string()]);
+    let (stdout, _, _) = measured(&mut c)?;
+    let line = stdout.lines().last().unwrap_or("");
+    line.split("\"generate_tokens_per_s\": ").nth(1).and_then(|v| v.split([',', '}']).next()).and_then(|v| v.trim().parse().ok()).ok_or_else(|| format!("peer printed no generation rate: {line}"))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -149,14 +175,23 @@ pub fn bench(args: &[String]) -> Result {
         let (mut hone, mut peer) = (Vec::new(), Vec::new());
         for rep in 0..reps {
             eprintln!("bench: {} — repetition {}/{reps}", case.name, rep + 1);
-            hone.push(hone_run(case, &data, threads)?);
-            peer.push(peer_run(case, &data, threads, &python)?);
+            let mut h = hone_run(case, &data, threads)?;
+            h.generate_tokens_per_s = hone_generate(case, GEN_TOKENS, threads)?;
+            hone.push(h);
+            let mut p = peer_run(case, &data, threads, &python)?;
+            p.generate_tokens_per_s = peer_generate(case, GEN_TOKENS, threads, &python)?;
+            peer.push(p);
         }
         rows.push((case.name, hone, peer));
     }
     let mut table = String::from("| case | metric | hone | PyTorch+PEFT+bnb | hone / peer |\n|---|---|---|---|---|\n");
     for (name, hone, peer) in &rows {
-        let metrics: [(&str, fn(&Sample) -> f64); 3] = [("train tokens/s", |s| s.tokens_per_s), ("peak RSS (MB)", |s| s.peak_rss_mb), ("load + quantize (s)", |s| s.load_s)];
+        let metrics: [(&str, fn(&Sample) -> f64); 4] = [
+            ("train tokens/s", |s| s.tokens_per_s),
+            ("peak RSS (MB)", |s| s.peak_rss_mb),
+            ("load + quantize (s)", |s| s.load_s),
+            ("greedy generation tokens/s (f32 base, 64 new)", |s| s.generate_tokens_per_s),
+        ];
         for (metric, f) in metrics {
             let h = median(hone.iter().map(f).collect());
             let p = median(peer.iter().map(f).collect());

@@ -22,7 +22,7 @@ fn main() {
         Some("default-model") => default_model().map(|p| println!("{}", p.display())),
         Some("demo-check") => demo_check(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <test [native|cuda|browser|page]... | serve [--port N] [--dev] | bench [--reps N] [--case tiny|smollm2] | setup | default-model | demo-check>");
+            eprintln!("usage: cargo xtask <test [native|cuda|browser|page|page-smollm2]... | serve [--port N] [--dev] | bench [--reps N] [--case tiny|smollm2] | setup | default-model | demo-check>");
             exit(2);
         }
     };
@@ -225,12 +225,13 @@ fn test(which: &[String]) -> Result {
     // Tests that run the real default model find it through this variable.
     std::env::set_var("HONE_DEFAULT_MODEL", default_model()?);
     let mut tally = Tally::default();
-    let result = run_tests(&wants, &mut tally);
+    let named = |name: &str| which.iter().any(|w| w == name);
+    let result = run_tests(&wants, &named, &mut tally);
     println!("\nxtask: {} passed, {} failed", tally.passed, tally.failed);
     result
 }
 
-fn run_tests(wants: &dyn Fn(&str) -> bool, tally: &mut Tally) -> Result {
+fn run_tests(wants: &dyn Fn(&str) -> bool, wants_named: &dyn Fn(&str) -> bool, tally: &mut Tally) -> Result {
     if wants("native") {
         // CPU (NdArray) and the GPU code path through wgpu (Vulkan; lavapipe on a CPU-only box).
         tally.run(cargo().args(["test", "--workspace"]))?;
@@ -252,6 +253,10 @@ fn run_tests(wants: &dyn Fn(&str) -> bool, tally: &mut Tally) -> Result {
     }
     if wants("page") {
         page::test(tally)?;
+    }
+    // Opt-in only (named explicitly): a quarter of an hour on SwiftShader.
+    if wants_named("page-smollm2") {
+        page::test_smollm2(tally)?;
     }
     Ok(())
 }

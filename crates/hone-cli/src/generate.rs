@@ -44,6 +44,9 @@ pub struct Args {
     /// Print the new token ids instead of the text.
     #[arg(long)]
     ids: bool,
+    /// Keep generating past end-of-turn and EOS tokens (up to --max-new-tokens).
+    #[arg(long)]
+    ignore_eos: bool,
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendKind,
 }
@@ -90,14 +93,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         top_p: a.top_p,
         repetition_penalty: a.repetition_penalty,
         seed: a.seed,
-        stop_ids: text.stop_ids.clone(),
+        stop_ids: if a.ignore_eos { Vec::new() } else { text.stop_ids.clone() },
     };
     let new = with_backend!(a.backend, |B, device| {
         let mut m = model::weights::<B>(&path, LoadOptions { nf4: a.nf4.then(Nf4Options::default) }, &device)?;
         if let Some(dir) = &a.adapter {
             Adapter::read(&Dir(dir.clone()))?.attach(m.linears_mut(), &device)?;
         }
-        encoded.iter().map(|ids| generate(&m, ids, &cfg, &device)).collect::<Vec<_>>()
+        let started = std::time::Instant::now();
+        let new = encoded.iter().map(|ids| generate(&m, ids, &cfg, &device)).collect::<Vec<_>>();
+        let (count, secs) = (new.iter().map(Vec::len).sum::<usize>(), started.elapsed().as_secs_f64());
+        eprintln!("generated {count} tokens in {secs:.2}s: {:.1} tokens/s (prompt processing included)", count as f64 / secs);
+        new
     });
     for (prompt, new) in prompts.iter().zip(&new) {
         let reply = text.tokenizer.decode(new, true)?.trim().to_string();

@@ -10,7 +10,13 @@ use web_sys::{Blob, FileReaderSync};
 pub struct BlobSource {
     name: String,
     blob: Blob,
+    /// The last window read, for small reads: a GGUF's metadata is tens of thousands of tiny
+    /// reads (one per vocabulary string), and each FileReaderSync call costs about a millisecond.
+    window: std::sync::Mutex<Option<(u64, Vec<u8>)>>,
 }
+
+/// Bytes read at once for a small read.
+const WINDOW: u64 = 1 << 20;
 
 // wasm32-unknown-unknown without the atomics feature is single-threaded: a JS handle can never
 // be reached from another thread, which is what these markers promise.
@@ -19,7 +25,7 @@ unsafe impl Sync for BlobSource {}
 
 impl BlobSource {
     pub fn new(name: impl Into<String>, blob: Blob) -> Self {
-        BlobSource { name: name.into(), blob }
+        BlobSource { name: name.into(), blob, window: std::sync::Mutex::new(None) }
     }
 }
 
@@ -35,6 +41,26 @@ impl ByteSource for BlobSource {
         if end > self.len() {
             return Err(Error::io(&self.name, format!("read of {} bytes at offset {offset} is past the end ({} bytes)", buf.len(), self.len())));
         }
+        if (buf.len() as u64) < WINDOW / 4 {
+            let mut window = self.window.lock().expect("single-threaded");
+            let hit = |w: &(u64, Vec<u8>)| offset >= w.0 && end <= w.0 + w.1.len() as u64;
+            if !window.as_ref().is_some_and(hit) {
+                let mut bytes = vec![0u8; (WINDOW.min(self.len() - offset)) as usize];
+                self.read_direct(offset, &mut bytes)?;
+                *window = Some((offset, bytes));
+            }
+            let (start, bytes) = window.as_ref().expect("filled");
+            let at = (offset - start) as usize;
+            buf.copy_from_slice(&bytes[at..at + buf.len()]);
+            return Ok(());
+        }
+        self.read_direct(offset, buf)
+    }
+}
+
+impl BlobSource {
+    fn read_direct(&self, offset: u64, buf: &mut [u8]) -> hone::Result<()> {
+        let end = offset + buf.len() as u64;
         let js = |e: wasm_bindgen::JsValue| Error::io(&self.name, format!("{e:?}"));
         let slice = self.blob.slice_with_f64_and_f64(offset as f64, end as f64).map_err(js)?;
         let reader = FileReaderSync::new().map_err(js)?;
