@@ -4,11 +4,11 @@
 // and resumes from OPFS, downloads the adapter, and compares it with what `hone train` writes
 // natively for the same model, data, settings and seed. Also: zero network requests while
 // training, and errors shown (not thrown) for bad inputs. Prints "test result: ok. N passed; M failed".
-import { chromium } from 'playwright-core';
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { assert, checks, launch } from './harness.mjs';
 
 const [url, hone, outDir] = process.argv.slice(2);
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
@@ -36,24 +36,6 @@ fs.copyFileSync(path.join(fixture, 'tokenizer.json'), path.join(bigDir, 'tokeniz
 
 const SETTINGS = { rank: 4, alpha: 8, dropout: 0, lr: 0.01, steps: 6, batchSize: 4, maxLen: 48, seed: 7, saveEvery: 2 };
 const BASE_NAME = 'tiny-smollm2';
-
-let passed = 0;
-let failed = 0;
-async function check(name, fn) {
-  try {
-    await fn();
-    passed++;
-    console.log(`test page::${name} ... ok`);
-  } catch (e) {
-    failed++;
-    console.log(`test page::${name} ... FAILED\n${e.stack || e}`);
-    const seen = await page.evaluate(() => ['model-status', 'progress-text', 'error', 'preview', 'estimate'].map((id) => `${id}: ${document.getElementById(id).textContent}`)).catch(() => []);
-    console.log(`  page: ${seen.join('\n  page: ')}\n  console: ${consoleLines.slice(-8).join('\n  console: ')}`);
-  }
-}
-function assert(cond, msg) {
-  if (!cond) throw new Error(msg);
-}
 
 // ---- safetensors and zip readers (independent of the page's own code) ----
 function readSafetensors(buf) {
@@ -85,17 +67,14 @@ function readZip(buf) {
   return files;
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  headless: true,
-  args: ['--no-sandbox', '--enable-unsafe-webgpu', '--use-webgpu-adapter=swiftshader', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic', '--no-first-run'],
-});
+const browser = await launch();
 const context = await browser.newContext({ acceptDownloads: true, viewport: { width: 1100, height: 1500 } });
 const requests = [];
 context.on('request', (r) => requests.push(r.url()));
 const page = await context.newPage();
 page.setDefaultTimeout(Number(process.env.PAGE_TIMEOUT_MS || 240000));
 const consoleLines = [];
+const { check, finish } = checks('page', () => page, consoleLines, ['model-status', 'progress-text', 'error', 'preview', 'estimate']);
 page.on('console', (m) => consoleLines.push(m.text()));
 page.on('pageerror', (e) => consoleLines.push(`pageerror: ${e.message}`));
 
@@ -258,6 +237,4 @@ await check('loss_falls', async () => {
 });
 
 await browser.close();
-if (failed) console.log(consoleLines.slice(-30).join('\n'));
-console.log(`test result: ${failed ? 'FAILED' : 'ok'}. ${passed} passed; ${failed} failed`);
-process.exit(failed ? 1 : 0);
+process.exit(finish());

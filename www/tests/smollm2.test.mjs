@@ -5,46 +5,25 @@
 // token ids (tests/fixtures/smollm2_gguf.json, made on the same GGUF weights); a QLoRA
 // fine-tune on the demo data starts and its steps report a finite, falling loss; nothing but
 // the page and the chosen model is fetched. Prints "test result: ok. N passed; M failed".
-import { chromium } from 'playwright-core';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { assert, checks, launch } from './harness.mjs';
 
 const [url] = process.argv.slice(2);
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const fixture = JSON.parse(fs.readFileSync(path.join(root, 'tests/fixtures/smollm2_gguf.json'), 'utf8'));
 const demo = fs.readFileSync(path.join(root, 'data/demo/ahoy_train.jsonl'), 'utf8').split('\n').filter((l) => l.trim()).slice(0, 8);
 
-let passed = 0;
-let failed = 0;
 const consoleLines = [];
-async function check(name, fn) {
-  try {
-    await fn();
-    passed++;
-    console.log(`test smollm2_page::${name} ... ok`);
-  } catch (e) {
-    failed++;
-    console.log(`test smollm2_page::${name} ... FAILED\n${e.stack || e}`);
-    const seen = await page.evaluate(() => ['gpu-status', 'model-status', 'progress-text', 'error', 'estimate'].map((id) => `${id}: ${document.getElementById(id).textContent}`)).catch(() => []);
-    console.log(`  page: ${seen.join('\n  page: ')}\n  console: ${consoleLines.slice(-8).join('\n  console: ')}`);
-  }
-}
-function assert(cond, msg) {
-  if (!cond) throw new Error(msg);
-}
-
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  headless: true,
-  args: ['--no-sandbox', '--enable-unsafe-webgpu', '--use-webgpu-adapter=swiftshader', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic', '--no-first-run'],
-});
+const browser = await launch();
 const context = await browser.newContext({ viewport: { width: 1100, height: 1500 } });
 const requests = [];
 context.on('request', (r) => requests.push(r.url()));
 const page = await context.newPage();
 page.setDefaultTimeout(Number(process.env.PAGE_TIMEOUT_MS || 600000));
 page.on('console', (m) => consoleLines.push(m.text()));
+const { check, finish } = checks('smollm2_page', () => page, consoleLines, ['gpu-status', 'model-status', 'progress-text', 'error', 'estimate']);
 page.on('pageerror', (e) => consoleLines.push(`pageerror: ${e.message}`));
 
 await page.goto(url);
@@ -103,5 +82,4 @@ await check('fetches_only_the_page_and_the_chosen_model', async () => {
 });
 
 await browser.close();
-console.log(`test result: ${failed ? 'FAILED' : 'ok'}. ${passed} passed; ${failed} failed`);
-process.exit(failed ? 1 : 0);
+process.exit(finish());

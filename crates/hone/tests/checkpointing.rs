@@ -7,8 +7,7 @@
 mod common;
 
 use burn::backend::{Autodiff, NdArray};
-use burn::module::Param;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::Tensor;
 use hone::data::Sample;
 use hone::lora::peft::add_adapters;
 use hone::lora::{LoraConfig, Targets};
@@ -67,12 +66,7 @@ fn checkpointing_lowers_peak_memory_and_keeps_gradients() {
     let mut model = load_model_with::<B>(&model_shape.files(), LoadOptions { nf4: Some(Nf4Options::default()) }, &device).unwrap();
     let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, seed: 3 };
     add_adapters(model.linears_mut(), &lora, &device);
-    // PEFT starts B at zero, which leaves A's gradient zero: start from a trained-looking B.
-    for (_, lin) in model.linears_mut() {
-        let l = lin.lora.as_mut().unwrap();
-        let dims = l.lora_b.dims();
-        l.lora_b = Param::from_tensor(Tensor::random(dims, Distribution::Uniform(-0.1, 0.1), &device));
-    }
+    common::randomize_lora_b(&mut model, 0.1, &device);
     let samples: Vec<Sample> = (0..ROWS)
         .map(|r| {
             let ids: Vec<u32> = (0..SEQ - r * 9).map(|i| ((i * 31 + r * 7) % 96) as u32).collect();

@@ -5,8 +5,7 @@
 mod common;
 
 use burn::backend::{Autodiff, NdArray};
-use burn::module::Param;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::Tensor;
 use hone::data::Sample;
 use hone::lora::peft::add_adapters;
 use hone::lora::{LoraConfig, Targets};
@@ -30,11 +29,7 @@ fn trainer(checkpointing: bool, sliding_window: bool) -> Trainer<B> {
     let mut model = load_model_with::<B>(&shape, LoadOptions { nf4: None }, &device).unwrap();
     let lora = LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, seed: 5 };
     add_adapters(model.linears_mut(), &lora, &device);
-    for (_, lin) in model.linears_mut() {
-        let l = lin.lora.as_mut().unwrap();
-        let dims = l.lora_b.dims();
-        l.lora_b = Param::from_tensor(Tensor::random(dims, Distribution::Uniform(-0.2, 0.2), &device));
-    }
+    common::randomize_lora_b(&mut model, 0.2, &device);
     Trainer::new(model, lora, Vec::new(), TrainConfig { checkpointing, ..Default::default() }, device)
 }
 

@@ -104,8 +104,8 @@ fn sentencepiece_bpe(g: &Gguf) -> Result<Tokenizer> {
         .iter()
         .enumerate()
         .filter_map(|(i, t)| match types.get(i).copied() {
-            Some(3) => Some(serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})),
-            Some(4) => Some(serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": false})),
+            Some(3) => Some(added_token(i, t, true)),
+            Some(4) => Some(added_token(i, t, false)),
             _ => None,
         })
         .collect();
@@ -125,23 +125,18 @@ fn sentencepiece_bpe(g: &Gguf) -> Result<Tokenizer> {
     if flag(g, "tokenizer.ggml.add_eos_token").unwrap_or(false) {
         mark(special("tokenizer.ggml.eos_token_id"), &mut single);
     }
-    let json = serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": false},
-        "post_processor": {"type": "TemplateProcessing", "single": single, "pair": single, "special_tokens": specials},
-        "decoder": {"type": "Sequence", "decoders": [
+    let json = tokenizer_json(
+        added,
+        serde_json::json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": false}),
+        serde_json::json!({"type": "TemplateProcessing", "single": single, "pair": single, "special_tokens": specials}),
+        serde_json::json!({"type": "Sequence", "decoders": [
             {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
             {"type": "ByteFallback"},
             {"type": "Fuse"},
             {"type": "Strip", "content": " ", "start": 1, "stop": 0}
-        ]},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                  "fuse_unk": true, "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges},
-    });
+        ]}),
+        bpe(vocab, merges, true),
+    );
     Tokenizer::from_bytes(&serde_json::to_vec(&json).expect("json"), g.name())
 }
 
@@ -161,7 +156,7 @@ fn byte_level_bpe(g: &Gguf) -> Result<Tokenizer> {
         .iter()
         .enumerate()
         .filter(|(i, t)| types.get(*i).copied() == Some(3) && spelled(t))
-        .map(|(i, t)| serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .map(|(i, t)| added_token(i, t, true))
         .collect();
     let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
     let byte_level = |regex: bool| serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
@@ -173,19 +168,40 @@ fn byte_level_bpe(g: &Gguf) -> Result<Tokenizer> {
         "default" | "gpt2" | "smollm" | "gpt-2" => byte_level(true),
         other => return Err(Error::unsupported(g.name(), format!("tokenizer.ggml.pre `{other}`"))),
     };
-    let json = serde_json::json!({
+    let json = tokenizer_json(
+        added,
+        pre_tokenizer,
+        serde_json::json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}),
+        serde_json::json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
+        bpe(vocab, merges, false),
+    );
+    Tokenizer::from_bytes(&serde_json::to_vec(&json).expect("json"), g.name())
+}
+
+/// A token matched whole in the text before the model sees it.
+fn added_token(id: usize, content: &str, special: bool) -> serde_json::Value {
+    serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": special})
+}
+
+/// A tokenizer.json document from its parts (no normalizer, truncation or padding).
+fn tokenizer_json(added: Vec<serde_json::Value>, pre: serde_json::Value, post: serde_json::Value, decoder: serde_json::Value, model: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
         "added_tokens": added,
         "normalizer": null,
-        "pre_tokenizer": pre_tokenizer,
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges},
-    });
-    Tokenizer::from_bytes(&serde_json::to_vec(&json).expect("json"), g.name())
+        "pre_tokenizer": pre,
+        "post_processor": post,
+        "decoder": decoder,
+        "model": model,
+    })
+}
+
+/// A BPE model; SentencePiece vocabularies fall back to byte tokens (and fuse unknowns).
+fn bpe(vocab: serde_json::Map<String, serde_json::Value>, merges: Vec<String>, byte_fallback: bool) -> serde_json::Value {
+    serde_json::json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                       "fuse_unk": byte_fallback, "byte_fallback": byte_fallback, "ignore_merges": false, "vocab": vocab, "merges": merges})
 }
 
 /// The chat template stored in the GGUF, with its BOS/EOS token texts.

@@ -3,7 +3,7 @@
 
 use super::config::Config;
 use crate::lora::LoraLinear;
-use crate::quant::HoneBackend;
+use crate::quant::{FrozenWeight, HoneBackend};
 use super::rope;
 use burn::module::Module;
 use burn::tensor::activation::{silu, softmax};
@@ -308,10 +308,10 @@ impl<B: HoneBackend> CausalLm<B> {
         match &self.lm_head {
             Some(head) => head.forward(h),
             None => {
+                // Tied: the frozen embedding is the head's weight, used as any frozen linear's.
                 let [b, t, d] = h.dims();
                 let v = self.model.embed_tokens.dims()[0];
-                // (E·hᵀ)ᵀ rather than h·Eᵀ: the [vocab, hidden] embedding is never transposed.
-                self.model.embed_tokens.clone().matmul(h.reshape([b * t, d]).transpose()).transpose().reshape([b, t, v])
+                B::frozen_matmul(h.reshape([b * t, d]), &FrozenWeight::dense(self.model.embed_tokens.clone())).reshape([b, t, v])
             }
         }
     }

@@ -84,3 +84,13 @@ impl Synthetic {
             .with("model.safetensors", hone::io::safetensors::write_f32(&refs, &Default::default()))
     }
 }
+
+/// PEFT starts B at zero, which leaves A's gradient zero: gradient checks start from a
+/// trained-looking B drawn uniformly from ±`scale`.
+pub fn randomize_lora_b<B: burn::tensor::backend::AutodiffBackend + HoneBackend>(model: &mut hone::model::CausalLm<B>, scale: f64, device: &B::Device) {
+    for (_, lin) in model.linears_mut() {
+        let l = lin.lora.as_mut().expect("adapters attached");
+        let dims = l.lora_b.dims();
+        l.lora_b = burn::module::Param::from_tensor(burn::tensor::Tensor::random(dims, burn::tensor::Distribution::Uniform(-scale, scale), device));
+    }
+}
