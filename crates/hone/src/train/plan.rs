@@ -24,7 +24,7 @@ pub enum Device {
 /// Process memory of the `hone` binary on the CPU backend besides the run's tensors (code,
 /// thread pools, allocator slack), and per vocabulary entry (the tokenizer's tables), fitted to
 /// peak RSS measured on the tiny fixture and SmolLM2 (hone-cli/tests/plan.rs checks them).
-pub const CPU_RUNTIME_BYTES: u64 = 27_000_000;
+pub const CPU_RUNTIME_BYTES: u64 = 25_000_000;
 pub const CPU_BYTES_PER_VOCAB_ENTRY: u64 = 600;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
