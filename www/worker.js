@@ -66,8 +66,13 @@ async function saveCheckpoint(step) {
     await writeFile(dir, name, bytes);
     names.push(name);
   }
-  await writeFile(dir, 'data.jsonl', new TextEncoder().encode(job.data));
-  if (job.evalData) await writeFile(dir, 'eval.jsonl', new TextEncoder().encode(job.evalData));
+  // The dataset does not change during a run: each slot gets it once per run, not per checkpoint.
+  job.slotsWithData = job.slotsWithData || new Set();
+  if (!job.slotsWithData.has(slot)) {
+    await writeFile(dir, 'data.jsonl', new TextEncoder().encode(job.data));
+    if (job.evalData) await writeFile(dir, 'eval.jsonl', new TextEncoder().encode(job.evalData));
+    job.slotsWithData.add(slot);
+  }
   const meta = { step, total: job.total, model: modelName, settings: job.settings, saveEvery: job.saveEvery, baseName: job.baseName, files: names, hasEval: !!job.evalData, savedAt: Date.now() };
   await writeFile(dir, 'meta.json', new TextEncoder().encode(JSON.stringify(meta)));
   event('checkpoint', { step });
