@@ -141,10 +141,13 @@ fn bench_data() -> Result<PathBuf> {
     let out = target_dir().join("bench/ahoy_text.jsonl");
     std::fs::create_dir_all(out.parent().unwrap()).map_err(|e| e.to_string())?;
     let src = std::fs::read_to_string(root().join("data/demo/ahoy_train.jsonl")).map_err(|e| e.to_string())?;
+    // The peer script reads plain text: each conversation becomes its turns joined by newlines.
     let mut lines = Vec::new();
-    for l in src.lines().filter(|l| !l.trim().is_empty()) {
-        let contents: Vec<String> = l.split("\"content\": \"").skip(1).filter_map(|c| c.split("\"}").next()).map(|c| c.to_string()).collect();
-        lines.push(format!("{{\"text\": \"{}\"}}", contents.join("\\n")));
+    for (n, l) in src.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let row: serde_json::Value = serde_json::from_str(l).map_err(|e| format!("data/demo/ahoy_train.jsonl line {}: {e}", n + 1))?;
+        let turns = row["messages"].as_array().ok_or_else(|| format!("data/demo/ahoy_train.jsonl line {}: no \"messages\" list", n + 1))?;
+        let text: Vec<&str> = turns.iter().filter_map(|t| t["content"].as_str()).collect();
+        lines.push(serde_json::json!({ "text": text.join("\n") }).to_string());
     }
     std::fs::write(&out, lines.join("\n") + "\n").map_err(|e| e.to_string())?;
     Ok(out)

@@ -98,7 +98,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let new = with_backend!(a.backend, |B, device| {
         let mut m = model::weights::<B>(&path, LoadOptions { nf4: a.nf4.then(Nf4Options::default) }, &device)?;
         if let Some(dir) = &a.adapter {
-            Adapter::read(&Dir(dir.clone()))?.attach(m.linears_mut(), &device)?;
+            Adapter::read(&Dir(dir.clone()))?.attach(m.linears_mut())?;
         }
         let started = std::time::Instant::now();
         let new = encoded.iter().map(|ids| generate(&m, ids, &cfg, &device)).collect::<Vec<_>>();

@@ -45,7 +45,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let options = LoadOptions { nf4: args.nf4.then(Nf4Options::default) };
         let mut model = hone::model::load_model_with::<B>(&dir, options, &device)?;
         if let Some(adapter) = &args.adapter {
-            Adapter::read(&Dir(adapter.clone()))?.attach(model.linears_mut(), &device)?;
+            Adapter::read(&Dir(adapter.clone()))?.attach(model.linears_mut())?;
         }
         let vocab = model.config.vocab_size;
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {

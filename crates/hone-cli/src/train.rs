@@ -186,7 +186,7 @@ where
     let mut model = crate::model::weights::<B>(model_dir, LoadOptions { nf4 }, &device)?;
     eprintln!("model: {} loaded in {:.1}s ({})", model_dir.display(), loading.elapsed().as_secs_f64(), if nf4.is_some() { "NF4 base, QLoRA" } else { "f32 base, LoRA" });
     let lora = settings.lora();
-    let adapted = add_adapters(model.linears_mut(), &lora, &device);
+    let adapted = add_adapters(model.linears_mut(), &lora);
     if adapted == 0 {
         bail!("--targets {:?} matches no layer of this model", a.run.targets.as_deref().unwrap_or("all-linear"));
     }
@@ -347,7 +347,7 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     let report = with_backend!(a.backend, |B, device| {
         let mut model = crate::model::weights::<B>(&path, LoadOptions { nf4: a.nf4.then(Nf4Options::default) }, &device)?;
         if let Some(dir) = &a.adapter {
-            Adapter::read(&Dir(dir.clone()))?.attach(model.linears_mut(), &device)?;
+            Adapter::read(&Dir(dir.clone()))?.attach(model.linears_mut())?;
         }
         evaluate(&model, &samples, a.batch_size, 0, &device)
     });

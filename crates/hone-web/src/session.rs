@@ -210,7 +210,7 @@ impl Session {
         self.model = None;
         let mut model = self.load_weights::<Train>(&s)?;
         let lora = s.lora();
-        let adapted = add_adapters(model.linears_mut(), &lora, &self.device);
+        let adapted = add_adapters(model.linears_mut(), &lora);
         if adapted == 0 {
             return Err(JsError::new(&format!("targets {:?} match no layer of this model", s.targets.as_deref().unwrap_or("all-linear"))));
         }

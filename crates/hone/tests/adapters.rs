@@ -29,7 +29,7 @@ fn hone_adapter(arch: &str) -> Adapter {
     let device = Default::default();
     let mut model = load_model::<B>(&Dir(common::fixtures().join(arch)), &device).unwrap();
     let config = LoraConfig { r: 8, alpha: 16.0, dropout: 0.05, targets: Targets::parse("q_proj,v_proj,down_proj,qkv_proj"), use_rslora: true, seed: 7 };
-    add_adapters(model.linears_mut(), &config, &device);
+    add_adapters(model.linears_mut(), &config);
     let b_source = LoraConfig { seed: 8, ..config.clone() };
     let mut adapter = to_host(model.linears(), &config, &format!("tests/fixtures/{arch}"));
     for (i, layer) in adapter.layers.iter_mut().enumerate() {
@@ -44,7 +44,7 @@ fn hone_adapter(arch: &str) -> Adapter {
 fn logits_with(arch: &str, adapter: &Adapter, ids: &[u32]) -> Vec<f32> {
     let device = Default::default();
     let mut model = load_model::<B>(&Dir(common::fixtures().join(arch)), &device).unwrap();
-    adapter.attach(model.linears_mut(), &device).unwrap();
+    adapter.attach(model.linears_mut()).unwrap();
     model.logits(ids, &device).into_data().to_vec::<f32>().unwrap()
 }
 
@@ -139,6 +139,6 @@ fn adapter_for_another_model_is_refused() {
     let device = Default::default();
     let mut model = load_model::<B>(&Dir(common::fixtures().join("llama")), &device).unwrap();
     let phi3 = Adapter::read(&Dir(lora_dir().join("phi3_peft_adapter"))).unwrap();
-    let err = phi3.attach(model.linears_mut(), &device).unwrap_err().to_string();
+    let err = phi3.attach(model.linears_mut()).unwrap_err().to_string();
     assert!(err.contains("phi3_peft_adapter/adapter_model.safetensors") && err.contains("no such layer"), "{err}");
 }

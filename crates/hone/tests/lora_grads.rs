@@ -22,7 +22,7 @@ fn check(arch: &str, qlora: bool) {
     let options = LoadOptions { nf4: qlora.then(Nf4Options::default) };
     let mut model = load_model_with::<B>(&Dir(fixtures.join(arch)), options, &device).unwrap();
     let adapter = Adapter::read(&Dir(fixtures.join(format!("lora/{arch}_peft_adapter")))).unwrap();
-    adapter.attach(model.linears_mut(), &device).unwrap();
+    adapter.attach(model.linears_mut()).unwrap();
 
     let ids = read_ids(&expected, "ids").unwrap();
     let t = ids.len();

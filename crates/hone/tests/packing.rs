@@ -28,7 +28,7 @@ fn trainer(checkpointing: bool, sliding_window: bool) -> Trainer<B> {
     let device = Default::default();
     let mut model = load_model_with::<B>(&shape, LoadOptions { nf4: None }, &device).unwrap();
     let lora = LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, seed: 5 };
-    add_adapters(model.linears_mut(), &lora, &device);
+    add_adapters(model.linears_mut(), &lora);
     common::randomize_lora_b(&mut model, 0.2, &device);
     Trainer::new(model, lora, Vec::new(), TrainConfig { checkpointing, ..Default::default() }, device)
 }

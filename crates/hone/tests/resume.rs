@@ -28,7 +28,7 @@ fn trainer() -> Trainer<B> {
     let device = Default::default();
     let mut model = load_model::<B>(&Dir(common::fixtures().join("smollm2")), &device).unwrap();
     let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, targets: Targets::AllLinear, use_rslora: false, seed: 5 };
-    add_adapters(model.linears_mut(), &lora, &device);
+    add_adapters(model.linears_mut(), &lora);
     let cfg = TrainConfig { lr: 5e-3, schedule: Schedule::Cosine, warmup_steps: 2, batch_size: 2, grad_accum: 2, epochs: 3, seed: 11, ..Default::default() };
     Trainer::new(model, lora, samples(), cfg, device)
 }

@@ -31,7 +31,7 @@ fn check(qlora: bool, checkpointing: bool) {
     let device = Default::default();
     let mut model = load_model_with::<B>(&Dir(fixtures.join("llama")), LoadOptions { nf4: qlora.then(Nf4Options::default) }, &device).unwrap();
     let adapter = Adapter::read(&Dir(fixtures.join("lora/llama_peft_adapter"))).unwrap();
-    adapter.attach(model.linears_mut(), &device).unwrap();
+    adapter.attach(model.linears_mut()).unwrap();
     let cfg = TrainConfig {
         lr: 1e-2,
         schedule: Schedule::Linear,

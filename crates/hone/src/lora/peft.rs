@@ -157,9 +157,9 @@ impl Adapter {
         })
     }
 
-    /// Puts the adapter's tensors on the matching layers. Every adapter module must exist in
-    /// the model with matching shapes.
-    pub fn attach<B: HoneBackend>(&self, linears: Vec<(String, &mut LoraLinear<B>)>, device: &B::Device) -> Result<()> {
+    /// Puts the adapter's tensors on the matching layers, each on its layer's device. Every
+    /// adapter module must exist in the model with matching shapes.
+    pub fn attach<B: HoneBackend>(&self, linears: Vec<(String, &mut LoraLinear<B>)>) -> Result<()> {
         let mut by_name: BTreeMap<String, &mut LoraLinear<B>> = linears.into_iter().collect();
         for l in &self.layers {
             let key = format!("{PREFIX}{}.lora_A.weight", l.module);
@@ -174,9 +174,10 @@ impl Adapter {
                     format!("A {:?} / B {:?} do not fit a [{out}, {inp}] layer", l.a_shape, l.b_shape),
                 ));
             }
+            let device = lin.weight.device();
             lin.lora = Some(Lora {
-                lora_a: Param::from_tensor(Tensor::from_data(TensorData::new(l.a.clone(), l.a_shape), device)),
-                lora_b: Param::from_tensor(Tensor::from_data(TensorData::new(l.b.clone(), l.b_shape), device)),
+                lora_a: Param::from_tensor(Tensor::from_data(TensorData::new(l.a.clone(), l.a_shape), &device)),
+                lora_b: Param::from_tensor(Tensor::from_data(TensorData::new(l.b.clone(), l.b_shape), &device)),
                 scaling: self.scaling(),
                 dropout: self.dropout,
             });
@@ -186,8 +187,8 @@ impl Adapter {
 }
 
 /// Adds fresh adapters to the layers `config.targets` selects (never lm_head for
-/// `all-linear`, as PEFT). Returns how many layers were adapted.
-pub fn add_adapters<B: HoneBackend>(linears: Vec<(String, &mut LoraLinear<B>)>, config: &LoraConfig, device: &B::Device) -> usize {
+/// `all-linear`, as PEFT), each on its layer's device. Returns how many layers were adapted.
+pub fn add_adapters<B: HoneBackend>(linears: Vec<(String, &mut LoraLinear<B>)>, config: &LoraConfig) -> usize {
     let mut n = 0;
     for (index, (name, lin)) in linears.into_iter().enumerate() {
         let selected = match &config.targets {
@@ -196,7 +197,7 @@ pub fn add_adapters<B: HoneBackend>(linears: Vec<(String, &mut LoraLinear<B>)>, 
         };
         if selected {
             let [out, inp] = lin.weight.dims();
-            lin.lora = Some(config.init(index as u64, out, inp, device));
+            lin.lora = Some(config.init(index as u64, out, inp, &lin.weight.device()));
             n += 1;
         }
     }

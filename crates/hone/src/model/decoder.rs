@@ -119,6 +119,48 @@ impl<B: Backend> Positions<B> {
     }
 }
 
+impl<B: HoneBackend> Positions<B> {
+    /// The same tables on another device.
+    pub fn to_device(&self, device: &B::Device) -> Self {
+        Positions { cos: onto(self.cos.clone(), device), sin: onto(self.sin.clone(), device), mask: onto(self.mask.clone(), device) }
+    }
+}
+
+/// `x` on `device`, untouched (no copy, no autodiff node) when already there.
+pub fn onto<B: HoneBackend, const D: usize>(x: Tensor<B, D>, device: &B::Device) -> Tensor<B, D> {
+    if &x.device() == device {
+        x
+    } else {
+        B::move_to(x, device)
+    }
+}
+
+/// One forward's positions for layers placed on several devices: moved to each device once.
+pub struct PositionsOn<'a, B: HoneBackend> {
+    home: &'a Positions<B>,
+    moved: Vec<(B::Device, Positions<B>)>,
+}
+
+impl<'a, B: HoneBackend> PositionsOn<'a, B> {
+    pub fn new(home: &'a Positions<B>) -> Self {
+        PositionsOn { home, moved: Vec::new() }
+    }
+
+    pub fn on(&mut self, device: &B::Device) -> &Positions<B> {
+        if &self.home.mask.device() == device {
+            return self.home;
+        }
+        let at = match self.moved.iter().position(|(d, _)| d == device) {
+            Some(at) => at,
+            None => {
+                self.moved.push((device.clone(), self.home.to_device(device)));
+                self.moved.len() - 1
+            }
+        };
+        &self.moved[at].1
+    }
+}
+
 /// Keys and values of the tokens seen so far, per layer (`[B, kv_heads, T, head_dim]`, after
 /// RoPE), so that generation computes each new token once.
 #[derive(Debug, Clone)]
@@ -232,6 +274,11 @@ pub struct DecoderLayer<B: Backend> {
 }
 
 impl<B: HoneBackend> DecoderLayer<B> {
+    /// The device holding this layer's weights (layers may be split across devices).
+    pub fn device(&self) -> B::Device {
+        self.input_layernorm.weight.device()
+    }
+
     pub fn forward(&self, x: Tensor<B, 3>, pos: &Positions<B>) -> Tensor<B, 3> {
         self.forward_cached(x, pos, None)
     }
@@ -269,10 +316,17 @@ impl<B: HoneBackend> CausalLm<B> {
     /// [`Self::hidden`] with given positions and mask (packed rows).
     pub fn hidden_at(&self, ids: Tensor<B, 2, Int>, pos: &Positions<B>) -> Tensor<B, 3> {
         let mut x = self.embed(ids);
+        let mut pos = PositionsOn::new(pos);
         for layer in &self.model.layers {
-            x = layer.forward(x, pos);
+            let device = layer.device();
+            x = layer.forward(onto(x, &device), pos.on(&device));
         }
-        self.model.norm.forward(x)
+        self.final_norm(x)
+    }
+
+    /// The final norm, on its own device.
+    pub fn final_norm(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.model.norm.forward(onto(x, &self.model.norm.weight.device()))
     }
 
     pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
@@ -296,15 +350,18 @@ impl<B: HoneBackend> CausalLm<B> {
         let t = ids.dims()[1];
         let pos = Positions::with_past(&self.config, cache.len, t, &ids.device());
         let mut x = self.embed(ids);
+        let mut pos = PositionsOn::new(&pos);
         for (layer, slot) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward_cached(x, &pos, Some(slot));
+            let device = layer.device();
+            x = layer.forward_cached(onto(x, &device), pos.on(&device), Some(slot));
         }
         cache.len += t;
-        self.head(self.model.norm.forward(x))
+        self.head(self.final_norm(x))
     }
 
-    /// Logits from final (normed) hidden states.
+    /// Logits from final (normed) hidden states, computed on the head's device.
     pub fn head(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        let h = onto(h, &self.head_device());
         match &self.lm_head {
             Some(head) => head.forward(h),
             None => {
@@ -314,6 +371,25 @@ impl<B: HoneBackend> CausalLm<B> {
                 B::frozen_matmul(h.reshape([b * t, d]), &FrozenWeight::dense(self.model.embed_tokens.clone())).reshape([b, t, v])
             }
         }
+    }
+
+    /// Where the logits are computed: lm_head's device, or the embeddings' when tied.
+    pub fn head_device(&self) -> B::Device {
+        match &self.lm_head {
+            Some(head) => head.weight.device(),
+            None => self.model.embed_tokens.device(),
+        }
+    }
+
+    /// Every device the model's weights are on, each once, embeddings' first.
+    pub fn devices(&self) -> Vec<B::Device> {
+        let mut out = vec![self.model.embed_tokens.device()];
+        for d in self.model.layers.iter().map(|l| l.device()).chain([self.model.norm.weight.device(), self.head_device()]) {
+            if !out.contains(&d) {
+                out.push(d);
+            }
+        }
+        out
     }
 
     /// Every linear layer with its Hugging Face module name (`model.layers.0.self_attn.q_proj`,

@@ -5,6 +5,7 @@
 
 use super::config::{Arch, Config};
 use super::decoder::{Attention, Body, CausalLm, DecoderLayer, Mlp, RmsNorm};
+use super::placement::Placement;
 use crate::lora::LoraLinear;
 use crate::quant::nf4::Nf4Builder;
 use crate::quant::{bnb, FrozenWeight, HoneBackend, Nf4Weight};
@@ -112,11 +113,21 @@ pub struct LoadReport {
 }
 
 pub fn build_with_report<B: HoneBackend>(config: Config, w: &dyn TensorSource, options: LoadOptions, device: &B::Device) -> Result<(CausalLm<B>, LoadReport)> {
+    let placement = Placement::single(device.clone(), config.num_hidden_layers);
+    build_placed(config, w, options, &placement)
+}
+
+/// As [`build_with_report`], each part of the model created on the device `placement` gives it
+/// (several GPUs of one host when one is too small).
+pub fn build_placed<B: HoneBackend>(config: Config, w: &dyn TensorSource, options: LoadOptions, placement: &Placement<B::Device>) -> Result<(CausalLm<B>, LoadReport)> {
+    if placement.layers.len() != config.num_hidden_layers {
+        return Err(Error::unsupported("device map", format!("places {} layers; the model has {}", placement.layers.len(), config.num_hidden_layers)));
+    }
     let err = std::cell::Cell::new((0f64, 0f64));
     let c = &config;
     let (h, hd, nh, nkv, inter) = (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size);
     // Decoder-block linears: quantized one by one as they are read, if asked.
-    let linear = |name: &str, d_out: usize, d_in: usize, bias: bool| -> Result<LoraLinear<B>> {
+    let linear = |name: &str, d_out: usize, d_in: usize, bias: bool, device: &B::Device| -> Result<LoraLinear<B>> {
         let key = format!("{name}.weight");
         if c.bnb_nf4 {
             // Pre-quantized by bitsandbytes: taken as stored, never requantized.
@@ -145,44 +156,45 @@ pub fn build_with_report<B: HoneBackend>(config: Config, w: &dyn TensorSource, o
         let bias = if bias { Some(tensor::<B, _>(w, &format!("{name}.bias"), [d_out], device)?) } else { None };
         Ok(LoraLinear::new(weight, bias))
     };
-    let norm = |name: &str| -> Result<RmsNorm<B>> { Ok(RmsNorm { weight: tensor::<B, _>(w, &format!("{name}.weight"), [h], device)?, eps: c.rms_norm_eps }) };
+    let norm = |name: &str, device: &B::Device| -> Result<RmsNorm<B>> { Ok(RmsNorm { weight: tensor::<B, _>(w, &format!("{name}.weight"), [h], device)?, eps: c.rms_norm_eps }) };
 
-    let embed_tokens = tensor::<B, 2>(w, "model.embed_tokens.weight", [c.vocab_size, h], device)?;
+    let embed_tokens = tensor::<B, 2>(w, "model.embed_tokens.weight", [c.vocab_size, h], &placement.embed)?;
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
+        let device = &placement.layers[i];
         let fused = c.arch == Arch::Phi3;
         let attn = |n: &str| format!("{p}.self_attn.{n}");
         let mlp = |n: &str| format!("{p}.mlp.{n}");
         let self_attn = Attention {
-            q_proj: if fused { None } else { Some(linear(&attn("q_proj"), nh * hd, h, c.qkv_bias)?) },
-            k_proj: if fused { None } else { Some(linear(&attn("k_proj"), nkv * hd, h, c.qkv_bias)?) },
-            v_proj: if fused { None } else { Some(linear(&attn("v_proj"), nkv * hd, h, c.qkv_bias)?) },
-            qkv_proj: if fused { Some(linear(&attn("qkv_proj"), (nh + 2 * nkv) * hd, h, c.qkv_bias)?) } else { None },
-            o_proj: linear(&attn("o_proj"), h, nh * hd, c.o_bias)?,
+            q_proj: if fused { None } else { Some(linear(&attn("q_proj"), nh * hd, h, c.qkv_bias, device)?) },
+            k_proj: if fused { None } else { Some(linear(&attn("k_proj"), nkv * hd, h, c.qkv_bias, device)?) },
+            v_proj: if fused { None } else { Some(linear(&attn("v_proj"), nkv * hd, h, c.qkv_bias, device)?) },
+            qkv_proj: if fused { Some(linear(&attn("qkv_proj"), (nh + 2 * nkv) * hd, h, c.qkv_bias, device)?) } else { None },
+            o_proj: linear(&attn("o_proj"), h, nh * hd, c.o_bias, device)?,
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: hd,
         };
         let mlp = Mlp {
-            gate_proj: if fused { None } else { Some(linear(&mlp("gate_proj"), inter, h, c.mlp_bias)?) },
-            up_proj: if fused { None } else { Some(linear(&mlp("up_proj"), inter, h, c.mlp_bias)?) },
-            gate_up_proj: if fused { Some(linear(&mlp("gate_up_proj"), 2 * inter, h, c.mlp_bias)?) } else { None },
-            down_proj: linear(&mlp("down_proj"), h, inter, c.mlp_bias)?,
+            gate_proj: if fused { None } else { Some(linear(&mlp("gate_proj"), inter, h, c.mlp_bias, device)?) },
+            up_proj: if fused { None } else { Some(linear(&mlp("up_proj"), inter, h, c.mlp_bias, device)?) },
+            gate_up_proj: if fused { Some(linear(&mlp("gate_up_proj"), 2 * inter, h, c.mlp_bias, device)?) } else { None },
+            down_proj: linear(&mlp("down_proj"), h, inter, c.mlp_bias, device)?,
         };
         layers.push(DecoderLayer {
             self_attn,
             mlp,
-            input_layernorm: norm(&format!("{p}.input_layernorm"))?,
-            post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm"))?,
+            input_layernorm: norm(&format!("{p}.input_layernorm"), device)?,
+            post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm"), device)?,
         });
     }
-    let norm_final = norm("model.norm")?;
+    let norm_final = norm("model.norm", &placement.head)?;
     // Some tied checkpoints still store lm_head; tied ones that do not reuse the embeddings.
     let lm_head = if c.tie_word_embeddings && !w.contains("lm_head.weight") {
         None
     } else {
-        Some(LoraLinear::new(FrozenWeight::dense(tensor::<B, _>(w, "lm_head.weight", [c.vocab_size, h], device)?), None))
+        Some(LoraLinear::new(FrozenWeight::dense(tensor::<B, _>(w, "lm_head.weight", [c.vocab_size, h], &placement.head)?), None))
     };
     let (diff, norm) = err.get();
     let report = LoadReport { nf4_rel_error: (options.nf4.is_some() && norm > 0.0).then(|| (diff / norm).sqrt()) };

@@ -4,6 +4,7 @@ pub mod config;
 pub mod decoder;
 pub mod gguf;
 pub mod load;
+pub mod placement;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod quantize;
 pub mod rope;
@@ -13,3 +14,4 @@ pub use config::{Arch, Config, Rope};
 pub use decoder::CausalLm;
 pub use text::ModelText;
 pub use load::{load_model, load_model_with, LoadOptions, Nf4Options};
+pub use placement::Placement;

@@ -97,6 +97,14 @@ impl<B: Backend> FrozenWeight<B> {
     pub fn is_quantized(&self) -> bool {
         self.nf4.is_some()
     }
+    /// Where the weight lives (layers may sit on different devices).
+    pub fn device(&self) -> B::Device {
+        match (&self.dense, &self.nf4) {
+            (Some(w), _) => w.device(),
+            (None, Some(q)) => q.words.device(),
+            (None, None) => unreachable!("a frozen weight is dense or NF4"),
+        }
+    }
 }
 
 impl<B: HoneBackend> FrozenWeight<B> {
@@ -123,6 +131,11 @@ pub trait HoneBackend: Backend {
     /// run the kernel in `shaders/`.
     fn nf4_dequantize(w: &Nf4Weight<Self>) -> Tensor<Self, 2> {
         w.dequantize()
+    }
+
+    /// `x` copied to another device (a model split across devices). By default burn's own copy.
+    fn move_to<const D: usize>(x: Tensor<Self, D>, device: &Self::Device) -> Tensor<Self, D> {
+        x.to_device(device)
     }
 }
 
@@ -229,6 +242,14 @@ where
         let out = hone_shaders::nf4::nf4_dequantize(words, absmax, w.out_features, w.in_features, w.blocksize);
         Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out))
     }
+
+    /// Through host memory: burn 0.21's device-to-device copy calls server-to-server transfers
+    /// that its wgpu server leaves unimplemented (a panic on the first move). A hidden state at
+    /// a layer boundary is small (tokens × hidden), so the round trip costs little.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn move_to<const D: usize>(x: Tensor<Self, D>, device: &Self::Device) -> Tensor<Self, D> {
+        Tensor::from_data(x.into_data(), device)
+    }
 }
 
 /// A debug switch that makes the autodiff op keep the dequantized weight for backward (the
@@ -264,7 +285,35 @@ mod autodiff {
         }
     }
 
+    /// Backward of a copy between devices: the gradient goes back to where `x` was.
+    #[derive(Debug)]
+    struct MoveBackward<const D: usize>;
+
+    impl<B: HoneBackend, const D: usize> Backward<B, 1> for MoveBackward<D> {
+        type State = B::Device;
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+            let [parent] = ops.parents;
+            let grad = grads.consume::<B>(&ops.node);
+            if let Some(node) = parent {
+                let g = B::move_to(Tensor::<B, D>::from_primitive(TensorPrimitive::Float(grad)), &ops.state);
+                grads.register::<B>(node.id, g.into_primitive().tensor());
+            }
+        }
+    }
+
     impl<B: HoneBackend, C: CheckpointStrategy> HoneBackend for Autodiff<B, C> {
+        fn move_to<const D: usize>(x: Tensor<Self, D>, device: &Self::Device) -> Tensor<Self, D> {
+            let x = x.into_primitive().tensor();
+            let from = B::float_device(&x.primitive);
+            let y = B::move_to(Tensor::<B, D>::from_primitive(TensorPrimitive::Float(x.primitive.clone())), device).into_primitive().tensor();
+            let out = match MoveBackward::<D>.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish(from, y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            };
+            Tensor::from_primitive(TensorPrimitive::Float(out))
+        }
+
         fn frozen_matmul(x: Tensor<Self, 2>, w: &FrozenWeight<Self>) -> Tensor<Self, 2> {
             if SAVE_DEQUANTIZED_FOR_BACKWARD.load(std::sync::atomic::Ordering::Relaxed) {
                 return x.matmul(w.to_dense().transpose());

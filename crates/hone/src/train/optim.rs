@@ -48,12 +48,15 @@ pub fn adamw_update<B: Backend>(param: Tensor<B, 2>, grad: Tensor<B, 2>, m: &mut
 /// Scales `grads` so that their global L2 norm is at most `max_norm` (as `clip_grad_norm_`:
 /// coefficient `max_norm / (norm + 1e-6)`, capped at 1). Returns the norm before clipping,
 /// as a device scalar (no host read).
-pub fn clip_global_norm<B: Backend>(grads: &mut [Tensor<B, 2>], max_norm: f64) -> Tensor<B, 1> {
-    let norms: Vec<Tensor<B, 1>> = grads.iter().map(|g| g.clone().square().sum().sqrt()).collect();
+pub fn clip_global_norm<B: crate::quant::HoneBackend>(grads: &mut [Tensor<B, 2>], max_norm: f64) -> Tensor<B, 1> {
+    // Gradients of layers on other devices send their norm (one value) to the first's.
+    let home = grads.first().map(|g| g.device()).unwrap_or_default();
+    let norms: Vec<Tensor<B, 1>> = grads.iter().map(|g| crate::model::decoder::onto(g.clone().square().sum().sqrt(), &home)).collect();
     let total = Tensor::cat(norms, 0).square().sum().sqrt();
     let coef = (total.clone().add_scalar(1e-6).recip().mul_scalar(max_norm)).clamp_max(1.0);
     for g in grads.iter_mut() {
-        *g = g.clone() * coef.clone().unsqueeze_dim::<2>(0);
+        let device = g.device();
+        *g = g.clone() * crate::model::decoder::onto(coef.clone(), &device).unsqueeze_dim::<2>(0);
     }
     total
 }

@@ -203,3 +203,99 @@ pub fn human(bytes: u64) -> String {
         format!("{:.0} kB", b / 1e3)
     }
 }
+
+/// Layers split across the devices of one host: the device index of each decoder layer, and
+/// the bytes each device is planned to hold.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DeviceMap {
+    pub layer_device: Vec<usize>,
+    pub device_bytes: Vec<u64>,
+}
+
+/// What one device holds: a share of the layers, plus fixed parts (embeddings with the first
+/// layer; the final norm, an untied lm_head and the logits with the last; with tied embeddings
+/// the logits are made where the embeddings are).
+struct Shares {
+    layer: Vec<u64>,
+    /// Per device in use: one layer's autodiff graph and the gradient flowing down (or nothing
+    /// more without checkpointing, whose graphs are in `layer`), and a dequantized linear.
+    per_device: u64,
+    first: u64,
+    last: u64,
+}
+
+fn shares(c: &Config, lora: &LoraConfig, o: &PlanOptions) -> Shares {
+    let whole = plan(c, lora, &PlanOptions { device: Device::Gpu, ..*o });
+    let (v, h, layers) = (c.vocab_size as u64, c.hidden_size as u64, c.num_hidden_layers.max(1) as u64);
+    let tokens = (o.batch * o.seq) as u64;
+    let embed = v * h * 4;
+    let head = if c.tie_word_embeddings { 0 } else { v * h * 4 };
+    let lora_per_layer = whole.lora_bytes / layers;
+    let weights_per_layer = (whole.base_bytes - embed - head - h * 4) / layers;
+    // The plan's activations are the saved inputs (one per layer, one more) plus one layer's
+    // graph and two gradient buffers when checkpointing, or every layer's graph without.
+    let saved = if o.checkpointing { tokens * h * 4 } else { whole.activation_bytes / layers };
+    let graph = if o.checkpointing { whole.activation_bytes - (layers + 1) * tokens * h * 4 } else { 0 };
+    let (head_side, embed_side) = if c.tie_word_embeddings { (0, whole.logits_bytes) } else { (whole.logits_bytes, 0) };
+    Shares {
+        layer: vec![weights_per_layer + lora_per_layer + saved; layers as usize],
+        per_device: graph + whole.workspace_bytes,
+        first: embed + embed_side + if o.checkpointing { tokens * h * 4 } else { 0 },
+        last: head + h * 4 + head_side,
+    }
+}
+
+/// Fills the devices in order, each up to its capacity (bytes), as a device map with
+/// per-device limits does. Errors with the shortfall when the model does not fit.
+pub fn split_layers(c: &Config, lora: &LoraConfig, o: &PlanOptions, capacities: &[u64]) -> Result<DeviceMap, String> {
+    fill(&shares(c, lora, o), capacities)
+}
+
+/// Splits the layers over `devices` equal devices so that the fullest holds as little as it can.
+pub fn balance_layers(c: &Config, lora: &LoraConfig, o: &PlanOptions, devices: usize) -> DeviceMap {
+    let s = shares(c, lora, o);
+    let total: u64 = s.layer.iter().sum::<u64>() + s.first + s.last + s.per_device;
+    let (mut lo, mut hi) = (0u64, total);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if fill(&s, &vec![mid; devices.max(1)]).is_ok() {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    fill(&s, &vec![hi; devices.max(1)]).expect("the whole model fits one device of its total size")
+}
+
+fn fill(s: &Shares, capacities: &[u64]) -> Result<DeviceMap, String> {
+    let n = s.layer.len();
+    let mut layer_device = Vec::with_capacity(n);
+    let mut device_bytes = vec![0u64; capacities.len()];
+    let mut d = 0;
+    let mut load = s.first + s.per_device;
+    for (i, &bytes) in s.layer.iter().enumerate() {
+        let tail = if i + 1 == n { s.last } else { 0 };
+        while load + bytes + tail > capacities.get(d).copied().unwrap_or(0) {
+            if d + 1 >= capacities.len() {
+                let need: u64 = s.layer[i..].iter().sum::<u64>() + s.last;
+                let free = capacities.get(d).copied().unwrap_or(0).saturating_sub(load);
+                return Err(format!(
+                    "the model does not fit {} device(s): layers {i}..{n} and the head need {}, {} is left on the last ({} short)",
+                    capacities.len(),
+                    human(need),
+                    human(free),
+                    human(need.saturating_sub(free))
+                ));
+            }
+            device_bytes[d] = load;
+            d += 1;
+            load = s.per_device;
+        }
+        load += bytes;
+        layer_device.push(d);
+    }
+    load += s.last;
+    device_bytes[d] = load;
+    device_bytes.truncate(d + 1);
+    Ok(DeviceMap { layer_device, device_bytes })
+}

@@ -10,7 +10,7 @@ use crate::data::Sample;
 pub use crate::readback::read_f32;
 use crate::lora::peft::Adapter;
 use crate::lora::LoraConfig;
-use crate::model::decoder::Positions;
+use crate::model::decoder::{onto, Positions, PositionsOn};
 use crate::model::CausalLm;
 use crate::quant::HoneBackend;
 use burn::module::{AutodiffModule, Param};
@@ -129,6 +129,8 @@ where
     pub state: TrainState,
     moments: BTreeMap<String, Moments<B::InnerBackend>>,
     data: Vec<Sample>,
+    /// Token count of each sample, for batching.
+    lens: Vec<usize>,
     order: Vec<usize>,
     device: B::Device,
 }
@@ -296,6 +298,7 @@ where
             state: TrainState { step: 0, epoch: 0, position: 0, total_steps },
             moments: BTreeMap::new(),
             data,
+            lens,
             order,
             device,
         }
@@ -322,8 +325,7 @@ where
             self.state.position = 0;
             self.order = epoch_order(self.data.len(), self.cfg.seed, self.state.epoch, self.cfg.shuffle);
         }
-        let lens: Vec<usize> = self.data.iter().map(|s| s.input_ids.len()).collect();
-        let (rows, next) = micro_batch(&self.cfg, &lens, &self.order, self.state.position);
+        let (rows, next) = micro_batch(&self.cfg, &self.lens, &self.order, self.state.position);
         self.state.position = next;
         rows
     }
@@ -342,7 +344,7 @@ where
         let rows: Vec<Vec<Vec<usize>>> = (0..self.cfg.grad_accum.max(1)).map(|_| self.next_rows()).collect();
         let batches: Vec<Batch> = rows.iter().map(|r| self.batch(r)).collect();
         let counted: usize = batches.iter().map(|b| counted_tokens(&b.labels)).sum();
-        let tokens: usize = rows.iter().flatten().flatten().map(|&i| self.data[i].input_ids.len()).sum();
+        let tokens: usize = rows.iter().flatten().flatten().map(|&i| self.lens[i]).sum();
         let norm = counted.max(1) as f64;
 
         let mut grads: BTreeMap<String, Tensor<B::InnerBackend, 2>> = BTreeMap::new();
@@ -406,10 +408,13 @@ where
         if self.cfg.checkpointing {
             return self.gradients_checkpointed(batch, norm, seed);
         }
-        B::seed(&self.device, seed);
+        for (k, device) in self.model.devices().iter().enumerate() {
+            B::seed(device, seed.wrapping_add(k as u64));
+        }
         let pos = batch.positions::<B>(&self.model.config, &self.device);
-        let labels = to_tensor::<B>(&batch.labels, &self.device);
-        let nll = causal_lm_nll_sum(self.model.forward_at(to_tensor::<B>(&batch.ids, &self.device), &pos), labels).div_scalar(norm);
+        let logits = self.model.forward_at(to_tensor::<B>(&batch.ids, &self.device), &pos);
+        let labels = to_tensor::<B>(&batch.labels, &logits.device());
+        let nll = causal_lm_nll_sum(logits, labels).div_scalar(norm);
         let g = nll.backward();
         (nll.inner(), lora_grads(self.model.linears(), &g))
     }
@@ -426,9 +431,11 @@ where
         let untracked = self.model.valid();
         let mut inputs: Vec<Tensor<B::InnerBackend, 3>> = vec![untracked.embed(to_tensor::<B::InnerBackend>(&batch.ids, &inner_device))];
         crate::lora::linear::with_training_dropout(|| {
+            let mut pos = PositionsOn::new(&pos);
             for (i, layer) in untracked.model.layers.iter().enumerate() {
-                B::seed(&self.device, layer_seed(i));
-                let x = layer.forward(inputs[i].clone(), &pos);
+                let device = layer.device();
+                B::seed(&device, layer_seed(i));
+                let x = layer.forward(onto(inputs[i].clone(), &device), pos.on(&device));
                 inputs.push(x);
             }
         });
@@ -458,7 +465,9 @@ where
             let len = step.min(t - start);
             let x = Tensor::<B, 3>::from_inner(top.clone().narrow(1, start, len)).require_grad();
             let piece: Vec<Vec<i64>> = targets.iter().map(|r| r[start..start + len].to_vec()).collect();
-            let loss = nll_sum(self.model.head(self.model.model.norm.forward(x.clone())), to_tensor::<B>(&piece, &self.device)).div_scalar(norm);
+            let logits = self.model.head(self.model.final_norm(x.clone()));
+            let labels = to_tensor::<B>(&piece, &logits.device());
+            let loss = nll_sum(logits, labels).div_scalar(norm);
             let g = loss.backward();
             for (k, gp) in lora_grads(in_layer(None).map(|(n, l)| (n.clone(), *l)), &g) {
                 let acc = match head_grads.remove(&k) {
@@ -479,12 +488,15 @@ where
         let nll = nll.expect("at least one position");
 
         let pos = pos.to_backend(Tensor::<B, 4>::from_inner);
+        let mut pos = PositionsOn::new(&pos);
         for i in (0..self.model.model.layers.len()).rev() {
-            let x = Tensor::<B, 3>::from_inner(inputs.pop().expect("a saved input per layer")).require_grad();
-            B::seed(&self.device, layer_seed(i));
-            let y = self.model.model.layers[i].forward(x.clone(), &pos);
+            let layer = &self.model.model.layers[i];
+            let device = layer.device();
+            let x = Tensor::<B, 3>::from_inner(onto(inputs.pop().expect("a saved input per layer"), &device)).require_grad();
+            B::seed(&device, layer_seed(i));
+            let y = layer.forward(x.clone(), pos.on(&device));
             // d(sum(y·g))/dy = g: back-propagates the upper layers' gradient through this layer.
-            let g = (y * Tensor::from_inner(grad_out)).sum().backward();
+            let g = (y * Tensor::from_inner(onto(grad_out, &device))).sum().backward();
             out.extend(lora_grads(in_layer(Some(i)).map(|(n, l)| (n.clone(), *l)), &g));
             grad_out = match x.grad(&g) {
                 Some(gx) => gx,
@@ -555,7 +567,7 @@ where
 
     /// Restores a checkpoint: adapter tensors, optimizer moments and the data position.
     pub fn restore(&mut self, adapter: &Adapter, moments: Vec<(String, [usize; 2], Vec<f32>, Vec<f32>)>, state: TrainState) -> crate::Result<()> {
-        adapter.attach(self.model.linears_mut(), &self.device)?;
+        adapter.attach(self.model.linears_mut())?;
         let inner = self.model.model.embed_tokens.clone().inner().device();
         self.moments = moments
             .into_iter()
@@ -599,7 +611,9 @@ fn nll_sum_chunked<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, la
     for start in (0..t).step_by(step) {
         let len = step.min(t - start);
         let piece: Vec<Vec<i64>> = targets.iter().map(|r| r[start..start + len].to_vec()).collect();
-        let nll = nll_sum(model.head(hidden.clone().narrow(1, start, len)), to_tensor::<B>(&piece, device));
+        let logits = model.head(hidden.clone().narrow(1, start, len));
+        let labels = to_tensor::<B>(&piece, &logits.device());
+        let nll = nll_sum(logits, labels);
         sum = Some(match sum {
             Some(s) => s + nll,
             None => nll,
