@@ -69,3 +69,18 @@ pub fn probe<B: burn::tensor::backend::Backend>(name: &str, device: &B::Device) 
         }
     }
 }
+
+/// Devices for a device map: the chosen device and its siblings of the same kind by index
+/// (CUDA devices 0, 1, …; wgpu's discrete GPUs 0, 1, … when the default adapter was chosen).
+pub fn placement<B: burn::tensor::backend::Backend>(device: &B::Device, map: &hone::train::plan::DeviceMap) -> anyhow::Result<hone::model::Placement<B::Device>> {
+    use burn::prelude::DeviceOps;
+    let n = map.device_bytes.len();
+    let id = device.to_id();
+    // wgpu's "default" device (type 4) has no index; several GPUs are addressed as discrete ones.
+    let type_id = if n > 1 && id.type_id == 4 && std::any::type_name::<B>().contains("Wgpu") { 0 } else { id.type_id };
+    let devices: Vec<B::Device> = (0..n).map(|i| B::Device::from_id(burn::tensor::backend::DeviceId { type_id, index_id: i as u16 })).collect();
+    for (i, d) in devices.iter().enumerate() {
+        probe::<B>(&format!("device {i} of {n}"), d)?;
+    }
+    Ok(hone::model::Placement::from_indices(&devices, &map.layer_device)?)
+}

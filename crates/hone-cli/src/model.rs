@@ -4,8 +4,8 @@
 use hone::io::gguf::Gguf;
 use hone::io::{Dir, FileSource};
 use hone::io::weights::Weights;
-use hone::model::load::{build_with_report, TensorSource};
-use hone::model::{CausalLm, LoadOptions};
+use hone::model::load::{build_placed, TensorSource};
+use hone::model::{CausalLm, LoadOptions, Placement};
 use indicatif::{ProgressBar, ProgressStyle};
 use hone::quant::HoneBackend;
 use std::path::{Path, PathBuf};
@@ -43,16 +43,22 @@ pub fn text(path: &Path) -> anyhow::Result<Text> {
 }
 
 pub fn weights<B: HoneBackend>(path: &Path, options: LoadOptions, device: &B::Device) -> anyhow::Result<CausalLm<B>> {
+    let layers = crate::plan::read_config(path)?.num_hidden_layers;
+    weights_placed(path, options, &Placement::single(device.clone(), layers))
+}
+
+/// As [`weights`], each part on the device `placement` gives it.
+pub fn weights_placed<B: HoneBackend>(path: &Path, options: LoadOptions, placement: &Placement<B::Device>) -> anyhow::Result<CausalLm<B>> {
     let (model, report) = if is_gguf(path) {
         let g = open_gguf(path)?;
         let config = hone::model::gguf::config_from_gguf(&g)?;
         let source = Progress::new(hone::model::gguf::GgufWeights { gguf: &g, config: &config }, &config);
-        build_with_report::<B>(config.clone(), &source, options, device)?
+        build_placed::<B>(config.clone(), &source, options, placement)?
     } else {
         let dir = Dir(path.to_path_buf());
         let config = hone::model::load::read_config(&dir)?;
         let source = Progress::new(Weights::open(&dir)?, &config);
-        build_with_report::<B>(config, &source, options, device)?
+        build_placed::<B>(config, &source, options, placement)?
     };
     if let Some(e) = report.nf4_rel_error {
         eprintln!("NF4 adds {e:.2e} relative error over the stored weights (‖deq(NF4(W)) − W‖ / ‖W‖, decoder linears)");

@@ -5,7 +5,7 @@ use crate::backend::BackendKind;
 use hone::io::gguf::Gguf;
 use hone::io::{Dir, FileSource};
 use hone::model::Config;
-use hone::train::plan::{human, plan, Device, MemoryPlan, PlanOptions};
+use hone::train::plan::{balance_layers, human, plan, split_layers, Device, DeviceMap, MemoryPlan, PlanOptions};
 use hone::train::RunSettings;
 use std::path::{Path, PathBuf};
 
@@ -37,6 +37,12 @@ pub struct Args {
     /// One JSON line instead of the table.
     #[arg(long)]
     json: bool,
+    /// Split the layers over this many GPUs of one host, balanced by memory.
+    #[arg(long)]
+    devices: Option<usize>,
+    /// Memory per device (e.g. 40GB, 24GiB): the layers fill the devices in turn.
+    #[arg(long)]
+    max_memory: Option<String>,
 }
 
 /// The config of a model directory, a GGUF file, or a config.json file itself.
@@ -102,7 +108,71 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     println!("{} ({}, {} layers, hidden {}, vocab {})", path.display(), config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size);
     println!("  QLoRA r={} {}, batch {} × {} tokens, checkpointing {}, on {:?}", a.rank, a.targets, a.batch_size, a.max_len, a.checkpointing, a.backend);
     print(&p);
+    if let Some(m) = device_map(&config, &settings, a.max_len, a.backend, a.devices, a.max_memory.as_deref())? {
+        print_map(&m);
+    }
     Ok(())
+}
+
+/// Bytes from `40GB`, `24GiB`, `512MB` or a plain number.
+pub fn parse_size(text: &str) -> anyhow::Result<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024f64.powi(2),
+        "gib" => 1024f64.powi(3),
+        "tib" => 1024f64.powi(4),
+        other => anyhow::bail!("--max-memory {text}: unknown unit {other:?} (use GB, GiB, MB, ...)"),
+    };
+    let n: f64 = number.parse().map_err(|_| anyhow::anyhow!("--max-memory {text}: expected a size such as 40GB"))?;
+    Ok((n * scale) as u64)
+}
+
+/// The layers over `devices` GPUs: filled in turn up to `max_memory` each, or balanced.
+/// `None` for one device without a limit (the ordinary single-device run).
+pub fn device_map(config: &Config, s: &RunSettings, seq: usize, backend: BackendKind, devices: Option<usize>, max_memory: Option<&str>) -> anyhow::Result<Option<DeviceMap>> {
+    let n = devices.unwrap_or(1);
+    if n == 0 {
+        anyhow::bail!("--devices 0: at least one device");
+    }
+    if n == 1 && max_memory.is_none() {
+        return Ok(None);
+    }
+    if matches!(backend, BackendKind::Cpu) {
+        anyhow::bail!("--devices and --max-memory place layers on GPUs: use --backend cuda or wgpu");
+    }
+    let cfg = s.train(0)?;
+    let o = PlanOptions { batch: cfg.batch_size, seq, nf4: s.nf4()?.is_some(), checkpointing: cfg.checkpointing, device: Device::Gpu, logits_chunk: cfg.logits_chunk };
+    Ok(Some(match max_memory {
+        Some(m) => split_layers(config, &s.lora(), &o, &vec![parse_size(m)?; n]).map_err(|e| anyhow::anyhow!("{e}; add devices or lower --batch-size / --max-len"))?,
+        None => balance_layers(config, &s.lora(), &o, n),
+    }))
+}
+
+/// Layers split as evenly as counts go (when the plan is overridden).
+pub fn even_split(layers: usize, devices: usize) -> DeviceMap {
+    let n = devices.max(1);
+    DeviceMap { layer_device: (0..layers).map(|i| i * n / layers.max(1)).collect(), device_bytes: vec![0; n] }
+}
+
+pub fn print_map(m: &DeviceMap) {
+    println!("  device map:");
+    for (d, bytes) in m.device_bytes.iter().enumerate() {
+        let layers: Vec<usize> = (0..m.layer_device.len()).filter(|&i| m.layer_device[i] == d).collect();
+        let span = match (layers.first(), layers.last()) {
+            (Some(a), Some(b)) => format!("layers {a}..={b}"),
+            _ => "no layers".to_string(),
+        };
+        let extra = [(d == 0).then_some("embeddings"), (d + 1 == m.device_bytes.len()).then_some("norm and head")].into_iter().flatten().collect::<Vec<_>>().join(", ");
+        println!("    device {d}: {span}{}{}  {}", if extra.is_empty() { "" } else { ", " }, extra, human(*bytes));
+    }
 }
 
 /// Memory the OS would still give this process (Linux: MemAvailable), if known.

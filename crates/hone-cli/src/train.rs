@@ -6,7 +6,8 @@ use hone::data::dataset::EncodeOptions;
 use hone::data::{ChatTemplate, Format, Sample, Tokenizer};
 use hone::io::Dir;
 use hone::lora::peft::{add_adapters, Adapter};
-use hone::model::{LoadOptions, Nf4Options};
+use hone::model::{LoadOptions, Nf4Options, Placement};
+use hone::train::plan::DeviceMap;
 use hone::quant::HoneBackend;
 use hone::train::checkpoint::{self, adapter_files, write_dir_atomic, SavedState};
 use hone::train::trainer::evaluate;
@@ -67,6 +68,14 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(default)]
     pub ignore_memory_plan: bool,
+    /// Split the model's layers over this many GPUs of this host (wgpu or cuda), balanced by
+    /// the memory plan. Several hosts are not supported.
+    #[arg(long)]
+    pub devices: Option<usize>,
+    /// With --devices: memory each device may use (e.g. 40GB, 24GiB); the layers fill the
+    /// devices in turn, and a run that does not fit is refused.
+    #[arg(long)]
+    pub max_memory: Option<String>,
 }
 
 macro_rules! overlay {
@@ -88,7 +97,7 @@ impl TrainArgs {
         let mut base: TrainArgs = table.try_into().with_context(invalid)?;
         base.run = run_table.try_into().with_context(invalid)?;
         let top = self;
-        overlay!(base, top, model, data, out, eval_data, backend, save_every, base_model_name);
+        overlay!(base, top, model, data, out, eval_data, backend, save_every, base_model_name, devices, max_memory);
         base.run.overlay(&top.run);
         base.skip_bad_lines |= top.skip_bad_lines;
         base.quiet |= top.quiet;
@@ -150,18 +159,30 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         data.skipped
     );
     let backend = a.backend.unwrap_or(BackendKind::Cpu);
-    check_fit(&a, &model_dir, &data, backend)?;
-    with_backend!(backend, |Inner, device| train_with::<burn::backend::Autodiff<Inner>>(&a, data, &model_dir, &out, &tok, device))
+    let map = check_fit(&a, &model_dir, &data, backend)?;
+    with_backend!(backend, |Inner, device| train_with::<burn::backend::Autodiff<Inner>>(&a, data, &model_dir, &out, &tok, device, map))
 }
 
 /// Refuses a run the plan says cannot fit, before any weight is read: on the CPU against the
 /// memory the OS has available. (GPU memory is not queried: burn 0.21 does not report a
 /// device's capacity; `hone plan` prints what a GPU run needs.)
-fn check_fit(a: &TrainArgs, model: &Path, data: &Data, backend: BackendKind) -> anyhow::Result<()> {
+/// With --devices or --max-memory, the device map the run will use.
+fn check_fit(a: &TrainArgs, model: &Path, data: &Data, backend: BackendKind) -> anyhow::Result<Option<DeviceMap>> {
     let config = crate::plan::read_config(model)?;
     let seq = data.train.iter().chain(&data.eval).map(|s| s.input_ids.len()).max().unwrap_or(1);
     let p = crate::plan::for_run(&config, &a.run, seq, backend)?;
     eprintln!("plan: {} of memory ({} bytes; sequences up to {seq} tokens; `hone plan` breaks it down)", hone::train::plan::human(p.total_bytes), p.total_bytes);
+    let map = crate::plan::device_map(&config, &a.run, seq, backend, a.devices, a.max_memory.as_deref());
+    let map = match map {
+        Err(e) if a.ignore_memory_plan => {
+            eprintln!("{e:#} (--ignore-memory-plan: splitting the layers evenly instead)");
+            Some(crate::plan::even_split(config.num_hidden_layers, a.devices.unwrap_or(1)))
+        }
+        other => other?,
+    };
+    if let Some(m) = &map {
+        crate::plan::print_map(m);
+    }
     if let (BackendKind::Cpu, Some(free)) = (backend, crate::plan::available_host_bytes()) {
         if p.total_bytes > free && !a.ignore_memory_plan {
             bail!(
@@ -172,10 +193,10 @@ fn check_fit(a: &TrainArgs, model: &Path, data: &Data, backend: BackendKind) -> 
             );
         }
     }
-    Ok(())
+    Ok(map)
 }
 
-fn train_with<B>(a: &TrainArgs, data: Data, model_dir: &Path, out: &Path, tok: &Tokenizer, device: B::Device) -> anyhow::Result<()>
+fn train_with<B>(a: &TrainArgs, data: Data, model_dir: &Path, out: &Path, tok: &Tokenizer, device: B::Device, map: Option<DeviceMap>) -> anyhow::Result<()>
 where
     B: burn::tensor::backend::AutodiffBackend + HoneBackend,
     B::InnerBackend: HoneBackend,
@@ -183,7 +204,13 @@ where
     let settings = a.run.clone();
     let nf4 = settings.nf4().map_err(|_| anyhow::anyhow!("--quantize {}: expected nf4 or none", a.run.quantize.as_deref().unwrap_or_default()))?;
     let loading = std::time::Instant::now();
-    let mut model = crate::model::weights::<B>(model_dir, LoadOptions { nf4 }, &device)?;
+    let config = crate::plan::read_config(model_dir)?;
+    let placement = match &map {
+        Some(m) => crate::backend::placement::<B>(&device, m)?,
+        None => Placement::single(device.clone(), config.num_hidden_layers),
+    };
+    let device = placement.embed.clone();
+    let mut model = crate::model::weights_placed::<B>(model_dir, LoadOptions { nf4 }, &placement)?;
     eprintln!("model: {} loaded in {:.1}s ({})", model_dir.display(), loading.elapsed().as_secs_f64(), if nf4.is_some() { "NF4 base, QLoRA" } else { "f32 base, LoRA" });
     let lora = settings.lora();
     let adapted = add_adapters(model.linears_mut(), &lora);

@@ -112,3 +112,29 @@ fn plan_of_a_missing_model_names_the_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/model/config.json"), "{err}");
 }
+
+/// Layers split over GPUs of one host: by a per-device limit, or balanced; a limit the model
+/// does not fit is refused with the shortfall, and the CPU backend has no device map.
+#[test]
+fn plan_prints_a_device_map_for_several_gpus() {
+    let model = fixtures().join("configs/Meta-Llama-3-70B.json");
+    let model = model.to_str().unwrap();
+    let out = hone().args(["plan", "--model", model, "--batch-size", "1", "--devices", "2", "--max-memory", "40GB"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(out.status.success());
+    let line = |d: &str| text.lines().find(|l| l.trim_start().starts_with(d)).unwrap_or_else(|| panic!("no {d} line in:\n{text}")).to_string();
+    assert!(line("device 0:").contains("layers 0..="), "{text}");
+    assert!(line("device 1:").contains("..=79, norm and head"), "{text}");
+
+    let out = hone().args(["plan", "--model", model, "--batch-size", "1", "--devices", "4"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("device 3:"), "{text}");
+
+    let out = hone().args(["plan", "--model", model, "--batch-size", "1", "--max-memory", "40GB"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("short") && err.contains("does not fit 1 device"), "{err}");
+
+    let out = hone().args(["plan", "--model", model, "--devices", "2", "--backend", "cpu"]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--backend cuda or wgpu"));
+}
