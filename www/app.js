@@ -299,6 +299,7 @@ worker.onmessage = ({ data }) => {
     case 'progress': {
       $('progress').max = data.total_steps;
       $('progress').value = data.step;
+      $('progress').dataset.tokensPerSecond = data.tokens_per_second;
       $('progress-text').textContent = `step ${data.step}/${data.total_steps} · epoch ${data.epoch + 1} · loss ${data.loss.toFixed(4)} · lr ${data.lr.toExponential(2)} · ${data.tokens_per_second < 10 ? data.tokens_per_second.toFixed(1) : Math.round(data.tokens_per_second)} tokens/s · ETA ${fmtTime(data.eta_seconds)}`;
       state.trainPoints.push({ step: data.step, loss: data.loss });
       state.trained = true;

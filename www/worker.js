@@ -129,14 +129,21 @@ async function runTraining() {
   const started = performance.now();
   let tokens = 0;
   let steps = 0;
+  // Throughput after the first step, which compiles kernels (as `hone train` reports it).
+  let warm = null;
+  let warmTokens = 0;
   try {
     for (;;) {
       const r = await session.step();
       tokens += r.tokens;
       steps += 1;
-      const elapsed = (performance.now() - started) / 1000;
+      const now = performance.now();
+      if (steps === 1) warm = now;
+      else warmTokens += r.tokens;
+      const elapsed = (now - started) / 1000;
       const eta = ((r.total_steps - r.step) * elapsed) / steps;
-      event('progress', { ...r, tokens_per_second: tokens / elapsed, eta_seconds: eta });
+      const rate = steps > 1 ? warmTokens / ((now - warm) / 1000) : tokens / elapsed;
+      event('progress', { ...r, tokens_per_second: rate, eta_seconds: eta });
       if (job.evalEvery > 0 && (r.step % job.evalEvery === 0 || r.done)) {
         const e = await session.evaluate();
         if (e) event('eval', { step: r.step, ...e });

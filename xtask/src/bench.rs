@@ -65,7 +65,7 @@ struct Case {
 fn hone_run(case: &Case, data: &Path, threads: usize) -> Result<Sample> {
     let out = target_dir().join("bench/hone-adapter");
     let _ = std::fs::remove_dir_all(&out);
-    let mut c = Command::new(target_dir().join("debug/hone"));
+    let mut c = Command::new(hone_bin());
     c.args(["train", "--quiet", "--format", "text", "--dropout", "0", "--max-grad-norm", "1"])
         .arg("--model")
         .arg(&case.model)
@@ -107,7 +107,7 @@ const GEN_TOKENS: usize = 64;
 const GEN_PROMPT: &str = "Tell me about the sea.";
 
 fn hone_generate(case: &Case, tokens: usize, threads: usize) -> Result<f64> {
-    let mut c = Command::new(target_dir().join("debug/hone"));
+    let mut c = Command::new(hone_bin());
     c.args(["generate", "--raw", "--ignore-eos", "--prompt", GEN_PROMPT, "--max-new-tokens", &tokens.to_string()])
         .arg("--model")
         .arg(&case.model)
@@ -159,7 +159,7 @@ pub fn bench(args: &[String]) -> Result {
     let only = args.iter().position(|a| a == "--case").and_then(|i| args.get(i + 1)).cloned();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let python = std::env::var("HONE_REF_PYTHON").unwrap_or_else(|_| "/opt/hone-ref/bin/python".into());
-    run(cargo().args(["build", "-p", "hone-cli"]))?;
+    run(cargo().args(["build", "--release", "-p", "hone-cli"]))?;
     let data = bench_data()?;
     // transformers cannot put bitsandbytes on a GGUF: both sides load the same f32 HF folder.
     let smollm2 = target_dir().join("bench/SmolLM2-135M-Instruct-hf");
@@ -188,6 +188,7 @@ pub fn bench(args: &[String]) -> Result {
         rows.push((case.name, hone, peer));
     }
     let mut table = String::from("| case | metric | hone | PyTorch+PEFT+bnb | hone / peer |\n|---|---|---|---|---|\n");
+    let browser = if only.as_deref().is_none_or(|o| o == "browser") { Some(browser_vs_native(reps)?) } else { None };
     for (name, hone, peer) in &rows {
         let metrics: [(&str, fn(&Sample) -> f64); 4] = [
             ("train tokens/s", |s| s.tokens_per_s),
@@ -201,10 +202,72 @@ pub fn bench(args: &[String]) -> Result {
             table.push_str(&format!("| {name} | {metric} | {h:.2} | {p:.2} | {:.2}x |\n", h / p));
         }
     }
+    if let Some((page, native)) = browser {
+        let (b, n) = (median(page), median(native));
+        table.push_str(&format!(
+            "\n| case | metric | browser (WebGPU, SwiftShader) | native wgpu (Vulkan, lavapipe) | browser step time / native |\n|---|---|---|---|---|\n| {BROWSER_CASE} | train tokens/s | {b:.2} | {n:.2} | {:.2}x |\n",
+            n / b
+        ));
+    }
     println!("\n{table}");
-    println!("medians of {reps} alternating runs after a warm-up; {threads} threads each; hone = the dev-profile `hone` binary");
+    println!("medians of {reps} alternating runs after a warm-up; {threads} threads each; hone = the release `hone` binary");
     let path = target_dir().join("bench/results.md");
     std::fs::write(&path, &table).map_err(|e| e.to_string())?;
     println!("bench: table written to {}", path.display());
     Ok(())
+}
+
+fn hone_bin() -> PathBuf {
+    target_dir().join("release/hone")
+}
+
+const BROWSER_CASE: &str = "tiny SmolLM2-shaped fixture, QLoRA r=4, batch 4 × ≤48, 8 steps";
+
+/// The same training run in headless Chromium (the release page, WebGPU on SwiftShader) and
+/// natively on wgpu (lavapipe, a CPU Vulkan) on this machine: tokens/s after the first step,
+/// alternating, `reps` times after a warm-up of each.
+fn browser_vs_native(reps: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    let www = root().join("www");
+    if !www.join("node_modules/playwright-core").exists() {
+        run(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(&www))?;
+    }
+    let dir = crate::page::build(true)?;
+    let addr = crate::page::serve_in_background(dir, None, 0)?;
+    let data = target_dir().join("bench/colours.jsonl");
+    let words = ["red", "blue", "green", "gold", "gray", "pink", "teal", "plum", "lime", "navy", "rose", "sand"];
+    let lines: Vec<String> = (0..12).map(|i| serde_json::json!({ "prompt": format!("Colour {i}: "), "completion": format!("{} and {}.", words[i], words[(i + 5) % 12]) }).to_string()).collect();
+    std::fs::write(&data, lines.join("\n") + "\n").map_err(|e| e.to_string())?;
+    let (steps, batch, max_len) = ("8", "4", "48");
+    let native = || -> Result<f64> {
+        let out = target_dir().join("bench/wgpu-adapter");
+        let _ = std::fs::remove_dir_all(&out);
+        let mut c = Command::new(hone_bin());
+        c.args(["train", "--quiet", "--backend", "wgpu", "--model"]).arg(root().join("tests/fixtures/smollm2")).arg("--data").arg(&data).arg("--out").arg(&out);
+        c.args(["--steps", steps, "--batch-size", batch, "--max-len", max_len, "--rank", "4", "--alpha", "8", "--dropout", "0", "--lr", "0.01", "--seed", "7"]);
+        let (_, stderr, _) = measured(&mut c)?;
+        stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("throughput after the first step: "))
+            .and_then(|v| v.split(' ').next())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("hone printed no throughput:\n{stderr}"))
+    };
+    let page = || -> Result<f64> {
+        let mut c = Command::new("node");
+        c.arg(www.join("tests/step_bench.mjs")).arg(&addr).arg(&data).args([steps, batch, max_len]).current_dir(root());
+        let (stdout, stderr, _) = measured(&mut c)?;
+        let line = stdout.lines().last().unwrap_or("");
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("step_bench printed {line:?} ({e}):\n{stderr}"))?;
+        v["train_tokens_per_s"].as_f64().ok_or_else(|| format!("no rate in {line}"))
+    };
+    eprintln!("bench: browser vs native wgpu — warm-up");
+    native()?;
+    page()?;
+    let (mut b, mut n) = (Vec::new(), Vec::new());
+    for rep in 0..reps {
+        eprintln!("bench: browser vs native wgpu — repetition {}/{reps}", rep + 1);
+        n.push(native()?);
+        b.push(page()?);
+    }
+    Ok((b, n))
 }

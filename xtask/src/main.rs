@@ -22,7 +22,7 @@ fn main() {
         Some("default-model") => default_model().map(|p| println!("{}", p.display())),
         Some("demo-check") => demo_check(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <test [native|cuda|browser|page|page-smollm2]... | serve [--port N] [--dev] | bench [--reps N] [--case tiny|smollm2] | setup | default-model | demo-check>");
+            eprintln!("usage: cargo xtask <test [native|cuda|browser|page|page-smollm2]... | serve [--port N] [--dev] | bench [--reps N] [--case tiny|smollm2|browser] | setup | default-model | demo-check>");
             exit(2);
         }
     };
