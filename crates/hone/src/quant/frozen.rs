@@ -127,6 +127,11 @@ pub trait HoneBackend: Backend {
         w.to_dense().matmul(x.transpose()).transpose()
     }
 
+    /// `dy·W` for `dy: [m, out]`: the gradient of `x·Wᵀ` with respect to `x`.
+    fn frozen_matmul_backward(dy: Tensor<Self, 2>, w: &FrozenWeight<Self>) -> Tensor<Self, 2> {
+        dy.matmul(w.to_dense())
+    }
+
     /// The dense weight of an NF4 one. By default with tensor ops (any backend); GPU backends
     /// run the kernel in `shaders/`.
     fn nf4_dequantize(w: &Nf4Weight<Self>) -> Tensor<Self, 2> {
@@ -167,14 +172,19 @@ impl HoneBackend for burn::backend::NdArray {
     /// A few rows (generation): one dot product per weight row, rows split across threads. A
     /// GEMM library packs the whole weight into panels on every call, which for one token costs
     /// more than the product (measured on SmolLM2: 61% of generation time in packing).
+    ///
+    /// More rows (training, prompts): one GEMM reading W in its stored `[out, in]` layout as Wᵀ
+    /// through strides, into a contiguous `[m, out]` (burn's matmul on a transposed operand
+    /// leaves a transposed result that the next op copies whole).
     fn frozen_matmul(x: Tensor<Self, 2>, w: &FrozenWeight<Self>) -> Tensor<Self, 2> {
         use rayon::prelude::*;
         let [m, k] = x.dims();
-        if m > GEMV_ROWS {
-            return w.to_dense().matmul(x.transpose()).transpose();
-        }
         let device = x.device();
         let [n, _] = w.dims();
+        if m > GEMV_ROWS {
+            // y[m, n] = x[m, k] · Wᵀ, W[n, k] row-major: Wᵀ has row stride 1, column stride k.
+            return gemm(m, k, n, w.to_dense(), (1, k), x);
+        }
         let mut y = vec![0f32; m * n];
         with_f32(w.to_dense(), |weight| {
             with_f32(x, |x| {
@@ -190,6 +200,13 @@ impl HoneBackend for burn::backend::NdArray {
         Tensor::from_data(TensorData::new(yt, [m, n]), &device)
     }
 
+    /// dx[m, k] = dy[m, n] · W[n, k], both row-major.
+    fn frozen_matmul_backward(dy: Tensor<Self, 2>, w: &FrozenWeight<Self>) -> Tensor<Self, 2> {
+        let [m, n] = dy.dims();
+        let [_, k] = w.dims();
+        gemm(m, n, k, w.to_dense(), (k, 1), dy)
+    }
+
     /// On the CPU the codes are already in host memory: one tight loop over the backend's own
     /// arrays (no conversion or copy of the words), a block of `blocksize` values per absmax and
     /// a byte-to-two-codes table (measured on SmolLM2: dequantizing went from a third of a
@@ -197,28 +214,40 @@ impl HoneBackend for burn::backend::NdArray {
     fn nf4_dequantize(w: &Nf4Weight<Self>) -> Tensor<Self, 2> {
         use burn::backend::ndarray::NdArrayTensor;
         use burn::tensor::TensorPrimitive;
-        let words = match w.words.clone().into_primitive() {
-            NdArrayTensor::I64(s) => s.view().iter().map(|&v| v as u32).collect::<Vec<u32>>(),
-            NdArrayTensor::I32(s) => s.view().iter().map(|&v| v as u32).collect::<Vec<u32>>(),
-            other => panic!("NF4 words stored as {:?}", burn::tensor::TensorMetadata::dtype(&other)),
-        };
-        let absmax: Vec<f32> = match w.absmax.clone().into_primitive() {
-            TensorPrimitive::Float(NdArrayTensor::F32(s)) => s.view().iter().copied().collect(),
+        let n = w.out_features * w.in_features;
+        let absmax = match w.absmax.clone().into_primitive() {
+            TensorPrimitive::Float(NdArrayTensor::F32(s)) => s,
             _ => panic!("NF4 absmax must be f32"),
         };
-        let n = w.out_features * w.in_features;
+        let absmax = absmax.view();
         let mut values = vec![0f32; absmax.len() * w.blocksize];
-        // Byte b holds element 2j in its high nibble and 2j+1 in its low one.
+        // Byte b holds element 2j in its high nibble and 2j+1 in its low one; a word holds 4
+        // bytes (8 values), little-endian.
         let pairs: [[f32; 2]; 256] = std::array::from_fn(|b| [NF4_CODE[b >> 4], NF4_CODE[b & 15]]);
-        let bytes = words.iter().flat_map(|w| w.to_le_bytes());
-        for (pair, b) in values.chunks_exact_mut(2).zip(bytes) {
-            pair.copy_from_slice(&pairs[b as usize]);
-        }
-        for (block, &scale) in values.chunks_exact_mut(w.blocksize).zip(&absmax) {
-            for v in block {
-                *v *= scale;
+        let decode = |out: &mut [f32], word: u32| {
+            for (pair, b) in out.chunks_exact_mut(2).zip(word.to_le_bytes()) {
+                pair.copy_from_slice(&pairs[b as usize]);
             }
-        }
+        };
+        let words: Vec<u32> = match w.words.clone().into_primitive() {
+            NdArrayTensor::I64(s) => s.view().iter().map(|&v| v as u32).collect(),
+            NdArrayTensor::I32(s) => s.view().iter().map(|&v| v as u32).collect(),
+            other => panic!("NF4 words stored as {:?}", burn::tensor::TensorMetadata::dtype(&other)),
+        };
+        let absmax: Vec<f32> = absmax.iter().copied().collect();
+        // Rows of blocks split across threads: each piece decodes its words, then scales.
+        use rayon::prelude::*;
+        const BLOCKS: usize = 256;
+        let piece = BLOCKS * w.blocksize;
+        values.par_chunks_mut(piece).enumerate().for_each(|(p, out)| {
+            let words = &words[(p * piece / 8).min(words.len())..];
+            out.chunks_mut(8).zip(words).for_each(|(o, &v)| decode(o, v));
+            for (block, &scale) in out.chunks_exact_mut(w.blocksize).zip(&absmax[p * BLOCKS..]) {
+                for v in block {
+                    *v *= scale;
+                }
+            }
+        });
         values.truncate(n);
         Tensor::from_data(TensorData::new(values, [w.out_features, w.in_features]), &w.words.device())
     }
@@ -279,7 +308,7 @@ mod autodiff {
             let grad = grads.consume::<B>(&ops.node);
             if let Some(node) = parent {
                 let dy = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grad));
-                let dx = dy.matmul(ops.state.to_dense());
+                let dx = B::frozen_matmul_backward(dy, &ops.state);
                 grads.register::<B>(node.id, dx.into_primitive().tensor());
             }
         }
@@ -329,6 +358,25 @@ mod autodiff {
             Tensor::from_primitive(TensorPrimitive::Float(out))
         }
     }
+}
+
+/// `a[m, k] · B` into a new contiguous `[m, n]`, B a dense `[·]` weight read with strides
+/// `(row, column)` as a `[k, n]` matrix; `a` an activation, borrowed when contiguous.
+#[cfg(not(target_arch = "wasm32"))]
+fn gemm(m: usize, k: usize, n: usize, b: Tensor<burn::backend::NdArray, 2>, (rsb, csb): (usize, usize), a: Tensor<burn::backend::NdArray, 2>) -> Tensor<burn::backend::NdArray, 2> {
+    let device = a.device();
+    let mut c = vec![0f32; m * n];
+    with_f32(b, |b| {
+        with_f32(a, |a| {
+            assert!(a.len() >= m * k && b.len() >= k * n, "gemm operands smaller than [{m}, {k}] · [{k}, {n}]");
+            // SAFETY: a is m×k row-major, b holds k×n under the given strides (checked sizes),
+            // c is m×n row-major; none alias.
+            unsafe {
+                matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), k as isize, 1, b.as_ptr(), rsb as isize, csb as isize, 0.0, c.as_mut_ptr(), n as isize, 1);
+            }
+        })
+    });
+    Tensor::from_data(TensorData::new(c, [m, n]), &device)
 }
 
 /// Σ a·b with eight partial sums (so that the compiler keeps them in vector registers).
