@@ -202,12 +202,13 @@ pub fn bench(args: &[String]) -> Result {
             table.push_str(&format!("| {name} | {metric} | {h:.2} | {p:.2} | {:.2}x |\n", h / p));
         }
     }
-    if let Some((page, native)) = browser {
+    if let Some((page, native, (raw, gz))) = browser {
         let (b, n) = (median(page), median(native));
         table.push_str(&format!(
             "\n| case | metric | browser (WebGPU, SwiftShader) | native wgpu (Vulkan, lavapipe) | browser step time / native |\n|---|---|---|---|---|\n| {BROWSER_CASE} | train tokens/s | {b:.2} | {n:.2} | {:.2}x |\n",
             n / b
         ));
+        table.push_str(&format!("\nwasm module (release, wasm-opt -O2): {raw} bytes raw, {gz} bytes gzip -9 (target <= 10 MB gzip)\n"));
     }
     println!("\n{table}");
     println!("medians of {reps} alternating runs after a warm-up; {threads} threads each; hone = the release `hone` binary");
@@ -226,12 +227,18 @@ const BROWSER_CASE: &str = "tiny SmolLM2-shaped fixture, QLoRA r=4, batch 4 Ã— â
 /// The same training run in headless Chromium (the release page, WebGPU on SwiftShader) and
 /// natively on wgpu (lavapipe, a CPU Vulkan) on this machine: tokens/s after the first step,
 /// alternating, `reps` times after a warm-up of each.
-fn browser_vs_native(reps: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+/// Also returns the release module's size (raw, gzip -9).
+fn browser_vs_native(reps: usize) -> Result<(Vec<f64>, Vec<f64>, (u64, u64))> {
     let www = root().join("www");
     if !www.join("node_modules/playwright-core").exists() {
         run(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(&www))?;
     }
     let dir = crate::page::build(true)?;
+    let module = dir.join("pkg/hone_web_bg.wasm");
+    let raw = std::fs::metadata(&module).map_err(|e| format!("{}: {e}", module.display()))?.len();
+    let gz = Command::new("sh").arg("-c").arg(format!("gzip -9 -c '{}' | wc -c", module.display())).output().map_err(|e| e.to_string())?;
+    let gz: u64 = String::from_utf8_lossy(&gz.stdout).trim().parse().map_err(|e| format!("gzip size: {e}"))?;
+    eprintln!("bench: wasm module (release, wasm-opt -O2) {raw} bytes raw, {gz} bytes gzip -9");
     let addr = crate::page::serve_in_background(dir, None, 0)?;
     let data = target_dir().join("bench/colours.jsonl");
     let words = ["red", "blue", "green", "gold", "gray", "pink", "teal", "plum", "lime", "navy", "rose", "sand"];
@@ -269,5 +276,5 @@ fn browser_vs_native(reps: usize) -> Result<(Vec<f64>, Vec<f64>)> {
         n.push(native()?);
         b.push(page()?);
     }
-    Ok((b, n))
+    Ok((b, n, (raw, gz)))
 }

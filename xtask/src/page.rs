@@ -27,9 +27,20 @@ pub fn build(release: bool) -> Result<PathBuf> {
     run(Command::new(tools_dir().join("bin/wasm-bindgen")).args(["--target", "web", "--no-typescript", "--out-dir"]).arg(&pkg).arg(&wasm))?;
     // TypeScript users get the API's types from a separate run (kept out of the served folder).
     run(Command::new(tools_dir().join("bin/wasm-bindgen")).args(["--target", "web", "--out-dir"]).arg(target_dir().join("www/types")).arg(&wasm))?;
-    // No wasm-opt: binaryen 108 (Debian's) left a module whose externref table init fails in
-    // Chromium ("WebAssembly.Table.set(): Argument 1 is invalid"), so the release page did not
-    // start. Without it the module is 19.7 MB raw, 3.4 MB gzip (with it: 13.3 / 3.1).
+    // wasm-opt from npm's binaryen (pinned in www/package.json): Debian's binaryen 108 left a
+    // module whose externref table init failed in Chromium ("WebAssembly.Table.set(): Argument
+    // 1 is invalid"); 132 with the features rustc emits works. Release only: it takes minutes.
+    if release {
+        let www = root().join("www");
+        if !www.join("node_modules/binaryen").exists() {
+            run(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(&www))?;
+        }
+        let module = pkg.join("hone_web_bg.wasm");
+        let optimized = pkg.join("hone_web_bg.opt.wasm");
+        let features = ["--enable-reference-types", "--enable-bulk-memory", "--enable-nontrapping-float-to-int", "--enable-sign-ext", "--enable-mutable-globals", "--enable-multivalue"];
+        run(Command::new("node").arg(www.join("node_modules/binaryen/bin/wasm-opt")).arg("-O2").args(features).arg(&module).arg("-o").arg(&optimized))?;
+        std::fs::rename(&optimized, &module).map_err(|e| format!("{}: {e}", module.display()))?;
+    }
     for f in ["index.html", "app.js", "worker.js", "zip.js", "style.css"] {
         std::fs::copy(root().join("www").join(f), out.join(f)).map_err(|e| format!("www/{f}: {e}"))?;
     }
