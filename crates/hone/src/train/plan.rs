@@ -152,13 +152,21 @@ pub fn plan(c: &Config, lora: &LoraConfig, o: &PlanOptions) -> MemoryPlan {
     // SmolLM2 with checkpointing off, batch × length 4×128, 2×256, 4×256.)
     let layer_graph = tokens * (4 * (7 * h + 8 * q + 6 * i) + 12 * c.num_attention_heads as u64 * seq);
     let all_logits = tokens * v * 4;
+    // Logits-sized buffers alive at once: the logits, their gradient, and on GPU backends the
+    // head product's transposed copy (the CPU backend writes it contiguous since its frozen
+    // matmul is one GEMM on the stored weight; SmolLM2 2×128 measured 470 MB, see
+    // hone-cli/tests/plan.rs).
+    let copies = match o.device {
+        Device::Gpu => 3,
+        Device::Cpu => 2,
+    };
     let (activation_bytes, logits_bytes) = if o.checkpointing {
         // Saved layer inputs, one layer's graph being back-propagated, the gradient flowing down.
         let positions = (o.logits_chunk as u64 / (rows * v).max(1)).clamp(1, seq.max(1));
         let piece = rows * positions * v * 4;
-        ((layers + 1) * tokens * h * 4 + layer_graph + 2 * tokens * h * 4, 3 * piece)
+        ((layers + 1) * tokens * h * 4 + layer_graph + 2 * tokens * h * 4, copies * piece)
     } else {
-        (layers * layer_graph, 3 * all_logits)
+        (layers * layer_graph, copies * all_logits)
     };
     // The largest linear, dequantized on the fly for a matmul.
     let largest_linear = linears.iter().map(|(_, i, o_)| i * o_ * 4).max().unwrap_or(0);
@@ -167,7 +175,7 @@ pub fn plan(c: &Config, lora: &LoraConfig, o: &PlanOptions) -> MemoryPlan {
             Device::Gpu => 0,
             Device::Cpu => CPU_RUNTIME_BYTES + CPU_BYTES_PER_VOCAB_ENTRY * v,
         };
-    let logits_buffer = logits_bytes / 3;
+    let logits_buffer = logits_bytes / copies;
     let (largest_buffer_bytes, largest_buffer) = [(embed, "embed_tokens"), (logits_buffer, "logits"), (largest_linear, "a dequantized linear")]
         .into_iter()
         .max_by_key(|x| x.0)
