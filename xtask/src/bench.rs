@@ -78,12 +78,7 @@ fn hone_run(case: &Case, data: &Path, threads: usize) -> Result<Sample> {
         .env("RAYON_NUM_THREADS", threads.to_string());
     let (_, stderr, peak) = measured(&mut c)?;
     let load_s = stderr.lines().find_map(|l| l.split(" loaded in ").nth(1)).and_then(|v| v.split('s').next()).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
-    let tokens_per_s = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("throughput after the first step: "))
-        .and_then(|v| v.split(' ').next())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("hone printed no throughput:\n{stderr}"))?;
+    let tokens_per_s = throughput(&stderr)?;
     Ok(Sample { load_s, tokens_per_s, peak_rss_mb: peak, generate_tokens_per_s: f64::NAN })
 }
 
@@ -218,6 +213,16 @@ pub fn bench(args: &[String]) -> Result {
     Ok(())
 }
 
+/// Training tokens/s after the first step, as `hone train` prints it.
+fn throughput(stderr: &str) -> Result<f64> {
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("throughput after the first step: "))
+        .and_then(|v| v.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("hone printed no throughput:\n{stderr}"))
+}
+
 fn hone_bin() -> PathBuf {
     target_dir().join("release/hone")
 }
@@ -252,12 +257,7 @@ fn browser_vs_native(reps: usize) -> Result<(Vec<f64>, Vec<f64>, (u64, u64))> {
         c.args(["train", "--quiet", "--backend", "wgpu", "--model"]).arg(root().join("tests/fixtures/smollm2")).arg("--data").arg(&data).arg("--out").arg(&out);
         c.args(["--steps", steps, "--batch-size", batch, "--max-len", max_len, "--rank", "4", "--alpha", "8", "--dropout", "0", "--lr", "0.01", "--seed", "7"]);
         let (_, stderr, _) = measured(&mut c)?;
-        stderr
-            .lines()
-            .find_map(|l| l.strip_prefix("throughput after the first step: "))
-            .and_then(|v| v.split(' ').next())
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| format!("hone printed no throughput:\n{stderr}"))
+        throughput(&stderr)
     };
     let page = || -> Result<f64> {
         let mut c = Command::new("node");

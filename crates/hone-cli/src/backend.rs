@@ -76,8 +76,10 @@ pub fn placement<B: burn::tensor::backend::Backend>(device: &B::Device, map: &ho
     use burn::prelude::DeviceOps;
     let n = map.device_bytes.len();
     let id = device.to_id();
-    // wgpu's "default" device (type 4) has no index; several GPUs are addressed as discrete ones.
-    let type_id = if n > 1 && id.type_id == 4 && std::any::type_name::<B>().contains("Wgpu") { 0 } else { id.type_id };
+    // A device kind without an index (wgpu's "default adapter") cannot name several GPUs; the
+    // backend's first kind can (wgpu's discrete GPUs, CUDA's devices).
+    let indexed = B::Device::from_id(burn::tensor::backend::DeviceId { type_id: id.type_id, index_id: 1 }) != B::Device::from_id(burn::tensor::backend::DeviceId { type_id: id.type_id, index_id: 0 });
+    let type_id = if n > 1 && !indexed { 0 } else { id.type_id };
     let devices: Vec<B::Device> = (0..n).map(|i| B::Device::from_id(burn::tensor::backend::DeviceId { type_id, index_id: i as u16 })).collect();
     for (i, d) in devices.iter().enumerate() {
         probe::<B>(&format!("device {i} of {n}"), d)?;

@@ -43,22 +43,24 @@ pub fn text(path: &Path) -> anyhow::Result<Text> {
 }
 
 pub fn weights<B: HoneBackend>(path: &Path, options: LoadOptions, device: &B::Device) -> anyhow::Result<CausalLm<B>> {
-    let layers = crate::plan::read_config(path)?.num_hidden_layers;
-    weights_placed(path, options, &Placement::single(device.clone(), layers))
+    weights_placed(path, options, |layers| Ok(Placement::single(device.clone(), layers)))
 }
 
-/// As [`weights`], each part on the device `placement` gives it.
-pub fn weights_placed<B: HoneBackend>(path: &Path, options: LoadOptions, placement: &Placement<B::Device>) -> anyhow::Result<CausalLm<B>> {
+/// As [`weights`], each part on the device `place` gives it (called with the model's layer
+/// count once the config is read).
+pub fn weights_placed<B: HoneBackend>(path: &Path, options: LoadOptions, place: impl FnOnce(usize) -> anyhow::Result<Placement<B::Device>>) -> anyhow::Result<CausalLm<B>> {
     let (model, report) = if is_gguf(path) {
         let g = open_gguf(path)?;
         let config = hone::model::gguf::config_from_gguf(&g)?;
+        let placement = place(config.num_hidden_layers)?;
         let source = Progress::new(hone::model::gguf::GgufWeights { gguf: &g, config: &config }, &config);
-        build_placed::<B>(config.clone(), &source, options, placement)?
+        build_placed::<B>(config.clone(), &source, options, &placement)?
     } else {
         let dir = Dir(path.to_path_buf());
         let config = hone::model::load::read_config(&dir)?;
+        let placement = place(config.num_hidden_layers)?;
         let source = Progress::new(Weights::open(&dir)?, &config);
-        build_placed::<B>(config, &source, options, placement)?
+        build_placed::<B>(config, &source, options, &placement)?
     };
     if let Some(e) = report.nf4_rel_error {
         eprintln!("NF4 adds {e:.2e} relative error over the stored weights (‖deq(NF4(W)) − W‖ / ‖W‖, decoder linears)");

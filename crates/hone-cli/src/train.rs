@@ -204,13 +204,11 @@ where
     let settings = a.run.clone();
     let nf4 = settings.nf4().map_err(|_| anyhow::anyhow!("--quantize {}: expected nf4 or none", a.run.quantize.as_deref().unwrap_or_default()))?;
     let loading = std::time::Instant::now();
-    let config = crate::plan::read_config(model_dir)?;
-    let placement = match &map {
-        Some(m) => crate::backend::placement::<B>(&device, m)?,
-        None => Placement::single(device.clone(), config.num_hidden_layers),
-    };
-    let device = placement.embed.clone();
-    let mut model = crate::model::weights_placed::<B>(model_dir, LoadOptions { nf4 }, &placement)?;
+    let mut model = crate::model::weights_placed::<B>(model_dir, LoadOptions { nf4 }, |layers| match &map {
+        Some(m) => crate::backend::placement::<B>(&device, m),
+        None => Ok(Placement::single(device.clone(), layers)),
+    })?;
+    let device = model.model.embed_tokens.device();
     eprintln!("model: {} loaded in {:.1}s ({})", model_dir.display(), loading.elapsed().as_secs_f64(), if nf4.is_some() { "NF4 base, QLoRA" } else { "f32 base, LoRA" });
     let lora = settings.lora();
     let adapted = add_adapters(model.linears_mut(), &lora);

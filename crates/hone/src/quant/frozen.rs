@@ -208,7 +208,7 @@ impl HoneBackend for burn::backend::NdArray {
     }
 
     /// On the CPU the codes are already in host memory: one tight loop over the backend's own
-    /// arrays (no conversion or copy of the words), a block of `blocksize` values per absmax and
+    /// arrays (words read in place, blocks split across threads), `blocksize` values per absmax and
     /// a byte-to-two-codes table (measured on SmolLM2: dequantizing went from a third of a
     /// training step's time to a few percent).
     fn nf4_dequantize(w: &Nf4Weight<Self>) -> Tensor<Self, 2> {
@@ -229,25 +229,28 @@ impl HoneBackend for burn::backend::NdArray {
                 pair.copy_from_slice(&pairs[b as usize]);
             }
         };
-        let words: Vec<u32> = match w.words.clone().into_primitive() {
-            NdArrayTensor::I64(s) => s.view().iter().map(|&v| v as u32).collect(),
-            NdArrayTensor::I32(s) => s.view().iter().map(|&v| v as u32).collect(),
-            other => panic!("NF4 words stored as {:?}", burn::tensor::TensorMetadata::dtype(&other)),
-        };
-        let absmax: Vec<f32> = absmax.iter().copied().collect();
-        // Rows of blocks split across threads: each piece decodes its words, then scales.
-        use rayon::prelude::*;
-        const BLOCKS: usize = 256;
-        let piece = BLOCKS * w.blocksize;
-        values.par_chunks_mut(piece).enumerate().for_each(|(p, out)| {
-            let words = &words[(p * piece / 8).min(words.len())..];
-            out.chunks_mut(8).zip(words).for_each(|(o, &v)| decode(o, v));
-            for (block, &scale) in out.chunks_exact_mut(w.blocksize).zip(&absmax[p * BLOCKS..]) {
-                for v in block {
-                    *v *= scale;
+        let absmax = absmax.as_slice().expect("absmax is built contiguous");
+        // Blocks split across threads: each piece decodes its words, then scales. The words are
+        // read in place from the backend's array, whichever integer type it holds them in.
+        fn dequantize_into<T: Copy + Sync>(values: &mut [f32], words: &[T], absmax: &[f32], blocksize: usize, decode: &(impl Fn(&mut [f32], T) + Sync)) {
+            use rayon::prelude::*;
+            const BLOCKS: usize = 256;
+            let piece = BLOCKS * blocksize;
+            values.par_chunks_mut(piece).enumerate().for_each(|(p, out)| {
+                let words = &words[(p * piece / 8).min(words.len())..];
+                out.chunks_mut(8).zip(words).for_each(|(o, &v)| decode(o, v));
+                for (block, &scale) in out.chunks_exact_mut(blocksize).zip(&absmax[p * BLOCKS..]) {
+                    for v in block {
+                        *v *= scale;
+                    }
                 }
-            }
-        });
+            });
+        }
+        match w.words.clone().into_primitive() {
+            NdArrayTensor::I64(s) => dequantize_into(&mut values, s.view().as_slice().expect("contiguous words"), absmax, w.blocksize, &|o: &mut [f32], v: i64| decode(o, v as u32)),
+            NdArrayTensor::I32(s) => dequantize_into(&mut values, s.view().as_slice().expect("contiguous words"), absmax, w.blocksize, &|o: &mut [f32], v: i32| decode(o, v as u32)),
+            other => panic!("NF4 words stored as {:?}", burn::tensor::TensorMetadata::dtype(&other)),
+        }
         values.truncate(n);
         Tensor::from_data(TensorData::new(values, [w.out_features, w.in_features]), &w.words.device())
     }
