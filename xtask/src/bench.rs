@@ -66,7 +66,9 @@ fn hone_run(case: &Case, data: &Path, threads: usize) -> Result<Sample> {
     let out = target_dir().join("bench/hone-adapter");
     let _ = std::fs::remove_dir_all(&out);
     let mut c = Command::new(hone_bin());
-    c.args(["train", "--quiet", "--format", "text", "--dropout", "0", "--max-grad-norm", "1"])
+    // The peer's settings: no activation checkpointing (PEFT's default; hone's is on, trading
+    // one more forward pass for memory), no dropout, clipping at 1.
+    c.args(["train", "--quiet", "--format", "text", "--dropout", "0", "--max-grad-norm", "1", "--checkpointing", "off"])
         .arg("--model")
         .arg(&case.model)
         .arg("--data")

@@ -9,6 +9,7 @@ pub mod generate;
 pub mod io;
 pub mod lora;
 pub mod model;
+pub mod ops;
 pub mod parity;
 pub mod quant;
 pub mod readback;

@@ -6,7 +6,7 @@ use crate::lora::LoraLinear;
 use crate::quant::{FrozenWeight, HoneBackend};
 use super::rope;
 use burn::module::Module;
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
@@ -261,7 +261,8 @@ impl<B: HoneBackend> Mlp<B> {
                 self.up_proj.as_ref().expect("up_proj").forward(x),
             ),
         };
-        self.down_proj.forward(silu(gate) * up)
+        let [b, t, f] = gate.dims();
+        self.down_proj.forward(B::swiglu(gate.reshape([b * t, f]), up.reshape([b * t, f])).reshape([b, t, f]))
     }
 }
 

@@ -1,29 +1,28 @@
 //! Causal-LM cross-entropy as transformers computes it: logits at position t predict the label
 //! at t+1; labels of -100 are ignored; the mean is over the counted tokens.
 
-use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::Backend;
+use crate::ops::FusedOps;
 use burn::tensor::{Int, Tensor};
 
 pub const IGNORE_INDEX: i64 = -100;
 
 /// Summed negative log-likelihood over the counted tokens, `[1]`.
 /// `logits: [B, T, V]`, `labels: [B, T]`.
-pub fn causal_lm_nll_sum<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-    let t = logits.dims()[1];
-    nll_sum(logits.narrow(1, 0, t - 1), labels.narrow(1, 1, t - 1))
+pub fn causal_lm_nll_sum<B: FusedOps>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    let [b, t] = labels.dims();
+    // Shift the labels, not the logits: the last position predicts nothing, and the logits stay
+    // one contiguous array (a narrowed copy of them is the largest buffer of a step).
+    let none = Tensor::<B, 2, Int>::full([b, 1], IGNORE_INDEX, &labels.device());
+    let targets = Tensor::cat(vec![labels.narrow(1, 1, t - 1), none], 1);
+    nll_sum(logits, targets)
 }
 
 /// Summed negative log-likelihood of `targets` (already shifted: the token each position
 /// predicts, IGNORE_INDEX where none) under `logits: [B, T, V]`.
-pub fn nll_sum<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+pub fn nll_sum<B: FusedOps>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     let [b, t, v] = logits.dims();
-    let keep = targets.clone().not_equal_elem(IGNORE_INDEX);
-    let safe = targets.clamp_min(0);
-    let logp = log_softmax(logits.reshape([b * t, v]), 1);
-    let picked = logp.gather(1, safe.reshape([b * t, 1])).reshape([b * t]);
-    let keep = keep.reshape([b * t]).float();
-    -(picked * keep).sum()
+    let (nll, _lse) = B::cross_entropy(logits.reshape([b * t, v]), targets.reshape([b * t]));
+    nll.sum()
 }
 
 /// Host labels `[B][T]` shifted left by one: position t holds the label of t+1.
@@ -37,7 +36,7 @@ pub fn counted_tokens(labels: &[Vec<i64>]) -> usize {
 }
 
 /// Mean loss `[1]`.
-pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+pub fn causal_lm_loss<B: FusedOps>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     let keep = labels.clone().narrow(1, 1, labels.dims()[1] - 1).not_equal_elem(IGNORE_INDEX).float().sum();
     causal_lm_nll_sum(logits, labels) / keep
 }
