@@ -23,8 +23,13 @@ impl<B: Backend> Lora<B> {
 
     /// `s·dropout(x)·Aᵀ·Bᵀ` for `x: [m, in]`. Dropout only while training: when gradients are
     /// tracked, or inside [`with_training_dropout`].
+    /// Whether dropout applies to `x` now: a positive rate, while training.
+    pub fn drops(&self, x: &Tensor<B, 2>) -> bool {
+        self.dropout > 0.0 && (B::ad_enabled(&x.device()) || TRAINING_WITHOUT_GRAD.with(|t| t.get()))
+    }
+
     pub fn delta(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let x = if self.dropout > 0.0 && (B::ad_enabled(&x.device()) || TRAINING_WITHOUT_GRAD.with(|t| t.get())) {
+        let x = if self.drops(&x) {
             let keep = 1.0 - self.dropout;
             let mask = x.random_like(Distribution::Bernoulli(keep));
             x * mask / keep
@@ -75,12 +80,14 @@ impl<B: HoneBackend> LoraLinear<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, d_in] = x.dims();
         let x = x.reshape([b * t, d_in]);
-        let mut y = B::frozen_matmul(x.clone(), &self.weight);
+        let mut y = match &self.lora {
+            // Without dropout, base and update read the same x: one fused op.
+            Some(lora) if !lora.drops(&x) => B::frozen_matmul_lowrank(x, &self.weight, lora.lora_a.val(), lora.lora_b.val(), lora.scaling),
+            Some(lora) => B::frozen_matmul(x.clone(), &self.weight) + lora.delta(x),
+            None => B::frozen_matmul(x, &self.weight),
+        };
         if let Some(bias) = &self.bias {
             y = y + bias.clone().unsqueeze_dim(0);
-        }
-        if let Some(lora) = &self.lora {
-            y = y + lora.delta(x);
         }
         y.reshape([b, t, self.out_features()])
     }
