@@ -1,4 +1,4 @@
-//! The fused ops (SwiGLU, cross-entropy) against the same maths differentiated by burn's
+//! The fused ops (SwiGLU, RMSNorm, cross-entropy) against the same maths differentiated by burn's
 //! autodiff: the CPU versions, and the tensor-op versions the GPU backends run, forward and
 //! backward. (End to end they are also checked against PyTorch: lora_grads, train_parity.)
 
@@ -81,4 +81,31 @@ fn a_target_outside_the_vocabulary_is_named() {
     let logits = random([2, 10], 1.0);
     let targets = Tensor::<NdArray, 1, Int>::from_data(TensorData::new(vec![3i64, 10], [2]), &Default::default());
     let _ = NdArray::cross_entropy(logits, targets);
+}
+
+#[test]
+fn rms_norm_matches_burns_autodiff_of_the_formula() {
+    let (rows, d, eps) = (23, 576, 1e-5);
+    let (x0, w0, c) = (random([rows, d], 2.0), random([1, d], 1.0).reshape([d]), random([rows, d], 1.0));
+    let run = |fused: bool| {
+        let x = Tensor::<B, 2>::from_inner(x0.clone()).require_grad();
+        let w = Tensor::<B, 1>::from_inner(w0.clone()).require_grad();
+        let y = if fused {
+            B::rms_norm(x.clone(), w.clone(), eps).0
+        } else {
+            // transformers' LlamaRMSNorm: x · rsqrt(mean(x²) + eps) · w
+            x.clone() * (x.clone().square().mean_dim(1) + eps).sqrt().recip() * w.clone().unsqueeze_dim(0)
+        };
+        let grads = (y.clone() * Tensor::from_inner(c.clone())).sum().backward();
+        (values(y), values(x.grad(&grads).unwrap()), values(w.grad(&grads).unwrap()))
+    };
+    let (ours, want) = (run(true), run(false));
+    for (what, o, w) in [("y", &ours.0, &want.0), ("dx", &ours.1, &want.1), ("dw", &ours.2, &want.2)] {
+        let e = rel_error(o, w);
+        println!("rms_norm {what}: rel error {e:e}");
+        assert!(e < 1e-6, "fused rms_norm {what}: rel error {e:e}");
+    }
+    let (_, r) = reference::rms_norm(x0.clone(), w0.clone(), eps);
+    let (dx, dw) = reference::rms_norm_backward(x0, w0, r, c);
+    assert!(rel_error(&values(dx), &want.1) < 1e-6 && rel_error(&values(dw), &want.2) < 1e-6);
 }

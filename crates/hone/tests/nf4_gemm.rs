@@ -60,3 +60,29 @@ fn fused_products_use_the_exact_dequantized_values() {
         }
     }
 }
+
+/// Not a test: the kernels' speed on SmolLM2's shapes, for tuning.
+/// `cargo test --release -p hone --test nf4_gemm -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn speed_on_smollm2_shapes() {
+    let m = 120;
+    for (n, k) in [(576, 576), (192, 576), (1536, 576), (576, 1536)] {
+        let w = nf4_weight(n, k, 64);
+        let x = Tensor::<NdArray, 2>::random([m, k], Distribution::Normal(0.0, 1.0), &Default::default());
+        let dy = Tensor::<NdArray, 2>::random([m, n], Distribution::Normal(0.0, 1.0), &Default::default());
+        let reps = 50;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(NdArray::frozen_matmul(x.clone(), &w));
+        }
+        let fwd = t.elapsed().as_secs_f64() / reps as f64;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(NdArray::frozen_matmul_backward(dy.clone(), &w));
+        }
+        let bwd = t.elapsed().as_secs_f64() / reps as f64;
+        let flops = 2.0 * (m * n * k) as f64;
+        println!("m={m} n={n} k={k}: forward {:.1} GFLOP/s, backward {:.1} GFLOP/s", flops / fwd / 1e9, flops / bwd / 1e9);
+    }
+}

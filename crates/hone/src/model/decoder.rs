@@ -16,11 +16,10 @@ pub struct RmsNorm<B: Backend> {
     pub eps: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: crate::ops::FusedOps> RmsNorm<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let variance = x.clone().square().mean_dim(2);
-        let normed = x * (variance + self.eps).sqrt().recip();
-        normed * self.weight.clone().unsqueeze_dims::<3>(&[0, 1])
+        let [b, t, d] = x.dims();
+        B::rms_norm(x.reshape([b * t, d]), self.weight.clone(), self.eps).0.reshape([b, t, d])
     }
 }
 

@@ -94,6 +94,55 @@ impl FusedOps for NdArray {
         (tensor(dg, shape, &device), tensor(du, shape, &device))
     }
 
+    fn rms_norm(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64) -> (Tensor<Self, 2>, Tensor<Self, 1>) {
+        let [rows, d] = x.dims();
+        let device = x.device();
+        let w = w.into_data().to_vec::<f32>().expect("f32 norm weight");
+        let (mut y, mut r) = (vec![0f32; rows * d], vec![0f32; rows]);
+        with_f32(x, |x| {
+            y.par_chunks_mut(d).zip(r.par_iter_mut()).zip(x.par_chunks(d)).for_each(|((y, r), x)| {
+                let mean = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                *r = 1.0 / (mean + eps as f32).sqrt();
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(&w) {
+                    *y = x * *r * w;
+                }
+            })
+        });
+        (tensor(y, [rows, d], &device), tensor(r, [rows], &device))
+    }
+
+    fn rms_norm_backward(x: Tensor<Self, 2>, w: Tensor<Self, 1>, r: Tensor<Self, 1>, dy: Tensor<Self, 2>) -> (Tensor<Self, 2>, Tensor<Self, 1>) {
+        let [rows, d] = x.dims();
+        let device = x.device();
+        let w = w.into_data().to_vec::<f32>().expect("f32 norm weight");
+        let r = r.into_data().to_vec::<f32>().expect("f32 1/rms");
+        let mut dx = vec![0f32; rows * d];
+        // dw's sum over rows, one partial per task, added at the end.
+        let dw = with_f32(x, |x| {
+            with_f32(dy, |dy| {
+                dx.par_chunks_mut(d)
+                    .zip(x.par_chunks(d).zip(dy.par_chunks(d)).zip(&r))
+                    .fold(
+                        || vec![0f32; d],
+                        |mut dw, (dx, ((x, dy), &r))| {
+                            let dot = x.iter().zip(dy).zip(&w).map(|((x, dy), w)| dy * w * x * r).sum::<f32>() / d as f32;
+                            for i in 0..d {
+                                let xhat = x[i] * r;
+                                dx[i] = r * (dy[i] * w[i] - xhat * dot);
+                                dw[i] += dy[i] * xhat;
+                            }
+                            dw
+                        },
+                    )
+                    .reduce(|| vec![0f32; d], |mut a, b| {
+                        a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                        a
+                    })
+            })
+        });
+        (tensor(dx, [rows, d], &device), tensor(dw, [d], &device))
+    }
+
     fn cross_entropy(logits: Tensor<Self, 2>, targets: Tensor<Self, 1, Int>) -> (Tensor<Self, 1>, Tensor<Self, 1>) {
         let [rows, vocab] = logits.dims();
         let device = logits.device();

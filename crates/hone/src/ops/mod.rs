@@ -25,6 +25,17 @@ pub trait FusedOps: Backend {
         reference::swiglu_backward(gate, up, dy)
     }
 
+    /// RMSNorm of each row of `x: [rows, d]`, `x / √(mean(x²) + eps) · w`, and each row's
+    /// `1 / √(mean(x²) + eps)` `[rows]`, which the backward reuses.
+    fn rms_norm(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64) -> (Tensor<Self, 2>, Tensor<Self, 1>) {
+        reference::rms_norm(x, w, eps)
+    }
+
+    /// The gradients of [`FusedOps::rms_norm`] with respect to `x` and `w`, given `dy`.
+    fn rms_norm_backward(x: Tensor<Self, 2>, w: Tensor<Self, 1>, r: Tensor<Self, 1>, dy: Tensor<Self, 2>) -> (Tensor<Self, 2>, Tensor<Self, 1>) {
+        reference::rms_norm_backward(x, w, r, dy)
+    }
+
     /// Per row of `logits: [rows, vocab]`: `-log softmax(row)[target]` (0 where the target is
     /// negative), and the row's log-sum-exp, which the backward reuses.
     fn cross_entropy(logits: Tensor<Self, 2>, targets: Tensor<Self, 1, Int>) -> (Tensor<Self, 1>, Tensor<Self, 1>) {
@@ -55,6 +66,23 @@ pub mod reference {
         // d silu / dg = σ(g) · (1 + g · (1 − σ(g)))
         let dsilu = s.clone() * (gate * s.neg().add_scalar(1.0)).add_scalar(1.0);
         (dy.clone() * up * dsilu, dy * silu)
+    }
+
+    pub fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 1>, eps: f64) -> (Tensor<B, 2>, Tensor<B, 1>) {
+        let [rows, _] = x.dims();
+        let r = (x.clone().square().mean_dim(1) + eps).sqrt().recip();
+        (x * r.clone() * w.unsqueeze_dim(0), r.reshape([rows]))
+    }
+
+    /// `x̂ = x·r`, `g = dy·w`: `dx = r·(g − x̂·mean(g·x̂))`, `dw = Σ_rows dy·x̂`.
+    pub fn rms_norm_backward<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 1>, r: Tensor<B, 1>, dy: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B, 1>) {
+        let [rows, d] = x.dims();
+        let r = r.reshape([rows, 1]);
+        let xhat = x * r.clone();
+        let g = dy.clone() * w.unsqueeze_dim(0);
+        let dw = (dy * xhat.clone()).sum_dim(0).reshape([d]);
+        let dot = (g.clone() * xhat.clone()).mean_dim(1);
+        ((g - xhat * dot) * r, dw)
     }
 
     pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> (Tensor<B, 1>, Tensor<B, 1>) {
@@ -141,7 +169,40 @@ mod autodiff {
         }
     }
 
+    /// Keeps x, w and each row's `1/rms`.
+    #[derive(Debug)]
+    struct RmsNormBackward;
+
+    impl<B: FusedOps> Backward<B, 2> for RmsNormBackward {
+        type State = (burn::tensor::ops::FloatTensor<B>, burn::tensor::ops::FloatTensor<B>, burn::tensor::ops::FloatTensor<B>);
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+            let [x_node, w_node] = ops.parents;
+            let dy = grads.consume::<B>(&ops.node);
+            let (x, w, r) = ops.state;
+            let (dx, dw) = B::rms_norm_backward(float(x), float(w), float(r), float(dy));
+            if let Some(node) = x_node {
+                grads.register::<B>(node.id, dx.into_primitive().tensor());
+            }
+            if let Some(node) = w_node {
+                grads.register::<B>(node.id, dw.into_primitive().tensor());
+            }
+        }
+    }
+
     impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+        fn rms_norm(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64) -> (Tensor<Self, 2>, Tensor<Self, 1>) {
+            let x = x.into_primitive().tensor();
+            let w = w.into_primitive().tensor();
+            let (y, r) = B::rms_norm(float(x.primitive.clone()), float(w.primitive.clone()), eps);
+            let y = y.into_primitive().tensor();
+            let out = match RmsNormBackward.prepare::<C>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish((x.primitive, w.primitive, r.clone().into_primitive().tensor()), y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            };
+            (Tensor::from_primitive(TensorPrimitive::Float(out)), Tensor::from_inner(r))
+        }
+
         fn swiglu(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
             let gate = gate.into_primitive().tensor();
             let up = up.into_primitive().tensor();

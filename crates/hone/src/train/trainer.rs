@@ -3,7 +3,7 @@
 //! the step's counted tokens (as transformers' Trainer), global-norm clipping, seeded data order
 //! and dropout, and a state that checkpoints and resumes exactly.
 
-use super::loss::{causal_lm_nll_sum, counted_tokens, nll_sum, shifted_targets, IGNORE_INDEX};
+use super::loss::{counted_tokens, nll_sum, shifted_targets, IGNORE_INDEX};
 use super::optim::{adamw_update, clip_global_norm, AdamWConfig, Moments};
 use super::schedule::{LrSchedule, Schedule};
 use crate::data::Sample;
@@ -412,9 +412,8 @@ where
             B::seed(device, seed.wrapping_add(k as u64));
         }
         let pos = batch.positions::<B>(&self.model.config, &self.device);
-        let logits = self.model.forward_at(to_tensor::<B>(&batch.ids, &self.device), &pos);
-        let labels = to_tensor::<B>(&batch.labels, &logits.device());
-        let nll = causal_lm_nll_sum(logits, labels).div_scalar(norm);
+        let hidden = self.model.hidden_at(to_tensor::<B>(&batch.ids, &self.device), &pos);
+        let nll = counted_nll(&self.model, hidden, &shifted_targets(&batch.labels)).div_scalar(norm);
         let g = nll.backward();
         (nll.inner(), lora_grads(self.model.linears(), &g))
     }
@@ -465,9 +464,7 @@ where
             let len = step.min(t - start);
             let x = Tensor::<B, 3>::from_inner(top.clone().narrow(1, start, len)).require_grad();
             let piece: Vec<Vec<i64>> = targets.iter().map(|r| r[start..start + len].to_vec()).collect();
-            let logits = self.model.head(self.model.final_norm(x.clone()));
-            let labels = to_tensor::<B>(&piece, &logits.device());
-            let loss = nll_sum(logits, labels).div_scalar(norm);
+            let loss = counted_nll(&self.model, self.model.final_norm(x.clone()), &piece).div_scalar(norm);
             let g = loss.backward();
             for (k, gp) in lora_grads(in_layer(None).map(|(n, l)| (n.clone(), *l)), &g) {
                 let acc = match head_grads.remove(&k) {
@@ -611,15 +608,38 @@ fn nll_sum_chunked<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, la
     for start in (0..t).step_by(step) {
         let len = step.min(t - start);
         let piece: Vec<Vec<i64>> = targets.iter().map(|r| r[start..start + len].to_vec()).collect();
-        let logits = model.head(hidden.clone().narrow(1, start, len));
-        let labels = to_tensor::<B>(&piece, &logits.device());
-        let nll = nll_sum(logits, labels);
+        let nll = counted_nll(model, hidden.clone().narrow(1, start, len), &piece);
         sum = Some(match sum {
             Some(s) => s + nll,
             None => nll,
         });
     }
     sum.unwrap_or_else(|| Tensor::zeros([1], device))
+}
+
+/// The summed loss of final hidden states `[B, T, hidden]` (after the final norm) against
+/// `targets` `[B][T]` (already shifted; negative where nothing is predicted). Only the counted
+/// positions go through the head: padding and ignored labels cost no logits (transformers
+/// computes them all; with the bench's batches that is a third of the head's work).
+fn counted_nll<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, targets: &[Vec<i64>]) -> Tensor<B, 1> {
+    let [b, t, h] = hidden.dims();
+    let flat: Vec<i64> = targets.iter().flatten().copied().collect();
+    let rows: Vec<i64> = (0..flat.len()).filter(|&i| flat[i] >= 0).map(|i| i as i64).collect();
+    let device = hidden.device();
+    if rows.is_empty() {
+        // Nothing counted: a zero that still depends on the hidden states (the backward runs).
+        return hidden.sum().mul_scalar(0.0);
+    }
+    let picked: Vec<Vec<i64>> = vec![rows.iter().map(|&i| flat[i as usize]).collect()];
+    let x = if rows.len() == b * t {
+        hidden.reshape([1, b * t, h])
+    } else {
+        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(rows.clone(), [rows.len()]), &device);
+        hidden.reshape([b * t, h]).select(0, index).reshape([1, rows.len(), h])
+    };
+    let logits = model.head(x);
+    let labels = to_tensor::<B>(&picked, &logits.device());
+    nll_sum(logits, labels)
 }
 
 /// Loss and perplexity from a summed loss and its token count.
