@@ -1,11 +1,12 @@
-//! The fused ops (SwiGLU, RMSNorm, cross-entropy) against the same maths differentiated by burn's
+//! The fused ops (SwiGLU, RMSNorm, cross-entropy, self-attention) against the same maths differentiated by burn's
 //! autodiff: the CPU versions, and the tensor-op versions the GPU backends run, forward and
 //! backward. (End to end they are also checked against PyTorch: lora_grads, train_parity.)
 
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::activation::{log_softmax, silu};
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
-use hone::ops::{reference, FusedOps};
+use hone::ops::{reference, AttentionShape, FusedOps};
+use burn::tensor::activation::softmax;
 use hone::parity::rel_error;
 
 type B = Autodiff<NdArray>;
@@ -108,4 +109,64 @@ fn rms_norm_matches_burns_autodiff_of_the_formula() {
     let (_, r) = reference::rms_norm(x0.clone(), w0.clone(), eps);
     let (dx, dw) = reference::rms_norm_backward(x0, w0, r, c);
     assert!(rel_error(&values(dx), &want.1) < 1e-6 && rel_error(&values(dw), &want.2) < 1e-6);
+}
+
+/// transformers' attention with tensor ops: rotate-half RoPE on the first `rot` dims, kv heads
+/// repeated, scaled scores plus mask, softmax, times v. q `[B·T, H·D]`, k/v `[B·T, KV·D]`.
+fn attention_with_tensor_ops(q: Tensor<B, 2>, k: Tensor<B, 2>, v: Tensor<B, 2>, cos: Tensor<B, 4>, sin: Tensor<B, 4>, mask: Tensor<B, 4>, s: AttentionShape) -> Tensor<B, 2> {
+    let AttentionShape { batch: b, seq: t, heads: nh, kv_heads: nkv, head_dim: d } = s;
+    let rot = cos.dims()[3];
+    let heads = |y: Tensor<B, 2>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
+    let rope = |x: Tensor<B, 4>| {
+        let x_rot = x.clone().narrow(3, 0, rot);
+        let (x1, x2) = (x_rot.clone().narrow(3, 0, rot / 2), x_rot.clone().narrow(3, rot / 2, rot / 2));
+        let out = x_rot * cos.clone() + Tensor::cat(vec![x2.neg(), x1], 3) * sin.clone();
+        Tensor::cat(vec![out, x.narrow(3, rot, d - rot)], 3)
+    };
+    let repeat = |x: Tensor<B, 4>| x.reshape([b, nkv, 1, t * d]).repeat_dim(2, nh / nkv).reshape([b, nh, t, d]);
+    let (q, k, v) = (rope(heads(q, nh)), repeat(rope(heads(k, nkv))), repeat(heads(v, nkv)));
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((d as f64).powf(-0.5)) + mask;
+    softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b * t, nh * d])
+}
+
+#[test]
+fn self_attention_matches_tensor_ops_with_grouped_heads_partial_rope_and_packed_masks() {
+    let s = AttentionShape { batch: 2, seq: 7, heads: 6, kv_heads: 2, head_dim: 8 };
+    let (bt, rot) = (s.batch * s.seq, 6);
+    let (q0, k0, v0) = (random([bt, s.heads * s.head_dim], 1.0), random([bt, s.kv_heads * s.head_dim], 1.0), random([bt, s.kv_heads * s.head_dim], 1.0));
+    let c = random([bt, s.heads * s.head_dim], 1.0);
+    // Per-row tables and masks, as packing makes them: row 0 one causal sample, row 1 two
+    // samples (3 + 4 tokens) with positions restarting.
+    let angle = |p: usize, j: usize| p as f32 * (1.0 + (j % (rot / 2)) as f32 * 0.3);
+    let positions = [vec![0, 1, 2, 3, 4, 5, 6], vec![0, 1, 2, 0, 1, 2, 3]];
+    let sample = [vec![0; 7], vec![0, 0, 0, 1, 1, 1, 1]];
+    let table = |f: fn(f32) -> f32| -> Vec<f32> { positions.iter().flat_map(|row| row.iter().flat_map(move |&p| (0..rot).map(move |j| f(angle(p, j))))).collect() };
+    let mut mask = vec![f32::NEG_INFINITY; 2 * 7 * 7];
+    for r in 0..2 {
+        for i in 0..7 {
+            for j in 0..=i {
+                if sample[r][i] == sample[r][j] {
+                    mask[r * 49 + i * 7 + j] = 0.0;
+                }
+            }
+        }
+    }
+    let four = |v: Vec<f32>, shape: [usize; 4]| Tensor::<B, 4>::from_data(TensorData::new(v, shape), &Default::default());
+    let (cos, sin, mask) = (four(table(f32::cos), [2, 1, 7, rot]), four(table(f32::sin), [2, 1, 7, rot]), four(mask, [2, 1, 7, 7]));
+    let run = |fused: bool| {
+        let [q, k, v] = [&q0, &k0, &v0].map(|t| Tensor::<B, 2>::from_inner(t.clone()).require_grad());
+        let y = if fused {
+            B::self_attention(q.clone(), k.clone(), v.clone(), [cos.clone(), sin.clone()], mask.clone(), s).expect("the CPU backend has a fused attention").0
+        } else {
+            attention_with_tensor_ops(q.clone(), k.clone(), v.clone(), cos.clone(), sin.clone(), mask.clone(), s)
+        };
+        let grads = (y.clone() * Tensor::from_inner(c.clone())).sum().backward();
+        [y.inner(), q.grad(&grads).unwrap(), k.grad(&grads).unwrap(), v.grad(&grads).unwrap()].map(values)
+    };
+    let (ours, want) = (run(true), run(false));
+    for ((what, o), w) in ["y", "dq", "dk", "dv"].into_iter().zip(&ours).zip(&want) {
+        let e = rel_error(o, w);
+        println!("self_attention {what}: rel error {e:e}");
+        assert!(e < 1e-6, "fused self_attention {what}: rel error {e:e}");
+    }
 }

@@ -3,6 +3,7 @@
 
 use super::config::Config;
 use crate::lora::LoraLinear;
+use crate::ops::AttentionShape;
 use crate::quant::{FrozenWeight, HoneBackend};
 use super::rope;
 use burn::module::Module;
@@ -219,6 +220,13 @@ impl<B: HoneBackend> Attention<B> {
                 (proj(&self.q_proj), proj(&self.k_proj), proj(&self.v_proj))
             }
         };
+        if cache.is_none() {
+            let shape = AttentionShape { batch: b, seq: t, heads: nh, kv_heads: nkv, head_dim: hd };
+            let flat = |y: &Tensor<B, 3>, n: usize| y.clone().reshape([b * t, n * hd]);
+            if let Some((out, _)) = B::self_attention(flat(&q, nh), flat(&k, nkv), flat(&v, nkv), [pos.cos.clone(), pos.sin.clone()], pos.mask.clone(), shape) {
+                return self.o_proj.forward(out.reshape([b, t, nh * hd]));
+            }
+        }
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
         let q = apply_rope(heads(q, nh), pos);
         let mut k = apply_rope(heads(k, nkv), pos);

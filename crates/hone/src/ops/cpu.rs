@@ -1,7 +1,7 @@
 //! The fused ops on the CPU backend: one pass over each array, split across threads, with an
 //! exponential written so that its loops vectorize (libm's `expf` is one call per value).
 
-use super::FusedOps;
+use super::{AttentionShape, FusedOps};
 use burn::backend::ndarray::NdArrayTensor;
 use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
@@ -48,6 +48,99 @@ pub fn exp(x: f32) -> f32 {
 
 fn tensor<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &burn::backend::ndarray::NdArrayDevice) -> Tensor<NdArray, D> {
     Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+fn host<const D: usize>(t: Tensor<NdArray, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 values")
+}
+
+/// A raw pointer that parallel tasks writing disjoint parts of one buffer may share.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// A method, so that closures capture the whole `Shared` (Send) rather than its raw field.
+    fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// `c[m, n] = alpha·a·b + beta·c` (c's row stride `ldc`), `a` `[m, k]` and `b` `[k, n]` given
+/// as (values, row stride, column stride).
+#[allow(clippy::too_many_arguments)]
+fn gemm(m: usize, k: usize, n: usize, alpha: f32, (a, rsa, csa): (&[f32], usize, usize), (b, rsb, csb): (&[f32], usize, usize), beta: f32, c: &mut [f32], ldc: usize) {
+    let extent = |rows: usize, cols: usize, rs: usize, cs: usize| if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 };
+    assert!(a.len() >= extent(m, k, rsa, csa) && b.len() >= extent(k, n, rsb, csb) && c.len() >= extent(m, n, ldc, 1), "gemm operands smaller than [{m}, {k}] · [{k}, {n}]");
+    // SAFETY: every operand's extent under its strides is checked above; c aliases neither.
+    unsafe {
+        matrixmultiply::sgemm(m, k, n, alpha, a.as_ptr(), rsa as isize, csa as isize, b.as_ptr(), rsb as isize, csb as isize, beta, c.as_mut_ptr(), ldc as isize, 1);
+    }
+}
+
+/// One head's `[t, d]` values, row i read at `x[i·stride..]`, with transformers' rotate-half
+/// RoPE on the first `rot` dims (tables `[t, rot]`), into `out` `[t, d]`.
+#[allow(clippy::too_many_arguments)]
+fn rope_head(x: &[f32], stride: usize, t: usize, d: usize, cos: &[f32], sin: &[f32], rot: usize, out: &mut [f32]) {
+    let half = rot / 2;
+    for i in 0..t {
+        let x = &x[i * stride..i * stride + d];
+        let (c, s) = (&cos[i * rot..(i + 1) * rot], &sin[i * rot..(i + 1) * rot]);
+        let o = &mut out[i * d..(i + 1) * d];
+        for j in 0..half {
+            o[j] = x[j] * c[j] - x[j + half] * s[j];
+            o[j + half] = x[j + half] * c[j + half] + x[j] * s[j + half];
+        }
+        o[rot..].copy_from_slice(&x[rot..]);
+    }
+}
+
+/// The transpose of [`rope_head`]: the gradient of its input from `dy` `[t, d]`, row i written
+/// at `out.at(i·stride)`.
+///
+/// SAFETY: the caller owns rows `out.at(i·stride)..+d` for i < t, and no one else writes them.
+#[allow(clippy::too_many_arguments)]
+unsafe fn rope_head_backward(dy: &[f32], t: usize, d: usize, cos: &[f32], sin: &[f32], rot: usize, out: Shared, stride: usize) {
+    let half = rot / 2;
+    for i in 0..t {
+        let g = &dy[i * d..(i + 1) * d];
+        let (c, s) = (&cos[i * rot..(i + 1) * rot], &sin[i * rot..(i + 1) * rot]);
+        let o = std::slice::from_raw_parts_mut(out.at(i * stride), d);
+        for j in 0..half {
+            o[j] = g[j] * c[j] + g[j + half] * s[j + half];
+            o[j + half] = g[j + half] * c[j + half] - g[j] * s[j];
+        }
+        o[rot..].copy_from_slice(&g[rot..]);
+    }
+}
+
+/// Rows of `t` scores, plus the additive mask, to probabilities in place; masked (-inf)
+/// entries get exactly 0.
+fn softmax_rows(p: &mut [f32], mask: &[f32], t: usize) {
+    for (row, m) in p.chunks_exact_mut(t).zip(mask.chunks_exact(t)) {
+        let mut max = f32::NEG_INFINITY;
+        for (v, &m) in row.iter_mut().zip(m) {
+            *v += m;
+            max = if *v > max { *v } else { max };
+        }
+        let mut sum = 0f32;
+        for v in row.iter_mut() {
+            *v = if *v == f32::NEG_INFINITY { 0.0 } else { exp(*v - max) };
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+/// Writes `rows` rows of `d` values from `src` `[rows, d]` at `dst.at(i·stride)`.
+///
+/// SAFETY: as [`rope_head_backward`].
+unsafe fn scatter_rows(src: &[f32], rows: usize, d: usize, dst: Shared, stride: usize) {
+    for i in 0..rows {
+        std::ptr::copy_nonoverlapping(src[i * d..].as_ptr(), dst.at(i * stride), d);
+    }
 }
 
 fn targets_vec(targets: Tensor<NdArray, 1, Int>) -> Vec<i64> {
@@ -141,6 +234,103 @@ impl FusedOps for NdArray {
             })
         });
         (tensor(dx, [rows, d], &device), tensor(dw, [d], &device))
+    }
+
+    /// One task per (batch row, kv head): its query heads, so that k/v gradients of a group
+    /// are summed inside one task. Small products through the GEMM on strided views: no
+    /// transposed or per-head copies of q, k, v.
+    fn self_attention(q: Tensor<Self, 2>, k: Tensor<Self, 2>, v: Tensor<Self, 2>, rope: [Tensor<Self, 4>; 2], mask: Tensor<Self, 4>, shape: AttentionShape) -> Option<(Tensor<Self, 2>, Tensor<Self, 1>)> {
+        let AttentionShape { batch: b, seq: t, heads: nh, kv_heads: nkv, head_dim: d } = shape;
+        let [cb, _, _, rot] = rope[0].dims();
+        let [mb, _, mt, ms] = mask.dims();
+        assert!(mt == t && ms == t && nh % nkv == 0 && rot <= d && rot % 2 == 0, "attention: mask [{mt}, {ms}] for {t} tokens, {nh} heads over {nkv}, rot {rot} of {d}");
+        let device = q.device();
+        let (group, scale) = (nh / nkv, 1.0 / (d as f32).sqrt());
+        let [cos, sin] = rope.map(host);
+        let mask = host(mask);
+        let (mut out, mut probs) = (vec![0f32; b * t * nh * d], vec![0f32; b * nh * t * t]);
+        let (o_at, p_at) = (Shared(out.as_mut_ptr()), Shared(probs.as_mut_ptr()));
+        with_f32(q, |q| {
+            with_f32(k, |k| {
+                with_f32(v, |v| {
+                    (0..b * nkv).into_par_iter().for_each(|task| {
+                        let (bi, g) = (task / nkv, task % nkv);
+                        let tab = if cb == 1 { 0 } else { bi } * t * rot;
+                        let (cos, sin) = (&cos[tab..tab + t * rot], &sin[tab..tab + t * rot]);
+                        let m = &mask[if mb == 1 { 0 } else { bi } * t * t..][..t * t];
+                        let (mut kr, mut qr, mut oh) = (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]);
+                        rope_head(&k[bi * t * nkv * d + g * d..], nkv * d, t, d, cos, sin, rot, &mut kr);
+                        let vg = &v[bi * t * nkv * d + g * d..];
+                        for h in g * group..(g + 1) * group {
+                            rope_head(&q[bi * t * nh * d + h * d..], nh * d, t, d, cos, sin, rot, &mut qr);
+                            // SAFETY: (bi, h) belongs to this task alone.
+                            let p = unsafe { std::slice::from_raw_parts_mut(p_at.at((bi * nh + h) * t * t), t * t) };
+                            gemm(t, d, t, scale, (&qr, d, 1), (&kr, 1, d), 0.0, p, t);
+                            softmax_rows(p, m, t);
+                            gemm(t, t, d, 1.0, (p, t, 1), (vg, nkv * d, 1), 0.0, &mut oh, d);
+                            // SAFETY: head h's columns of batch row bi belong to this task alone.
+                            unsafe { scatter_rows(&oh, t, d, Shared(o_at.at(bi * t * nh * d + h * d)), nh * d) };
+                        }
+                    })
+                })
+            })
+        });
+        Some((tensor(out, [b * t, nh * d], &device), tensor(probs, [b * nh * t * t], &device)))
+    }
+
+    fn self_attention_backward(q: Tensor<Self, 2>, k: Tensor<Self, 2>, v: Tensor<Self, 2>, rope: [Tensor<Self, 4>; 2], probs: Tensor<Self, 1>, dy: Tensor<Self, 2>, shape: AttentionShape) -> [Tensor<Self, 2>; 3] {
+        let AttentionShape { batch: b, seq: t, heads: nh, kv_heads: nkv, head_dim: d } = shape;
+        let [cb, _, _, rot] = rope[0].dims();
+        let device = q.device();
+        let (group, scale) = (nh / nkv, 1.0 / (d as f32).sqrt());
+        let [cos, sin] = rope.map(host);
+        let (mut dq, mut dk, mut dv) = (vec![0f32; b * t * nh * d], vec![0f32; b * t * nkv * d], vec![0f32; b * t * nkv * d]);
+        let (dq_at, dk_at, dv_at) = (Shared(dq.as_mut_ptr()), Shared(dk.as_mut_ptr()), Shared(dv.as_mut_ptr()));
+        with_f32(q, |q| {
+            with_f32(k, |k| {
+                with_f32(v, |v| {
+                    with_f32(probs, |probs| {
+                        with_f32(dy, |dy| {
+                            (0..b * nkv).into_par_iter().for_each(|task| {
+                                let (bi, g) = (task / nkv, task % nkv);
+                                let tab = if cb == 1 { 0 } else { bi } * t * rot;
+                                let (cos, sin) = (&cos[tab..tab + t * rot], &sin[tab..tab + t * rot]);
+                                let (mut kr, mut qr, mut dqr) = (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]);
+                                let (mut dkr, mut dvg, mut ds) = (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * t]);
+                                rope_head(&k[bi * t * nkv * d + g * d..], nkv * d, t, d, cos, sin, rot, &mut kr);
+                                let vg = &v[bi * t * nkv * d + g * d..];
+                                for h in g * group..(g + 1) * group {
+                                    let p = &probs[(bi * nh + h) * t * t..][..t * t];
+                                    let doh = &dy[bi * t * nh * d + h * d..];
+                                    // dV += Pᵀ·dO; dP = dO·Vᵀ
+                                    gemm(t, t, d, 1.0, (p, 1, t), (doh, nh * d, 1), 1.0, &mut dvg, d);
+                                    gemm(t, d, t, 1.0, (doh, nh * d, 1), (vg, 1, nkv * d), 0.0, &mut ds, t);
+                                    // dS = P∘(dP − Σ dP∘P), times the scores' scale
+                                    for (row, prow) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                                        let dot: f32 = row.iter().zip(prow).map(|(a, b)| a * b).sum();
+                                        for (x, &pp) in row.iter_mut().zip(prow) {
+                                            *x = pp * (*x - dot) * scale;
+                                        }
+                                    }
+                                    rope_head(&q[bi * t * nh * d + h * d..], nh * d, t, d, cos, sin, rot, &mut qr);
+                                    // dQ = dS·K; dK += dSᵀ·Q (both rotated), then RoPE's transpose.
+                                    gemm(t, t, d, 1.0, (&ds, t, 1), (&kr, d, 1), 0.0, &mut dqr, d);
+                                    gemm(t, t, d, 1.0, (&ds, 1, t), (&qr, d, 1), 1.0, &mut dkr, d);
+                                    // SAFETY: head h's columns of batch row bi belong to this task alone.
+                                    unsafe { rope_head_backward(&dqr, t, d, cos, sin, rot, Shared(dq_at.at(bi * t * nh * d + h * d)), nh * d) };
+                                }
+                                // SAFETY: kv head g's columns of batch row bi belong to this task alone.
+                                unsafe {
+                                    rope_head_backward(&dkr, t, d, cos, sin, rot, Shared(dk_at.at(bi * t * nkv * d + g * d)), nkv * d);
+                                    scatter_rows(&dvg, t, d, Shared(dv_at.at(bi * t * nkv * d + g * d)), nkv * d);
+                                }
+                            })
+                        })
+                    })
+                })
+            })
+        });
+        [tensor(dq, [b * t, nh * d], &device), tensor(dk, [b * t, nkv * d], &device), tensor(dv, [b * t, nkv * d], &device)]
     }
 
     fn cross_entropy(logits: Tensor<Self, 2>, targets: Tensor<Self, 1, Int>) -> (Tensor<Self, 1>, Tensor<Self, 1>) {

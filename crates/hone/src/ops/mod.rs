@@ -12,6 +12,17 @@ pub use cpu::exp;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
+/// Sizes of one self-attention call: `batch` rows of `seq` tokens, `heads` query heads sharing
+/// `kv_heads` key/value heads (grouped-query attention), `head_dim` values per head.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
 /// Targets below zero (transformers' -100) are not counted. The defaults are burn's tensor ops
 /// ([`reference`]).
 pub trait FusedOps: Backend {
@@ -34,6 +45,25 @@ pub trait FusedOps: Backend {
     /// The gradients of [`FusedOps::rms_norm`] with respect to `x` and `w`, given `dy`.
     fn rms_norm_backward(x: Tensor<Self, 2>, w: Tensor<Self, 1>, r: Tensor<Self, 1>, dy: Tensor<Self, 2>) -> (Tensor<Self, 2>, Tensor<Self, 1>) {
         reference::rms_norm_backward(x, w, r, dy)
+    }
+
+    /// Self-attention over tokens laid out as the projections give them: `q` `[B·T, H·D]`,
+    /// `k`, `v` `[B·T, KV·D]`; RoPE (transformers' rotate-half on the first `rot` dims, tables
+    /// `cos`, `sin` `[1 or B, 1, T, rot]`) on q and k, scores scaled by `1/√D` plus the additive
+    /// `mask` `[1 or B, 1, T, T]`, softmax, times v. Returns the output `[B·T, H·D]` (what
+    /// o_proj reads) and the probabilities `[B·H·T·T]` (for the backward), or `None` where the
+    /// backend has no fused version and the decoder uses tensor ops.
+    fn self_attention(q: Tensor<Self, 2>, k: Tensor<Self, 2>, v: Tensor<Self, 2>, rope: [Tensor<Self, 4>; 2], mask: Tensor<Self, 4>, shape: AttentionShape) -> Option<(Tensor<Self, 2>, Tensor<Self, 1>)> {
+        let _ = (q, k, v, rope, mask, shape);
+        None
+    }
+
+    /// The gradients of [`FusedOps::self_attention`] with respect to q, k and v, given the output's
+    /// gradient `dy` and the forward's probabilities. Only called where `self_attention` gave `Some`.
+    #[allow(clippy::too_many_arguments)]
+    fn self_attention_backward(q: Tensor<Self, 2>, k: Tensor<Self, 2>, v: Tensor<Self, 2>, rope: [Tensor<Self, 4>; 2], probs: Tensor<Self, 1>, dy: Tensor<Self, 2>, shape: AttentionShape) -> [Tensor<Self, 2>; 3] {
+        let _ = (q, k, v, rope, probs, dy, shape);
+        unreachable!("self_attention_backward without a fused attention")
     }
 
     /// Per row of `logits: [rows, vocab]`: `-log softmax(row)[target]` (0 where the target is
@@ -190,7 +220,43 @@ mod autodiff {
         }
     }
 
+    /// Keeps q, k, v (the projections' outputs), the RoPE tables and the probabilities.
+    #[derive(Debug)]
+    struct AttentionBackward;
+
+    type Prim<B> = burn::tensor::ops::FloatTensor<B>;
+
+    impl<B: FusedOps> Backward<B, 3> for AttentionBackward {
+        type State = ([Prim<B>; 3], [Prim<B>; 2], Prim<B>, super::AttentionShape);
+
+        fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+            let dy = grads.consume::<B>(&ops.node);
+            let ([q, k, v], [cos, sin], probs, shape) = ops.state;
+            let d = B::self_attention_backward(float(q), float(k), float(v), [float(cos), float(sin)], float(probs), float(dy), shape);
+            for (parent, g) in ops.parents.into_iter().zip(d) {
+                if let Some(node) = parent {
+                    grads.register::<B>(node.id, g.into_primitive().tensor());
+                }
+            }
+        }
+    }
+
     impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+        fn self_attention(q: Tensor<Self, 2>, k: Tensor<Self, 2>, v: Tensor<Self, 2>, rope: [Tensor<Self, 4>; 2], mask: Tensor<Self, 4>, shape: super::AttentionShape) -> Option<(Tensor<Self, 2>, Tensor<Self, 1>)> {
+            let [q, k, v] = [q, k, v].map(|t| t.into_primitive().tensor());
+            let [cos, sin] = rope.map(|t| t.inner());
+            let (out, probs) = B::self_attention(float(q.primitive.clone()), float(k.primitive.clone()), float(v.primitive.clone()), [cos.clone(), sin.clone()], mask.inner(), shape)?;
+            let out = out.into_primitive().tensor();
+            let out = match AttentionBackward.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let rope = [cos, sin].map(|t| t.into_primitive().tensor());
+                    prep.finish(([q.primitive, k.primitive, v.primitive], rope, probs.clone().into_primitive().tensor(), shape), out)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            };
+            Some((Tensor::from_primitive(TensorPrimitive::Float(out)), Tensor::from_inner(probs)))
+        }
+
         fn rms_norm(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64) -> (Tensor<Self, 2>, Tensor<Self, 1>) {
             let x = x.into_primitive().tensor();
             let w = w.into_primitive().tensor();
