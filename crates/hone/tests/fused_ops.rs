@@ -1,11 +1,11 @@
-//! The fused ops (SwiGLU, RMSNorm, cross-entropy, self-attention) against the same maths differentiated by burn's
+//! The fused ops (SwiGLU, RMSNorm, cross-entropy, self-attention, AdamW) against the same maths differentiated by burn's
 //! autodiff: the CPU versions, and the tensor-op versions the GPU backends run, forward and
 //! backward. (End to end they are also checked against PyTorch: lora_grads, train_parity.)
 
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::activation::{log_softmax, silu};
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
-use hone::ops::{reference, AttentionShape, FusedOps};
+use hone::ops::{reference, AdamWScalars, AttentionShape, FusedOps};
 use burn::tensor::activation::softmax;
 use hone::parity::rel_error;
 
@@ -168,5 +168,26 @@ fn self_attention_matches_tensor_ops_with_grouped_heads_partial_rope_and_packed_
         let e = rel_error(o, w);
         println!("self_attention {what}: rel error {e:e}");
         assert!(e < 1e-6, "fused self_attention {what}: rel error {e:e}");
+    }
+}
+
+#[test]
+fn adamw_matches_the_tensor_op_version_over_several_steps() {
+    let shape = [16, 1031];
+    let zeros = || Tensor::<NdArray, 2>::zeros(shape, &Default::default());
+    let mut ours = [random(shape, 0.1), zeros(), zeros()];
+    let mut want = ours.clone();
+    for step in 1..=3 {
+        let grad = random(shape, 1.0);
+        let s = AdamWScalars { decay: 1.0 - 1e-3 * 0.01, beta1_weight: 0.1, beta2: 0.999, beta2_weight: 0.001, bias_correction2_sqrt: (1.0 - 0.999f64.powi(step)).sqrt(), eps: 1e-8, step_size: 1e-3 / (1.0 - 0.9f64.powi(step)) };
+        let [p, m, v] = ours.clone();
+        ours = NdArray::adamw(p, grad.clone(), m, v, s);
+        let [p, m, v] = want.clone();
+        want = reference::adamw(p, grad, m, v, s);
+    }
+    for ((what, o), w) in ["param", "exp_avg", "exp_avg_sq"].into_iter().zip(ours).zip(want) {
+        let e = rel_error(&values(o), &values(w));
+        println!("adamw {what}: rel error {e:e}");
+        assert!(e < 1e-6, "fused adamw {what}: rel error {e:e}");
     }
 }

@@ -23,6 +23,20 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
+/// The scalars of one AdamW update, in `torch.optim.AdamW`'s order of operations (see
+/// `train::optim`): `p·decay`, `m + (g − m)·beta1_weight`, `v·beta2 + g²·beta2_weight`,
+/// `p − m / (√v / bias_correction2_sqrt + eps) · step_size`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWScalars {
+    pub decay: f64,
+    pub beta1_weight: f64,
+    pub beta2: f64,
+    pub beta2_weight: f64,
+    pub bias_correction2_sqrt: f64,
+    pub eps: f64,
+    pub step_size: f64,
+}
+
 /// Targets below zero (transformers' -100) are not counted. The defaults are burn's tensor ops
 /// ([`reference`]).
 pub trait FusedOps: Backend {
@@ -45,6 +59,11 @@ pub trait FusedOps: Backend {
     /// The gradients of [`FusedOps::rms_norm`] with respect to `x` and `w`, given `dy`.
     fn rms_norm_backward(x: Tensor<Self, 2>, w: Tensor<Self, 1>, r: Tensor<Self, 1>, dy: Tensor<Self, 2>) -> (Tensor<Self, 2>, Tensor<Self, 1>) {
         reference::rms_norm_backward(x, w, r, dy)
+    }
+
+    /// One AdamW update: the new parameter and moments `[param, exp_avg, exp_avg_sq]`.
+    fn adamw(param: Tensor<Self, 2>, grad: Tensor<Self, 2>, exp_avg: Tensor<Self, 2>, exp_avg_sq: Tensor<Self, 2>, s: AdamWScalars) -> [Tensor<Self, 2>; 3] {
+        reference::adamw(param, grad, exp_avg, exp_avg_sq, s)
     }
 
     /// Self-attention over tokens laid out as the projections give them: `q` `[B·T, H·D]`,
@@ -96,6 +115,14 @@ pub mod reference {
         // d silu / dg = σ(g) · (1 + g · (1 − σ(g)))
         let dsilu = s.clone() * (gate * s.neg().add_scalar(1.0)).add_scalar(1.0);
         (dy.clone() * up * dsilu, dy * silu)
+    }
+
+    pub fn adamw<B: Backend>(param: Tensor<B, 2>, grad: Tensor<B, 2>, exp_avg: Tensor<B, 2>, exp_avg_sq: Tensor<B, 2>, s: super::AdamWScalars) -> [Tensor<B, 2>; 3] {
+        let param = param.mul_scalar(s.decay);
+        let exp_avg = exp_avg.clone() + (grad.clone() - exp_avg).mul_scalar(s.beta1_weight);
+        let exp_avg_sq = exp_avg_sq.mul_scalar(s.beta2) + (grad.clone() * grad).mul_scalar(s.beta2_weight);
+        let denom = exp_avg_sq.clone().sqrt().div_scalar(s.bias_correction2_sqrt).add_scalar(s.eps);
+        [param - (exp_avg.clone() / denom).mul_scalar(s.step_size), exp_avg, exp_avg_sq]
     }
 
     pub fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 1>, eps: f64) -> (Tensor<B, 2>, Tensor<B, 1>) {

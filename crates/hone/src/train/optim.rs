@@ -1,6 +1,7 @@
 //! AdamW on the LoRA parameters, in PyTorch's order of operations (`torch.optim.AdamW`,
 //! single-tensor path), and global-norm gradient clipping as `clip_grad_norm_`.
 
+use crate::ops::{AdamWScalars, FusedOps};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
@@ -32,17 +33,20 @@ impl<B: Backend> Moments<B> {
 }
 
 /// One AdamW update of `param` with `grad`; `step` counts from 1.
-pub fn adamw_update<B: Backend>(param: Tensor<B, 2>, grad: Tensor<B, 2>, m: &mut Moments<B>, cfg: &AdamWConfig, lr: f64, step: usize) -> Tensor<B, 2> {
-    let param = param.mul_scalar(1.0 - lr * cfg.weight_decay);
-    // torch's lerp(exp_avg, grad, 1 - beta1) for a weight below one half.
-    let w = 1.0 - cfg.beta1;
-    m.exp_avg = m.exp_avg.clone() + (grad.clone() - m.exp_avg.clone()).mul_scalar(w);
-    m.exp_avg_sq = m.exp_avg_sq.clone().mul_scalar(cfg.beta2) + (grad.clone() * grad).mul_scalar(1.0 - cfg.beta2);
-    let bias_correction1 = 1.0 - cfg.beta1.powi(step as i32);
-    let bias_correction2 = 1.0 - cfg.beta2.powi(step as i32);
-    let step_size = lr / bias_correction1;
-    let denom = m.exp_avg_sq.clone().sqrt().div_scalar(bias_correction2.sqrt()).add_scalar(cfg.eps);
-    param - (m.exp_avg.clone() / denom).mul_scalar(step_size)
+pub fn adamw_update<B: FusedOps>(param: Tensor<B, 2>, grad: Tensor<B, 2>, m: &mut Moments<B>, cfg: &AdamWConfig, lr: f64, step: usize) -> Tensor<B, 2> {
+    let scalars = AdamWScalars {
+        decay: 1.0 - lr * cfg.weight_decay,
+        // torch's lerp(exp_avg, grad, 1 - beta1) for a weight below one half.
+        beta1_weight: 1.0 - cfg.beta1,
+        beta2: cfg.beta2,
+        beta2_weight: 1.0 - cfg.beta2,
+        bias_correction2_sqrt: (1.0 - cfg.beta2.powi(step as i32)).sqrt(),
+        eps: cfg.eps,
+        step_size: lr / (1.0 - cfg.beta1.powi(step as i32)),
+    };
+    let [param, exp_avg, exp_avg_sq] = B::adamw(param, grad, m.exp_avg.clone(), m.exp_avg_sq.clone(), scalars);
+    (m.exp_avg, m.exp_avg_sq) = (exp_avg, exp_avg_sq);
+    param
 }
 
 /// Scales `grads` so that their global L2 norm is at most `max_norm` (as `clip_grad_norm_`:
