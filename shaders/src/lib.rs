@@ -2,4 +2,6 @@
 //! CUDA. Each is checked bit for bit against the CPU reference and bitsandbytes (see the NF4
 //! tests in crates/hone and crates/hone-web).
 
+pub mod adamw;
 pub mod nf4;
+pub mod swiglu;

@@ -191,3 +191,44 @@ fn adamw_matches_the_tensor_op_version_over_several_steps() {
         assert!(e < 1e-6, "fused adamw {what}: rel error {e:e}");
     }
 }
+
+#[test]
+fn adamw_kernel_on_wgpu_equals_the_cpu() {
+    type W = burn::backend::Wgpu;
+    let device = burn::backend::wgpu::WgpuDevice::default();
+    let shape = [16, 1031];
+    let on_gpu = |t: &Tensor<NdArray, 2>| Tensor::<W, 2>::from_data(t.to_data(), &device);
+    let zeros = || Tensor::<NdArray, 2>::zeros(shape, &Default::default());
+    let mut cpu = [random(shape, 0.1), zeros(), zeros()];
+    let mut gpu = cpu.clone().map(|t| on_gpu(&t));
+    for step in 1..=3 {
+        let grad = random(shape, 1.0);
+        let s = AdamWScalars { decay: 1.0 - 1e-3 * 0.01, beta1_weight: 0.1, beta2: 0.999, beta2_weight: 0.001, bias_correction2_sqrt: (1.0 - 0.999f64.powi(step)).sqrt(), eps: 1e-8, step_size: 1e-3 / (1.0 - 0.9f64.powi(step)) };
+        let [p, m, v] = cpu.clone();
+        cpu = NdArray::adamw(p, grad.clone(), m, v, s);
+        let [p, m, v] = gpu.clone();
+        gpu = W::adamw(p, on_gpu(&grad), m, v, s);
+    }
+    for ((what, c), g) in ["param", "exp_avg", "exp_avg_sq"].into_iter().zip(cpu).zip(gpu) {
+        let e = rel_error(&values(g), &values(c));
+        println!("adamw kernel {what}: rel error {e:e} against the CPU");
+        assert!(e < 1e-6, "adamw kernel {what}: rel error {e:e}");
+    }
+}
+
+#[test]
+fn swiglu_kernels_on_wgpu_equal_the_cpu() {
+    type W = burn::backend::Wgpu;
+    let device = burn::backend::wgpu::WgpuDevice::default();
+    let on_gpu = |t: &Tensor<NdArray, 2>| Tensor::<W, 2>::from_data(t.to_data(), &device);
+    let (g, u, d) = (random([37, 1031], 20.0), random([37, 1031], 3.0), random([37, 1031], 1.0));
+    let y = W::swiglu(on_gpu(&g), on_gpu(&u));
+    let (dg, du) = W::swiglu_backward(on_gpu(&g), on_gpu(&u), on_gpu(&d));
+    let want_y = NdArray::swiglu(g.clone(), u.clone());
+    let (want_dg, want_du) = NdArray::swiglu_backward(g, u, d);
+    for (what, ours, want) in [("y", values(y), values(want_y)), ("dgate", values(dg), values(want_dg)), ("dup", values(du), values(want_du))] {
+        let e = rel_error(&ours, &want);
+        println!("swiglu kernel {what}: rel error {e:e} against the CPU");
+        assert!(e < 1e-6, "swiglu kernel {what}: rel error {e:e}");
+    }
+}

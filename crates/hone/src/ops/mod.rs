@@ -162,6 +162,18 @@ pub mod reference {
     }
 }
 
+/// A CubeCL tensor's primitive with its values laid out contiguously from offset 0 (what
+/// hone's elementwise kernels index).
+fn contiguous<R, F, I, BT>(t: Tensor<burn_cubecl::CubeBackend<R, F, I, BT>, 2>) -> burn_cubecl::tensor::CubeTensor<R>
+where
+    R: burn_cubecl::CubeRuntime,
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+    burn_cubecl::kernel::into_contiguous(t.into_primitive().tensor())
+}
+
 impl<R, F, I, BT> FusedOps for burn_cubecl::CubeBackend<R, F, I, BT>
 where
     R: burn_cubecl::CubeRuntime,
@@ -169,6 +181,32 @@ where
     I: burn_cubecl::IntElement,
     BT: burn_cubecl::BoolElement,
 {
+    /// One kernel each way (shaders/src/swiglu.rs) instead of seven and ten launches.
+    fn swiglu(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        if F::dtype() != burn::tensor::DType::F32 {
+            return reference::swiglu(gate, up);
+        }
+        let out = hone_shaders::swiglu::swiglu(contiguous(gate), contiguous(up));
+        Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out))
+    }
+
+    fn swiglu_backward(gate: Tensor<Self, 2>, up: Tensor<Self, 2>, dy: Tensor<Self, 2>) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+        if F::dtype() != burn::tensor::DType::F32 {
+            return reference::swiglu_backward(gate, up, dy);
+        }
+        let [dg, du] = hone_shaders::swiglu::swiglu_backward(contiguous(gate), contiguous(up), contiguous(dy)).map(|t| Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(t)));
+        (dg, du)
+    }
+
+    /// One kernel (shaders/src/adamw.rs) instead of a dozen launches.
+    fn adamw(param: Tensor<Self, 2>, grad: Tensor<Self, 2>, exp_avg: Tensor<Self, 2>, exp_avg_sq: Tensor<Self, 2>, s: AdamWScalars) -> [Tensor<Self, 2>; 3] {
+        if F::dtype() != burn::tensor::DType::F32 {
+            return reference::adamw(param, grad, exp_avg, exp_avg_sq, s);
+        }
+        let c = |x: f64| x as f32;
+        let scalars = [c(s.decay), c(s.beta1_weight), c(s.beta2), c(s.beta2_weight), c(s.bias_correction2_sqrt), c(s.eps), c(s.step_size)];
+        hone_shaders::adamw::adamw(contiguous(param), contiguous(grad), contiguous(exp_avg), contiguous(exp_avg_sq), scalars).map(|t| Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(t)))
+    }
 }
 
 mod autodiff {
