@@ -58,13 +58,13 @@ fn host<const D: usize>(t: Tensor<NdArray, D>) -> Vec<f32> {
 
 /// A raw pointer that parallel tasks writing disjoint parts of one buffer may share.
 #[derive(Clone, Copy)]
-struct Shared(*mut f32);
+pub(crate) struct Shared(pub(crate) *mut f32);
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
 impl Shared {
     /// A method, so that closures capture the whole `Shared` (Send) rather than its raw field.
-    fn at(&self, i: usize) -> *mut f32 {
+    pub(crate) fn at(&self, i: usize) -> *mut f32 {
         self.0.wrapping_add(i)
     }
 }
@@ -72,7 +72,7 @@ impl Shared {
 /// `c[m, n] = alpha·a·b + beta·c` (c's row stride `ldc`), `a` `[m, k]` and `b` `[k, n]` given
 /// as (values, row stride, column stride).
 #[allow(clippy::too_many_arguments)]
-fn gemm(m: usize, k: usize, n: usize, alpha: f32, (a, rsa, csa): (&[f32], usize, usize), (b, rsb, csb): (&[f32], usize, usize), beta: f32, c: &mut [f32], ldc: usize) {
+pub(crate) fn gemm(m: usize, k: usize, n: usize, alpha: f32, (a, rsa, csa): (&[f32], usize, usize), (b, rsb, csb): (&[f32], usize, usize), beta: f32, c: &mut [f32], ldc: usize) {
     let extent = |rows: usize, cols: usize, rs: usize, cs: usize| if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 };
     assert!(a.len() >= extent(m, k, rsa, csa) && b.len() >= extent(k, n, rsb, csb) && c.len() >= extent(m, n, ldc, 1), "gemm operands smaller than [{m}, {k}] · [{k}, {n}]");
     // SAFETY: every operand's extent under its strides is checked above; c aliases neither.

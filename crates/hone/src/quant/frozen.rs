@@ -178,7 +178,7 @@ pub trait HoneBackend: crate::ops::FusedOps {
 const GEMV_ROWS: usize = 4;
 
 #[cfg(not(target_arch = "wasm32"))]
-use crate::ops::cpu::with_f32;
+use crate::ops::cpu::{gemm, with_f32};
 
 #[cfg(not(target_arch = "wasm32"))]
 impl HoneBackend for burn::backend::NdArray {
@@ -199,7 +199,7 @@ impl HoneBackend for burn::backend::NdArray {
                 return Tensor::from_data(TensorData::new(y, [m, n]), &device);
             }
             // y[m, n] = x[m, k] · Wᵀ, W[n, k] row-major: Wᵀ has row stride 1, column stride k.
-            return gemm(m, k, n, w.to_dense(), (1, k), x);
+            return dense_gemm(m, k, n, w.to_dense(), (1, k), x);
         }
         let mut y = vec![0f32; m * n];
         with_f32(w.to_dense(), |weight| {
@@ -223,7 +223,7 @@ impl HoneBackend for burn::backend::NdArray {
         if let Some(dx) = with_nf4_codes(w, |codes| with_f32(dy.clone(), |dy| super::nf4_gemm::matmul(dy, m, codes, n, k))) {
             return Tensor::from_data(TensorData::new(dx, [m, k]), &dy.device());
         }
-        gemm(m, n, k, w.to_dense(), (k, 1), dy)
+        dense_gemm(m, n, k, w.to_dense(), (k, 1), dy)
     }
 
     /// The frozen product as above, then the low-rank term added into it by two GEMMs
@@ -235,8 +235,8 @@ impl HoneBackend for burn::backend::NdArray {
         let device = x.device();
         let mut y = host(Self::frozen_matmul(x.clone(), w));
         let mut t = vec![0f32; m * r];
-        with_f32(x, |x| with_f32(a, |a| sgemm(m, k, r, 1.0, (x, k, 1), (a, 1, k), 0.0, &mut t)));
-        with_f32(b, |b| sgemm(m, r, n, scaling as f32, (&t, r, 1), (b, 1, r), 1.0, &mut y));
+        with_f32(x, |x| with_f32(a, |a| gemm(m, k, r, 1.0, (x, k, 1), (a, 1, k), 0.0, &mut t, r)));
+        with_f32(b, |b| gemm(m, r, n, scaling as f32, (&t, r, 1), (b, 1, r), 1.0, &mut y, n));
         (Tensor::from_data(TensorData::new(y, [m, n]), &device), Tensor::from_data(TensorData::new(t, [m, r]), &device))
     }
 
@@ -249,12 +249,12 @@ impl HoneBackend for burn::backend::NdArray {
         let s = scaling as f32;
         with_f32(dy, |dy| {
             // g = s·dy·B [m, r]; db = s·dyᵀ·t [n, r]
-            with_f32(b, |b| sgemm(m, n, r, s, (dy, n, 1), (b, r, 1), 0.0, &mut g));
-            with_f32(t, |t| sgemm(n, m, r, s, (dy, 1, n), (t, r, 1), 0.0, &mut db));
+            with_f32(b, |b| gemm(m, n, r, s, (dy, n, 1), (b, r, 1), 0.0, &mut g, r));
+            with_f32(t, |t| gemm(n, m, r, s, (dy, 1, n), (t, r, 1), 0.0, &mut db, r));
         });
         // dx += g·A [m, k]; da = gᵀ·x [r, k]
-        with_f32(a, |a| sgemm(m, r, k, 1.0, (&g, r, 1), (a, k, 1), 1.0, &mut dx));
-        with_f32(x, |x| sgemm(r, m, k, 1.0, (&g, 1, r), (x, k, 1), 0.0, &mut da));
+        with_f32(a, |a| gemm(m, r, k, 1.0, (&g, r, 1), (a, k, 1), 1.0, &mut dx, k));
+        with_f32(x, |x| gemm(r, m, k, 1.0, (&g, 1, r), (x, k, 1), 0.0, &mut da, k));
         let t = |v: Vec<f32>, shape: [usize; 2]| Tensor::from_data(TensorData::new(v, shape), &device);
         [t(dx, [m, k]), t(da, [r, k]), t(db, [n, r])]
     }
@@ -496,19 +496,10 @@ fn with_nf4_codes<R>(w: &FrozenWeight<burn::backend::NdArray>, f: impl FnOnce(&s
 /// `a[m, k] · B` into a new contiguous `[m, n]`, B a dense `[·]` weight read with strides
 /// `(row, column)` as a `[k, n]` matrix; `a` an activation, borrowed when contiguous.
 #[cfg(not(target_arch = "wasm32"))]
-fn gemm(m: usize, k: usize, n: usize, b: Tensor<burn::backend::NdArray, 2>, (rsb, csb): (usize, usize), a: Tensor<burn::backend::NdArray, 2>) -> Tensor<burn::backend::NdArray, 2> {
+fn dense_gemm(m: usize, k: usize, n: usize, b: Tensor<burn::backend::NdArray, 2>, strides: (usize, usize), a: Tensor<burn::backend::NdArray, 2>) -> Tensor<burn::backend::NdArray, 2> {
     let device = a.device();
     let mut c = vec![0f32; m * n];
-    with_f32(b, |b| {
-        with_f32(a, |a| {
-            assert!(a.len() >= m * k && b.len() >= k * n, "gemm operands smaller than [{m}, {k}] · [{k}, {n}]");
-            // SAFETY: a is m×k row-major, b holds k×n under the given strides (checked sizes),
-            // c is m×n row-major; none alias.
-            unsafe {
-                matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), k as isize, 1, b.as_ptr(), rsb as isize, csb as isize, 0.0, c.as_mut_ptr(), n as isize, 1);
-            }
-        })
-    });
+    with_f32(b, |b| with_f32(a, |a| gemm(m, k, n, 1.0, (a, k, 1), (b, strides.0, strides.1), 0.0, &mut c, n)));
     Tensor::from_data(TensorData::new(c, [m, n]), &device)
 }
 
@@ -516,19 +507,6 @@ fn gemm(m: usize, k: usize, n: usize, b: Tensor<burn::backend::NdArray, 2>, (rsb
 #[cfg(not(target_arch = "wasm32"))]
 fn host(t: Tensor<burn::backend::NdArray, 2>) -> Vec<f32> {
     t.into_data().into_vec::<f32>().expect("hone computes in f32")
-}
-
-/// `c[m, n] = alpha·a·b + beta·c`, `a` `[m, k]` and `b` `[k, n]` given as (values, row stride,
-/// column stride), `c` row-major.
-#[cfg(not(target_arch = "wasm32"))]
-#[allow(clippy::too_many_arguments)]
-fn sgemm(m: usize, k: usize, n: usize, alpha: f32, (a, rsa, csa): (&[f32], usize, usize), (b, rsb, csb): (&[f32], usize, usize), beta: f32, c: &mut [f32]) {
-    let extent = |rows: usize, cols: usize, rs: usize, cs: usize| if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 };
-    assert!(a.len() >= extent(m, k, rsa, csa) && b.len() >= extent(k, n, rsb, csb) && c.len() >= m * n, "sgemm operands smaller than [{m}, {k}] · [{k}, {n}]");
-    // SAFETY: the extents of a, b and c under their strides are checked above; c aliases neither.
-    unsafe {
-        matrixmultiply::sgemm(m, k, n, alpha, a.as_ptr(), rsa as isize, csa as isize, b.as_ptr(), rsb as isize, csb as isize, beta, c.as_mut_ptr(), n as isize, 1);
-    }
 }
 
 /// Σ a·b with eight partial sums (so that the compiler keeps them in vector registers).

@@ -12,6 +12,7 @@
 //! - forward, `yᵀ = W·xᵀ`: `a` = 12 decoded rows of W, the panel = 32 rows of x, transposed;
 //! - backward, `dx = dy·W`: `a` = 12 rows of dy, the panel = 32 decoded columns of W.
 
+use crate::ops::cpu::Shared;
 use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -59,19 +60,6 @@ pub fn supported(in_features: usize, blocksize: usize) -> bool {
     }
 }
 
-/// A raw pointer that tasks writing disjoint parts of one output may share.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// A method, so that closures capture the whole `Out` (Send) rather than its raw field.
-    fn at(&self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
 /// `y[m, n] = x[m, k] · Wᵀ`, W `[n, k]` in NF4. Call only where [`supported`] holds.
 #[cfg(target_arch = "x86_64")]
 pub fn matmul_t(x: &[f32], m: usize, w: &Codes, n: usize, k: usize) -> Vec<f32> {
@@ -88,7 +76,7 @@ pub fn matmul_t(x: &[f32], m: usize, w: &Codes, n: usize, k: usize) -> Vec<f32> 
         }
     });
     let mut y = vec![0f32; m * n];
-    let out = Out(y.as_mut_ptr());
+    let out = Shared(y.as_mut_ptr());
     (0..n.div_ceil(MR)).into_par_iter().for_each_init(
         || vec![0f32; MR * k],
         |a, tile| {
@@ -119,7 +107,7 @@ pub fn matmul_t(x: &[f32], m: usize, w: &Codes, n: usize, k: usize) -> Vec<f32> 
 pub fn matmul(dy: &[f32], m: usize, w: &Codes, n: usize, k: usize) -> Vec<f32> {
     assert!(supported(k, w.blocksize) && dy.len() >= m * n);
     let mut dx = vec![0f32; m * k];
-    let out = Out(dx.as_mut_ptr());
+    let out = Shared(dx.as_mut_ptr());
     (0..k / NR).into_par_iter().for_each_init(
         || vec![0f32; n * NR],
         |panel, q| {
