@@ -6,8 +6,6 @@
 
 #[cfg(not(target_arch = "wasm32"))]
 pub(crate) mod cpu;
-#[cfg(not(target_arch = "wasm32"))]
-pub use cpu::exp;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};

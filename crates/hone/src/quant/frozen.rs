@@ -233,7 +233,7 @@ impl HoneBackend for burn::backend::NdArray {
         let [r, _] = a.dims();
         let [n, _] = w.dims();
         let device = x.device();
-        let mut y = host(Self::frozen_matmul(x.clone(), w));
+        let mut y = into_values(Self::frozen_matmul(x.clone(), w));
         let mut t = vec![0f32; m * r];
         with_f32(x, |x| with_f32(a, |a| gemm(m, k, r, 1.0, (x, k, 1), (a, 1, k), 0.0, &mut t, r)));
         with_f32(b, |b| gemm(m, r, n, scaling as f32, (&t, r, 1), (b, 1, r), 1.0, &mut y, n));
@@ -244,7 +244,7 @@ impl HoneBackend for burn::backend::NdArray {
         let [m, n] = dy.dims();
         let [r, k] = a.dims();
         let device = dy.device();
-        let mut dx = host(Self::frozen_matmul_backward(dy.clone(), w));
+        let mut dx = into_values(Self::frozen_matmul_backward(dy.clone(), w));
         let (mut g, mut da, mut db) = (vec![0f32; m * r], vec![0f32; r * k], vec![0f32; n * r]);
         let s = scaling as f32;
         with_f32(dy, |dy| {
@@ -264,15 +264,9 @@ impl HoneBackend for burn::backend::NdArray {
     /// a byte-to-two-codes table (measured on SmolLM2: dequantizing went from a third of a
     /// training step's time to a few percent).
     fn nf4_dequantize(w: &Nf4Weight<Self>) -> Tensor<Self, 2> {
-        use burn::backend::ndarray::NdArrayTensor;
-        use burn::tensor::TensorPrimitive;
+        use super::nf4_gemm::Words;
         let n = w.out_features * w.in_features;
-        let absmax = match w.absmax.clone().into_primitive() {
-            TensorPrimitive::Float(NdArrayTensor::F32(s)) => s,
-            _ => panic!("NF4 absmax must be f32"),
-        };
-        let absmax = absmax.view();
-        let mut values = vec![0f32; absmax.len() * w.blocksize];
+        let mut values = vec![0f32; w.absmax.dims()[0] * w.blocksize];
         // Byte b holds element 2j in its high nibble and 2j+1 in its low one; a word holds 4
         // bytes (8 values), little-endian.
         let pairs: [[f32; 2]; 256] = std::array::from_fn(|b| [NF4_CODE[b >> 4], NF4_CODE[b & 15]]);
@@ -281,7 +275,6 @@ impl HoneBackend for burn::backend::NdArray {
                 pair.copy_from_slice(&pairs[b as usize]);
             }
         };
-        let absmax = absmax.as_slice().expect("absmax is built contiguous");
         // Blocks split across threads: each piece decodes its words, then scales. The words are
         // read in place from the backend's array, whichever integer type it holds them in.
         fn dequantize_into<T: Copy + Sync>(values: &mut [f32], words: &[T], absmax: &[f32], blocksize: usize, decode: &(impl Fn(&mut [f32], T) + Sync)) {
@@ -298,11 +291,10 @@ impl HoneBackend for burn::backend::NdArray {
                 }
             });
         }
-        match w.words.clone().into_primitive() {
-            NdArrayTensor::I64(s) => dequantize_into(&mut values, s.view().as_slice().expect("contiguous words"), absmax, w.blocksize, &|o: &mut [f32], v: i64| decode(o, v as u32)),
-            NdArrayTensor::I32(s) => dequantize_into(&mut values, s.view().as_slice().expect("contiguous words"), absmax, w.blocksize, &|o: &mut [f32], v: i32| decode(o, v as u32)),
-            other => panic!("NF4 words stored as {:?}", burn::tensor::TensorMetadata::dtype(&other)),
-        }
+        nf4_codes(w, |codes| match codes.words {
+            Words::I64(s) => dequantize_into(&mut values, s, codes.absmax, w.blocksize, &|o: &mut [f32], v: i64| decode(o, v as u32)),
+            Words::I32(s) => dequantize_into(&mut values, s, codes.absmax, w.blocksize, &|o: &mut [f32], v: i32| decode(o, v as u32)),
+        });
         values.truncate(n);
         Tensor::from_data(TensorData::new(values, [w.out_features, w.in_features]), &w.words.device())
     }
@@ -469,28 +461,32 @@ mod autodiff {
     }
 }
 
-/// Runs `f` on an NF4 weight's codes in place, where the fused AVX-512 kernels apply
-/// (see [`super::nf4_gemm::supported`]); `None` for dense weights and other machines.
+/// Runs `f` on an NF4 weight's codes, read in place from the backend's arrays (words as i64 or
+/// i32, whichever the backend holds; absmax f32).
 #[cfg(not(target_arch = "wasm32"))]
-fn with_nf4_codes<R>(w: &FrozenWeight<burn::backend::NdArray>, f: impl FnOnce(&super::nf4_gemm::Codes) -> R) -> Option<R> {
-    use super::nf4_gemm::{supported, Codes, Words};
+fn nf4_codes<R>(q: &Nf4Weight<burn::backend::NdArray>, f: impl FnOnce(&super::nf4_gemm::Codes) -> R) -> R {
+    use super::nf4_gemm::{Codes, Words};
     use burn::backend::ndarray::NdArrayTensor;
     use burn::tensor::TensorPrimitive;
-    let q = w.nf4.as_ref()?;
-    if !supported(q.in_features, q.blocksize) {
-        return None;
-    }
     let absmax = match q.absmax.clone().into_primitive() {
         TensorPrimitive::Float(NdArrayTensor::F32(s)) => s,
-        _ => return None,
+        _ => panic!("NF4 absmax must be f32"),
     };
     let absmax = absmax.view();
-    let absmax = absmax.as_slice()?;
+    let absmax = absmax.as_slice().expect("absmax is built contiguous");
     match q.words.clone().into_primitive() {
-        NdArrayTensor::I64(s) => Some(f(&Codes { words: Words::I64(s.view().as_slice()?), absmax, blocksize: q.blocksize })),
-        NdArrayTensor::I32(s) => Some(f(&Codes { words: Words::I32(s.view().as_slice()?), absmax, blocksize: q.blocksize })),
-        _ => None,
+        NdArrayTensor::I64(s) => f(&Codes { words: Words::I64(s.view().as_slice().expect("contiguous words")), absmax, blocksize: q.blocksize }),
+        NdArrayTensor::I32(s) => f(&Codes { words: Words::I32(s.view().as_slice().expect("contiguous words")), absmax, blocksize: q.blocksize }),
+        other => panic!("NF4 words stored as {:?}", burn::tensor::TensorMetadata::dtype(&other)),
     }
+}
+
+/// [`nf4_codes`] where the fused AVX-512 kernels apply (see [`super::nf4_gemm::supported`]);
+/// `None` for dense weights and other machines.
+#[cfg(not(target_arch = "wasm32"))]
+fn with_nf4_codes<R>(w: &FrozenWeight<burn::backend::NdArray>, f: impl FnOnce(&super::nf4_gemm::Codes) -> R) -> Option<R> {
+    let q = w.nf4.as_ref()?;
+    super::nf4_gemm::supported(q.in_features, q.blocksize).then(|| nf4_codes(q, f))
 }
 
 /// `a[m, k] · B` into a new contiguous `[m, n]`, B a dense `[·]` weight read with strides
@@ -505,7 +501,7 @@ fn dense_gemm(m: usize, k: usize, n: usize, b: Tensor<burn::backend::NdArray, 2>
 
 /// The values of a contiguous tensor this op just made, taken without a copy when unshared.
 #[cfg(not(target_arch = "wasm32"))]
-fn host(t: Tensor<burn::backend::NdArray, 2>) -> Vec<f32> {
+fn into_values(t: Tensor<burn::backend::NdArray, 2>) -> Vec<f32> {
     t.into_data().into_vec::<f32>().expect("hone computes in f32")
 }
 
