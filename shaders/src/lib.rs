@@ -3,5 +3,6 @@
 //! tests in crates/hone and crates/hone-web).
 
 pub mod adamw;
+pub mod matmul;
 pub mod nf4;
 pub mod swiglu;

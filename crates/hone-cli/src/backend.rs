@@ -25,6 +25,7 @@ macro_rules! with_backend {
             $crate::backend::BackendKind::Wgpu => {
                 type $B = burn::backend::Wgpu;
                 let $device = burn::backend::wgpu::WgpuDevice::default();
+                $crate::backend::init_wgpu(&$device)?;
                 $crate::backend::probe::<$B>("wgpu", &$device)?;
                 $body
             }
@@ -50,24 +51,47 @@ pub(crate) use with_backend;
 /// no Vulkan adapter) into an error the user can act on.
 pub fn probe<B: burn::tensor::backend::Backend>(name: &str, device: &B::Device) -> anyhow::Result<()> {
     let device = device.clone();
+    catching(name, move || {
+        let t = burn::tensor::Tensor::<B, 1>::from_floats([1.0, 2.0], &device);
+        t.sum().into_scalar();
+    })
+}
+
+/// Runs `f`, turning a panic (how burn reports a missing driver or device) into an error
+/// naming the backend.
+fn catching<T>(name: &str, f: impl FnOnce() -> T) -> anyhow::Result<T> {
     let prev = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-        let t = burn::tensor::Tensor::<B, 1>::from_floats([1.0, 2.0], &device);
-        t.sum().into_scalar()
-    }));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
     std::panic::set_hook(prev);
-    match result {
-        Ok(_) => Ok(()),
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("unknown failure");
-            Err(hone::Error::Backend { backend: name.into(), message: format!("cannot use the device: {msg}") }.into())
-        }
-    }
+    result.map_err(|panic| {
+        let msg = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown failure");
+        hone::Error::Backend { backend: name.into(), message: format!("cannot use the device: {msg}") }.into()
+    })
+}
+
+/// Sets up wgpu's default adapter (once per process) and picks the matmul kernel for it:
+/// hone's barrier-free one where the adapter is a CPU underneath (lavapipe, llvmpipe,
+/// SwiftShader), burn's tiled one on real GPUs. `HONE_MATMUL=hone|burn` overrides the choice.
+pub fn init_wgpu(device: &burn::backend::wgpu::WgpuDevice) -> anyhow::Result<()> {
+    use burn::backend::wgpu::{graphics::AutoGraphicsApi, init_setup, RuntimeOptions};
+    static SOFTWARE: std::sync::OnceLock<Result<bool, String>> = std::sync::OnceLock::new();
+    let software = SOFTWARE.get_or_init(|| {
+        catching("wgpu", || init_setup::<AutoGraphicsApi>(device, RuntimeOptions::default()).adapter.get_info().device_type == wgpu::DeviceType::Cpu).map_err(|e| e.to_string())
+    });
+    let software = software.clone().map_err(anyhow::Error::msg)?;
+    let hone_kernel = match std::env::var("HONE_MATMUL").as_deref() {
+        Ok("hone") => true,
+        Ok("burn") => false,
+        Ok(other) => anyhow::bail!("HONE_MATMUL={other}: expected `hone` or `burn`"),
+        Err(_) => software,
+    };
+    hone::ops::use_register_matmul(hone_kernel);
+    Ok(())
 }
 
 /// Devices for a device map: the chosen device and its siblings of the same kind by index

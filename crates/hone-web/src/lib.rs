@@ -36,8 +36,24 @@ pub async fn device() -> WgpuDevice {
     setup.device.set_device_lost_callback(|reason, message| {
         LOST.with(|x| *x.borrow_mut() = Some(format!("{reason:?}: {message}")));
     });
+    hone::ops::use_register_matmul(software_adapter().await);
     DEVICE.with(|d| *d.borrow_mut() = Some(device.clone()));
     device
+}
+
+/// Whether the browser's WebGPU adapter is a CPU underneath (Chromium's SwiftShader, or any
+/// adapter the browser marks as a fallback), from `adapter.info`: there hone's barrier-free
+/// matmul kernel runs several times faster than burn's tiled one. (wgpu does not pass the
+/// adapter's kind through on the web.)
+async fn software_adapter() -> bool {
+    use wasm_bindgen::JsCast;
+    let get = |o: &JsValue, k: &str| js_sys::Reflect::get(o, &JsValue::from_str(k)).unwrap_or(JsValue::UNDEFINED);
+    let gpu = get(&get(&js_sys::global(), "navigator"), "gpu");
+    let Ok(request) = get(&gpu, "requestAdapter").dyn_into::<js_sys::Function>() else { return false };
+    let Ok(Ok(promise)) = request.call0(&gpu).map(|p| p.dyn_into::<js_sys::Promise>()) else { return false };
+    let Ok(adapter) = wasm_bindgen_futures::JsFuture::from(promise).await else { return false };
+    let info = get(&adapter, "info");
+    get(&info, "isFallbackAdapter").as_bool() == Some(true) || get(&info, "architecture").as_string().is_some_and(|a| a.to_lowercase().contains("swiftshader"))
 }
 
 /// Why the GPU device was lost, if it was (the page then resumes from its last checkpoint in a

@@ -1,11 +1,14 @@
 //! One forward and backward with a PEFT-written adapter gives PEFT's loss and LoRA gradients,
-//! on a plain f32 base and on an NF4 base (bitsandbytes, double quant, f32 compute).
-//! Fixtures: tests/reference/make_lora_fixtures.py.
+//! on a plain f32 base and on an NF4 base (bitsandbytes, double quant, f32 compute), on the CPU
+//! and on wgpu with hone's matmul kernel (what software adapters run: lavapipe here, SwiftShader
+//! in the browser). Fixtures: tests/reference/make_lora_fixtures.py.
 
 mod common;
 
 use burn::backend::{Autodiff, NdArray};
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
+use hone::quant::HoneBackend;
 use hone::io::safetensors::SafeTensors;
 use hone::io::{Dir, FileSource};
 use hone::lora::peft::Adapter;
@@ -13,10 +16,12 @@ use hone::model::{load_model_with, LoadOptions, Nf4Options};
 use hone::parity::{read_ids, rel_error};
 use hone::train::loss::causal_lm_loss;
 
-type B = Autodiff<NdArray>;
-
 fn check(arch: &str, qlora: bool) {
-    let device = Default::default();
+    check_on::<Autodiff<NdArray>>(arch, qlora, &Default::default());
+}
+
+fn check_on<B: AutodiffBackend + HoneBackend>(arch: &str, qlora: bool, device: &B::Device) {
+    let device = device.clone();
     let fixtures = common::fixtures();
     let expected = SafeTensors::open(Box::new(FileSource::open(&fixtures.join(format!("lora/{arch}_grads.safetensors"))).unwrap())).unwrap();
     let options = LoadOptions { nf4: qlora.then(Nf4Options::default) };
@@ -63,4 +68,16 @@ fn lora_gradients_match_peft() {
 fn qlora_gradients_match_peft_on_nf4_base() {
     check("llama", true);
     check("phi3", true);
+}
+
+#[test]
+fn qlora_gradients_match_peft_on_wgpu_with_hones_matmul() {
+    // The only test in this binary on a GPU backend, so the process-wide switch touches no other.
+    hone::ops::use_register_matmul(true);
+    let device = burn::backend::wgpu::WgpuDevice::default();
+    for arch in ["llama", "phi3"] {
+        for qlora in [false, true] {
+            check_on::<Autodiff<burn::backend::Wgpu>>(arch, qlora, &device);
+        }
+    }
 }

@@ -240,8 +240,8 @@ impl<B: HoneBackend> Attention<B> {
         }
         let k = repeat_kv(k, nh / nkv);
         let v = repeat_kv(v, nh / nkv);
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((hd as f64).powf(-0.5)) + pos.mask.clone();
-        let out = softmax(scores, 3).matmul(v);
+        let scores = B::matmul(q, k.swap_dims(2, 3)).mul_scalar((hd as f64).powf(-0.5)) + pos.mask.clone();
+        let out = B::matmul(softmax(scores, 3), v);
         self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, nh * hd]))
     }
 }

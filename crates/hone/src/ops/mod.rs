@@ -9,6 +9,7 @@ pub(crate) mod cpu;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Sizes of one self-attention call: `batch` rows of `seq` tokens, `heads` query heads sharing
 /// `kv_heads` key/value heads (grouped-query attention), `head_dim` values per head.
@@ -35,9 +36,30 @@ pub struct AdamWScalars {
     pub step_size: f64,
 }
 
+/// Whether GPU backends run matrix products with hone's barrier-free kernel
+/// (`shaders/src/matmul.rs`) instead of burn's tiled one: set where the adapter is a CPU
+/// underneath (SwiftShader, lavapipe, llvmpipe), on which burn's kernel is several times slower.
+static REGISTER_MATMUL: AtomicBool = AtomicBool::new(false);
+
+/// Chooses the matmul kernel for GPU backends (see [`REGISTER_MATMUL`]); the front ends call
+/// this once they know what kind of adapter they got.
+pub fn use_register_matmul(on: bool) {
+    REGISTER_MATMUL.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`use_register_matmul`] is on.
+pub fn register_matmul() -> bool {
+    REGISTER_MATMUL.load(Ordering::Relaxed)
+}
+
 /// Targets below zero (transformers' -100) are not counted. The defaults are burn's tensor ops
 /// ([`reference`]).
 pub trait FusedOps: Backend {
+    /// `a · b` for `[.., m, k]` and `[.., k, n]` (burn's matmul by default).
+    fn matmul<const D: usize>(a: Tensor<Self, D>, b: Tensor<Self, D>) -> Tensor<Self, D> {
+        a.matmul(b)
+    }
+
     /// `silu(gate) * up`, both `[rows, cols]`.
     fn swiglu(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
         reference::swiglu(gate, up)
@@ -179,6 +201,15 @@ where
     I: burn_cubecl::IntElement,
     BT: burn_cubecl::BoolElement,
 {
+    /// hone's kernel where [`register_matmul`] is on (rank 2 to 4, f32), else burn's.
+    fn matmul<const D: usize>(a: Tensor<Self, D>, b: Tensor<Self, D>) -> Tensor<Self, D> {
+        if !register_matmul() || F::dtype() != burn::tensor::DType::F32 || !(2..=4).contains(&D) {
+            return a.matmul(b);
+        }
+        let out = hone_shaders::matmul::matmul(a.into_primitive().tensor(), b.into_primitive().tensor());
+        Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out))
+    }
+
     /// One kernel each way (shaders/src/swiglu.rs) instead of seven and ten launches.
     fn swiglu(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
         if F::dtype() != burn::tensor::DType::F32 {
@@ -304,7 +335,45 @@ mod autodiff {
         }
     }
 
+    /// Backward of `a · b` (same batch dimensions on both sides): keeps both operands.
+    #[derive(Debug)]
+    struct MatmulBackward<const D: usize>;
+
+    impl<B: FusedOps, const D: usize> Backward<B, 2> for MatmulBackward<D> {
+        type State = (B::FloatTensorPrimitive, B::FloatTensorPrimitive);
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+            let dy = float::<B, D>(grads.consume::<B>(&ops.node));
+            let (a, b) = ops.state;
+            let [pa, pb] = ops.parents;
+            if let Some(node) = pa {
+                let da = B::matmul(dy.clone(), float::<B, D>(b).swap_dims(D - 2, D - 1));
+                grads.register::<B>(node.id, da.into_primitive().tensor());
+            }
+            if let Some(node) = pb {
+                let db = B::matmul(float::<B, D>(a).swap_dims(D - 2, D - 1), dy);
+                grads.register::<B>(node.id, db.into_primitive().tensor());
+            }
+        }
+    }
+
     impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+        /// The backend's own matmul both ways where hone's kernel is chosen (burn's autodiff
+        /// would run burn's kernel in the backward); burn's autodiff matmul otherwise, and for
+        /// broadcast batch dimensions.
+        fn matmul<const D: usize>(a: Tensor<Self, D>, b: Tensor<Self, D>) -> Tensor<Self, D> {
+            if !super::register_matmul() || a.dims()[..D - 2] != b.dims()[..D - 2] {
+                return a.matmul(b);
+            }
+            let (a, b) = (a.into_primitive().tensor(), b.into_primitive().tensor());
+            let y = B::matmul(float::<B, D>(a.primitive.clone()), float::<B, D>(b.primitive.clone())).into_primitive().tensor();
+            let out = match MatmulBackward::<D>.prepare::<C>([a.node.clone(), b.node.clone()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish((a.primitive, b.primitive), y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            };
+            Tensor::from_primitive(TensorPrimitive::Float(out))
+        }
+
         fn self_attention(q: Tensor<Self, 2>, k: Tensor<Self, 2>, v: Tensor<Self, 2>, rope: [Tensor<Self, 4>; 2], mask: Tensor<Self, 4>, shape: super::AttentionShape) -> Option<(Tensor<Self, 2>, Tensor<Self, 1>)> {
             let [q, k, v] = [q, k, v].map(|t| t.into_primitive().tensor());
             let [cos, sin] = rope.map(|t| t.inner());

@@ -124,12 +124,12 @@ pub trait HoneBackend: crate::ops::FusedOps {
     /// layout, and only activation-sized operands are transposed (on the CPU backend a
     /// transposed weight is copied whole at every call; measured 0.5 s per token on SmolLM2).
     fn frozen_matmul(x: Tensor<Self, 2>, w: &FrozenWeight<Self>) -> Tensor<Self, 2> {
-        w.to_dense().matmul(x.transpose()).transpose()
+        Self::matmul(w.to_dense(), x.transpose()).transpose()
     }
 
     /// `dy·W` for `dy: [m, out]`: the gradient of `x·Wᵀ` with respect to `x`.
     fn frozen_matmul_backward(dy: Tensor<Self, 2>, w: &FrozenWeight<Self>) -> Tensor<Self, 2> {
-        dy.matmul(w.to_dense())
+        Self::matmul(dy, w.to_dense())
     }
 
     /// `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` for a frozen W `[out, in]` plus a trainable low-rank term, A
@@ -138,8 +138,8 @@ pub trait HoneBackend: crate::ops::FusedOps {
     /// a dozen, and the CPU runs it as a few GEMMs on shared operands (measured on SmolLM2: the
     /// low-rank terms of 180 linears took 30% of a training step as separate tensor ops).
     fn lowrank_forward(x: Tensor<Self, 2>, w: &FrozenWeight<Self>, a: Tensor<Self, 2>, b: Tensor<Self, 2>, scaling: f64) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
-        let t = x.clone().matmul(a.transpose());
-        let y = Self::frozen_matmul(x, w) + t.clone().matmul(b.transpose()).mul_scalar(scaling);
+        let t = Self::matmul(x.clone(), a.transpose());
+        let y = Self::frozen_matmul(x, w) + Self::matmul(t.clone(), b.transpose()).mul_scalar(scaling);
         (y, t)
     }
 
@@ -147,10 +147,10 @@ pub trait HoneBackend: crate::ops::FusedOps {
     /// given `dy` and the forward's `t = x·Aᵀ`.
     #[allow(clippy::too_many_arguments)]
     fn lowrank_backward(dy: Tensor<Self, 2>, x: Tensor<Self, 2>, w: &FrozenWeight<Self>, a: Tensor<Self, 2>, b: Tensor<Self, 2>, t: Tensor<Self, 2>, scaling: f64) -> [Tensor<Self, 2>; 3] {
-        let g = dy.clone().matmul(b).mul_scalar(scaling);
-        let dx = Self::frozen_matmul_backward(dy.clone(), w) + g.clone().matmul(a);
-        let da = g.transpose().matmul(x);
-        let db = dy.transpose().matmul(t).mul_scalar(scaling);
+        let g = Self::matmul(dy.clone(), b).mul_scalar(scaling);
+        let dx = Self::frozen_matmul_backward(dy.clone(), w) + Self::matmul(g.clone(), a);
+        let da = Self::matmul(g.transpose(), x);
+        let db = Self::matmul(dy.transpose(), t).mul_scalar(scaling);
         [dx, da, db]
     }
 
@@ -317,6 +317,15 @@ where
         let absmax = w.absmax.clone().into_primitive().tensor();
         let out = hone_shaders::nf4::nf4_dequantize(words, absmax, w.out_features, w.in_features, w.blocksize);
         Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out))
+    }
+
+    /// With hone's matmul kernel, `x·Wᵀ` reads W through strides (no copy, contiguous result);
+    /// burn's kernel gets the `(W·xᵀ)ᵀ` form of the default.
+    fn frozen_matmul(x: Tensor<Self, 2>, w: &FrozenWeight<Self>) -> Tensor<Self, 2> {
+        if crate::ops::register_matmul() {
+            return <Self as crate::ops::FusedOps>::matmul(x, w.to_dense().transpose());
+        }
+        <Self as crate::ops::FusedOps>::matmul(w.to_dense(), x.transpose()).transpose()
     }
 
     /// Through host memory: burn 0.21's device-to-device copy calls server-to-server transfers
