@@ -44,7 +44,7 @@ async function checkGpu() {
   }
   const mb = (n) => `${Math.round(n / 2 ** 20)} MiB`;
   const info = adapter.info || {};
-  $('gpu-status').textContent = `GPU: ${info.vendor || 'unknown'} ${info.architecture || ''} · largest buffer ${mb(adapter.limits.maxBufferSize)}, storage binding ${mb(adapter.limits.maxStorageBufferBindingSize)}${adapter.features.has('shader-f16') ? ' · f16' : ''}`;
+  $('gpu-status').textContent = `GPU: ${info.vendor || 'unknown'} ${info.architecture || ''} · largest buffer ${mb(adapter.limits.maxBufferSize)}, storage binding ${mb(adapter.limits.maxStorageBufferBindingSize)}${adapter.features.has('shader-f16') ? ' · f16' : ''}${info.isFallbackAdapter || /swiftshader/i.test(info.architecture || '') ? ' · software adapter (runs on the CPU)' : ''}`;
 }
 
 // ---- settings ----

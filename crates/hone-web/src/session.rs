@@ -247,10 +247,14 @@ impl Session {
         }
         let pending = trainer.step_pending();
         let mut r = pending.report;
-        r.loss = read_f32(pending.loss_sum).await.map_err(js_err)?[0] as f64;
-        if let Some(g) = pending.grad_norm {
-            r.grad_norm = Some(read_f32(g).await.map_err(js_err)?[0] as f64);
-        }
+        // One read for both (each read is a round trip to the GPU process).
+        let both = match pending.grad_norm {
+            Some(g) => burn::tensor::Tensor::cat(vec![pending.loss_sum.reshape([1]), g.reshape([1])], 0),
+            None => pending.loss_sum.reshape([1]),
+        };
+        let read = read_f32(both).await.map_err(js_err)?;
+        r.loss = read[0] as f64;
+        r.grad_norm = read.get(1).map(|&g| g as f64);
         if let Some(saved) = &mut self.saved {
             saved.state = trainer.state.clone();
         }

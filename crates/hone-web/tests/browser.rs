@@ -1,5 +1,6 @@
 //! In headless Chromium over WebGPU (SwiftShader in CI): the fixtures are loaded from bytes, as
-//! the page loads them, and the logits must equal transformers' within 1e-4 relative.
+//! the page loads them, and the logits must equal transformers' within 1e-4 relative, with the
+//! matmul kernel the device set-up chose (hone's, on SwiftShader: checked below).
 
 #![cfg(target_arch = "wasm32")]
 
@@ -79,6 +80,14 @@ async fn qwen2_sharded_logits_match_transformers() {
         ],
     );
     check("qwen2", set, fixture!("qwen2/expected.safetensors")).await;
+}
+
+#[wasm_bindgen_test]
+async fn swiftshader_is_seen_as_a_software_adapter() {
+    // Burn's tiled matmul is several times slower on SwiftShader than hone's barrier-free one;
+    // the set-up must recognise the adapter (wgpu reports no adapter kind on the web).
+    hone_web::device().await;
+    assert!(hone::ops::register_matmul(), "the device set-up did not choose hone's matmul on SwiftShader");
 }
 
 #[wasm_bindgen_test]
