@@ -74,23 +74,39 @@ fn catching<T>(name: &str, f: impl FnOnce() -> T) -> anyhow::Result<T> {
     })
 }
 
-/// Sets up wgpu's default adapter (once per process) and picks the matmul kernel for it:
-/// hone's barrier-free one where the adapter is a CPU underneath (lavapipe, llvmpipe,
-/// SwiftShader), burn's tiled one on real GPUs. `HONE_MATMUL=hone|burn` overrides the choice.
+/// Products up to this many multiply-adds (4.2M) run on hone's matmul kernel on lavapipe and
+/// llvmpipe: burn's tiled kernel is 2-5x faster there on SmolLM2's linears (6.6M multiply-adds
+/// and up; `cargo test --release -p hone --test matmul_wgpu -- --ignored --nocapture`), hone's
+/// on the small products of LoRA, attention and small models (the bench's browser fixture trains
+/// 3-4x faster with it: 160 → 500-670 tokens/s).
+const SOFTWARE_VULKAN_MATMUL_LIMIT: u64 = 1 << 22;
+
+/// Sets up wgpu's default adapter (once per process) and picks the matmul kernel for it (see
+/// `hone::ops::use_register_matmul_up_to`): burn's on real GPUs, hone's barrier-free one on
+/// SwiftShader, and on other CPU adapters (lavapipe, llvmpipe) hone's for small products.
+/// `HONE_MATMUL=hone|burn|<max multiply-adds>` overrides the choice.
 pub fn init_wgpu(device: &burn::backend::wgpu::WgpuDevice) -> anyhow::Result<()> {
     use burn::backend::wgpu::{graphics::AutoGraphicsApi, init_setup, RuntimeOptions};
-    static SOFTWARE: std::sync::OnceLock<Result<bool, String>> = std::sync::OnceLock::new();
-    let software = SOFTWARE.get_or_init(|| {
-        catching("wgpu", || init_setup::<AutoGraphicsApi>(device, RuntimeOptions::default()).adapter.get_info().device_type == wgpu::DeviceType::Cpu).map_err(|e| e.to_string())
+    static LIMIT: std::sync::OnceLock<Result<u64, String>> = std::sync::OnceLock::new();
+    let limit = LIMIT.get_or_init(|| {
+        catching("wgpu", || {
+            let info = init_setup::<AutoGraphicsApi>(device, RuntimeOptions::default()).adapter.get_info();
+            match info.device_type {
+                wgpu::DeviceType::Cpu if info.name.to_lowercase().contains("swiftshader") => u64::MAX,
+                wgpu::DeviceType::Cpu => SOFTWARE_VULKAN_MATMUL_LIMIT,
+                _ => 0,
+            }
+        })
+        .map_err(|e| e.to_string())
     });
-    let software = software.clone().map_err(anyhow::Error::msg)?;
-    let hone_kernel = match std::env::var("HONE_MATMUL").as_deref() {
-        Ok("hone") => true,
-        Ok("burn") => false,
-        Ok(other) => anyhow::bail!("HONE_MATMUL={other}: expected `hone` or `burn`"),
-        Err(_) => software,
+    let limit = limit.clone().map_err(anyhow::Error::msg)?;
+    let limit = match std::env::var("HONE_MATMUL").as_deref() {
+        Ok("hone") => u64::MAX,
+        Ok("burn") => 0,
+        Ok(other) => other.parse().map_err(|_| anyhow::anyhow!("HONE_MATMUL={other}: expected `hone`, `burn` or a number of multiply-adds"))?,
+        Err(_) => limit,
     };
-    hone::ops::use_register_matmul(hone_kernel);
+    hone::ops::use_register_matmul_up_to(limit);
     Ok(())
 }
 

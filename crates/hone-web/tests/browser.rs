@@ -87,7 +87,7 @@ async fn swiftshader_is_seen_as_a_software_adapter() {
     // Burn's tiled matmul is several times slower on SwiftShader than hone's barrier-free one;
     // the set-up must recognise the adapter (wgpu reports no adapter kind on the web).
     hone_web::device().await;
-    assert!(hone::ops::register_matmul(), "the device set-up did not choose hone's matmul on SwiftShader");
+    assert!(hone::ops::register_matmul_for(u64::MAX), "the device set-up did not choose hone's matmul (for every size) on SwiftShader");
 }
 
 #[wasm_bindgen_test]

@@ -74,3 +74,37 @@ fn autodiff_node_gradients_equal_burns_autodiff() {
         assert!(e < 1e-6, "autodiff matmul {what}: rel error {e:e}");
     }
 }
+
+/// Not a test: times hone's kernel against burn's on wgpu's default adapter for the shapes of
+/// the bench's fixture and of SmolLM2 (`x·Wᵀ` with W stored `[out, in]`, and the backward's
+/// `dy·W`). Point `VK_ICD_FILENAMES` at Chromium's SwiftShader driver to time that one:
+/// `cargo test --release -p hone --test matmul_wgpu -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn speed_against_burns_kernel() {
+    let device = Default::default();
+    let shapes = [(48, 64, 64), (48, 64, 384), (64, 576, 576), (64, 576, 1536), (64, 1536, 576), (256, 576, 1536), (64, 576, 49152)];
+    for (m, k, n) in shapes {
+        let x = Tensor::<Wgpu, 2>::random([m, k], Distribution::Uniform(-1.0, 1.0), &device);
+        let w = Tensor::<Wgpu, 2>::random([n, k], Distribution::Uniform(-1.0, 1.0), &device);
+        let dy = Tensor::<Wgpu, 2>::random([m, n], Distribution::Uniform(-1.0, 1.0), &device);
+        let mut line = format!("m {m:4} k {k:5} n {n:6}:");
+        for hone_kernel in [false, true] {
+            hone::ops::use_register_matmul(hone_kernel);
+            let run = |f: &dyn Fn() -> Tensor<Wgpu, 2>| {
+                let _ = f().into_data();
+                let t = std::time::Instant::now();
+                let reps = 3;
+                for _ in 0..reps {
+                    let _ = f().into_data();
+                }
+                t.elapsed().as_secs_f64() / reps as f64
+            };
+            let fwd = run(&|| Wgpu::matmul(x.clone(), w.clone().transpose()));
+            let bwd = run(&|| Wgpu::matmul(dy.clone(), w.clone()));
+            let gflops = |s: f64| 2.0 * (m * k * n) as f64 / s / 1e9;
+            line += &format!("  {}: x·Wᵀ {:7.2} ms ({:5.1} GFLOP/s), dy·W {:7.2} ms ({:5.1})", if hone_kernel { "hone" } else { "burn" }, fwd * 1e3, gflops(fwd), bwd * 1e3, gflops(bwd));
+        }
+        println!("{line}");
+    }
+}

@@ -9,7 +9,7 @@ pub(crate) mod cpu;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Sizes of one self-attention call: `batch` rows of `seq` tokens, `heads` query heads sharing
 /// `kv_heads` key/value heads (grouped-query attention), `head_dim` values per head.
@@ -36,20 +36,34 @@ pub struct AdamWScalars {
     pub step_size: f64,
 }
 
-/// Whether GPU backends run matrix products with hone's barrier-free kernel
-/// (`shaders/src/matmul.rs`) instead of burn's tiled one: set where the adapter is a CPU
-/// underneath (SwiftShader, lavapipe, llvmpipe), on which burn's kernel is several times slower.
-static REGISTER_MATMUL: AtomicBool = AtomicBool::new(false);
+/// Up to how many multiply-adds (`batch·m·k·n`) GPU backends run a matrix product with hone's
+/// barrier-free kernel (`shaders/src/matmul.rs`) instead of burn's tiled one: 0 (never) on real
+/// GPUs; every size on SwiftShader (the browser's software adapter), where burn's kernel was 5-10x
+/// slower at every size measured; small products only on lavapipe and llvmpipe, where burn's
+/// kernel is 2-5x faster on SmolLM2's linears but hone's wins on small ones.
+static REGISTER_MATMUL_LIMIT: AtomicU64 = AtomicU64::new(0);
 
-/// Chooses the matmul kernel for GPU backends (see [`REGISTER_MATMUL`]); the front ends call
-/// this once they know what kind of adapter they got.
+/// hone's matmul kernel for products of every size (`true`) or none (see
+/// [`REGISTER_MATMUL_LIMIT`]); the front ends call this once they know the adapter's kind.
 pub fn use_register_matmul(on: bool) {
-    REGISTER_MATMUL.store(on, Ordering::Relaxed);
+    use_register_matmul_up_to(if on { u64::MAX } else { 0 });
 }
 
-/// Whether [`use_register_matmul`] is on.
-pub fn register_matmul() -> bool {
-    REGISTER_MATMUL.load(Ordering::Relaxed)
+/// hone's matmul kernel for products of at most `max_macs` multiply-adds.
+pub fn use_register_matmul_up_to(max_macs: u64) {
+    REGISTER_MATMUL_LIMIT.store(max_macs, Ordering::Relaxed);
+}
+
+/// Whether a product of `macs` multiply-adds runs on hone's kernel.
+pub fn register_matmul_for(macs: u64) -> bool {
+    let limit = REGISTER_MATMUL_LIMIT.load(Ordering::Relaxed);
+    limit > 0 && macs <= limit
+}
+
+/// `batch·m·k·n` of `a · b` for `[.., m, k]` and `[.., k, n]` (batch dimensions broadcast).
+fn macs<const D: usize>(a: &[usize; D], b: &[usize; D]) -> u64 {
+    let batch: usize = (0..D - 2).map(|d| a[d].max(b[d])).product();
+    (batch * a[D - 2] * a[D - 1] * b[D - 1]) as u64
 }
 
 /// Targets below zero (transformers' -100) are not counted. The defaults are burn's tensor ops
@@ -201,9 +215,9 @@ where
     I: burn_cubecl::IntElement,
     BT: burn_cubecl::BoolElement,
 {
-    /// hone's kernel where [`register_matmul`] is on (rank 2 to 4, f32), else burn's.
+    /// hone's kernel where [`register_matmul_for`] says so (rank 2 to 4, f32), else burn's.
     fn matmul<const D: usize>(a: Tensor<Self, D>, b: Tensor<Self, D>) -> Tensor<Self, D> {
-        if !register_matmul() || F::dtype() != burn::tensor::DType::F32 || !(2..=4).contains(&D) {
+        if !register_matmul_for(macs(&a.dims(), &b.dims())) || F::dtype() != burn::tensor::DType::F32 || !(2..=4).contains(&D) {
             return a.matmul(b);
         }
         let out = hone_shaders::matmul::matmul(a.into_primitive().tensor(), b.into_primitive().tensor());
@@ -358,11 +372,11 @@ mod autodiff {
     }
 
     impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
-        /// The backend's own matmul both ways where hone's kernel is chosen (burn's autodiff
-        /// would run burn's kernel in the backward); burn's autodiff matmul otherwise, and for
-        /// broadcast batch dimensions.
+        /// The backend's own matmul both ways where hone's kernel is chosen for the size (burn's
+        /// autodiff would run burn's kernel in the backward; the backward's products have the
+        /// forward's size); burn's autodiff matmul otherwise, and for broadcast batch dimensions.
         fn matmul<const D: usize>(a: Tensor<Self, D>, b: Tensor<Self, D>) -> Tensor<Self, D> {
-            if !super::register_matmul() || a.dims()[..D - 2] != b.dims()[..D - 2] {
+            if !super::register_matmul_for(super::macs(&a.dims(), &b.dims())) || a.dims()[..D - 2] != b.dims()[..D - 2] {
                 return a.matmul(b);
             }
             let (a, b) = (a.into_primitive().tensor(), b.into_primitive().tensor());

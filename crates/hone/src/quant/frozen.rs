@@ -322,7 +322,8 @@ where
     /// With hone's matmul kernel, `x·Wᵀ` reads W through strides (no copy, contiguous result);
     /// burn's kernel gets the `(W·xᵀ)ᵀ` form of the default.
     fn frozen_matmul(x: Tensor<Self, 2>, w: &FrozenWeight<Self>) -> Tensor<Self, 2> {
-        if crate::ops::register_matmul() {
+        let ([m, k], [n, _]) = (x.dims(), w.dims());
+        if crate::ops::register_matmul_for((m * k * n) as u64) {
             return <Self as crate::ops::FusedOps>::matmul(x, w.to_dense().transpose());
         }
         <Self as crate::ops::FusedOps>::matmul(w.to_dense(), x.transpose()).transpose()
