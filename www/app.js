@@ -300,7 +300,8 @@ worker.onmessage = ({ data }) => {
       $('progress').max = data.total_steps;
       $('progress').value = data.step;
       $('progress').dataset.tokensPerSecond = data.tokens_per_second;
-      $('progress-text').textContent = `step ${data.step}/${data.total_steps} · epoch ${data.epoch + 1} · loss ${data.loss.toFixed(4)} · lr ${data.lr.toExponential(2)} · ${data.tokens_per_second < 10 ? data.tokens_per_second.toFixed(1) : Math.round(data.tokens_per_second)} tokens/s · ETA ${fmtTime(data.eta_seconds)}`;
+      $('progress').dataset.wasmHeapBytes = data.wasm_heap_bytes;
+      $('progress-text').textContent = `step ${data.step}/${data.total_steps} · epoch ${data.epoch + 1} · loss ${data.loss.toFixed(4)} · lr ${data.lr.toExponential(2)} · ${data.tokens_per_second < 10 ? data.tokens_per_second.toFixed(data.tokens_per_second < 1 ? 3 : 1) : Math.round(data.tokens_per_second)} tokens/s · ETA ${fmtTime(data.eta_seconds)} · wasm heap ${Math.round(data.wasm_heap_bytes / 2 ** 20)} MiB`;
       state.trainPoints.push({ step: data.step, loss: data.loss });
       state.trained = true;
       drawChart();

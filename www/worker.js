@@ -11,6 +11,8 @@ let modelName = null;
 let job = null; // {data, evalData, settings, saveEvery, evalEvery, running, stop}
 
 const post = (msg) => self.postMessage(msg);
+// The wasm heap's size (it only grows): what the worker's module holds in host memory.
+const heapBytes = async () => (await ready).memory.buffer.byteLength;
 const event = (name, fields) => post({ event: name, ...fields });
 
 function message(e) {
@@ -143,7 +145,7 @@ async function runTraining() {
       const elapsed = (now - started) / 1000;
       const eta = ((r.total_steps - r.step) * elapsed) / steps;
       const rate = steps > 1 ? warmTokens / ((now - warm) / 1000) : tokens / elapsed;
-      event('progress', { ...r, tokens_per_second: rate, eta_seconds: eta });
+      event('progress', { ...r, tokens_per_second: rate, eta_seconds: eta, wasm_heap_bytes: await heapBytes() });
       if (job.evalEvery > 0 && (r.step % job.evalEvery === 0 || r.done)) {
         const e = await session.evaluate();
         if (e) event('eval', { step: r.step, ...e });
@@ -182,7 +184,7 @@ const commands = {
   async open({ name, files }) {
     session = await Session.open(name, files.map((f) => f.name), files.map((f) => f.file));
     modelName = name;
-    return session.info();
+    return { ...session.info(), wasm_heap_bytes: await heapBytes() };
   },
   async openUrl({ url }) {
     session = await openFromUrl(url);

@@ -5,4 +5,6 @@
 pub mod adamw;
 pub mod matmul;
 pub mod nf4;
+pub mod nf4_matmul;
 pub mod swiglu;
+pub mod unpack;

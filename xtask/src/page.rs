@@ -2,49 +2,86 @@
 //! files) and serves it on 127.0.0.1; the page test serves it the
 //! same way and drives it with playwright-core.
 
-use crate::{cargo, root, run, target_dir, tools_dir, Result};
+use crate::{cargo, root, run, target_dir, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Instant;
 
 /// The same policy as the page's meta tag, sent as a header too.
 pub const CSP: &str = "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self'; connect-src 'self' https:; style-src 'self'; img-src 'self' data: blob:; base-uri 'none'; form-action 'none'";
 
-/// Builds the page into `<target>/www/<profile>` and returns that folder.
+/// Builds the page into `<target>/www/<profile>` and returns that folder. Each step says how
+/// long it took; wasm-bindgen and wasm-opt (minutes on a release module) run only when cargo's
+/// module changed since they last ran for this folder (a stamp holds its hash and the tools').
 pub fn build(release: bool) -> Result<PathBuf> {
     let profile = if release { "release" } else { "debug" };
+    let t0 = Instant::now();
     let mut c = cargo();
     c.args(["build", "-p", "hone-web", "--target", "wasm32-unknown-unknown"]);
     if release {
         c.arg("--release");
     }
     run(&mut c)?;
+    eprintln!("xtask: page: cargo build ({profile}) {:.1} s", t0.elapsed().as_secs_f64());
     let wasm = target_dir().join("wasm32-unknown-unknown").join(profile).join("hone_web.wasm");
     let out = target_dir().join("www").join(profile);
     let pkg = out.join("pkg");
-    let _ = std::fs::remove_dir_all(&pkg);
-    run(Command::new(tools_dir().join("bin/wasm-bindgen")).args(["--target", "web", "--no-typescript", "--out-dir"]).arg(&pkg).arg(&wasm))?;
-    // TypeScript users get the API's types from a separate run (kept out of the served folder).
-    run(Command::new(tools_dir().join("bin/wasm-bindgen")).args(["--target", "web", "--out-dir"]).arg(target_dir().join("www/types")).arg(&wasm))?;
-    // wasm-opt from npm's binaryen (pinned in www/package.json): Debian's binaryen 108 left a
-    // module whose externref table init failed in Chromium ("WebAssembly.Table.set(): Argument
-    // 1 is invalid"); 132 with the features rustc emits works. Release only: it takes minutes.
-    if release {
-        let www = root().join("www");
-        if !www.join("node_modules/binaryen").exists() {
-            run(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(&www))?;
+    let stamp_path = pkg.join(".hone-stamp");
+    let t1 = Instant::now();
+    let module = std::fs::read(&wasm).map_err(|e| format!("{}: {e}", wasm.display()))?;
+    let bindgen_version = crate::tools::locked_version("wasm-bindgen")?;
+    let stamp = format!("module {:016x} ({} bytes); wasm-bindgen {bindgen_version}; wasm-opt {}\n", content_hash(&module), module.len(), if release { WASM_OPT } else { "none" });
+    drop(module);
+    if std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp) && pkg.join("hone_web_bg.wasm").exists() {
+        eprintln!("xtask: page: module unchanged ({:.1} s to check): wasm-bindgen{} output reused", t1.elapsed().as_secs_f64(), if release { " and wasm-opt" } else { "" });
+    } else {
+        let _ = std::fs::remove_dir_all(&pkg);
+        run(Command::new(crate::tools::wasm_bindgen()).args(["--target", "web", "--no-typescript", "--out-dir"]).arg(&pkg).arg(&wasm))?;
+        // TypeScript users get the API's types from a separate run (kept out of the served folder).
+        run(Command::new(crate::tools::wasm_bindgen()).args(["--target", "web", "--out-dir"]).arg(target_dir().join("www/types")).arg(&wasm))?;
+        eprintln!("xtask: page: wasm-bindgen {:.1} s", t1.elapsed().as_secs_f64());
+        // wasm-opt from npm's binaryen (pinned in www/package.json): Debian's binaryen 108 left a
+        // module whose externref table init failed in Chromium ("WebAssembly.Table.set(): Argument
+        // 1 is invalid"); 132 with the features rustc emits works. Release only: it takes minutes.
+        if release {
+            let t2 = Instant::now();
+            crate::tools::npm("binaryen")?;
+            let www = root().join("www");
+            let module = pkg.join("hone_web_bg.wasm");
+            let optimized = pkg.join("hone_web_bg.opt.wasm");
+            let features = ["--enable-reference-types", "--enable-bulk-memory", "--enable-nontrapping-float-to-int", "--enable-sign-ext", "--enable-mutable-globals", "--enable-multivalue"];
+            run(Command::new("node").arg(www.join("node_modules/binaryen/bin/wasm-opt")).arg(WASM_OPT).args(features).arg(&module).arg("-o").arg(&optimized))?;
+            std::fs::rename(&optimized, &module).map_err(|e| format!("{}: {e}", module.display()))?;
+            eprintln!("xtask: page: wasm-opt {WASM_OPT} {:.1} s", t2.elapsed().as_secs_f64());
         }
-        let module = pkg.join("hone_web_bg.wasm");
-        let optimized = pkg.join("hone_web_bg.opt.wasm");
-        let features = ["--enable-reference-types", "--enable-bulk-memory", "--enable-nontrapping-float-to-int", "--enable-sign-ext", "--enable-mutable-globals", "--enable-multivalue"];
-        run(Command::new("node").arg(www.join("node_modules/binaryen/bin/wasm-opt")).arg("-O2").args(features).arg(&module).arg("-o").arg(&optimized))?;
-        std::fs::rename(&optimized, &module).map_err(|e| format!("{}: {e}", module.display()))?;
+        // Written last: an interrupted run leaves no stamp, and the next one starts over.
+        std::fs::write(&stamp_path, stamp).map_err(|e| format!("{}: {e}", stamp_path.display()))?;
     }
     for f in ["index.html", "app.js", "worker.js", "zip.js", "style.css"] {
         std::fs::copy(root().join("www").join(f), out.join(f)).map_err(|e| format!("www/{f}: {e}"))?;
     }
+    eprintln!("xtask: page built in {:.1} s: {}", t0.elapsed().as_secs_f64(), out.display());
     Ok(out)
+}
+
+/// wasm-opt's optimisation level for the release page.
+const WASM_OPT: &str = "-O2";
+
+/// A hash of a file's bytes, to tell whether a build output changed (not cryptographic).
+fn content_hash(bytes: &[u8]) -> u64 {
+    // FNV-1a over 8-byte words: a few hundred MB/s, stable across Rust releases.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let words = bytes.chunks_exact(8);
+    let tail = words.remainder();
+    for w in words {
+        h = (h ^ u64::from_le_bytes(w.try_into().unwrap())).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    for &b in tail {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^ bytes.len() as u64
 }
 
 /// Serves `dir` (and the default model under /models/) on 127.0.0.1:`port` in a thread;
@@ -141,17 +178,18 @@ fn serde_json_min(default: Option<String>) -> String {
 
 /// `cargo xtask serve [--port N] [--dev]`: builds the page (release unless --dev) and the CLI,
 /// fetches the default model once, and serves until interrupted.
-pub fn serve(args: &[String]) -> Result {
-    let dev = args.iter().any(|a| a == "--dev");
-    let port = args.iter().position(|a| a == "--port").and_then(|i| args.get(i + 1)).map(|p| p.parse::<u16>().map_err(|e| format!("--port: {e}"))).transpose()?.unwrap_or(8080);
-    crate::setup()?;
+pub fn serve(port: u16, dev: bool) -> Result {
+    let t0 = Instant::now();
+    crate::tools::wasm()?;
     let model = crate::default_model()?;
+    let t1 = Instant::now();
     run(cargo().args(["build", "-p", "hone-cli"]))?;
+    eprintln!("xtask: hone CLI built (or up to date) in {:.1} s", t1.elapsed().as_secs_f64());
     let dir = build(!dev)?;
     let addr = serve_in_background(dir.clone(), Some(model.clone()), port)?;
     println!("hone: the CLI is {}", target_dir().join("debug/hone").display());
     println!("hone: default model {}", model.display());
-    println!("hone: serving {} at {addr}  (Ctrl-C stops)", dir.display());
+    println!("hone: serving {} at {addr}  (ready {:.1} s after start; Ctrl-C stops)", dir.display(), t0.elapsed().as_secs_f64());
     loop {
         std::thread::park();
     }
@@ -161,9 +199,7 @@ pub fn serve(args: &[String]) -> Result {
 /// and runs www/tests/page.test.mjs with playwright-core and Debian's chromium.
 pub fn test(tally: &mut crate::Tally) -> Result {
     let www = root().join("www");
-    if !www.join("node_modules/playwright-core").exists() {
-        run(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(&www))?;
-    }
+    crate::tools::npm("playwright-core")?;
     run(cargo().args(["build", "-p", "hone-cli"]))?;
     let dir = build(false)?;
     let addr = serve_in_background(dir.clone(), None, 0)?;
@@ -179,12 +215,28 @@ pub fn test(tally: &mut crate::Tally) -> Result {
 /// quarter of an hour (see BENCHMARKS.md).
 pub fn test_smollm2(tally: &mut crate::Tally) -> Result {
     let www = root().join("www");
-    if !www.join("node_modules/playwright-core").exists() {
-        run(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(&www))?;
-    }
+    crate::tools::npm("playwright-core")?;
     let release = build(true)?;
     let addr = serve_in_background(release, Some(crate::default_model()?), 0)?;
     let mut c = Command::new("node");
     c.arg(www.join("tests/smollm2.test.mjs")).arg(&addr).current_dir(root());
+    tally.run(&mut c)
+}
+
+/// `cargo xtask test page-phi3`: the release page on a random-weight checkpoint of
+/// Phi-3-mini's shapes (made once into the target dir), compared with the release `hone train`.
+pub fn test_phi3(tally: &mut crate::Tally) -> Result {
+    crate::tools::npm("playwright-core")?;
+    let model = target_dir().join("bench/Phi-3-mini-4k-instruct-random");
+    if !model.join("config.json").exists() {
+        crate::checkpoint::make(crate::checkpoint::Args { config: root().join("tests/fixtures/configs/Phi-3-mini-4k-instruct.json"), out: model.clone(), shard_size: 5_000_000_000, seed: 0 })?;
+    }
+    run(cargo().args(["build", "--release", "-p", "hone-cli"]))?;
+    let release = build(true)?;
+    let addr = serve_in_background(release, None, 0)?;
+    let out = target_dir().join("page-phi3");
+    let _ = std::fs::remove_dir_all(&out);
+    let mut c = Command::new("node");
+    c.arg(root().join("www/tests/phi3.test.mjs")).arg(&addr).arg(target_dir().join("release/hone")).arg(&model).arg(&out).current_dir(root());
     tally.run(&mut c)
 }

@@ -90,7 +90,11 @@ pub fn init_wgpu(device: &burn::backend::wgpu::WgpuDevice) -> anyhow::Result<()>
     static LIMIT: std::sync::OnceLock<Result<u64, String>> = std::sync::OnceLock::new();
     let limit = LIMIT.get_or_init(|| {
         catching("wgpu", || {
-            let info = init_setup::<AutoGraphicsApi>(device, RuntimeOptions::default()).adapter.get_info();
+            let setup = init_setup::<AutoGraphicsApi>(device, RuntimeOptions::default());
+            let l = setup.device.limits();
+            // Frozen tables bigger than the adapter can bind are loaded in parts that fit.
+            hone::ops::set_max_buffer_bytes(l.max_buffer_size.min(l.max_storage_buffer_binding_size as u64));
+            let info = setup.adapter.get_info();
             match info.device_type {
                 wgpu::DeviceType::Cpu if info.name.to_lowercase().contains("swiftshader") => u64::MAX,
                 wgpu::DeviceType::Cpu => SOFTWARE_VULKAN_MATMUL_LIMIT,
@@ -107,6 +111,10 @@ pub fn init_wgpu(device: &burn::backend::wgpu::WgpuDevice) -> anyhow::Result<()>
         Err(_) => limit,
     };
     hone::ops::use_register_matmul_up_to(limit);
+    // A smaller limit than the adapter's, to exercise split tables (tests).
+    if let Ok(v) = std::env::var("HONE_MAX_BUFFER") {
+        hone::ops::set_max_buffer_bytes(v.parse().map_err(|_| anyhow::anyhow!("HONE_MAX_BUFFER={v}: expected a number of bytes"))?);
+    }
     Ok(())
 }
 

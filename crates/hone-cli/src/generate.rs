@@ -10,29 +10,35 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A Hugging Face model directory or a GGUF file (default: SmolLM2-135M-Instruct).
+    /// A Hugging Face model directory or a GGUF file [default: SmolLM2-135M-Instruct].
     #[arg(long)]
     model: Option<PathBuf>,
-    /// A PEFT LoRA adapter to apply.
+    /// A PEFT LoRA adapter to apply [default: none, the base alone].
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// The prompt: a user turn of the chat template, or raw text with --raw (or give --prompts).
     #[arg(long, required_unless_present = "prompts")]
     prompt: Option<String>,
     /// Generate for every user turn in a JSONL file (`{"messages": …}` or `{"prompt": …}`),
     /// printing one JSON line `{"prompt", "reply"}` each; the model is loaded once.
     #[arg(long, conflicts_with = "prompt")]
     prompts: Option<PathBuf>,
+    /// Most tokens to generate per reply.
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
-    /// 0 is greedy.
+    /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
+    /// Sample only from the k most likely tokens [default: all].
     #[arg(long)]
     top_k: Option<usize>,
+    /// Sample only from the smallest set of tokens whose probability reaches p [default: 1, all].
     #[arg(long)]
     top_p: Option<f64>,
+    /// Divide the logits of tokens already present by this (transformers' repetition_penalty; 1 is off).
     #[arg(long, default_value_t = 1.0)]
     repetition_penalty: f64,
+    /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Use the prompt as it is, not as a user turn of the chat template.
@@ -47,6 +53,7 @@ pub struct Args {
     /// Keep generating past end-of-turn and EOS tokens (up to --max-new-tokens).
     #[arg(long)]
     ignore_eos: bool,
+    /// Where to compute: cpu, wgpu or cuda.
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendKind,
 }

@@ -1,6 +1,5 @@
 use crate::backend::{with_backend, BackendKind};
 use anyhow::{bail, Context};
-use hone::data::Tokenizer;
 use hone::io::safetensors::write_f32;
 use hone::io::Dir;
 use hone::lora::peft::Adapter;
@@ -9,21 +8,22 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A Hugging Face model directory (config.json, tokenizer.json, *.safetensors).
+    /// A Hugging Face model directory or a GGUF file.
     #[arg(long)]
     model: PathBuf,
-    /// Token ids, comma-separated.
+    /// Token ids, comma-separated (or give --text).
     #[arg(long, value_delimiter = ',', conflicts_with = "text")]
     input_ids: Option<Vec<u32>>,
-    /// Text, tokenized with the model's tokenizer (special tokens added).
+    /// Text, tokenized with the model's tokenizer, special tokens added (or give --input-ids).
     #[arg(long)]
     text: Option<String>,
     /// Output safetensors file with one f32 tensor `logits` of shape [sequence, vocab].
     #[arg(long)]
     out: PathBuf,
+    /// Where to compute: cpu, wgpu or cuda.
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendKind,
-    /// A PEFT LoRA adapter directory to apply (adapter_config.json, adapter_model.safetensors).
+    /// A PEFT LoRA adapter directory to apply [default: none, the base alone].
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// Quantize the base's decoder linears to NF4 while loading (QLoRA's frozen base).
@@ -32,10 +32,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let dir = Dir(args.model.clone());
     let ids = match (&args.input_ids, &args.text) {
         (Some(ids), _) => ids.clone(),
-        (None, Some(text)) => Tokenizer::open(&dir)?.encode(text, true)?,
+        (None, Some(text)) => crate::model::text(&args.model)?.tokenizer.encode(text, true)?,
         (None, None) => bail!("give --input-ids or --text"),
     };
     if ids.is_empty() {
@@ -43,7 +42,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let (vocab, logits) = with_backend!(args.backend, |B, device| {
         let options = LoadOptions { nf4: args.nf4.then(Nf4Options::default) };
-        let mut model = hone::model::load_model_with::<B>(&dir, options, &device)?;
+        let mut model = crate::model::weights::<B>(&args.model, options, &device)?;
         if let Some(adapter) = &args.adapter {
             Adapter::read(&Dir(adapter.clone()))?.attach(model.linears_mut())?;
         }

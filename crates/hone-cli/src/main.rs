@@ -53,3 +53,70 @@ fn main() {
         std::process::exit(1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every subcommand and flag says what it is for, and every optional flag that takes a value
+    /// shows its default: clap's own `[default: …]`, or one written into the help where the
+    /// default is worked out later (flags a config file can also set).
+    #[test]
+    fn every_flag_has_help_and_shows_its_default() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        let mut missing = Vec::new();
+        for sub in cli.get_subcommands() {
+            if sub.get_about().is_none() {
+                missing.push(format!("hone {}: no description", sub.get_name()));
+            }
+            for arg in sub.get_arguments().filter(|a| !matches!(a.get_id().as_str(), "help" | "version")) {
+                let name = format!("hone {} --{}", sub.get_name(), arg.get_long().unwrap_or(arg.get_id().as_str()));
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                if help.trim().is_empty() {
+                    missing.push(format!("{name}: no help"));
+                    continue;
+                }
+                let takes_value = arg.get_num_args().is_some_and(|n| n.takes_values()) && !matches!(arg.get_action(), clap::ArgAction::SetTrue | clap::ArgAction::Help | clap::ArgAction::Version);
+                let shows_default = !arg.get_default_values().is_empty() || help.contains("[default: ") || help.contains("(required") || help.contains("(or give --");
+                if takes_value && !arg.is_required_set() && !shows_default {
+                    missing.push(format!("{name}: no default shown ({help:?})"));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "flags without help or default:\n{}", missing.join("\n"));
+    }
+
+    /// The defaults written into `hone train`'s help are the ones the run uses.
+    #[test]
+    fn train_help_defaults_are_the_real_ones() {
+        let settings = hone::train::RunSettings::default();
+        let lora = settings.lora();
+        let train = settings.train(0).unwrap();
+        let expect = [
+            ("rank", lora.r.to_string()),
+            ("alpha", lora.alpha.to_string()),
+            ("dropout", lora.dropout.to_string()),
+            ("lr", train.lr.to_string()),
+            ("warmup-steps", train.warmup_steps.to_string()),
+            ("weight-decay", train.adamw.weight_decay.to_string()),
+            ("max-grad-norm", train.max_grad_norm.unwrap_or(0.0).to_string()),
+            ("epochs", train.epochs.to_string()),
+            ("batch-size", train.batch_size.to_string()),
+            ("grad-accum", train.grad_accum.to_string()),
+            ("seed", settings.seed().to_string()),
+            ("schedule", format!("{:?}", train.schedule).to_lowercase()),
+            ("checkpointing", if train.checkpointing { "on" } else { "off" }.to_string()),
+            ("quantize", if settings.nf4().unwrap().is_some() { "nf4" } else { "none" }.to_string()),
+        ];
+        let cli = Cli::command();
+        let train_cmd = cli.find_subcommand("train").unwrap();
+        for (flag, value) in expect {
+            let arg = train_cmd.get_arguments().find(|a| a.get_long() == Some(flag)).unwrap_or_else(|| panic!("no --{flag}"));
+            let help = arg.get_help().unwrap().to_string();
+            let shown = help.split("[default: ").nth(1).and_then(|r| r.split(']').next()).unwrap_or_else(|| panic!("--{flag}: no default in {help:?}"));
+            assert_eq!(shown, value, "--{flag}'s help says {shown}, the run uses {value}");
+        }
+    }
+}

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The base model directory the adapter was trained on.
+    /// The base model the adapter was trained on: a Hugging Face directory (a GGUF base is refused, saying so).
     #[arg(long)]
     model: PathBuf,
     /// The PEFT LoRA adapter directory.
@@ -17,6 +17,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    crate::model::require_dir(&args.model, "hone merge writes the merged model as safetensors beside the base's own config and tokenizer files")?;
     let adapter = Adapter::read(&Dir(args.adapter.clone()))?;
     let report = merge_to_dir(&Dir(args.model.clone()), &adapter, &args.out)?;
     if report.dequantized_nf4_base {

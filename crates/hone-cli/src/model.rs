@@ -7,7 +7,7 @@ use hone::io::weights::Weights;
 use hone::model::load::{build_placed, TensorSource};
 use hone::model::{CausalLm, LoadOptions, Placement};
 use indicatif::{ProgressBar, ProgressStyle};
-use hone::quant::HoneBackend;
+use hone::ops::HoneBackend;
 use std::path::{Path, PathBuf};
 
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -25,6 +25,17 @@ pub fn resolve(model: Option<&Path>) -> anyhow::Result<PathBuf> {
     });
     anyhow::ensure!(path.exists(), "no --model given and the default model is not in {} yet: run `cargo xtask default-model`", path.display());
     Ok(path)
+}
+
+/// An error naming the file when `path` is a GGUF file where a command needs a Hugging Face
+/// directory (`why`: what the command does with the directory).
+pub fn require_dir(path: &Path, why: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !is_gguf(path),
+        "{}: a GGUF file, but {why}: give the Hugging Face directory the GGUF was made from (every other command reads GGUF files as they are)",
+        path.display()
+    );
+    Ok(())
 }
 
 fn is_gguf(path: &Path) -> bool {
@@ -109,6 +120,9 @@ impl<S: TensorSource> TensorSource for Progress<S> {
     }
     fn raw(&self, name: &str) -> hone::Result<Option<Vec<u8>>> {
         self.inner.raw(name)
+    }
+    fn read_packed(&self, name: &str, shape: &[usize]) -> hone::Result<(hone::quant::frozen::StoredFloat, Vec<i32>)> {
+        self.inner.read_packed(name, shape)
     }
     fn read_chunks(&self, name: &str, shape: &[usize], chunk: usize, f: &mut dyn FnMut(&[f32]) -> hone::Result<()>) -> hone::Result<()> {
         let out = self.inner.read_chunks(name, shape, chunk, f);

@@ -11,15 +11,16 @@ use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A Hugging Face directory (only config.json is read), a config.json file, or a GGUF file
-    /// (only its header).
+    /// A Hugging Face directory (only config.json is read), a config.json file, or a GGUF file (only its header) [default: SmolLM2-135M-Instruct].
     #[arg(long)]
     model: Option<PathBuf>,
+    /// LoRA rank r.
     #[arg(long, default_value_t = 16)]
     rank: usize,
     /// all-linear, a comma-separated list, or a regex.
     #[arg(long, default_value = "all-linear")]
     targets: String,
+    /// Sequences per micro-batch.
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
     /// Tokens per sequence (the longest in a batch).
@@ -28,7 +29,7 @@ pub struct Args {
     /// nf4 (QLoRA) or none.
     #[arg(long, default_value = "nf4")]
     quantize: String,
-    /// Activation checkpointing per decoder layer: on (the default) or off.
+    /// Activation checkpointing per decoder layer: on or off.
     #[arg(long, default_value = "on")]
     checkpointing: String,
     /// Where it would run: codes take twice the room on the CPU backend.
@@ -37,10 +38,10 @@ pub struct Args {
     /// One JSON line instead of the table.
     #[arg(long)]
     json: bool,
-    /// Split the layers over this many GPUs of one host, balanced by memory.
+    /// Split the layers over this many GPUs of one host, balanced by memory [default: 1].
     #[arg(long)]
     devices: Option<usize>,
-    /// Memory per device (e.g. 40GB, 24GiB): the layers fill the devices in turn.
+    /// Memory per device (e.g. 40GB, 24GiB): the layers fill the devices in turn [default: balance by the plan].
     #[arg(long)]
     max_memory: Option<String>,
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A Hugging Face model directory (F32, F16 or BF16 safetensors).
+    /// A Hugging Face model directory (F32, F16 or BF16 safetensors; a GGUF file is refused, saying so).
     #[arg(long)]
     model: PathBuf,
     /// The new directory (must not exist), loadable as 4-bit by transformers + bitsandbytes.
@@ -20,6 +20,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    crate::model::require_dir(&args.model, "hone quantize writes bitsandbytes' layout beside the model's own config and tokenizer files")?;
     let options = Nf4Options { blocksize: args.blocksize, double_quant: !args.no_double_quant };
     let r = quantize_to_dir(&Dir(args.model.clone()), &args.out, options)?;
     eprintln!(

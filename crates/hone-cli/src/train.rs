@@ -8,7 +8,7 @@ use hone::io::Dir;
 use hone::lora::peft::{add_adapters, Adapter};
 use hone::model::{LoadOptions, Nf4Options, Placement};
 use hone::train::plan::DeviceMap;
-use hone::quant::HoneBackend;
+use hone::ops::HoneBackend;
 use hone::train::checkpoint::{self, adapter_files, write_dir_atomic, SavedState};
 use hone::train::trainer::evaluate;
 use hone::train::run::{self, pad_id, samples_from_jsonl, RunSettings};
@@ -25,35 +25,36 @@ use std::sync::Arc;
 #[derive(clap::Args, Deserialize, Default, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct TrainArgs {
-    /// Base model: a Hugging Face directory or a GGUF file (default: SmolLM2-135M-Instruct).
+    /// Base model: a Hugging Face directory or a GGUF file [default: SmolLM2-135M-Instruct, fetched by `cargo xtask default-model`].
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Training data, JSONL.
+    /// Training data, JSONL (required, here or in --config).
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Where the PEFT adapter is written (created atomically; must not exist unless resuming).
+    /// Where the PEFT adapter is written, created atomically; must not exist unless resuming (required, here or in --config).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Held-out data, JSONL (else `--eval-split` of the training data, if set).
+    /// Held-out data, JSONL [default: none; --eval-split of the training data if set].
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
     #[command(flatten)]
     #[serde(skip)]
     pub run: RunSettings,
+    /// Where to compute: cpu, wgpu (Vulkan/Metal/DX12) or cuda [default: cpu].
     #[arg(long, value_enum)]
     pub backend: Option<BackendKind>,
-    /// A TOML file with any of these settings.
+    /// A TOML file with any of these settings (its keys are the flags' names with _ for -); flags win [default: none].
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// base_model_name_or_path in adapter_config.json (default: --model as given), e.g. a Hub id.
+    /// base_model_name_or_path in adapter_config.json, e.g. a Hub id [default: --model as given].
     #[arg(long)]
     pub base_model_name: Option<String>,
-    /// Continue the run saved in this checkpoint directory.
+    /// Continue the run saved in this checkpoint directory [default: start afresh].
     #[arg(long)]
     #[serde(skip)]
     pub resume: Option<PathBuf>,
-    /// Save a checkpoint every N steps (and on Ctrl-C).
+    /// Save a checkpoint every N steps, and on Ctrl-C [default: only on Ctrl-C].
     #[arg(long)]
     pub save_every: Option<usize>,
     /// Skip (and count) malformed or incomplete lines instead of stopping.
@@ -68,12 +69,10 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(default)]
     pub ignore_memory_plan: bool,
-    /// Split the model's layers over this many GPUs of this host (wgpu or cuda), balanced by
-    /// the memory plan. Several hosts are not supported.
+    /// Split the model's layers over this many GPUs of this host (wgpu or cuda), balanced by the memory plan [default: 1].
     #[arg(long)]
     pub devices: Option<usize>,
-    /// With --devices: memory each device may use (e.g. 40GB, 24GiB); the layers fill the
-    /// devices in turn, and a run that does not fit is refused.
+    /// With --devices: memory each device may use (e.g. 40GB, 24GiB), filled in turn [default: balance by the plan].
     #[arg(long)]
     pub max_memory: Option<String>,
 }
@@ -261,7 +260,7 @@ where
             bail!("the loss became {} at step {}; checkpoint saved in {} (try a lower --lr)", r.loss, r.step, ckpt_dir.display());
         }
         let tps = tokens as f64 / started.elapsed().as_secs_f64();
-        let msg = format!("loss {:.4}  lr {:.2e}  {:.0} tok/s", r.loss, r.lr, tps);
+        let msg = format!("loss {:.4}  lr {:.2e}  {} tok/s", r.loss, r.lr, rate(tps));
         if a.quiet {
             eprintln!("step {}/{}  {msg}", r.step, r.total_steps);
         }
@@ -306,16 +305,16 @@ where
     write_dir_atomic(out, &adapter_files(&adapter))?;
     let _ = std::fs::remove_dir_all(&ckpt_dir);
     if let Some(rate) = after_first_rate {
-        eprintln!("throughput after the first step: {rate:.1} tokens/s");
+        eprintln!("throughput after the first step: {rate:.3} tokens/s");
     }
     eprintln!(
-        "wrote {} ({} layers, r={}) after {} steps in {:.1}s, {:.0} tokens/s",
+        "wrote {} ({} layers, r={}) after {} steps in {:.1}s, {} tokens/s",
         out.display(),
         adapter.layers.len(),
         lora.r,
         trainer.state.step,
         started.elapsed().as_secs_f64(),
-        tokens as f64 / started.elapsed().as_secs_f64()
+        rate(tokens as f64 / started.elapsed().as_secs_f64())
     );
     if let Some(peak) = crate::plan::peak_rss_bytes() {
         eprintln!("peak memory (process RSS): {} ({peak} bytes)", hone::train::plan::human(peak));
@@ -334,24 +333,31 @@ fn say(bar: &ProgressBar, quiet: bool, msg: String) {
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// A Hugging Face model directory or a GGUF file (default: SmolLM2-135M-Instruct).
+    /// A Hugging Face model directory or a GGUF file [default: SmolLM2-135M-Instruct].
     #[arg(long)]
     model: Option<PathBuf>,
+    /// A PEFT LoRA adapter directory to apply [default: none, the base alone].
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// The data to evaluate on, JSONL.
     #[arg(long)]
     data: PathBuf,
+    /// Dataset format: text | completion | chat | alpaca [default: detected per line].
     #[arg(long)]
     format: Option<String>,
+    /// Tokens per sample; longer samples are truncated [default: no limit].
     #[arg(long)]
     max_len: Option<usize>,
+    /// Count the loss on every token, not only on completions / assistant turns.
     #[arg(long)]
     train_on_prompts: bool,
+    /// Sequences per batch.
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
     /// Quantize the base to NF4 while loading (as it was trained with QLoRA).
     #[arg(long)]
     nf4: bool,
+    /// Where to compute: cpu, wgpu or cuda.
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendKind,
     /// One JSON line: {"loss": …, "perplexity": …, "tokens": …}.
@@ -382,4 +388,15 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         println!("loss {:.6}  perplexity {:.4}  ({} tokens)", report.loss, report.perplexity, report.tokens);
     }
     Ok(())
+}
+
+/// Tokens per second with the digits that matter: a big model on a CPU trains at under one.
+fn rate(tps: f64) -> String {
+    if tps >= 100.0 {
+        format!("{tps:.0}")
+    } else if tps >= 1.0 {
+        format!("{tps:.1}")
+    } else {
+        format!("{tps:.3}")
+    }
 }

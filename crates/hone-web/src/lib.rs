@@ -32,7 +32,10 @@ pub async fn device() -> WgpuDevice {
     let device = WgpuDevice::default();
     let setup = init_setup_async::<WebGpu>(&device, RuntimeOptions::default()).await;
     let l = setup.device.limits();
-    LIMITS.with(|x| *x.borrow_mut() = l.max_buffer_size.min(l.max_storage_buffer_binding_size as u64));
+    let largest = l.max_buffer_size.min(l.max_storage_buffer_binding_size as u64);
+    LIMITS.with(|x| *x.borrow_mut() = largest);
+    // Frozen tables bigger than this are loaded in parts that fit.
+    hone::ops::set_max_buffer_bytes(largest);
     setup.device.set_device_lost_callback(|reason, message| {
         LOST.with(|x| *x.borrow_mut() = Some(format!("{reason:?}: {message}")));
     });

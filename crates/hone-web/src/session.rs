@@ -12,7 +12,7 @@ use hone::io::gguf::Gguf;
 use hone::io::{FileSet, MemFiles};
 use hone::lora::peft::add_adapters;
 use hone::model::{CausalLm, Config, LoadOptions, ModelText};
-use hone::quant::HoneBackend;
+use hone::ops::HoneBackend;
 use hone::readback::read_f32;
 use hone::train::checkpoint::{self, adapter_files, checkpoint_files, SavedState};
 use hone::train::plan;

@@ -99,7 +99,8 @@ fn tokenizer_ids_match_python_tokenizers() {
 
 #[wasm_bindgen_test]
 async fn nf4_quantize_and_webgpu_dequantize_match_bitsandbytes() {
-    use hone::quant::{HoneBackend, Nf4Tensor, Nf4Weight};
+    use hone::ops::HoneBackend;
+    use hone::quant::{Nf4Tensor, Nf4Weight};
     let device = hone_web::device().await;
     let st = SafeTensors::open(Box::new(MemSource::new("nf4.safetensors", fixture!("nf4/nf4.safetensors").to_vec()))).unwrap();
     for case in ["square", "ragged", "wide", "small_block", "many_blocks", "zeros"] {

@@ -3,7 +3,7 @@
 
 use crate::model::decoder::KvCache;
 use crate::model::CausalLm;
-use crate::quant::HoneBackend;
+use crate::ops::HoneBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 

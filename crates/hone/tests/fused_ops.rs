@@ -5,7 +5,7 @@
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::activation::{log_softmax, silu};
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
-use hone::ops::{reference, AdamWScalars, AttentionShape, FusedOps};
+use hone::ops::{reference, AdamWScalars, AttentionShape, HoneBackend};
 use burn::tensor::activation::softmax;
 use hone::parity::rel_error;
 

@@ -8,7 +8,7 @@ mod common;
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
-use hone::quant::HoneBackend;
+use hone::ops::HoneBackend;
 use hone::io::safetensors::SafeTensors;
 use hone::io::{Dir, FileSource};
 use hone::lora::peft::Adapter;

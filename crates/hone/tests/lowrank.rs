@@ -7,7 +7,8 @@ use burn::backend::{Autodiff, NdArray};
 use burn::tensor::{Distribution, Tensor};
 use hone::parity::rel_error;
 use hone::quant::nf4::Nf4Tensor;
-use hone::quant::{FrozenWeight, HoneBackend, Nf4Weight};
+use hone::ops::HoneBackend;
+use hone::quant::{FrozenWeight, Nf4Weight};
 
 type B = Autodiff<NdArray>;
 

@@ -5,7 +5,7 @@
 
 use burn::backend::{Autodiff, NdArray, Wgpu};
 use burn::tensor::{Distribution, Tensor};
-use hone::ops::FusedOps;
+use hone::ops::HoneBackend;
 use hone::parity::rel_error;
 
 fn values<const D: usize>(t: Tensor<impl burn::tensor::backend::Backend, D>) -> Vec<f32> {

@@ -12,7 +12,7 @@ use hone::io::MemFiles;
 use hone::lora::peft::add_adapters;
 use hone::lora::{LoraConfig, Targets};
 use hone::model::{load_model_with, LoadOptions, Nf4Options};
-use hone::quant::frozen::SAVE_DEQUANTIZED_FOR_BACKWARD;
+use hone::ops::SAVE_DEQUANTIZED_FOR_BACKWARD;
 use hone::train::loss::causal_lm_loss;
 use std::sync::atomic::Ordering;
 

@@ -92,7 +92,7 @@ fn bad_blocksizes_are_refused() {
 /// The device dequantization equals bitsandbytes' values bit for bit: the backend's own
 /// (`nf4_dequantize`: the CubeCL kernel in shaders/ on wgpu, tensor ops on ndarray) and the
 /// portable tensor-op version.
-fn device_dequant_matches<B: hone::quant::HoneBackend>(device: &B::Device) {
+fn device_dequant_matches<B: hone::ops::HoneBackend>(device: &B::Device) {
     let st = fixture();
     for case in CASES {
         let (shape, w) = st.read_f32(&format!("{case}.weight")).unwrap();
@@ -146,4 +146,44 @@ fn streamed_quantization_equals_whole_tensor() {
             assert!(b.push(&x[..33]).is_err());
         }
     }
+}
+
+/// The frozen NF4 products, `x·Wᵀ` and `dy·W` (fused on wgpu: the weight decoded inside the
+/// kernel; AVX-512 kernels or dequantize + GEMM on the CPU), equal f64 products of
+/// bitsandbytes' dequantized weight, for batch sizes on and off the kernels' 4-row tiles.
+fn frozen_products_match<B: hone::ops::HoneBackend>(device: &B::Device) {
+    use burn::tensor::{Tensor, TensorData};
+    let st = fixture();
+    for case in CASES {
+        let (shape, w) = st.read_f32(&format!("{case}.weight")).unwrap();
+        let [n, k] = [shape[0], shape[1]];
+        let bs = blocksize(&st, case);
+        for dq in [false, true] {
+            let deq = f32s(&st, &if dq { format!("{case}.dq.dequantized") } else { format!("{case}.dequantized") });
+            let q = Nf4Tensor::quantize(&w, &shape, bs, dq).unwrap();
+            let weight = hone::quant::FrozenWeight::nf4(hone::quant::Nf4Weight::<B>::from_host(&q, device));
+            for m in [1, 5, 12] {
+                let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+                let dy: Vec<f32> = (0..m * n).map(|i| ((i * 53 % 97) as f32 / 48.0) - 1.0).collect();
+                let want_y: Vec<f32> = (0..m * n).map(|e| (0..k).map(|p| x[e / n * k + p] as f64 * deq[e % n * k + p] as f64).sum::<f64>() as f32).collect();
+                let want_dx: Vec<f32> = (0..m * k).map(|e| (0..n).map(|p| dy[e / k * n + p] as f64 * deq[p * k + e % k] as f64).sum::<f64>() as f32).collect();
+                let y = B::frozen_matmul(Tensor::from_data(TensorData::new(x, [m, k]), device), &weight).into_data().to_vec::<f32>().unwrap();
+                let dx = B::frozen_matmul_backward(Tensor::from_data(TensorData::new(dy, [m, n]), device), &weight).into_data().to_vec::<f32>().unwrap();
+                for (what, ours, want) in [("x·Wᵀ", &y, &want_y), ("dy·W", &dx, &want_dx)] {
+                    let e = hone::parity::rel_error(ours, want);
+                    assert!(e < 1e-5, "{case} [{n}, {k}] (double quant {dq}), {m} rows: {what} rel error {e:e}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn frozen_nf4_products_on_ndarray() {
+    frozen_products_match::<burn::backend::NdArray>(&Default::default());
+}
+
+#[test]
+fn frozen_nf4_products_on_wgpu() {
+    frozen_products_match::<burn::backend::Wgpu>(&Default::default());
 }

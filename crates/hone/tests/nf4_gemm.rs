@@ -6,8 +6,9 @@ use burn::backend::NdArray;
 use burn::tensor::{Distribution, Tensor, TensorData};
 use hone::parity::rel_error;
 use hone::quant::nf4::Nf4Tensor;
-use hone::quant::nf4_gemm::supported;
-use hone::quant::{FrozenWeight, HoneBackend, Nf4Weight};
+use hone::ops::nf4_gemm::supported;
+use hone::ops::HoneBackend;
+use hone::quant::{FrozenWeight, Nf4Weight};
 
 fn values(t: Tensor<NdArray, 2>) -> Vec<f32> {
     t.into_data().to_vec::<f32>().unwrap()

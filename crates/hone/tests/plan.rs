@@ -57,8 +57,7 @@ fn lora_parameters_and_nf4_bytes_match_the_built_model() {
         .iter()
         .filter(|(n, _)| n != "lm_head")
         .map(|(_, l)| {
-            let q = l.weight.nf4.as_ref().expect("quantized");
-            4 * (q.words.dims()[0] + q.absmax.dims()[0]) as u64
+            l.weight.nf4.as_ref().expect("quantized").bytes()
         })
         .sum();
     let planned: u64 = linear_shapes(&config).iter().map(|(_, i, o)| hone::train::plan::nf4_bytes(i * o)).sum();

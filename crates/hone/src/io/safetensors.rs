@@ -166,6 +166,22 @@ impl SafeTensors {
 }
 
 impl SafeTensors {
+    /// One tensor's stored bytes as little-endian i32 words (zero-padded to a whole word), read
+    /// straight into the words' memory: the bytes are never held twice.
+    pub fn read_words(&self, name: &str) -> Result<(Dtype, Vec<i32>)> {
+        let info = self.tensors.get(name).ok_or_else(|| Error::tensor(self.name(), name, "missing"))?;
+        let len = (info.end - info.start) as usize;
+        let mut words = vec![0i32; len.div_ceil(4)];
+        // SAFETY: an i32 slice viewed as its bytes (every bit pattern is a valid i32); the
+        // targets hone builds for are little-endian, so byte order is the file's.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 4) };
+        const PIECE: usize = 64 << 20;
+        for (i, piece) in bytes[..len].chunks_mut(PIECE).enumerate() {
+            self.source.read_at(info.start + (i * PIECE) as u64, piece)?;
+        }
+        Ok((info.dtype, words))
+    }
+
     /// One floating-point tensor as f32, `chunk` values at a time (the last piece may be
     /// shorter), so that only one piece of it is ever in memory.
     pub fn read_f32_chunks(&self, name: &str, chunk: usize, f: &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()> {

@@ -2,7 +2,7 @@
 //! `model.safetensors.index.json`: every tensor name mapped to the shard that holds it, each
 //! tensor read on its own.
 
-use super::safetensors::{SafeTensors, TensorInfo};
+use super::safetensors::{Dtype, SafeTensors, TensorInfo};
 use super::FileSet;
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
@@ -88,6 +88,12 @@ impl Weights {
     /// Reads one tensor as f32 and checks its shape.
     pub fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         Ok(self.shard(name, shape)?.read_f32(name)?.1)
+    }
+
+    /// One tensor's stored bytes as i32 words (see [`SafeTensors::read_words`]), after checking
+    /// its shape.
+    pub fn read_words(&self, name: &str, shape: &[usize]) -> Result<(Dtype, Vec<i32>)> {
+        self.shard(name, shape)?.read_words(name)
     }
 
     /// As [`Weights::read`], `chunk` values at a time.

@@ -1,7 +1,8 @@
 //! A linear layer: a frozen base weight (dense or NF4), an optional bias, and an optional
 //! LoRA adapter: `y = x·Wᵀ + b + s·dropout(x)·Aᵀ·Bᵀ`.
 
-use crate::quant::{FrozenWeight, HoneBackend};
+use crate::ops::HoneBackend;
+use crate::quant::FrozenWeight;
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};

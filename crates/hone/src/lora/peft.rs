@@ -8,7 +8,7 @@ use super::linear::{Lora, LoraLinear};
 use crate::error::{Error, Result};
 use crate::io::safetensors::{write_f32, SafeTensors};
 use crate::io::FileSet;
-use crate::quant::HoneBackend;
+use crate::ops::HoneBackend;
 use burn::module::Param;
 use burn::tensor::{Tensor, TensorData};
 use std::collections::{BTreeMap, BTreeSet};

@@ -4,7 +4,8 @@
 use super::config::Config;
 use crate::lora::LoraLinear;
 use crate::ops::AttentionShape;
-use crate::quant::{FrozenWeight, HoneBackend};
+use crate::ops::HoneBackend;
+use crate::quant::FrozenWeight;
 use super::rope;
 use burn::module::Module;
 use burn::tensor::activation::softmax;
@@ -17,7 +18,7 @@ pub struct RmsNorm<B: Backend> {
     pub eps: f64,
 }
 
-impl<B: crate::ops::FusedOps> RmsNorm<B> {
+impl<B: crate::ops::HoneBackend> RmsNorm<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
         B::rms_norm(x.reshape([b * t, d]), self.weight.clone(), self.eps).0.reshape([b, t, d])
@@ -300,7 +301,8 @@ impl<B: HoneBackend> DecoderLayer<B> {
 /// Hugging Face's `model.` prefix.
 #[derive(Module, Debug)]
 pub struct Body<B: Backend> {
-    pub embed_tokens: Tensor<B, 2>,
+    /// Frozen, in the checkpoint's precision (see [`FrozenWeight`]).
+    pub embed_tokens: FrozenWeight<B>,
     pub layers: Vec<DecoderLayer<B>>,
     pub norm: RmsNorm<B>,
 }
@@ -338,7 +340,9 @@ impl<B: HoneBackend> CausalLm<B> {
     }
 
     pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        burn::tensor::module::embedding(self.model.embed_tokens.clone(), ids)
+        let [b, t] = ids.dims();
+        let h = self.model.embed_tokens.dims()[1];
+        B::frozen_rows(&self.model.embed_tokens, ids.reshape([b * t])).reshape([b, t, h])
     }
 
     /// Logits `[B, T, vocab]`.
@@ -376,7 +380,7 @@ impl<B: HoneBackend> CausalLm<B> {
                 // Tied: the frozen embedding is the head's weight, used as any frozen linear's.
                 let [b, t, d] = h.dims();
                 let v = self.model.embed_tokens.dims()[0];
-                B::frozen_matmul(h.reshape([b * t, d]), &FrozenWeight::dense(self.model.embed_tokens.clone())).reshape([b, t, v])
+                B::frozen_matmul(h.reshape([b * t, d]), &self.model.embed_tokens).reshape([b, t, v])
             }
         }
     }

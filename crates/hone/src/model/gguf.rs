@@ -10,7 +10,7 @@ use crate::data::gguf_tokenizer::{chat_template_from_gguf, tokenizer_from_gguf};
 use crate::data::{ChatTemplate, Tokenizer};
 use crate::error::{Error, Result};
 use crate::io::gguf::{Gguf, Value};
-use crate::quant::HoneBackend;
+use crate::ops::HoneBackend;
 
 pub fn config_from_gguf(g: &Gguf) -> Result<Config> {
     let file = g.name().to_string();

@@ -8,8 +8,11 @@ use super::decoder::{Attention, Body, CausalLm, DecoderLayer, Mlp, RmsNorm};
 use super::placement::Placement;
 use crate::lora::LoraLinear;
 use crate::quant::nf4::Nf4Builder;
-use crate::quant::{bnb, FrozenWeight, HoneBackend, Nf4Weight};
+use crate::ops::HoneBackend;
+use crate::quant::frozen::{PackedWeight, StoredFloat};
+use crate::quant::{bnb, FrozenWeight, Nf4Weight};
 use crate::error::{Error, Result};
+use crate::io::safetensors::Dtype;
 use crate::io::weights::Weights;
 use crate::io::FileSet;
 
@@ -24,7 +27,8 @@ pub fn read_config(files: &dyn FileSet) -> Result<Config> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoadOptions {
     /// Quantize every linear layer of the decoder blocks to NF4 while loading (QLoRA);
-    /// embeddings, norms and lm_head stay f32, as bitsandbytes does.
+    /// embeddings, norms and lm_head are not quantized, as bitsandbytes does (embeddings and
+    /// lm_head stay in the checkpoint's precision, norms in f32).
     pub nf4: Option<Nf4Options>,
 }
 
@@ -66,6 +70,11 @@ pub trait TensorSource {
     fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
     /// A stored tensor's raw bytes (for bitsandbytes' parts); `None` when not stored.
     fn raw(&self, name: &str) -> Result<Option<Vec<u8>>>;
+    /// A frozen tensor's values as stored, in i32 words (see [`PackedWeight`]): bf16 and f16
+    /// stay 16-bit, two per word; anything else arrives as f32 bits. By default from `read`.
+    fn read_packed(&self, name: &str, shape: &[usize]) -> Result<(StoredFloat, Vec<i32>)> {
+        Ok((StoredFloat::F32, self.read(name, shape)?.into_iter().map(|v| v.to_bits() as i32).collect()))
+    }
     /// As `read`, in pieces of `chunk` values, for sources that can (the whole tensor at once
     /// otherwise).
     fn read_chunks(&self, name: &str, shape: &[usize], _chunk: usize, f: &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()> {
@@ -95,6 +104,27 @@ impl TensorSource for Weights {
     fn read_chunks(&self, name: &str, shape: &[usize], chunk: usize, f: &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()> {
         Weights::read_chunks(self, name, shape, chunk, f)
     }
+    /// The file's bytes as they are, for f32, bf16 and f16 (16-bit rows of odd length, which
+    /// would straddle words, are widened to f32).
+    fn read_packed(&self, name: &str, shape: &[usize]) -> Result<(StoredFloat, Vec<i32>)> {
+        let (dtype, words) = self.read_words(name, shape)?;
+        let cols = shape.last().copied().unwrap_or(1);
+        let format = match dtype {
+            Dtype::F32 => StoredFloat::F32,
+            Dtype::BF16 if cols % 2 == 0 => StoredFloat::BF16,
+            Dtype::F16 if cols % 2 == 0 => StoredFloat::F16,
+            _ => return Ok((StoredFloat::F32, Weights::read(self, name, shape)?.into_iter().map(|v| v.to_bits() as i32).collect())),
+        };
+        Ok((format, words))
+    }
+}
+
+/// A frozen table (embeddings, an untied lm_head) in the checkpoint's precision, split into
+/// parts that fit the device's largest buffer.
+fn table<B: HoneBackend>(w: &dyn TensorSource, name: &str, shape: [usize; 2], device: &B::Device) -> Result<FrozenWeight<B>> {
+    let (format, words) = w.read_packed(name, &shape)?;
+    let packed = PackedWeight::from_words(words, shape[0], shape[1], format, crate::ops::max_buffer_bytes(), device).map_err(|m| Error::tensor(w.location(), name, m))?;
+    Ok(FrozenWeight::packed(packed))
 }
 
 fn tensor<B: burn::tensor::backend::Backend, const D: usize>(w: &dyn TensorSource, name: &str, shape: [usize; D], device: &B::Device) -> Result<burn::tensor::Tensor<B, D>> {
@@ -158,7 +188,7 @@ pub fn build_placed<B: HoneBackend>(config: Config, w: &dyn TensorSource, option
     };
     let norm = |name: &str, device: &B::Device| -> Result<RmsNorm<B>> { Ok(RmsNorm { weight: tensor::<B, _>(w, &format!("{name}.weight"), [h], device)?, eps: c.rms_norm_eps }) };
 
-    let embed_tokens = tensor::<B, 2>(w, "model.embed_tokens.weight", [c.vocab_size, h], &placement.embed)?;
+    let embed_tokens = table::<B>(w, "model.embed_tokens.weight", [c.vocab_size, h], &placement.embed)?;
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
@@ -194,7 +224,7 @@ pub fn build_placed<B: HoneBackend>(config: Config, w: &dyn TensorSource, option
     let lm_head = if c.tie_word_embeddings && !w.contains("lm_head.weight") {
         None
     } else {
-        Some(LoraLinear::new(FrozenWeight::dense(tensor::<B, _>(w, "lm_head.weight", [c.vocab_size, h], &placement.head)?), None))
+        Some(LoraLinear::new(table::<B>(w, "lm_head.weight", [c.vocab_size, h], &placement.head)?, None))
     };
     let (diff, norm) = err.get();
     let report = LoadReport { nf4_rel_error: (options.nf4.is_some() && norm > 0.0).then(|| (diff / norm).sqrt()) };

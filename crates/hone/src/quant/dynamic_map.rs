@@ -37,3 +37,9 @@ pub fn signed_dynamic_map() -> [f32; 256] {
     }
     out
 }
+
+/// [`signed_dynamic_map`], computed once.
+pub fn dynamic_map_table() -> &'static [f32; 256] {
+    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(signed_dynamic_map)
+}

@@ -12,7 +12,7 @@ use crate::io::safetensors::{write_f32, SafeTensors};
 use crate::io::FileSet;
 use crate::lora::peft::{Adapter, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
 #[cfg(not(target_arch = "wasm32"))]
-use crate::quant::HoneBackend;
+use crate::ops::HoneBackend;
 #[cfg(not(target_arch = "wasm32"))]
 use burn::tensor::backend::AutodiffBackend;
 #[cfg(not(target_arch = "wasm32"))]

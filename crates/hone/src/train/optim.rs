@@ -1,7 +1,7 @@
 //! AdamW on the LoRA parameters, in PyTorch's order of operations (`torch.optim.AdamW`,
 //! single-tensor path), and global-norm gradient clipping as `clip_grad_norm_`.
 
-use crate::ops::{AdamWScalars, FusedOps};
+use crate::ops::{AdamWScalars, HoneBackend};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
@@ -33,7 +33,7 @@ impl<B: Backend> Moments<B> {
 }
 
 /// One AdamW update of `param` with `grad`; `step` counts from 1.
-pub fn adamw_update<B: FusedOps>(param: Tensor<B, 2>, grad: Tensor<B, 2>, m: &mut Moments<B>, cfg: &AdamWConfig, lr: f64, step: usize) -> Tensor<B, 2> {
+pub fn adamw_update<B: HoneBackend>(param: Tensor<B, 2>, grad: Tensor<B, 2>, m: &mut Moments<B>, cfg: &AdamWConfig, lr: f64, step: usize) -> Tensor<B, 2> {
     let scalars = AdamWScalars {
         decay: 1.0 - lr * cfg.weight_decay,
         // torch's lerp(exp_avg, grad, 1 - beta1) for a weight below one half.
@@ -52,7 +52,7 @@ pub fn adamw_update<B: FusedOps>(param: Tensor<B, 2>, grad: Tensor<B, 2>, m: &mu
 /// Scales `grads` so that their global L2 norm is at most `max_norm` (as `clip_grad_norm_`:
 /// coefficient `max_norm / (norm + 1e-6)`, capped at 1). Returns the norm before clipping,
 /// as a device scalar (no host read).
-pub fn clip_global_norm<B: crate::quant::HoneBackend>(grads: &mut [Tensor<B, 2>], max_norm: f64) -> Tensor<B, 1> {
+pub fn clip_global_norm<B: crate::ops::HoneBackend>(grads: &mut [Tensor<B, 2>], max_norm: f64) -> Tensor<B, 1> {
     // Gradients of layers on other devices send their norm (one value) to the first's.
     let home = grads.first().map(|g| g.device()).unwrap_or_default();
     let norms: Vec<Tensor<B, 1>> = grads.iter().map(|g| crate::model::decoder::onto(g.clone().square().sum().sqrt(), &home)).collect();

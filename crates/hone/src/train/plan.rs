@@ -1,23 +1,25 @@
 //! How much memory a run needs, from config.json alone (before any weight is read), so that the
 //! page can say "this model does not fit" up front and the CLI can plan a big job.
 //!
-//! The base: NF4 decoder linears as hone keeps them on the device (4-bit codes packed in i32
-//! words, and an f32 absmax per 64 weights: the double-quantized absmax is expanded at load so
-//! dequantizing is exact), f32 embeddings, norms and an untied lm_head. LoRA: A
-//! and B, their gradients and AdamW's two moments, all f32. Activations: what the backward pass
+//! The base: NF4 decoder linears as hone keeps them on every device (4-bit codes packed in i32
+//! words, and bitsandbytes' double-quantized absmax in its 8-bit form: a byte per 64 weights,
+//! an f32 scale per 256 blocks), embeddings and an untied lm_head in the checkpoint's precision
+//! (`torch_dtype`: bf16/f16 stay 16-bit), f32 norms. LoRA: A and B, their gradients and
+//! AdamW's two moments, all f32. Activations: what the backward pass
 //! keeps (with checkpointing, the layer inputs and one layer at a time), plus the logits and
 //! their gradient (one piece of them with chunked cross-entropy).
 
 use crate::lora::LoraConfig;
 use crate::model::{Arch, Config};
 
-/// Where the run's tensors live, which changes how NF4 codes are stored.
+/// Where the run's tensors live, which changes what the ops keep and whether the process
+/// itself counts.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub enum Device {
-    /// wgpu (WebGPU, Vulkan, Metal) and CUDA: codes in i32 words.
+    /// wgpu (WebGPU, Vulkan, Metal) and CUDA.
     Gpu,
-    /// The NdArray CPU backend: its integer tensors are i64, so codes take twice the room, and
-    /// the process itself (code, tokenizer, allocator) counts, since memory here is RSS.
+    /// The NdArray CPU backend: its fused ops keep fewer intermediates, and the process itself
+    /// (code, tokenizer, allocator) counts, since memory here is RSS.
     Cpu,
 }
 
@@ -46,13 +48,14 @@ impl PlanOptions {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct MemoryPlan {
     /// NF4 codes of the decoder linears.
     pub nf4_codes_bytes: u64,
-    /// Their per-block absmax (f32, double quantization expanded at load).
+    /// Their per-block absmax (double-quantized: a byte per block, a scale per 256 blocks).
     pub nf4_stats_bytes: u64,
-    /// Unquantized weights: embeddings, lm_head, norms (and every linear without NF4).
+    /// Unquantized weights: embeddings, lm_head (in the checkpoint's precision), norms (and
+    /// every linear without NF4, in f32).
     pub dense_bytes: u64,
     pub base_bytes: u64,
     pub lora_params: u64,
@@ -67,12 +70,14 @@ pub struct MemoryPlan {
     pub activation_bytes: u64,
     /// Logits and their gradient at the peak (one piece of them with chunked cross-entropy).
     pub logits_bytes: u64,
-    /// A dequantized linear for its matmul, and the process itself on the CPU.
+    /// Chunks of frozen weights unpacked for a product, and the process itself on the CPU.
     pub workspace_bytes: u64,
     pub total_bytes: u64,
-    /// The biggest single buffer (a GPU's maxBufferSize must hold it).
+    /// The biggest single buffer that cannot be split (a GPU's maxBufferSize and
+    /// maxStorageBufferBindingSize must hold it; frozen tables are split into parts that fit).
     pub largest_buffer_bytes: u64,
-    pub largest_buffer: &'static str,
+    /// What it is: the tensor's name where it is one.
+    pub largest_buffer: String,
     pub checkpointing: bool,
 }
 
@@ -101,21 +106,28 @@ pub fn linear_shapes(c: &Config) -> Vec<(String, u64, u64)> {
     out
 }
 
-/// Device bytes of NF4 storage for `n` weights on a GPU: codes in i32 words, an f32 absmax per 64.
+/// Device bytes of NF4 storage for `n` weights (blocks of 64, double quantization, as hone
+/// quantizes): codes in i32 words, the absmax codes 4 per word, the nested scales and offset.
 pub fn nf4_bytes(n: u64) -> u64 {
-    nf4_code_bytes(n, Device::Gpu) + nf4_stat_bytes(n)
+    nf4_code_bytes(n) + nf4_stat_bytes(n)
 }
 
-fn nf4_code_bytes(n: u64, device: Device) -> u64 {
-    let word = match device {
-        Device::Gpu => 4,
-        Device::Cpu => 8,
-    };
-    word * n.div_ceil(8)
+fn nf4_code_bytes(n: u64) -> u64 {
+    4 * n.div_ceil(8)
 }
 
 fn nf4_stat_bytes(n: u64) -> u64 {
-    4 * n.div_ceil(64)
+    let blocks = n.div_ceil(64);
+    4 * blocks.div_ceil(4) + 4 * (blocks.div_ceil(256) + 1)
+}
+
+/// Bytes per value of the frozen tables (embeddings, lm_head) as hone keeps them: the
+/// checkpoint's 16-bit precision stays 16-bit (rows of odd length are widened to f32).
+pub fn table_value_bytes(c: &Config) -> u64 {
+    match c.dtype.as_deref() {
+        Some("bfloat16" | "float16" | "bf16" | "fp16" | "half") if c.hidden_size % 2 == 0 => 2,
+        _ => 4,
+    }
 }
 
 /// The plan for a QLoRA (or LoRA) run on a GPU with checkpointing on, hone's default.
@@ -126,11 +138,11 @@ pub fn estimate(c: &Config, lora: &LoraConfig, batch: usize, seq: usize, nf4: bo
 pub fn plan(c: &Config, lora: &LoraConfig, o: &PlanOptions) -> MemoryPlan {
     let linears = linear_shapes(c);
     let (v, h, layers) = (c.vocab_size as u64, c.hidden_size as u64, c.num_hidden_layers as u64);
-    let embed = v * h * 4;
-    let head = if c.tie_word_embeddings { 0 } else { v * h * 4 };
+    let embed = v * h * table_value_bytes(c);
+    let head = if c.tie_word_embeddings { 0 } else { embed };
     let norms = (2 * layers + 1) * h * 4;
     let (nf4_codes_bytes, nf4_stats_bytes, dense_linears) = if o.nf4 {
-        let codes = linears.iter().map(|(_, i, o_)| nf4_code_bytes(i * o_, o.device)).sum();
+        let codes = linears.iter().map(|(_, i, o_)| nf4_code_bytes(i * o_)).sum();
         let stats = linears.iter().map(|(_, i, o_)| nf4_stat_bytes(i * o_)).sum();
         (codes, stats, 0)
     } else {
@@ -175,15 +187,28 @@ pub fn plan(c: &Config, lora: &LoraConfig, o: &PlanOptions) -> MemoryPlan {
     } else {
         (layers * layer_graph, copies * all_logits)
     };
-    // The largest linear, dequantized on the fly for a matmul.
+    // No NF4 linear is ever dequantized whole: GPU kernels decode inside the product (shapes
+    // whose rows are not whole words of codes, which no real model has, aside), the CPU's
+    // AVX-512 kernels decode into their tiles, and elsewhere the CPU dequantizes a chunk of
+    // rows at a time (one chunk buffer). Unquantized, the largest linear is a buffer.
     let largest_linear = linears.iter().map(|(_, i, o_)| i * o_ * 4).max().unwrap_or(0);
-    let workspace_bytes = largest_linear
+    let nf4_chunk = if o.nf4 && o.device == Device::Cpu { (crate::ops::packed::CHUNK_BYTES as u64).min(largest_linear) } else { 0 };
+    // The first of the largest, so the name is the lowest layer's.
+    let (largest_name, largest_codes) = linears.iter().map(|(n, i, o_)| (n.as_str(), nf4_code_bytes(i * o_))).fold(("", 0), |best, x| if x.1 > best.1 { x } else { best });
+    // A chunk of a packed table unpacked for the head's product (16-bit ones on the CPU; every
+    // one on GPU backends).
+    let head_chunk = if table_value_bytes(c) == 2 || o.device == Device::Gpu { (crate::ops::packed::CHUNK_BYTES as u64).min(v * h * 4) } else { 0 };
+    let workspace_bytes = nf4_chunk
+        + head_chunk
         + match o.device {
             Device::Gpu => 0,
             Device::Cpu => CPU_RUNTIME_BYTES + CPU_BYTES_PER_VOCAB_ENTRY * v,
         };
     let logits_buffer = logits_bytes / copies;
-    let (largest_buffer_bytes, largest_buffer) = [(embed, "embed_tokens"), (logits_buffer, "logits"), (largest_linear, "a dequantized linear")]
+    // Frozen tables are split into parts that fit (see PackedWeight), down to one row each.
+    let table_row = h * table_value_bytes(c);
+    let linear_buffer = if o.nf4 { (largest_codes, format!("{largest_name}.weight's NF4 codes")) } else { (largest_linear, format!("{largest_name}.weight")) };
+    let (largest_buffer_bytes, largest_buffer) = [(table_row, "a row of model.embed_tokens.weight".to_string()), (logits_buffer, "logits".to_string()), linear_buffer]
         .into_iter()
         .max_by_key(|x| x.0)
         .expect("three candidates");
@@ -243,8 +268,8 @@ fn shares(c: &Config, lora: &LoraConfig, o: &PlanOptions) -> Shares {
     let whole = plan(c, lora, &PlanOptions { device: Device::Gpu, ..*o });
     let (v, h, layers) = (c.vocab_size as u64, c.hidden_size as u64, c.num_hidden_layers.max(1) as u64);
     let tokens = (o.batch * o.seq) as u64;
-    let embed = v * h * 4;
-    let head = if c.tie_word_embeddings { 0 } else { v * h * 4 };
+    let embed = v * h * table_value_bytes(c);
+    let head = if c.tie_word_embeddings { 0 } else { embed };
     let lora_per_layer = whole.lora_bytes / layers;
     let weights_per_layer = (whole.base_bytes - embed - head - h * 4) / layers;
     // The plan's activations are the saved inputs (one per layer, one more) plus one layer's

@@ -20,67 +20,79 @@ pub const DEFAULT_PACK_LEN: usize = 2048;
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 #[serde(default, deny_unknown_fields)]
 pub struct RunSettings {
-    /// text | completion | chat | alpaca (detected per line when not given).
+    /// Dataset format: text | completion | chat | alpaca [default: detected per line].
     #[cfg_attr(feature = "cli", arg(long))]
     pub format: Option<String>,
     /// Put loss on every token, not only on completions / assistant turns.
     #[cfg_attr(feature = "cli", arg(long))]
     pub train_on_prompts: bool,
+    /// LoRA rank r [default: 16].
     #[cfg_attr(feature = "cli", arg(long))]
     pub rank: Option<usize>,
+    /// LoRA alpha; the update is scaled by alpha / r (alpha / √r with --rslora) [default: 32].
     #[cfg_attr(feature = "cli", arg(long))]
     pub alpha: Option<f64>,
+    /// Dropout on the LoRA branch's input [default: 0.05].
     #[cfg_attr(feature = "cli", arg(long))]
     pub dropout: Option<f64>,
-    /// all-linear, a comma-separated list (q_proj,v_proj,…), or a regex.
+    /// Adapted linears: all-linear, a comma-separated list (q_proj,v_proj,…), or a regex [default: all-linear].
     #[cfg_attr(feature = "cli", arg(long))]
     pub targets: Option<String>,
+    /// Rank-stabilised LoRA: scale by alpha / √r instead of alpha / r.
     #[cfg_attr(feature = "cli", arg(long))]
     pub rslora: bool,
+    /// Peak learning rate of AdamW [default: 0.0002].
     #[cfg_attr(feature = "cli", arg(long))]
     pub lr: Option<f64>,
-    /// constant | linear | cosine.
+    /// Learning-rate schedule after warm-up: constant | linear | cosine [default: linear].
     #[cfg_attr(feature = "cli", arg(long))]
     pub schedule: Option<String>,
+    /// Steps of linear warm-up from 0 to --lr [default: 0].
     #[cfg_attr(feature = "cli", arg(long))]
     pub warmup_steps: Option<usize>,
+    /// AdamW's decoupled weight decay [default: 0].
     #[cfg_attr(feature = "cli", arg(long))]
     pub weight_decay: Option<f64>,
-    /// Global gradient-norm clipping (0 disables).
+    /// Global gradient-norm clipping; 0 disables [default: 1].
     #[cfg_attr(feature = "cli", arg(long))]
     pub max_grad_norm: Option<f64>,
+    /// Passes over the training data [default: 1].
     #[cfg_attr(feature = "cli", arg(long, conflicts_with = "steps"))]
     pub epochs: Option<usize>,
+    /// Optimizer steps to run, instead of --epochs [default: as many as --epochs gives].
     #[cfg_attr(feature = "cli", arg(long))]
     pub steps: Option<usize>,
+    /// Sequences per micro-batch [default: 4].
     #[cfg_attr(feature = "cli", arg(long))]
     pub batch_size: Option<usize>,
+    /// Micro-batches whose gradients add up to one optimizer step [default: 1].
     #[cfg_attr(feature = "cli", arg(long))]
     pub grad_accum: Option<usize>,
-    /// Longer samples are truncated (the count is reported).
+    /// Tokens per sample; longer samples are truncated and counted [default: no limit; 2048 with --packing].
     #[cfg_attr(feature = "cli", arg(long))]
     pub max_len: Option<usize>,
+    /// Seed of the LoRA initialisation, shuffling and dropout [default: 42].
     #[cfg_attr(feature = "cli", arg(long))]
     pub seed: Option<u64>,
-    /// Base weights: nf4 (QLoRA, the default) or none (plain LoRA on f32 weights).
+    /// Base weights: nf4 (QLoRA) or none (plain LoRA on f32 weights) [default: nf4].
     #[cfg_attr(feature = "cli", arg(long))]
     pub quantize: Option<String>,
-    /// Fraction of the training data held out for evaluation.
+    /// Fraction of the training data held out for evaluation [default: none held out].
     #[cfg_attr(feature = "cli", arg(long))]
     pub eval_split: Option<f64>,
-    /// Evaluate every N steps (and at the end).
+    /// Evaluate every N steps and at the end [default: five times over the run, with eval data].
     #[cfg_attr(feature = "cli", arg(long))]
     pub eval_every: Option<usize>,
-    /// Stop after this many evaluations without improvement; the best adapter is kept.
+    /// Stop after this many evaluations without improvement; the best adapter is kept [default: never stop early].
     #[cfg_attr(feature = "cli", arg(long))]
     pub patience: Option<usize>,
-    /// Activation checkpointing per decoder layer: on (the default) or off.
+    /// Activation checkpointing per decoder layer: on or off [default: on].
     #[cfg_attr(feature = "cli", arg(long))]
     pub checkpointing: Option<String>,
     /// Pack several samples into each row of --max-len tokens (no attention across them).
     #[cfg_attr(feature = "cli", arg(long))]
     pub packing: bool,
-    /// Fill each micro-batch up to this many (padded) tokens instead of --batch-size rows.
+    /// Fill each micro-batch up to this many (padded) tokens instead of --batch-size rows [default: off].
     #[cfg_attr(feature = "cli", arg(long))]
     pub max_batch_tokens: Option<usize>,
 }

@@ -12,7 +12,7 @@ use crate::lora::peft::Adapter;
 use crate::lora::LoraConfig;
 use crate::model::decoder::{onto, Positions, PositionsOn};
 use crate::model::CausalLm;
-use crate::quant::HoneBackend;
+use crate::ops::HoneBackend;
 use burn::module::{AutodiffModule, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
@@ -53,8 +53,10 @@ pub struct TrainConfig {
     pub logits_chunk: usize,
 }
 
-/// Default [`TrainConfig::logits_chunk`]: 16M values, 64 MB of f32.
-pub const LOGITS_CHUNK: usize = 1 << 24;
+/// Default [`TrainConfig::logits_chunk`]: 4M values, 16 MB of f32 (at most 3 such pieces are
+/// alive at once: logits, their gradient, a transposed copy; 64 MB pieces were the largest
+/// term after the weights for Phi-3-mini at 1 × 512).
+pub const LOGITS_CHUNK: usize = 1 << 22;
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -425,7 +427,7 @@ where
     /// rather than all of them, for one more forward pass.
     fn gradients_checkpointed(&self, batch: &Batch, norm: f64, seed: u64) -> (Tensor<B::InnerBackend, 1>, Vec<(String, Tensor<B::InnerBackend, 2>)>) {
         let layer_seed = |i: usize| seed ^ (i as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
-        let inner_device = self.model.model.embed_tokens.clone().inner().device();
+        let inner_device = self.model.model.embed_tokens.device();
         let pos = batch.positions::<B::InnerBackend>(&self.model.config, &inner_device);
         let untracked = self.model.valid();
         let mut inputs: Vec<Tensor<B::InnerBackend, 3>> = vec![untracked.embed(to_tensor::<B::InnerBackend>(&batch.ids, &inner_device))];
@@ -565,7 +567,7 @@ where
     /// Restores a checkpoint: adapter tensors, optimizer moments and the data position.
     pub fn restore(&mut self, adapter: &Adapter, moments: Vec<(String, [usize; 2], Vec<f32>, Vec<f32>)>, state: TrainState) -> crate::Result<()> {
         adapter.attach(self.model.linears_mut())?;
-        let inner = self.model.model.embed_tokens.clone().inner().device();
+        let inner = self.model.model.embed_tokens.device();
         self.moments = moments
             .into_iter()
             .map(|(k, shape, m, v)| {

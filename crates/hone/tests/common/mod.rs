@@ -1,6 +1,6 @@
 #![allow(dead_code)]
 
-use hone::quant::HoneBackend;
+use hone::ops::HoneBackend;
 use hone::io::safetensors::SafeTensors;
 use hone::io::{Dir, FileSource};
 use hone::parity::{read_ids, rel_error};

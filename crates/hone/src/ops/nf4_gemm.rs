@@ -5,7 +5,7 @@
 //! moving W as multiplying: dequantize into a full f32 copy, then pack that copy into panels.
 //! Here 32 codes become 32 floats in a handful of instructions (a 16-entry table lookup is one
 //! `vpermps`), written where the multiply reads them. The values are the same
-//! `code × absmax` f32 products as [`super::frozen`]'s dequantization, bit for bit.
+//! `code × absmax` f32 products as [`crate::quant::Nf4Weight`]'s dequantization, bit for bit.
 //!
 //! Both products use one register-blocked kernel: `acc[r][0..32] += a[r][p] · panel[p][0..32]`
 //! for 12 rows `r`, 24 zmm accumulators.
@@ -25,23 +25,51 @@ const NR: usize = 32;
 /// nibble of byte 0), one absmax per `blocksize` values.
 pub struct Codes<'a> {
     pub words: Words<'a>,
-    pub absmax: &'a [f32],
+    pub absmax: Absmax<'a>,
     pub blocksize: usize,
 }
 
-/// The backend keeps words as i32 or i64 integers; both hold the same u32 bit pattern.
+/// A block's absmax: stored as f32, or double-quantized as bitsandbytes keeps it (see
+/// [`crate::quant::Nf4Weight`]) and expanded here, in its order of operations.
+#[derive(Clone, Copy)]
+pub enum Absmax<'a> {
+    Plain(&'a [f32]),
+    /// 8-bit codes, 4 per word; one scale per 256 blocks, then the offset.
+    Nested { codes: &'a [i32], scales: &'a [f32], table: &'a [f32; 256] },
+}
+
+impl Absmax<'_> {
+    #[inline(always)]
+    pub fn get(&self, block: usize) -> f32 {
+        match self {
+            Absmax::Plain(a) => a[block],
+            Absmax::Nested { codes, scales, table } => {
+                let code = (codes[block / 4] as u32 >> (8 * (block % 4))) & 255;
+                // Two roundings, as bitsandbytes: the product, then the offset added.
+                let scaled = table[code as usize] * scales[block / crate::quant::nf4::NESTED_BLOCKSIZE];
+                scaled + scales[scales.len() - 1]
+            }
+        }
+    }
+}
+
+/// The codes' i32 words (4 bits per weight on every backend).
 #[derive(Clone, Copy)]
 pub enum Words<'a> {
     I32(&'a [i32]),
-    I64(&'a [i64]),
 }
 
 impl Words<'_> {
     #[inline(always)]
-    fn word(&self, i: usize) -> u32 {
+    pub fn word(&self, i: usize) -> u32 {
         match self {
             Words::I32(w) => w[i] as u32,
-            Words::I64(w) => w[i] as u32,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Words::I32(w) => w.len(),
         }
     }
 }
@@ -135,7 +163,7 @@ pub fn matmul(dy: &[f32], m: usize, w: &Codes, n: usize, k: usize) -> Vec<f32> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn decode_run(w: &Codes, at: usize, len: usize, out: &mut [f32]) {
-    use super::nf4::NF4_CODE;
+    use crate::quant::nf4::NF4_CODE;
     let table = _mm512_loadu_ps(NF4_CODE.as_ptr());
     // Lane 2b reads byte b's high nibble, lane 2b+1 its low one; vpermps uses the low 4 bits.
     const SHIFTS: [i32; 16] = [4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0];
@@ -145,7 +173,7 @@ unsafe fn decode_run(w: &Codes, at: usize, len: usize, out: &mut [f32]) {
         let word = f / 8;
         let bytes: [u32; 4] = std::array::from_fn(|i| w.words.word(word + i).to_le());
         let bytes = _mm_loadu_si128(bytes.as_ptr().cast());
-        let scale = _mm512_set1_ps(w.absmax[f / w.blocksize]);
+        let scale = _mm512_set1_ps(w.absmax.get(f / w.blocksize));
         for (half, doubled) in [_mm_unpacklo_epi8(bytes, bytes), _mm_unpackhi_epi8(bytes, bytes)].into_iter().enumerate() {
             let idx = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(doubled), shifts);
             let v = _mm512_mul_ps(_mm512_permutexvar_ps(idx, table), scale);
