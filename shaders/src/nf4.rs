@@ -78,12 +78,16 @@ fn nf4_dequantize_kernel(
 ) {
     let i = ABSOLUTE_POS;
     if i < out.len() {
-        let k = i % 8;
-        // High nibble (shift 4) for even k, low for odd, within byte k / 2.
-        let shift = (k / 2) * 8 + (1 - k % 2) * 4;
-        let q = (words[i / 8] >> (shift as i32)) & 15;
-        out[i] = code[q as usize] * block_absmax(absmax, codes, table, i / blocksize, nested);
+        out[i] = code[nibble(words, i) as usize] * block_absmax(absmax, codes, table, i / blocksize, nested);
     }
+}
+
+/// NF4 code `i` (a flat index into W) from its word: value `2j` is the high nibble of byte `j`.
+#[cube]
+pub fn nibble(words: &Array<i32>, i: usize) -> u32 {
+    let k = i % 8;
+    let shift = (k / 2) * 8 + (1 - k % 2) * 4;
+    u32::cast_from((words[i / 8] >> (shift as i32)) & 15)
 }
 
 /// The arrays every NF4 kernel takes for the absmax: (f32 values or scales, codes, table). The

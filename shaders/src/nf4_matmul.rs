@@ -6,7 +6,7 @@
 //! the dequantized weight's. QLoRA's point is that the dense weight never exists: with these
 //! kernels not even as a transient workspace.
 
-use crate::nf4::{absmax_args, block_absmax, Absmax, CODE};
+use crate::nf4::{absmax_args, block_absmax, nibble, Absmax, CODE};
 use burn::tensor::{DType, Shape};
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
@@ -15,14 +15,6 @@ use cubecl::CubeDim;
 
 /// Rows and columns of the output tile each thread computes.
 const TILE: usize = 4;
-
-/// NF4 code `i` (a flat index into W) from its word.
-#[cube]
-fn nibble(words: &Array<i32>, i: usize) -> u32 {
-    let k = i % 8;
-    let shift = (k / 2) * 8 + (1 - k % 2) * 4;
-    u32::cast_from((words[i / 8] >> (shift as i32)) & 15)
-}
 
 /// `out[i, j] = Σ_p x[i, p] · W[j, p]` for x `[m, k]` contiguous, W `[n, k]` in NF4; `out` `[m, n]`.
 /// Eight p at a time: one word of W's row `j` holds them, in one absmax block (k and the block

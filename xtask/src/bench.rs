@@ -278,7 +278,7 @@ pub fn bench(args: Args) -> Result {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let minutes: f64 = cases.iter().map(|c| c.minutes_per_rep() * if *c == CaseName::Scale { 2.0 } else { (reps + 1) as f64 }).sum();
     let names: Vec<String> = cases.iter().map(|c| format!("{c:?}").to_lowercase()).collect();
-    eprintln!("bench: will run {} ({reps} repetitions after a warm-up each, {threads} threads): roughly {minutes:.0} minutes on 2 cores, plus installs and builds the first time", names.join(", "));
+    eprintln!("bench: will run {} ({reps} repetitions after a warm-up each, the scale case once; {threads} threads): roughly {minutes:.0} minutes on 2 cores, plus installs and builds the first time", names.join(", "));
     let t0 = std::time::Instant::now();
     run(cargo().args(["build", "--release", "-p", "hone-cli"]))?;
     eprintln!("bench: release hone built (or up to date) in {:.0} s", t0.elapsed().as_secs_f64());
@@ -338,7 +338,7 @@ fn scale_case() -> Result<String> {
             eprintln!("bench: scale — making {} (random bf16 weights of {name}'s shapes)", dir.display());
             crate::checkpoint::make(crate::checkpoint::Args { config: root().join("tests/fixtures/configs").join(config), out: dir.clone(), shard_size: 5_000_000_000, seed: 0 })?;
         }
-        let settings = ["--rank", "16", "--alpha", "32", "--batch-size", "1", "--max-len", "128"];
+        let settings = ["--rank", "16", "--batch-size", "1", "--max-len", "128"];
         let plan = Command::new(hone_bin()).args(["plan", "--json", "--backend", "cpu"]).args(settings).arg("--model").arg(&dir).output().map_err(|e| e.to_string())?;
         let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).map_err(|e| format!("hone plan: {e}: {}", String::from_utf8_lossy(&plan.stderr)))?;
         let planned = plan["total_bytes"].as_f64().ok_or("hone plan printed no total_bytes")? / 1e6;
@@ -346,7 +346,7 @@ fn scale_case() -> Result<String> {
         let out = target_dir().join("bench/scale-adapter");
         let _ = std::fs::remove_dir_all(&out);
         let mut c = Command::new(hone_bin());
-        c.args(["train", "--quiet", "--format", "text", "--steps", "2"]).args(settings).arg("--model").arg(&dir).arg("--data").arg(&data).arg("--out").arg(&out);
+        c.args(["train", "--quiet", "--format", "text", "--steps", "2", "--alpha", "32"]).args(settings).arg("--model").arg(&dir).arg("--data").arg(&data).arg("--out").arg(&out);
         let (_, stderr, peak) = measured(&mut c)?;
         let load_s = stderr.lines().find_map(|l| l.split(" loaded in ").nth(1)).and_then(|v| v.split('s').next()).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
         let tps = throughput(&stderr)?;

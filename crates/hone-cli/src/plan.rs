@@ -78,14 +78,14 @@ pub fn for_run(config: &Config, s: &RunSettings, seq: usize, backend: BackendKin
 pub fn print(p: &MemoryPlan) {
     let row = |what: &str, b: u64| println!("  {what:<44} {:>10}", human(b));
     row("NF4 codes of the decoder linears", p.nf4_codes_bytes);
-    row("NF4 statistics (absmax per 64)", p.nf4_stats_bytes);
+    row("NF4 statistics (8-bit absmax per 64, scales)", p.nf4_stats_bytes);
     row("unquantized: embeddings, lm_head, norms", p.dense_bytes);
     row(&format!("LoRA weights ({} params)", p.lora_params), p.lora_weight_bytes);
     row("LoRA gradients", p.lora_grad_bytes);
     row("optimizer state (AdamW moments)", p.optimizer_bytes);
     row(if p.checkpointing { "activations (layer inputs + one layer)" } else { "activations (every layer)" }, p.activation_bytes);
     row(if p.checkpointing { "logits and gradient (one chunk)" } else { "logits and gradient" }, p.logits_bytes);
-    row("workspace (a dequantized linear; process)", p.workspace_bytes);
+    row("workspace (unpacked chunks of weights; process)", p.workspace_bytes);
     row("total", p.total_bytes);
     println!("  largest single buffer: {} ({})", human(p.largest_buffer_bytes), p.largest_buffer);
 }

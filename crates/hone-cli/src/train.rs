@@ -202,6 +202,22 @@ where
 {
     let settings = a.run.clone();
     let nf4 = settings.nf4().map_err(|_| anyhow::anyhow!("--quantize {}: expected nf4 or none", a.run.quantize.as_deref().unwrap_or_default()))?;
+    // On a GPU the buffers the plan cannot split must fit the adapter's largest: said by name
+    // and size before any weight is read.
+    let limit = hone::ops::max_buffer_bytes();
+    if limit < u64::MAX {
+        let seq = data.train.iter().chain(&data.eval).map(|s| s.input_ids.len()).max().unwrap_or(1);
+        let p = crate::plan::for_run(&crate::plan::read_config(model_dir)?, &a.run, seq, a.backend.unwrap_or(BackendKind::Cpu))?;
+        if p.largest_buffer_bytes > limit {
+            bail!(
+                "{}: the model does not fit this GPU: {} needs a {} buffer, and its largest is {}",
+                model_dir.display(),
+                p.largest_buffer,
+                hone::train::plan::human(p.largest_buffer_bytes),
+                hone::train::plan::human(limit)
+            );
+        }
+    }
     let loading = std::time::Instant::now();
     let mut model = crate::model::weights_placed::<B>(model_dir, LoadOptions { nf4 }, |layers| match &map {
         Some(m) => crate::backend::placement::<B>(&device, m),

@@ -4,25 +4,9 @@
 
 use super::dynamic_map::signed_dynamic_map;
 
-/// bitsandbytes' NF4 code values (QLoRA paper, appendix E), as f32.
-pub const NF4_CODE: [f32; 16] = [
-    -1.0,
-    -0.696_192_8,
-    -0.525_073_05,
-    -0.394_917_5,
-    -0.284_441_38,
-    -0.184_773_43,
-    -0.091_050_036,
-    0.0,
-    0.079_580_3,
-    0.160_930_2,
-    0.246_112_3,
-    0.337_915_24,
-    0.440_709_83,
-    0.562_617,
-    0.722_956_84,
-    1.0,
-];
+/// bitsandbytes' NF4 code values (QLoRA paper, appendix E), as f32: the table the GPU kernels
+/// use, kept once in `shaders/`.
+pub const NF4_CODE: [f32; 16] = hone_shaders::nf4::CODE;
 
 /// Block size of the nested (double) quantization of absmax.
 pub const NESTED_BLOCKSIZE: usize = 256;
