@@ -258,7 +258,63 @@ fn peer_case(case: &Case, data: &Path, reps: usize, threads: usize, python: &str
         table.push_str(&format!("| {} | {metric} | {h:.2} | {p:.2} | {:.2}x |\n", case.name, h / p));
     }
     table.push_str(&format!("\nmedians of {reps} alternating runs after a warm-up; {threads} threads each; hone = the release `hone` binary\n"));
+    let h = median(hone.iter().map(|s| s.tokens_per_s).collect());
+    let p = median(peer.iter().map(|s| s.tokens_per_s).collect());
+    match flops_per_token(case) {
+        Ok(flops) => table.push_str(&format!("\n{}\n", peak_line(threads, flops, h, p))),
+        Err(e) => eprintln!("bench: no GFLOP/s estimate: {e}"),
+    }
     Ok(table)
+}
+
+/// FLOPs of one trained token, from `hone plan`: the frozen products forward and backward
+/// (`x·Wᵀ`, `dy·W`: 2 each per weight, NF4 linears and the f32 head), the LoRA terms (2 forward,
+/// 4 backward per parameter). Attention's own products are left out (under 2% at these lengths).
+fn flops_per_token(case: &Case) -> Result<f64> {
+    let out = Command::new(hone_bin())
+        .args(["plan", "--json", "--batch-size", &case.batch.to_string(), "--max-len", &case.max_len.to_string(), "--rank", &case.rank.to_string(), "--model"])
+        .arg(&case.model)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("hone plan --json: {e}"))?;
+    let get = |k: &str| plan[k].as_f64().ok_or_else(|| format!("hone plan --json has no {k}"));
+    // 4-bit codes: two weights per byte; the unquantized tables are f32 in the bench's models.
+    let (linear, head) = (2.0 * get("nf4_codes_bytes")?, get("dense_bytes")? / 4.0);
+    Ok(4.0 * (linear + head) + 6.0 * get("lora_params")?)
+}
+
+/// The machine's CPU level and FMA peak for `threads` threads, and what fraction of it each
+/// side's training step reached.
+fn peak_line(threads: usize, flops_per_token: f64, hone: f64, peer: f64) -> String {
+    let levels = crate::cpu_levels();
+    let level = std::env::var("HONE_CPU_LEVEL").unwrap_or_else(|_| levels.last().expect("scalar").to_string());
+    let lanes = match level.as_str() {
+        "avx512" => 16.0,
+        "avx2" => 8.0,
+        "neon" => 4.0,
+        _ => 1.0,
+    };
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo.lines().find_map(|l| l.strip_prefix("model name").and_then(|r| r.split(':').nth(1))).unwrap_or("unknown CPU").trim().to_string();
+    // The rated maximum where the kernel says it, else the clock cpuinfo reports now.
+    let ghz = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+        .ok()
+        .and_then(|k| k.trim().parse::<f64>().ok())
+        .map(|khz| khz / 1e6)
+        .or_else(|| cpuinfo.lines().find_map(|l| l.strip_prefix("cpu MHz").and_then(|r| r.split(':').nth(1)).and_then(|v| v.trim().parse::<f64>().ok())).map(|mhz| mhz / 1e3))
+        .unwrap_or(f64::NAN);
+    let peak = threads as f64 * 2.0 * lanes * 2.0 * ghz;
+    let at = |tps: f64| tps * flops_per_token / 1e9;
+    format!(
+        "CPU: {model}; levels {}; hone's level {level}; FMA peak {peak:.0} GFLOP/s = {threads} threads × 2 FMA units × {lanes} lanes × 2 × {ghz:.2} GHz (2 units assumed). \
+         At {:.0} MFLOP per trained token (frozen products forward and backward, LoRA): hone {:.1} GFLOP/s = {:.0}% of peak, peer {:.1} GFLOP/s = {:.0}%",
+        levels.join(", "),
+        flops_per_token / 1e6,
+        at(hone),
+        100.0 * at(hone) / peak,
+        at(peer),
+        100.0 * at(peer) / peak
+    )
 }
 
 fn browser_case(reps: usize) -> Result<String> {

@@ -64,6 +64,11 @@ enum Task {
 enum Part {
     /// cargo test --workspace: CPU and wgpu (lavapipe).
     Native,
+    /// The CPU parity tests again at each lower CPU level this machine runs (HONE_CPU_LEVEL).
+    CpuLevels,
+    /// The CPU kernel and parity tests cross-compiled for aarch64 and run under qemu-aarch64,
+    /// the NEON kernel selected (opt-in: a second build of the core for aarch64).
+    Aarch64,
     /// cargo check of the CUDA build (no GPU needed).
     Cuda,
     /// wasm-bindgen tests in headless Chromium (WebGPU on SwiftShader).
@@ -235,9 +240,27 @@ fn demo_check(args: &[String]) -> Result {
     Ok(())
 }
 
+/// The CPU levels hone has kernels for that this machine runs, lowest first (as
+/// `hone::ops::simd::CpuLevel::available`, whose names `HONE_CPU_LEVEL` takes).
+fn cpu_levels() -> Vec<&'static str> {
+    let mut levels = vec!["scalar"];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            levels.push("avx2");
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            levels.push("avx512");
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    levels.push("neon");
+    levels
+}
+
 fn test(parts: &[Part]) -> Result {
     let all = parts.is_empty();
-    let wants = |p: Part| all && !matches!(p, Part::PageSmollm2 | Part::PagePhi3) || parts.contains(&p);
+    let wants = |p: Part| all && !matches!(p, Part::PageSmollm2 | Part::PagePhi3 | Part::Aarch64) || parts.contains(&p);
     let t0 = std::time::Instant::now();
     tools::wasm()?;
     if wants(Part::Browser) || wants(Part::Page) || wants(Part::PageSmollm2) || wants(Part::PagePhi3) || wants(Part::Native) {
@@ -257,6 +280,25 @@ fn run_tests(wants: &dyn Fn(Part) -> bool, tally: &mut Tally) -> Result {
     if wants(Part::Native) {
         // CPU (NdArray) and the GPU code path through wgpu (Vulkan; lavapipe on a CPU-only box).
         tally.run(cargo().args(["test", "--workspace"]))?;
+    }
+    if wants(Part::CpuLevels) {
+        // `Native` ran every kernel at the best level; the CPU backend's parity with PEFT and
+        // PyTorch again at each lower one (scalar: the dequantize-a-chunk fallback).
+        let levels = cpu_levels();
+        for level in &levels[..levels.len() - 1] {
+            eprintln!("xtask: CPU parity tests at HONE_CPU_LEVEL={level}");
+            let mut c = cargo();
+            c.args(["test", "-p", "hone", "--test", "lora_grads", "--test", "train_parity", "--test", "nf4_gemm", "--", "--skip", "wgpu"]).env("HONE_CPU_LEVEL", level);
+            tally.run(&mut c)?;
+        }
+    }
+    if wants(Part::Aarch64) {
+        tools::aarch64()?;
+        let mut c = cargo();
+        c.args(["test", "-p", "hone", "--target", "aarch64-unknown-linux-gnu", "--test", "nf4_gemm", "--test", "train_parity", "--test", "lora_grads", "--", "--skip", "wgpu", "--nocapture"])
+            .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER", "aarch64-linux-gnu-gcc")
+            .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER", "qemu-aarch64 -L /usr/aarch64-linux-gnu");
+        tally.run(&mut c)?;
     }
     if wants(Part::Cuda) {
         // No GPU needed to compile; CUDA is loaded at run time.

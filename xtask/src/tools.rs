@@ -96,6 +96,27 @@ pub fn browser() -> Result {
     Ok(())
 }
 
+/// The aarch64 Linux target, Debian's cross gcc (the linker) and qemu-user (the runner), for
+/// `cargo xtask test aarch64`; apt as root.
+pub fn aarch64() -> Result {
+    let installed = Command::new("rustup").args(["target", "list", "--installed"]).output().map_err(|e| format!("rustup: {e}"))?;
+    if !String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.trim() == "aarch64-unknown-linux-gnu") {
+        run(Command::new("rustup").args(["target", "add", "aarch64-unknown-linux-gnu"]))?;
+    }
+    if have("aarch64-linux-gnu-gcc") && have("qemu-aarch64") {
+        return Ok(());
+    }
+    let is_root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if !is_root {
+        return Err("install Debian's gcc-aarch64-linux-gnu, libc6-dev-arm64-cross and qemu-user (as root: apt-get install -y gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user), then run again".into());
+    }
+    let t0 = Instant::now();
+    run(Command::new("apt-get").arg("update"))?;
+    run(Command::new("apt-get").args(["install", "-y", "gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross", "qemu-user"]))?;
+    eprintln!("xtask: installed the aarch64 cross gcc and qemu-user in {:.0} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
 /// www/'s npm packages (playwright-core, binaryen), from its package-lock.json, when `package`
 /// is missing.
 pub fn npm(package: &str) -> Result {

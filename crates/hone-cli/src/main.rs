@@ -39,6 +39,11 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // A bad HONE_CPU_LEVEL is a clear error now, not a panic inside the first kernel.
+    if let Err(e) = hone::ops::simd::CpuLevel::from_env() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
     let result = match cli.command {
         Command::Logits(args) => logits::run(args),
         Command::Merge(args) => merge::run(args),
@@ -101,6 +106,7 @@ mod tests {
             ("lr", train.lr.to_string()),
             ("warmup-steps", train.warmup_steps.to_string()),
             ("weight-decay", train.adamw.weight_decay.to_string()),
+            ("adam-epsilon", format!("{:e}", train.adamw.eps)),
             ("max-grad-norm", train.max_grad_norm.unwrap_or(0.0).to_string()),
             ("epochs", train.epochs.to_string()),
             ("batch-size", train.batch_size.to_string()),

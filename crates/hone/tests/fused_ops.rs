@@ -4,6 +4,7 @@
 
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::activation::{log_softmax, silu};
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use hone::ops::{reference, AdamWScalars, AttentionShape, HoneBackend};
 use burn::tensor::activation::softmax;
@@ -113,30 +114,38 @@ fn rms_norm_matches_burns_autodiff_of_the_formula() {
 
 /// transformers' attention with tensor ops: rotate-half RoPE on the first `rot` dims, kv heads
 /// repeated, scaled scores plus mask, softmax, times v. q `[B·T, H·D]`, k/v `[B·T, KV·D]`.
-fn attention_with_tensor_ops(q: Tensor<B, 2>, k: Tensor<B, 2>, v: Tensor<B, 2>, cos: Tensor<B, 4>, sin: Tensor<B, 4>, mask: Tensor<B, 4>, s: AttentionShape) -> Tensor<B, 2> {
+fn attention_with_tensor_ops<A: burn::tensor::backend::Backend>(q: Tensor<A, 2>, k: Tensor<A, 2>, v: Tensor<A, 2>, cos: Tensor<A, 4>, sin: Tensor<A, 4>, mask: Tensor<A, 4>, s: AttentionShape) -> Tensor<A, 2> {
     let AttentionShape { batch: b, seq: t, heads: nh, kv_heads: nkv, head_dim: d } = s;
     let rot = cos.dims()[3];
-    let heads = |y: Tensor<B, 2>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
-    let rope = |x: Tensor<B, 4>| {
+    let heads = |y: Tensor<A, 2>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
+    let rope = |x: Tensor<A, 4>| {
         let x_rot = x.clone().narrow(3, 0, rot);
         let (x1, x2) = (x_rot.clone().narrow(3, 0, rot / 2), x_rot.clone().narrow(3, rot / 2, rot / 2));
         let out = x_rot * cos.clone() + Tensor::cat(vec![x2.neg(), x1], 3) * sin.clone();
         Tensor::cat(vec![out, x.narrow(3, rot, d - rot)], 3)
     };
-    let repeat = |x: Tensor<B, 4>| x.reshape([b, nkv, 1, t * d]).repeat_dim(2, nh / nkv).reshape([b, nh, t, d]);
+    let repeat = |x: Tensor<A, 4>| x.reshape([b, nkv, 1, t * d]).repeat_dim(2, nh / nkv).reshape([b, nh, t, d]);
     let (q, k, v) = (rope(heads(q, nh)), repeat(rope(heads(k, nkv))), repeat(heads(v, nkv)));
     let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((d as f64).powf(-0.5)) + mask;
     softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b * t, nh * d])
 }
 
-#[test]
-fn self_attention_matches_tensor_ops_with_grouped_heads_partial_rope_and_packed_masks() {
+/// Inputs of one attention call: grouped heads (6 query heads on 2 kv heads), RoPE on 6 of 8
+/// dims, per-row tables and masks as packing makes them (row 0 one causal sample, row 1 two
+/// samples of 3 + 4 tokens with positions restarting), and the output's cotangent.
+struct AttentionCase {
+    s: AttentionShape,
+    qkv: [Tensor<NdArray, 2>; 3],
+    rope: [Tensor<NdArray, 4>; 2],
+    mask: Tensor<NdArray, 4>,
+    dy: Tensor<NdArray, 2>,
+}
+
+fn attention_case() -> AttentionCase {
     let s = AttentionShape { batch: 2, seq: 7, heads: 6, kv_heads: 2, head_dim: 8 };
     let (bt, rot) = (s.batch * s.seq, 6);
-    let (q0, k0, v0) = (random([bt, s.heads * s.head_dim], 1.0), random([bt, s.kv_heads * s.head_dim], 1.0), random([bt, s.kv_heads * s.head_dim], 1.0));
-    let c = random([bt, s.heads * s.head_dim], 1.0);
-    // Per-row tables and masks, as packing makes them: row 0 one causal sample, row 1 two
-    // samples (3 + 4 tokens) with positions restarting.
+    let qkv = [random([bt, s.heads * s.head_dim], 1.0), random([bt, s.kv_heads * s.head_dim], 1.0), random([bt, s.kv_heads * s.head_dim], 1.0)];
+    let dy = random([bt, s.heads * s.head_dim], 1.0);
     let angle = |p: usize, j: usize| p as f32 * (1.0 + (j % (rot / 2)) as f32 * 0.3);
     let positions = [vec![0, 1, 2, 3, 4, 5, 6], vec![0, 1, 2, 0, 1, 2, 3]];
     let sample = [vec![0; 7], vec![0, 0, 0, 1, 1, 1, 1]];
@@ -151,24 +160,60 @@ fn self_attention_matches_tensor_ops_with_grouped_heads_partial_rope_and_packed_
             }
         }
     }
-    let four = |v: Vec<f32>, shape: [usize; 4]| Tensor::<B, 4>::from_data(TensorData::new(v, shape), &Default::default());
-    let (cos, sin, mask) = (four(table(f32::cos), [2, 1, 7, rot]), four(table(f32::sin), [2, 1, 7, rot]), four(mask, [2, 1, 7, 7]));
-    let run = |fused: bool| {
-        let [q, k, v] = [&q0, &k0, &v0].map(|t| Tensor::<B, 2>::from_inner(t.clone()).require_grad());
-        let y = if fused {
-            B::self_attention(q.clone(), k.clone(), v.clone(), [cos.clone(), sin.clone()], mask.clone(), s).expect("the CPU backend has a fused attention").0
-        } else {
-            attention_with_tensor_ops(q.clone(), k.clone(), v.clone(), cos.clone(), sin.clone(), mask.clone(), s)
-        };
-        let grads = (y.clone() * Tensor::from_inner(c.clone())).sum().backward();
-        [y.inner(), q.grad(&grads).unwrap(), k.grad(&grads).unwrap(), v.grad(&grads).unwrap()].map(values)
-    };
-    let (ours, want) = (run(true), run(false));
-    for ((what, o), w) in ["y", "dq", "dk", "dv"].into_iter().zip(&ours).zip(&want) {
+    let four = |v: Vec<f32>, shape: [usize; 4]| Tensor::<NdArray, 4>::from_data(TensorData::new(v, shape), &Default::default());
+    AttentionCase { s, qkv, rope: [four(table(f32::cos), [2, 1, 7, rot]), four(table(f32::sin), [2, 1, 7, rot])], mask: four(mask, [2, 1, 7, 7]), dy }
+}
+
+/// y, dq, dk, dv of `attend` on backend `A` under autodiff, from the case's inputs.
+fn attention_grads<A: AutodiffBackend>(case: &AttentionCase, device: &A::Device, attend: &dyn Fn([Tensor<A, 2>; 3], [Tensor<A, 4>; 2], Tensor<A, 4>) -> Tensor<A, 2>) -> [Vec<f32>; 4] {
+    let on = |t: &Tensor<NdArray, 2>| Tensor::<A, 2>::from_data(t.to_data(), device);
+    let on4 = |t: &Tensor<NdArray, 4>| Tensor::<A, 4>::from_data(t.to_data(), device);
+    let [q, k, v] = case.qkv.each_ref().map(|t| on(t).require_grad());
+    let y = attend([q.clone(), k.clone(), v.clone()], case.rope.each_ref().map(on4), on4(&case.mask));
+    let grads = (y.clone() * on(&case.dy)).sum().backward();
+    [y.inner(), q.grad(&grads).unwrap(), k.grad(&grads).unwrap(), v.grad(&grads).unwrap()].map(values)
+}
+
+fn with_tensor_ops<A: burn::tensor::backend::Backend>(case: &AttentionCase) -> impl Fn([Tensor<A, 2>; 3], [Tensor<A, 4>; 2], Tensor<A, 4>) -> Tensor<A, 2> {
+    let s = case.s;
+    move |[q, k, v], [cos, sin], mask| attention_with_tensor_ops(q, k, v, cos, sin, mask, s)
+}
+
+fn assert_close(what: &str, ours: &[Vec<f32>; 4], want: &[Vec<f32>; 4], tolerance: f64) {
+    for ((name, o), w) in ["y", "dq", "dk", "dv"].into_iter().zip(ours).zip(want) {
         let e = rel_error(o, w);
-        println!("self_attention {what}: rel error {e:e}");
-        assert!(e < 1e-6, "fused self_attention {what}: rel error {e:e}");
+        println!("self_attention ({what}) {name}: rel error {e:e}");
+        assert!(e < tolerance, "self_attention ({what}) {name}: rel error {e:e}");
     }
+}
+
+#[test]
+fn self_attention_matches_tensor_ops_with_grouped_heads_partial_rope_and_packed_masks() {
+    let case = attention_case();
+    let s = case.s;
+    let want = attention_grads::<B>(&case, &Default::default(), &with_tensor_ops::<B>(&case));
+    let fused = attention_grads::<B>(&case, &Default::default(), &|[q, k, v], rope, mask| B::self_attention(q, k, v, rope, mask, s).expect("the CPU backend has a fused attention").0);
+    assert_close("CPU kernel", &fused, &want, 1e-6);
+    // The tensor-op version every other backend runs, forward and backward, without autodiff.
+    let [q, k, v] = case.qkv.clone();
+    let (y, probs) = reference::self_attention(q.clone(), k.clone(), v.clone(), case.rope.clone(), case.mask.clone(), s);
+    let [dq, dk, dv] = reference::self_attention_backward(q, k, v, case.rope.clone(), probs, case.dy.clone(), s);
+    assert_close("tensor ops, one node", &[y, dq, dk, dv].map(values), &want, 1e-6);
+}
+
+/// On wgpu (lavapipe here) the attention is one autodiff node too, equal to burn's autodiff
+/// of the tensor ops on the same device and to the CPU.
+#[test]
+fn self_attention_on_wgpu_is_one_node_equal_to_tensor_ops() {
+    type W = burn::backend::Wgpu;
+    let device = burn::backend::wgpu::WgpuDevice::default();
+    let case = attention_case();
+    let s = case.s;
+    let ours = attention_grads::<Autodiff<W>>(&case, &device, &|[q, k, v], rope, mask| <Autodiff<W> as HoneBackend>::self_attention(q, k, v, rope, mask, s).expect("every backend has an attention node").0);
+    let on_gpu = attention_grads::<Autodiff<W>>(&case, &device, &with_tensor_ops::<Autodiff<W>>(&case));
+    let on_cpu = attention_grads::<B>(&case, &Default::default(), &with_tensor_ops::<B>(&case));
+    assert_close("wgpu node vs wgpu tensor ops", &ours, &on_gpu, 1e-5);
+    assert_close("wgpu node vs CPU tensor ops", &ours, &on_cpu, 1e-5);
 }
 
 #[test]

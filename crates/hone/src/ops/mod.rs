@@ -3,7 +3,8 @@
 //! file per backend beside it that overrides them:
 //!
 //! - `ndarray.rs` — the CPU (burn NdArray): threaded single passes over the arrays, strided
-//!   GEMMs (`cpu.rs`), NF4 products that decode codes into the GEMM's tiles (`nf4_gemm.rs`);
+//!   GEMMs (`cpu.rs`), NF4 products that decode codes into the GEMM's tiles (`nf4_gemm.rs`, one
+//!   kernel per CPU level: AVX2, AVX-512, NEON, chosen by `simd.rs`);
 //! - `cubecl.rs` — wgpu (Vulkan, Metal, WebGPU) and CUDA: the CubeCL kernels of `shaders/`;
 //! - `autodiff.rs` — burn's autodiff over either: each op one graph node with its own backward.
 //!
@@ -21,6 +22,8 @@ mod ndarray;
 pub mod nf4_gemm;
 pub mod packed;
 pub mod reference;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod simd;
 
 use crate::quant::frozen::StoredFloat;
 use crate::quant::{FrozenWeight, Nf4Weight};
@@ -137,19 +140,18 @@ pub trait HoneBackend: Backend {
     /// `k`, `v` `[B·T, KV·D]`; RoPE (transformers' rotate-half on the first `rot` dims, tables
     /// `cos`, `sin` `[1 or B, 1, T, rot]`) on q and k, scores scaled by `1/√D` plus the additive
     /// `mask` `[1 or B, 1, T, T]`, softmax, times v. Returns the output `[B·T, H·D]` (what
-    /// o_proj reads) and the probabilities `[B·H·T·T]` (for the backward), or `None` where the
-    /// backend has no fused version and the decoder uses tensor ops.
+    /// o_proj reads) and the probabilities `[B·H·T·T]` (for the backward). The default is the
+    /// tensor-op version ([`reference::self_attention`]); `None` would make the decoder use
+    /// tensor ops that autodiff records one by one.
     fn self_attention(q: Tensor<Self, 2>, k: Tensor<Self, 2>, v: Tensor<Self, 2>, rope: [Tensor<Self, 4>; 2], mask: Tensor<Self, 4>, shape: AttentionShape) -> Option<(Tensor<Self, 2>, Tensor<Self, 1>)> {
-        let _ = (q, k, v, rope, mask, shape);
-        None
+        Some(reference::self_attention(q, k, v, rope, mask, shape))
     }
 
     /// The gradients of [`FusedOps::self_attention`] with respect to q, k and v, given the output's
     /// gradient `dy` and the forward's probabilities. Only called where `self_attention` gave `Some`.
     #[allow(clippy::too_many_arguments)]
     fn self_attention_backward(q: Tensor<Self, 2>, k: Tensor<Self, 2>, v: Tensor<Self, 2>, rope: [Tensor<Self, 4>; 2], probs: Tensor<Self, 1>, dy: Tensor<Self, 2>, shape: AttentionShape) -> [Tensor<Self, 2>; 3] {
-        let _ = (q, k, v, rope, probs, dy, shape);
-        unreachable!("self_attention_backward without a fused attention")
+        reference::self_attention_backward(q, k, v, rope, probs, dy, shape)
     }
 
     /// Per row of `logits: [rows, vocab]`: `-log softmax(row)[target]` (0 where the target is

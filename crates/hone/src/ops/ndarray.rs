@@ -571,7 +571,7 @@ fn nf4_codes<R>(q: &Nf4Weight<NdArray>, f: impl FnOnce(&Codes) -> R) -> R {
     f(&Codes { words: Words::I32(words(&q.words)), absmax, blocksize: q.blocksize })
 }
 
-/// [`nf4_codes`] where the fused AVX-512 kernels apply (see [`super::nf4_gemm::supported`]);
+/// [`nf4_codes`] where the fused kernels apply at this CPU's level (see [`super::nf4_gemm::supported`]);
 /// `None` for other weights and other machines.
 fn with_nf4_codes<R>(w: &FrozenWeight<NdArray>, f: impl FnOnce(&Codes) -> R) -> Option<R> {
     let q = w.nf4.as_ref()?;

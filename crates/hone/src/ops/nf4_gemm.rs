@@ -1,25 +1,29 @@
-//! NF4 frozen matmuls on x86-64 CPUs with AVX-512: `x·Wᵀ` and `dy·W` with W decoded from its
-//! codes straight into the small tiles the kernel reads, never into a whole dense weight.
+//! NF4 frozen matmuls on x86-64 (AVX2+FMA, AVX-512) and aarch64 (NEON) CPUs: `x·Wᵀ` and `dy·W`
+//! with W decoded from its codes straight into the small tiles the kernel reads, never into a
+//! whole dense weight. The level is [`CpuLevel::current`] (detected; `HONE_CPU_LEVEL` forces one).
 //!
 //! Why: with a few hundred rows (a training micro-batch) a GEMM library spends as much time
 //! moving W as multiplying: dequantize into a full f32 copy, then pack that copy into panels.
-//! Here 32 codes become 32 floats in a handful of instructions (a 16-entry table lookup is one
+//! Here codes become floats a run at a time (on AVX-512 a 16-entry table lookup is one
 //! `vpermps`), written where the multiply reads them. The values are the same
 //! `code × absmax` f32 products as [`crate::quant::Nf4Weight`]'s dequantization, bit for bit.
 //!
-//! Both products use one register-blocked kernel: `acc[r][0..32] += a[r][p] · panel[p][0..32]`
-//! for 12 rows `r`, 24 zmm accumulators.
-//! - forward, `yᵀ = W·xᵀ`: `a` = 12 decoded rows of W, the panel = 32 rows of x, transposed;
-//! - backward, `dx = dy·W`: `a` = 12 rows of dy, the panel = 32 decoded columns of W.
+//! Both products use one register-blocked kernel per level: `acc[r][0..NR] += a[r][p] ·
+//! panel[p][0..NR]` for MR rows `r` (AVX-512: 12 × 32, 24 zmm accumulators; AVX2 and NEON:
+//! 6 × 16, 12 ymm / 24 q-register accumulators).
+//! - forward, `yᵀ = W·xᵀ`: `a` = MR decoded rows of W, the panel = NR rows of x, transposed;
+//! - backward, `dx = dy·W`: `a` = MR rows of dy, the panel = NR decoded columns of W.
 
+use super::simd::CpuLevel;
 use crate::ops::cpu::Shared;
 use rayon::prelude::*;
+#[cfg(target_arch = "aarch64")]
+use std::arch::aarch64::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-/// Rows of `a` per kernel call, and the panel's width.
-const MR: usize = 12;
-const NR: usize = 32;
+/// The largest MR × NR of any level (the accumulator tile's size).
+const TILE: usize = 12 * 32;
 
 /// NF4 codes as a flat view: `words` little-endian u32 (8 codes each, the first in the high
 /// nibble of byte 0), one absmax per `blocksize` values.
@@ -74,54 +78,110 @@ impl Words<'_> {
     }
 }
 
-/// Whether this machine and these shapes take the fused path: AVX-512, rows of W in whole
-/// 32-value runs, each run inside one absmax block.
-pub fn supported(in_features: usize, blocksize: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        in_features % NR == 0 && blocksize % NR == 0 && std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (in_features, blocksize);
-        false
+/// One level's register-blocked product and decoder.
+trait Kernel {
+    const MR: usize;
+    const NR: usize;
+    /// `acc[r·NR + c] = Σ_p a[r·lda + p] · panel[p·NR + c]` for r < rows (rows ≤ MR), p < depth.
+    ///
+    /// SAFETY: the CPU has the level's features; `a` holds `rows` rows of `depth` at stride
+    /// `lda`; the panel holds `depth × NR` values.
+    unsafe fn kernel(depth: usize, a: *const f32, lda: usize, rows: usize, panel: *const f32, acc: &mut [f32; TILE]);
+    /// Decodes `len` values (a multiple of NR) from flat index `at` (a multiple of NR) into `out`.
+    ///
+    /// SAFETY: the CPU has the level's features; the run lies inside W and `out`.
+    unsafe fn decode_run(w: &Codes, at: usize, len: usize, out: &mut [f32]) {
+        decode_portable(w, at, len, Self::NR, out)
     }
 }
 
+/// Whether this machine's level and these shapes take the fused path: a level with a kernel,
+/// rows of W in whole NR-value runs, each run inside one absmax block.
+pub fn supported(in_features: usize, blocksize: usize) -> bool {
+    supported_at(CpuLevel::current(), in_features, blocksize)
+}
+
+/// [`supported`] at a given level (tests run every level the machine has).
+pub fn supported_at(level: CpuLevel, in_features: usize, blocksize: usize) -> bool {
+    let nr = match level {
+        CpuLevel::Scalar => return false,
+        CpuLevel::Avx512 => 32,
+        CpuLevel::Avx2 | CpuLevel::Neon => 16,
+    };
+    CpuLevel::available().contains(&level) && in_features % nr == 0 && blocksize % nr == 0
+}
+
 /// `y[m, n] = x[m, k] · Wᵀ`, W `[n, k]` in NF4. Call only where [`supported`] holds.
-#[cfg(target_arch = "x86_64")]
 pub fn matmul_t(x: &[f32], m: usize, w: &Codes, n: usize, k: usize) -> Vec<f32> {
-    assert!(supported(k, w.blocksize) && x.len() >= m * k);
+    matmul_t_at(CpuLevel::current(), x, m, w, n, k)
+}
+
+/// `dx[m, k] = dy[m, n] · W`, W `[n, k]` in NF4. Call only where [`supported`] holds.
+pub fn matmul(dy: &[f32], m: usize, w: &Codes, n: usize, k: usize) -> Vec<f32> {
+    matmul_at(CpuLevel::current(), dy, m, w, n, k)
+}
+
+/// [`matmul_t`] at a given level.
+pub fn matmul_t_at(level: CpuLevel, x: &[f32], m: usize, w: &Codes, n: usize, k: usize) -> Vec<f32> {
+    assert!(supported_at(level, k, w.blocksize) && x.len() >= m * k, "no {} NF4 kernel for rows of {k} in blocks of {}", level.name(), w.blocksize);
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        CpuLevel::Avx512 => forward::<Avx512>(x, m, w, n, k),
+        #[cfg(target_arch = "x86_64")]
+        CpuLevel::Avx2 => forward::<Avx2>(x, m, w, n, k),
+        #[cfg(target_arch = "aarch64")]
+        CpuLevel::Neon => forward::<Neon>(x, m, w, n, k),
+        _ => unreachable!("supported_at checked the level"),
+    }
+}
+
+/// [`matmul`] at a given level.
+pub fn matmul_at(level: CpuLevel, dy: &[f32], m: usize, w: &Codes, n: usize, k: usize) -> Vec<f32> {
+    assert!(supported_at(level, k, w.blocksize) && dy.len() >= m * n, "no {} NF4 kernel for rows of {k} in blocks of {}", level.name(), w.blocksize);
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        CpuLevel::Avx512 => backward::<Avx512>(dy, m, w, n, k),
+        #[cfg(target_arch = "x86_64")]
+        CpuLevel::Avx2 => backward::<Avx2>(dy, m, w, n, k),
+        #[cfg(target_arch = "aarch64")]
+        CpuLevel::Neon => backward::<Neon>(dy, m, w, n, k),
+        _ => unreachable!("supported_at checked the level"),
+    }
+}
+
+#[allow(dead_code)]
+fn forward<K: Kernel>(x: &[f32], m: usize, w: &Codes, n: usize, k: usize) -> Vec<f32> {
+    let (mr, nr) = (K::MR, K::NR);
     // x in panels of NR rows, each stored k-major: panel[p][c] = x[row c][p], zero-padded.
-    let panels = m.div_ceil(NR);
-    let mut xp = vec![0f32; panels * k * NR];
-    xp.par_chunks_mut(k * NR).enumerate().for_each(|(p, panel)| {
-        for c in 0..NR.min(m - p * NR) {
-            let row = &x[(p * NR + c) * k..(p * NR + c + 1) * k];
+    let panels = m.div_ceil(nr);
+    let mut xp = vec![0f32; panels * k * nr];
+    xp.par_chunks_mut(k * nr).enumerate().for_each(|(p, panel)| {
+        for c in 0..nr.min(m - p * nr) {
+            let row = &x[(p * nr + c) * k..(p * nr + c + 1) * k];
             for (kk, &v) in row.iter().enumerate() {
-                panel[kk * NR + c] = v;
+                panel[kk * nr + c] = v;
             }
         }
     });
     let mut y = vec![0f32; m * n];
     let out = Shared(y.as_mut_ptr());
-    (0..n.div_ceil(MR)).into_par_iter().for_each_init(
-        || vec![0f32; MR * k],
+    (0..n.div_ceil(mr)).into_par_iter().for_each_init(
+        || vec![0f32; mr * k],
         |a, tile| {
-            let j0 = tile * MR;
-            let rows = MR.min(n - j0);
+            let j0 = tile * mr;
+            let rows = mr.min(n - j0);
             for r in 0..rows {
-                // SAFETY: avx512f checked by `supported`; row j0+r is inside W.
-                unsafe { decode_run(w, (j0 + r) * k, k, &mut a[r * k..(r + 1) * k]) };
+                // SAFETY: the level was checked by `supported_at`; row j0+r is inside W.
+                unsafe { K::decode_run(w, (j0 + r) * k, k, &mut a[r * k..(r + 1) * k]) };
             }
-            let mut acc = [0f32; MR * NR];
+            let mut acc = [0f32; TILE];
             for p in 0..panels {
                 // SAFETY: a holds `rows` rows of k; the panel holds k × NR values.
-                unsafe { kernel(k, a.as_ptr(), k, rows, xp[p * k * NR..].as_ptr(), &mut acc) };
-                for c in 0..NR.min(m - p * NR) {
+                unsafe { K::kernel(k, a.as_ptr(), k, rows, xp[p * k * nr..].as_ptr(), &mut acc) };
+                for c in 0..nr.min(m - p * nr) {
                     for r in 0..rows {
                         // SAFETY: (p·NR + c, j0 + r) is inside y; tiles write disjoint columns.
-                        unsafe { *out.at((p * NR + c) * n + j0 + r) = acc[r * NR + c] };
+                        unsafe { *out.at((p * nr + c) * n + j0 + r) = acc[r * nr + c] };
                     }
                 }
             }
@@ -130,28 +190,27 @@ pub fn matmul_t(x: &[f32], m: usize, w: &Codes, n: usize, k: usize) -> Vec<f32> 
     y
 }
 
-/// `dx[m, k] = dy[m, n] · W`, W `[n, k]` in NF4. Call only where [`supported`] holds.
-#[cfg(target_arch = "x86_64")]
-pub fn matmul(dy: &[f32], m: usize, w: &Codes, n: usize, k: usize) -> Vec<f32> {
-    assert!(supported(k, w.blocksize) && dy.len() >= m * n);
+#[allow(dead_code)]
+fn backward<K: Kernel>(dy: &[f32], m: usize, w: &Codes, n: usize, k: usize) -> Vec<f32> {
+    let (mr, nr) = (K::MR, K::NR);
     let mut dx = vec![0f32; m * k];
     let out = Shared(dx.as_mut_ptr());
-    (0..k / NR).into_par_iter().for_each_init(
-        || vec![0f32; n * NR],
+    (0..k / nr).into_par_iter().for_each_init(
+        || vec![0f32; n * nr],
         |panel, q| {
-            let k0 = q * NR;
+            let k0 = q * nr;
             for j in 0..n {
-                // SAFETY: avx512f checked; the run is inside row j of W.
-                unsafe { decode_run(w, j * k + k0, NR, &mut panel[j * NR..(j + 1) * NR]) };
+                // SAFETY: the level was checked; the run is inside row j of W.
+                unsafe { K::decode_run(w, j * k + k0, nr, &mut panel[j * nr..(j + 1) * nr]) };
             }
-            let mut acc = [0f32; MR * NR];
-            for i0 in (0..m).step_by(MR) {
-                let rows = MR.min(m - i0);
+            let mut acc = [0f32; TILE];
+            for i0 in (0..m).step_by(mr) {
+                let rows = mr.min(m - i0);
                 // SAFETY: dy rows i0.. hold n values each; the panel holds n × NR.
-                unsafe { kernel(n, dy[i0 * n..].as_ptr(), n, rows, panel.as_ptr(), &mut acc) };
+                unsafe { K::kernel(n, dy[i0 * n..].as_ptr(), n, rows, panel.as_ptr(), &mut acc) };
                 for r in 0..rows {
                     // SAFETY: row i0+r, columns k0..k0+NR are inside dx; panels write disjoint columns.
-                    unsafe { std::ptr::copy_nonoverlapping(acc[r * NR..].as_ptr(), out.at((i0 + r) * k + k0), NR) };
+                    unsafe { std::ptr::copy_nonoverlapping(acc[r * nr..].as_ptr(), out.at((i0 + r) * k + k0), nr) };
                 }
             }
         },
@@ -159,17 +218,56 @@ pub fn matmul(dy: &[f32], m: usize, w: &Codes, n: usize, k: usize) -> Vec<f32> {
     dx
 }
 
-/// Decodes `len` values (a multiple of 32) from flat index `at` (a multiple of 32) into `out`.
+/// Decodes `len` values from flat index `at`, a run of `nr` (inside one absmax block) at a time:
+/// byte b of a word holds values 2b (high nibble) and 2b+1 (low).
+#[allow(dead_code)]
+fn decode_portable(w: &Codes, at: usize, len: usize, nr: usize, out: &mut [f32]) {
+    use crate::quant::nf4::NF4_CODE;
+    for run in 0..len / nr {
+        let f = at + run * nr;
+        let scale = w.absmax.get(f / w.blocksize);
+        let out = &mut out[run * nr..(run + 1) * nr];
+        for (i, o) in out.chunks_exact_mut(8).enumerate() {
+            let word = w.words.word(f / 8 + i);
+            for b in 0..4 {
+                let byte = (word >> (8 * b)) & 255;
+                o[2 * b] = NF4_CODE[(byte >> 4) as usize] * scale;
+                o[2 * b + 1] = NF4_CODE[(byte & 15) as usize] * scale;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx512;
+
+#[cfg(target_arch = "x86_64")]
+impl Kernel for Avx512 {
+    const MR: usize = 12;
+    const NR: usize = 32;
+
+    #[inline]
+    unsafe fn kernel(depth: usize, a: *const f32, lda: usize, rows: usize, panel: *const f32, acc: &mut [f32; TILE]) {
+        kernel_avx512(depth, a, lda, rows, panel, acc)
+    }
+
+    #[inline]
+    unsafe fn decode_run(w: &Codes, at: usize, len: usize, out: &mut [f32]) {
+        decode_run_avx512(w, at, len, out)
+    }
+}
+
+/// Decodes 32 values per step: a 16-entry table lookup is one `vpermps`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn decode_run(w: &Codes, at: usize, len: usize, out: &mut [f32]) {
+unsafe fn decode_run_avx512(w: &Codes, at: usize, len: usize, out: &mut [f32]) {
     use crate::quant::nf4::NF4_CODE;
     let table = _mm512_loadu_ps(NF4_CODE.as_ptr());
     // Lane 2b reads byte b's high nibble, lane 2b+1 its low one; vpermps uses the low 4 bits.
     const SHIFTS: [i32; 16] = [4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0];
     let shifts = _mm512_loadu_si512(SHIFTS.as_ptr().cast());
-    for run in 0..len / NR {
-        let f = at + run * NR;
+    for run in 0..len / 32 {
+        let f = at + run * 32;
         let word = f / 8;
         let bytes: [u32; 4] = std::array::from_fn(|i| w.words.word(word + i).to_le());
         let bytes = _mm_loadu_si128(bytes.as_ptr().cast());
@@ -177,21 +275,22 @@ unsafe fn decode_run(w: &Codes, at: usize, len: usize, out: &mut [f32]) {
         for (half, doubled) in [_mm_unpacklo_epi8(bytes, bytes), _mm_unpackhi_epi8(bytes, bytes)].into_iter().enumerate() {
             let idx = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(doubled), shifts);
             let v = _mm512_mul_ps(_mm512_permutexvar_ps(idx, table), scale);
-            _mm512_storeu_ps(out.as_mut_ptr().add(run * NR + half * 16), v);
+            _mm512_storeu_ps(out.as_mut_ptr().add(run * 32 + half * 16), v);
         }
     }
 }
 
-/// `acc[r][c] = Σ_p a[r·lda + p] · panel[p·NR + c]` for r < rows (rows ≤ MR), p < depth.
+/// 12 rows × 32 columns in 24 zmm accumulators.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel(depth: usize, a: *const f32, lda: usize, rows: usize, panel: *const f32, acc: &mut [f32; MR * NR]) {
+unsafe fn kernel_avx512(depth: usize, a: *const f32, lda: usize, rows: usize, panel: *const f32, acc: &mut [f32; TILE]) {
+    const MR: usize = 12;
     // Missing rows repeat the last one: same work, results not stored.
     let row: [*const f32; MR] = std::array::from_fn(|r| a.add(r.min(rows - 1) * lda));
     let mut c = [[_mm512_setzero_ps(); 2]; MR];
     for p in 0..depth {
-        let b0 = _mm512_loadu_ps(panel.add(p * NR));
-        let b1 = _mm512_loadu_ps(panel.add(p * NR + 16));
+        let b0 = _mm512_loadu_ps(panel.add(p * 32));
+        let b1 = _mm512_loadu_ps(panel.add(p * 32 + 16));
         for r in 0..MR {
             let v = _mm512_set1_ps(*row[r].add(p));
             c[r][0] = _mm512_fmadd_ps(v, b0, c[r][0]);
@@ -199,17 +298,110 @@ unsafe fn kernel(depth: usize, a: *const f32, lda: usize, rows: usize, panel: *c
         }
     }
     for r in 0..MR {
-        _mm512_storeu_ps(acc.as_mut_ptr().add(r * NR), c[r][0]);
-        _mm512_storeu_ps(acc.as_mut_ptr().add(r * NR + 16), c[r][1]);
+        _mm512_storeu_ps(acc.as_mut_ptr().add(r * 32), c[r][0]);
+        _mm512_storeu_ps(acc.as_mut_ptr().add(r * 32 + 16), c[r][1]);
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-pub fn matmul_t(_x: &[f32], _m: usize, _w: &Codes, _n: usize, _k: usize) -> Vec<f32> {
-    unreachable!("the fused NF4 kernels are x86-64 only; `supported` is false here")
+#[cfg(target_arch = "x86_64")]
+struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl Kernel for Avx2 {
+    const MR: usize = 6;
+    const NR: usize = 16;
+
+    #[inline]
+    unsafe fn kernel(depth: usize, a: *const f32, lda: usize, rows: usize, panel: *const f32, acc: &mut [f32; TILE]) {
+        kernel_avx2(depth, a, lda, rows, panel, acc)
+    }
+
+    #[inline]
+    unsafe fn decode_run(w: &Codes, at: usize, len: usize, out: &mut [f32]) {
+        decode_run_avx2(w, at, len, out)
+    }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-pub fn matmul(_dy: &[f32], _m: usize, _w: &Codes, _n: usize, _k: usize) -> Vec<f32> {
-    unreachable!("the fused NF4 kernels are x86-64 only; `supported` is false here")
+/// Decodes 16 values per step: the 16-entry table is two 8-entry `vpermps` lookups blended on
+/// the code's top bit.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn decode_run_avx2(w: &Codes, at: usize, len: usize, out: &mut [f32]) {
+    use crate::quant::nf4::NF4_CODE;
+    let (lo, hi) = (_mm256_loadu_ps(NF4_CODE.as_ptr()), _mm256_loadu_ps(NF4_CODE.as_ptr().add(8)));
+    // Lane 2b reads byte b's high nibble, lane 2b+1 its low one.
+    let shifts = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
+    let (fifteen, eight) = (_mm256_set1_epi32(15), _mm256_set1_epi32(8));
+    for run in 0..len / 16 {
+        let f = at + run * 16;
+        let scale = _mm256_set1_ps(w.absmax.get(f / w.blocksize));
+        for half in 0..2 {
+            let word = w.words.word(f / 8 + half).to_le();
+            // Each of the word's 4 bytes twice: lanes (2b, 2b+1) hold byte b.
+            let doubled = _mm_unpacklo_epi8(_mm_cvtsi32_si128(word as i32), _mm_cvtsi32_si128(word as i32));
+            let idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_cvtepu8_epi32(doubled), shifts), fifteen);
+            let top = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(idx, eight), eight));
+            let v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx), top);
+            _mm256_storeu_ps(out.as_mut_ptr().add(run * 16 + half * 8), _mm256_mul_ps(v, scale));
+        }
+    }
+}
+
+/// 6 rows × 16 columns in 12 ymm accumulators (of 16 registers: two panel loads, one broadcast).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_avx2(depth: usize, a: *const f32, lda: usize, rows: usize, panel: *const f32, acc: &mut [f32; TILE]) {
+    const MR: usize = 6;
+    let row: [*const f32; MR] = std::array::from_fn(|r| a.add(r.min(rows - 1) * lda));
+    let mut c = [[_mm256_setzero_ps(); 2]; MR];
+    for p in 0..depth {
+        let b0 = _mm256_loadu_ps(panel.add(p * 16));
+        let b1 = _mm256_loadu_ps(panel.add(p * 16 + 8));
+        for r in 0..MR {
+            let v = _mm256_broadcast_ss(&*row[r].add(p));
+            c[r][0] = _mm256_fmadd_ps(v, b0, c[r][0]);
+            c[r][1] = _mm256_fmadd_ps(v, b1, c[r][1]);
+        }
+    }
+    for r in 0..MR {
+        _mm256_storeu_ps(acc.as_mut_ptr().add(r * 16), c[r][0]);
+        _mm256_storeu_ps(acc.as_mut_ptr().add(r * 16 + 8), c[r][1]);
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+struct Neon;
+
+#[cfg(target_arch = "aarch64")]
+impl Kernel for Neon {
+    const MR: usize = 6;
+    const NR: usize = 16;
+
+    #[inline]
+    unsafe fn kernel(depth: usize, a: *const f32, lda: usize, rows: usize, panel: *const f32, acc: &mut [f32; TILE]) {
+        kernel_neon(depth, a, lda, rows, panel, acc)
+    }
+}
+
+/// 6 rows × 16 columns in 24 q-register accumulators (of 32: four panel loads, one scalar).
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn kernel_neon(depth: usize, a: *const f32, lda: usize, rows: usize, panel: *const f32, acc: &mut [f32; TILE]) {
+    const MR: usize = 6;
+    let row: [*const f32; MR] = std::array::from_fn(|r| a.add(r.min(rows - 1) * lda));
+    let mut c = [[vdupq_n_f32(0.0); 4]; MR];
+    for p in 0..depth {
+        let b = [0, 4, 8, 12].map(|o| vld1q_f32(panel.add(p * 16 + o)));
+        for r in 0..MR {
+            let v = *row[r].add(p);
+            for q in 0..4 {
+                c[r][q] = vfmaq_n_f32(c[r][q], b[q], v);
+            }
+        }
+    }
+    for r in 0..MR {
+        for q in 0..4 {
+            vst1q_f32(acc.as_mut_ptr().add(r * 16 + q * 4), c[r][q]);
+        }
+    }
 }

@@ -159,14 +159,18 @@ pub fn plan(c: &Config, lora: &LoraConfig, o: &PlanOptions) -> MemoryPlan {
     let tokens = rows * seq;
     let (i, q) = (c.intermediate_size as u64, (c.num_attention_heads * c.head_dim) as u64);
     // One layer's autodiff graph, per token: the norms' intermediates, q/k/v and RoPE's copies,
-    // attention output, the MLP's gate/up/activation/product; scores, masked scores and
-    // probabilities per head and key position. (Coefficients from peak RSS measured on
+    // attention output, the MLP's gate/up/activation/product; attention probabilities per head
+    // and key position. (Coefficients from peak RSS measured on
     // SmolLM2 with checkpointing off, batch × length 4×128, 2×256, 4×256.)
     // The CPU backend's fused ops (attention, SwiGLU, RMSNorm) keep fewer intermediates: the
     // attention probabilities alone per head and key, no RoPE or head-layout copies (fitted to
     // SmolLM2 with checkpointing off, 2×128, 4×128, 2×256: 891, 1493, 1567 MB measured).
+    // On GPU backends attention is one graph node as well (`ops::reference::self_attention`):
+    // the probabilities plus one layer's backward transients, as on the CPU. Measured on
+    // lavapipe (wgpu; host memory, so peak RSS), SmolLM2 1×512 with checkpointing off: 2197 MB
+    // against 2228 MB planned; before the node (12 bytes per head and key) 2836 MB.
     let per_token = match o.device {
-        Device::Gpu => 4 * (7 * h + 8 * q + 6 * i) + 12 * c.num_attention_heads as u64 * seq,
+        Device::Gpu => 4 * (7 * h + 8 * q + 6 * i) + 8 * c.num_attention_heads as u64 * seq,
         Device::Cpu => 4 * (5 * h + 6 * q + 5 * i) + 8 * c.num_attention_heads as u64 * seq,
     };
     let layer_graph = tokens * per_token;
@@ -189,8 +193,9 @@ pub fn plan(c: &Config, lora: &LoraConfig, o: &PlanOptions) -> MemoryPlan {
     };
     // No NF4 linear is ever dequantized whole: GPU kernels decode inside the product (shapes
     // whose rows are not whole words of codes, which no real model has, aside), the CPU's
-    // AVX-512 kernels decode into their tiles, and elsewhere the CPU dequantizes a chunk of
-    // rows at a time (one chunk buffer). Unquantized, the largest linear is a buffer.
+    // AVX2, AVX-512 and NEON kernels decode into their tiles, and elsewhere the CPU
+    // dequantizes a chunk of rows at a time (one chunk buffer). Unquantized, the largest linear
+    // is a buffer.
     let largest_linear = linears.iter().map(|(_, i, o_)| i * o_ * 4).max().unwrap_or(0);
     let nf4_chunk = if o.nf4 && o.device == Device::Cpu { (crate::ops::packed::CHUNK_BYTES as u64).min(largest_linear) } else { 0 };
     // The first of the largest, so the name is the lowest layer's.

@@ -53,6 +53,9 @@ pub struct RunSettings {
     /// AdamW's decoupled weight decay [default: 0].
     #[cfg_attr(feature = "cli", arg(long))]
     pub weight_decay: Option<f64>,
+    /// AdamW's epsilon, added to √v̂ in each update (transformers' adam_epsilon) [default: 1e-8].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub adam_epsilon: Option<f64>,
     /// Global gradient-norm clipping; 0 disables [default: 1].
     #[cfg_attr(feature = "cli", arg(long))]
     pub max_grad_norm: Option<f64>,
@@ -108,7 +111,7 @@ impl RunSettings {
     /// These settings with every one that `top` sets put over them (flags over a config file).
     pub fn overlay(&mut self, top: &RunSettings) {
         let base = self;
-        overlay!(base, top; format, rank, alpha, dropout, targets, lr, schedule, warmup_steps, weight_decay, max_grad_norm, epochs, steps,
+        overlay!(base, top; format, rank, alpha, dropout, targets, lr, schedule, warmup_steps, weight_decay, adam_epsilon, max_grad_norm, epochs, steps,
             batch_size, grad_accum, max_len, seed, quantize, eval_split, eval_every, patience, checkpointing, max_batch_tokens;
             train_on_prompts, rslora, packing);
         if top.epochs.is_some() && top.steps.is_none() {
@@ -159,7 +162,7 @@ impl RunSettings {
                 Some(s) => Schedule::parse(s).ok_or_else(|| Error::format("schedule", format!("{s}: expected constant, linear or cosine")))?,
             },
             warmup_steps: self.warmup_steps.unwrap_or(0),
-            adamw: AdamWConfig { weight_decay: self.weight_decay.unwrap_or(0.0), ..Default::default() },
+            adamw: AdamWConfig { weight_decay: self.weight_decay.unwrap_or(0.0), eps: self.adam_epsilon.unwrap_or(AdamWConfig::default().eps), ..Default::default() },
             max_grad_norm: self.max_grad_norm.unwrap_or(1.0).gt(&0.0).then(|| self.max_grad_norm.unwrap_or(1.0)),
             batch_size: self.batch_size.unwrap_or(4).max(1),
             grad_accum: self.grad_accum.unwrap_or(1).max(1),
