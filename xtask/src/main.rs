@@ -27,8 +27,9 @@ struct Cli {
 enum Task {
     /// Install what the tests need, then run them (every part unless some are named).
     Test {
-        /// Parts to run [default: native cuda browser page]; page-smollm2 (about a quarter of an
-        /// hour on SwiftShader) and page-phi3 (most of an hour) run only when named.
+        /// Parts to run [default: native cpu-levels cuda browser page]; aarch64 (a second build
+        /// of the core), page-smollm2 (about a quarter of an hour on SwiftShader) and page-phi3
+        /// (most of an hour) run only when named.
         #[arg(value_enum)]
         parts: Vec<Part>,
     },
