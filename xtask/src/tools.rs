@@ -41,10 +41,7 @@ pub fn locked_version(package: &str) -> Result<String> {
 
 /// The wasm32 target and wasm-bindgen-cli at Cargo.lock's wasm-bindgen version.
 pub fn wasm() -> Result {
-    let installed = Command::new("rustup").args(["target", "list", "--installed"]).output().map_err(|e| format!("rustup: {e}"))?;
-    if !String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.trim() == "wasm32-unknown-unknown") {
-        run(Command::new("rustup").args(["target", "add", "wasm32-unknown-unknown"]))?;
-    }
+    rustup_target("wasm32-unknown-unknown")?;
     let version = locked_version("wasm-bindgen")?;
     cargo_tool("wasm-bindgen-cli", &version, &wasm_bindgen())
 }
@@ -85,35 +82,39 @@ pub fn browser() -> Result {
     if have("chromium") && have("chromedriver") && vulkan_icd {
         return Ok(());
     }
-    let is_root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-    if !is_root {
-        return Err("install Debian's chromium, chromium-driver and mesa-vulkan-drivers (as root: apt-get install -y chromium chromium-driver mesa-vulkan-drivers), then run again".into());
-    }
-    let t0 = Instant::now();
-    run(Command::new("apt-get").arg("update"))?;
-    run(Command::new("apt-get").args(["install", "-y", "chromium", "chromium-driver", "mesa-vulkan-drivers"]))?;
-    eprintln!("xtask: installed chromium, chromium-driver and mesa-vulkan-drivers in {:.0} s", t0.elapsed().as_secs_f64());
-    Ok(())
+    apt_install(&["chromium", "chromium-driver", "mesa-vulkan-drivers"])
 }
 
 /// The aarch64 Linux target, Debian's cross gcc (the linker) and qemu-user (the runner), for
 /// `cargo xtask test aarch64`; apt as root.
 pub fn aarch64() -> Result {
-    let installed = Command::new("rustup").args(["target", "list", "--installed"]).output().map_err(|e| format!("rustup: {e}"))?;
-    if !String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.trim() == "aarch64-unknown-linux-gnu") {
-        run(Command::new("rustup").args(["target", "add", "aarch64-unknown-linux-gnu"]))?;
-    }
+    rustup_target("aarch64-unknown-linux-gnu")?;
     if have("aarch64-linux-gnu-gcc") && have("qemu-aarch64") {
         return Ok(());
     }
+    apt_install(&["gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross", "qemu-user"])
+}
+
+/// rustup's `target`, added unless installed.
+fn rustup_target(target: &str) -> Result {
+    let installed = Command::new("rustup").args(["target", "list", "--installed"]).output().map_err(|e| format!("rustup: {e}"))?;
+    if !String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.trim() == target) {
+        run(Command::new("rustup").args(["target", "add", target]))?;
+    }
+    Ok(())
+}
+
+/// Debian `packages` with apt when run as root; otherwise an error saying what to install.
+fn apt_install(packages: &[&str]) -> Result {
+    let list = packages.join(" ");
     let is_root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
     if !is_root {
-        return Err("install Debian's gcc-aarch64-linux-gnu, libc6-dev-arm64-cross and qemu-user (as root: apt-get install -y gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user), then run again".into());
+        return Err(format!("install Debian's {list} (as root: apt-get install -y {list}), then run again"));
     }
     let t0 = Instant::now();
     run(Command::new("apt-get").arg("update"))?;
-    run(Command::new("apt-get").args(["install", "-y", "gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross", "qemu-user"]))?;
-    eprintln!("xtask: installed the aarch64 cross gcc and qemu-user in {:.0} s", t0.elapsed().as_secs_f64());
+    run(Command::new("apt-get").args(["install", "-y"]).args(packages))?;
+    eprintln!("xtask: installed {list} in {:.0} s", t0.elapsed().as_secs_f64());
     Ok(())
 }
 
