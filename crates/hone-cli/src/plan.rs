@@ -32,6 +32,9 @@ pub struct Args {
     /// Activation checkpointing per decoder layer: on or off.
     #[arg(long, default_value = "on")]
     checkpointing: String,
+    /// Optimizer: adamw (f32 moments) or adamw_8bit (bitsandbytes' 8-bit moments).
+    #[arg(long, default_value = "adamw")]
+    optim: String,
     /// Where it would run: codes take twice the room on the CPU backend.
     #[arg(long, value_enum, default_value = "cuda")]
     backend: BackendKind,
@@ -71,7 +74,7 @@ pub fn for_run(config: &Config, s: &RunSettings, seq: usize, backend: BackendKin
         (_, Some(budget)) => budget.div_ceil(seq.max(1)),
         _ => cfg.batch_size,
     };
-    let o = PlanOptions { batch, seq, nf4: s.nf4()?.is_some(), checkpointing: cfg.checkpointing, device: device(backend), logits_chunk: cfg.logits_chunk };
+    let o = PlanOptions { batch, seq, nf4: s.nf4()?.is_some(), checkpointing: cfg.checkpointing, device: device(backend), logits_chunk: cfg.logits_chunk, optim: cfg.optim, min_8bit_size: cfg.min_8bit_size };
     Ok(plan(config, &s.lora(), &o))
 }
 
@@ -82,7 +85,7 @@ pub fn print(p: &MemoryPlan) {
     row("unquantized: embeddings, lm_head, norms", p.dense_bytes);
     row(&format!("LoRA weights ({} params)", p.lora_params), p.lora_weight_bytes);
     row("LoRA gradients", p.lora_grad_bytes);
-    row("optimizer state (AdamW moments)", p.optimizer_bytes);
+    row(if p.optim == hone::train::optim::Optim::AdamW8bit { "optimizer state (8-bit AdamW moments)" } else { "optimizer state (AdamW moments)" }, p.optimizer_bytes);
     row(if p.checkpointing { "activations (layer inputs + one layer)" } else { "activations (every layer)" }, p.activation_bytes);
     row(if p.checkpointing { "logits and gradient (one chunk)" } else { "logits and gradient" }, p.logits_bytes);
     row("workspace (unpacked chunks of weights; process)", p.workspace_bytes);
@@ -99,6 +102,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         quantize: Some(a.quantize.clone()),
         checkpointing: Some(a.checkpointing.clone()),
         batch_size: Some(a.batch_size),
+        optim: Some(a.optim.clone()),
         ..Default::default()
     };
     let p = for_run(&config, &settings, a.max_len, a.backend)?;
@@ -107,7 +111,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("{} ({}, {} layers, hidden {}, vocab {})", path.display(), config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size);
-    println!("  QLoRA r={} {}, batch {} × {} tokens, checkpointing {}, on {:?}", a.rank, a.targets, a.batch_size, a.max_len, a.checkpointing, a.backend);
+    println!("  QLoRA r={} {}, batch {} × {} tokens, checkpointing {}, {}, on {:?}", a.rank, a.targets, a.batch_size, a.max_len, a.checkpointing, settings.optim()?.name(), a.backend);
     print(&p);
     if let Some(m) = device_map(&config, &settings, a.max_len, a.backend, a.devices, a.max_memory.as_deref())? {
         print_map(&m);
@@ -150,7 +154,7 @@ pub fn device_map(config: &Config, s: &RunSettings, seq: usize, backend: Backend
         anyhow::bail!("--devices and --max-memory place layers on GPUs: use --backend cuda or wgpu");
     }
     let cfg = s.train(0)?;
-    let o = PlanOptions { batch: cfg.batch_size, seq, nf4: s.nf4()?.is_some(), checkpointing: cfg.checkpointing, device: Device::Gpu, logits_chunk: cfg.logits_chunk };
+    let o = PlanOptions { batch: cfg.batch_size, seq, nf4: s.nf4()?.is_some(), checkpointing: cfg.checkpointing, device: Device::Gpu, logits_chunk: cfg.logits_chunk, optim: cfg.optim, min_8bit_size: cfg.min_8bit_size };
     Ok(Some(match max_memory {
         Some(m) => split_layers(config, &s.lora(), &o, &vec![parse_size(m)?; n]).map_err(|e| anyhow::anyhow!("{e}; add devices or lower --batch-size / --max-len"))?,
         None => balance_layers(config, &s.lora(), &o, n),

@@ -392,6 +392,8 @@ impl Session {
             checkpointing: cfg.checkpointing,
             device: plan::Device::Gpu,
             logits_chunk: cfg.logits_chunk,
+            optim: cfg.optim,
+            min_8bit_size: cfg.min_8bit_size,
         };
         Ok(plan::plan(&self.config, &s.lora(), &options))
     }

@@ -50,6 +50,7 @@ fn check(qlora: bool, checkpointing: bool) {
         max_batch_tokens: None,
         // Checkpointed runs also take the loss a few positions at a time (chunked cross-entropy).
         logits_chunk: if checkpointing { 3000 } else { hone::train::trainer::LOGITS_CHUNK },
+        ..Default::default()
     };
     let lora = LoraConfig { r: adapter.r, alpha: adapter.alpha, dropout: 0.0, ..Default::default() };
     let mut trainer = Trainer::new(model, lora, samples, cfg, device);

@@ -232,6 +232,14 @@ pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
 /// Serializes f32 tensors as a safetensors file, keys sorted so the same tensors always give
 /// the same bytes.
 pub fn write_f32(tensors: &[(&str, &[usize], &[f32])], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let entries: Vec<(&str, Dtype, &[usize], &[u8])> = tensors.iter().zip(&bytes).map(|((n, s, _), b)| (*n, Dtype::F32, *s, b.as_slice())).collect();
+    write_tensors(&entries, metadata)
+}
+
+/// Serializes tensors of any dtype given as little-endian bytes (name, dtype, shape, bytes),
+/// keys sorted as in [`write_f32`].
+pub fn write_tensors(tensors: &[(&str, Dtype, &[usize], &[u8])], metadata: &BTreeMap<String, String>) -> Vec<u8> {
     let mut sorted: Vec<_> = tensors.to_vec();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
     let mut header = serde_json::Map::new();
@@ -239,13 +247,13 @@ pub fn write_f32(tensors: &[(&str, &[usize], &[f32])], metadata: &BTreeMap<Strin
         header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map"));
     }
     let mut offset = 0usize;
-    for (name, shape, data) in &sorted {
-        let len = data.len() * 4;
+    for (name, dtype, shape, data) in &sorted {
+        debug_assert_eq!(data.len(), shape.iter().product::<usize>() * dtype.size(), "{name}");
         header.insert(
             name.to_string(),
-            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len]}),
+            serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [offset, offset + data.len()]}),
         );
-        offset += len;
+        offset += data.len();
     }
     let mut header = serde_json::to_vec(&header).expect("json");
     // Pad with spaces to 8-byte alignment, as the reference writer does.
@@ -255,10 +263,8 @@ pub fn write_f32(tensors: &[(&str, &[usize], &[f32])], metadata: &BTreeMap<Strin
     let mut out = Vec::with_capacity(8 + header.len() + offset);
     out.extend_from_slice(&(header.len() as u64).to_le_bytes());
     out.extend_from_slice(&header);
-    for (_, _, data) in &sorted {
-        for v in data.iter() {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
+    for (_, _, _, data) in &sorted {
+        out.extend_from_slice(data);
     }
     out
 }

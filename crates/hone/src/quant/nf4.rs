@@ -2,7 +2,7 @@
 //! flattened weight, the nearest of 16 code values (ties to the lower), two codes per byte with
 //! the first element in the high nibble, and optionally double quantization of the absmax.
 
-use super::dynamic_map::signed_dynamic_map;
+use super::dynamic_map::{lut_cell, quantize_lut, signed_dynamic_map};
 
 /// bitsandbytes' NF4 code values (QLoRA paper, appendix E), as f32: the table the GPU kernels
 /// use, kept once in `shaders/`.
@@ -72,23 +72,17 @@ fn midpoints(code: &[f32]) -> Vec<f32> {
 }
 
 
-/// Cells of the lookup grid bitsandbytes' CPU kernel uses for 8-bit codes.
-const LUT_SIZE: usize = 65536;
-
 /// bitsandbytes' CPU `quantize_blockwise` (8-bit codes of the signed dynamic map, absmax per
-/// block). Its kernel does not search for the nearest code: it rounds the scaled value onto a
-/// uniform grid of 65536 cells over [-1, 1] and takes the code nearest to the cell's centre,
-/// which differs from the true nearest code for a few values near a midpoint. hone does the
-/// same so that double-quantized absmax codes match bit for bit.
+/// block), through its lookup grid ([`quantize_lut`]) so that double-quantized absmax codes
+/// match bit for bit.
 pub fn quantize_blockwise_8bit(x: &[f32], blocksize: usize) -> (Vec<u8>, Vec<f32>) {
-    let code = signed_dynamic_map();
-    let mids = midpoints(&code);
-    let lut: Vec<u8> = (0..LUT_SIZE)
-        .map(|i| {
-            let cell = -1.0f32 + (2.0f32 * i as f32) / (LUT_SIZE - 1) as f32;
-            nearest(cell, &mids)
-        })
-        .collect();
+    quantize_blockwise_with(x, blocksize, &signed_dynamic_map())
+}
+
+/// [`quantize_blockwise_8bit`] into any sorted 256-value `code` (8-bit AdamW's second moment
+/// uses the unsigned map).
+pub fn quantize_blockwise_with(x: &[f32], blocksize: usize, code: &[f32; 256]) -> (Vec<u8>, Vec<f32>) {
+    let lut = quantize_lut(code);
     let absmax = block_absmax(x, blocksize);
     let codes = x
         .iter()
@@ -98,10 +92,7 @@ pub fn quantize_blockwise_8bit(x: &[f32], blocksize: usize) -> (Vec<u8>, Vec<f32
             if am == 0.0 {
                 return 0;
             }
-            let s = (v * (1.0 / am)).clamp(-1.0, 1.0);
-            // Compiled with contraction, the kernel's `h * 65535 + 0.5` is one fused op.
-            let cell = ((s + 1.0) * 0.5).mul_add((LUT_SIZE - 1) as f32, 0.5) as usize;
-            lut[cell]
+            lut[lut_cell((v * (1.0 / am)).clamp(-1.0, 1.0))]
         })
         .collect();
     (codes, absmax)

@@ -1,4 +1,6 @@
-//! Checkpoints: the adapter (PEFT's two files), the optimizer's moments, and where training is
+//! Checkpoints: the adapter (PEFT's two files), the optimizer's moments (f32 `exp_avg`/`exp_avg_sq`
+//! as torch names them, or 8-bit `state1`/`absmax1`/`state2`/`absmax2` as bitsandbytes does),
+//! and where training is
 //! (`trainer_state.json`: step, epoch, data position, and the settings). Written to a temporary
 //! directory and renamed into place, so a kill at any moment leaves the previous checkpoint
 //! whole. Dropout and data order derive from (seed, step) and (seed, epoch), so no RNG state
@@ -8,7 +10,9 @@ use super::trainer::{TrainConfig, TrainState};
 #[cfg(not(target_arch = "wasm32"))]
 use super::trainer::Trainer;
 use crate::error::{Error, Result};
-use crate::io::safetensors::{write_f32, SafeTensors};
+use super::adamw8bit::HostInt8Moments;
+use super::optim::{HostMoments, SavedMoments};
+use crate::io::safetensors::{write_tensors, Dtype, SafeTensors};
 use crate::io::FileSet;
 use crate::lora::peft::{Adapter, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
 #[cfg(not(target_arch = "wasm32"))]
@@ -66,15 +70,27 @@ pub fn adapter_files(adapter: &Adapter) -> Vec<(&'static str, Vec<u8>)> {
 }
 
 /// A checkpoint's files (name → bytes), the same natively and in the browser's OPFS.
-pub fn checkpoint_files(adapter: &Adapter, moments: Vec<(String, [usize; 2], Vec<f32>, Vec<f32>)>, saved: &SavedState) -> Vec<(&'static str, Vec<u8>)> {
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    for (k, shape, m, v) in moments {
-        tensors.push((format!("{k}.exp_avg"), shape.to_vec(), m));
-        tensors.push((format!("{k}.exp_avg_sq"), shape.to_vec(), v));
+pub fn checkpoint_files(adapter: &Adapter, moments: Vec<SavedMoments>, saved: &SavedState) -> Vec<(&'static str, Vec<u8>)> {
+    let f32_bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for s in moments {
+        let k = &s.name;
+        match s.moments {
+            HostMoments::F32 { exp_avg, exp_avg_sq } => {
+                tensors.push((format!("{k}.exp_avg"), Dtype::F32, s.shape.to_vec(), f32_bytes(&exp_avg)));
+                tensors.push((format!("{k}.exp_avg_sq"), Dtype::F32, s.shape.to_vec(), f32_bytes(&exp_avg_sq)));
+            }
+            HostMoments::Int8(h) => {
+                tensors.push((format!("{k}.state1"), Dtype::U8, s.shape.to_vec(), h.state1));
+                tensors.push((format!("{k}.state2"), Dtype::U8, s.shape.to_vec(), h.state2));
+                tensors.push((format!("{k}.absmax1"), Dtype::F32, vec![h.absmax1.len()], f32_bytes(&h.absmax1)));
+                tensors.push((format!("{k}.absmax2"), Dtype::F32, vec![h.absmax2.len()], f32_bytes(&h.absmax2)));
+            }
+        }
     }
-    let refs: Vec<(&str, &[usize], &[f32])> = tensors.iter().map(|(n, s, v)| (n.as_str(), s.as_slice(), v.as_slice())).collect();
+    let refs: Vec<(&str, Dtype, &[usize], &[u8])> = tensors.iter().map(|(n, d, s, v)| (n.as_str(), *d, s.as_slice(), v.as_slice())).collect();
     let mut files = adapter_files(adapter);
-    files.push((OPTIMIZER_FILE, write_f32(&refs, &Default::default())));
+    files.push((OPTIMIZER_FILE, write_tensors(&refs, &Default::default())));
     files.push((STATE_FILE, serde_json::to_vec_pretty(saved).expect("json")));
     files
 }
@@ -90,7 +106,7 @@ where
 
 pub struct Loaded {
     pub adapter: Adapter,
-    pub moments: Vec<(String, [usize; 2], Vec<f32>, Vec<f32>)>,
+    pub moments: Vec<SavedMoments>,
     pub saved: SavedState,
 }
 
@@ -106,12 +122,31 @@ pub fn read(files: &dyn FileSet) -> Result<Loaded> {
     let saved: SavedState = serde_json::from_slice(&state_src.read_all()?).map_err(|e| Error::format(state_src.name(), e))?;
     let st = SafeTensors::open(files.open_required(OPTIMIZER_FILE)?)?;
     let mut moments = Vec::new();
+    let two_d = |name: &str, shape: Vec<usize>| -> Result<[usize; 2]> { shape.try_into().map_err(|_| Error::tensor(st.name(), name, "not 2-D")) };
     for name in st.tensors().keys() {
-        let Some(base) = name.strip_suffix(".exp_avg") else { continue };
-        let (shape, m) = st.read_f32(name)?;
-        let (_, v) = st.read_f32(&format!("{base}.exp_avg_sq"))?;
-        let shape: [usize; 2] = shape.try_into().map_err(|_| Error::tensor(st.name(), name, "not 2-D"))?;
-        moments.push((base.to_string(), shape, m, v));
+        if let Some(base) = name.strip_suffix(".exp_avg") {
+            let (shape, m) = st.read_f32(name)?;
+            let (_, v) = st.read_f32(&format!("{base}.exp_avg_sq"))?;
+            moments.push(SavedMoments { name: base.to_string(), shape: two_d(name, shape)?, moments: HostMoments::F32 { exp_avg: m, exp_avg_sq: v } });
+        } else if let Some(base) = name.strip_suffix(".state1") {
+            let codes = |n: &str| -> Result<(Vec<usize>, Vec<u8>)> {
+                let (info, bytes) = st.read_raw(n)?;
+                if info.dtype != Dtype::U8 {
+                    return Err(Error::tensor(st.name(), n, format!("8-bit optimizer state must be U8, found {}", info.dtype.name())));
+                }
+                Ok((info.shape, bytes))
+            };
+            let (shape, state1) = codes(name)?;
+            let (_, state2) = codes(&format!("{base}.state2"))?;
+            let (_, absmax1) = st.read_f32(&format!("{base}.absmax1"))?;
+            let (_, absmax2) = st.read_f32(&format!("{base}.absmax2"))?;
+            let shape = two_d(name, shape)?;
+            let blocks = (shape[0] * shape[1]).div_ceil(super::adamw8bit::BLOCK);
+            if absmax1.len() != blocks || absmax2.len() != blocks || state2.len() != state1.len() {
+                return Err(Error::tensor(st.name(), name, format!("8-bit state of {shape:?} needs {blocks} absmax values per moment")));
+            }
+            moments.push(SavedMoments { name: base.to_string(), shape, moments: HostMoments::Int8(HostInt8Moments { state1, absmax1, state2, absmax2 }) });
+        }
     }
     Ok(Loaded { adapter, moments, saved })
 }

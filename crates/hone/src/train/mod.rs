@@ -1,5 +1,7 @@
-//! Training: the loss, AdamW, learning-rate schedules and the step-by-step trainer.
+//! Training: the loss, AdamW (32-bit, and bitsandbytes' 8-bit), learning-rate schedules and the
+//! step-by-step trainer.
 
+pub mod adamw8bit;
 pub mod checkpoint;
 pub mod loss;
 pub mod optim;

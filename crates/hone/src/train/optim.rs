@@ -1,5 +1,6 @@
 //! AdamW on the LoRA parameters, in PyTorch's order of operations (`torch.optim.AdamW`,
-//! single-tensor path), and global-norm gradient clipping as `clip_grad_norm_`.
+//! single-tensor path) or as bitsandbytes' 8-bit AdamW ([`super::adamw8bit`]), and global-norm
+//! gradient clipping as `clip_grad_norm_`.
 
 use crate::ops::{AdamWScalars, HoneBackend};
 use burn::tensor::backend::Backend;
@@ -17,6 +18,58 @@ impl Default for AdamWConfig {
     fn default() -> Self {
         AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
     }
+}
+
+/// Which optimizer: AdamW with f32 moments (`torch.optim.AdamW`), or bitsandbytes' 8-bit AdamW
+/// (blockwise 8-bit moments; transformers' `adamw_bnb_8bit` / `paged_adamw_8bit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Optim {
+    #[default]
+    #[serde(rename = "adamw")]
+    AdamW,
+    #[serde(rename = "adamw_8bit")]
+    AdamW8bit,
+}
+
+impl Optim {
+    /// Accepts hone's names and transformers' `optim` names for the same optimizers.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "adamw" | "adamw_torch" | "adamw_torch_fused" => Ok(Optim::AdamW),
+            "adamw_8bit" | "adamw_bnb_8bit" | "paged_adamw_8bit" => Ok(Optim::AdamW8bit),
+            other => Err(format!("unknown optimizer {other:?}: expected adamw (also adamw_torch) or adamw_8bit (also adamw_bnb_8bit, paged_adamw_8bit)")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Optim::AdamW => "adamw",
+            Optim::AdamW8bit => "adamw_8bit",
+        }
+    }
+}
+
+/// The moments of one parameter, as the optimizer keeps them on the device.
+#[derive(Debug, Clone)]
+pub enum OptimState<B: Backend> {
+    F32(Moments<B>),
+    Int8(super::adamw8bit::Int8Moments<B>),
+}
+
+/// The same on the host, as a checkpoint stores them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostMoments {
+    F32 { exp_avg: Vec<f32>, exp_avg_sq: Vec<f32> },
+    Int8(super::adamw8bit::HostInt8Moments),
+}
+
+/// One parameter's saved moments: its name, shape and values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedMoments {
+    pub name: String,
+    pub shape: [usize; 2],
+    pub moments: HostMoments,
 }
 
 /// First and second moments of one parameter.

@@ -4,13 +4,15 @@
 //! The base: NF4 decoder linears as hone keeps them on every device (4-bit codes packed in i32
 //! words, and bitsandbytes' double-quantized absmax in its 8-bit form: a byte per 64 weights,
 //! an f32 scale per 256 blocks), embeddings and an untied lm_head in the checkpoint's precision
-//! (`torch_dtype`: bf16/f16 stay 16-bit), f32 norms. LoRA: A and B, their gradients and
-//! AdamW's two moments, all f32. Activations: what the backward pass
+//! (`torch_dtype`: bf16/f16 stay 16-bit), f32 norms. LoRA: A and B and their gradients in f32,
+//! AdamW's two moments in f32 or, with 8-bit AdamW, a byte each per value (in blocks of 256
+//! with an f32 absmax; tensors under `min_8bit_size` keep f32). Activations: what the backward pass
 //! keeps (with checkpointing, the layer inputs and one layer at a time), plus the logits and
 //! their gradient (one piece of them with chunked cross-entropy).
 
 use crate::lora::LoraConfig;
 use crate::model::{Arch, Config};
+use crate::train::optim::Optim;
 
 /// Where the run's tensors live, which changes what the ops keep and whether the process
 /// itself counts.
@@ -40,11 +42,23 @@ pub struct PlanOptions {
     pub device: Device,
     /// Logits per piece of the chunked cross-entropy (see TrainConfig::logits_chunk).
     pub logits_chunk: usize,
+    pub optim: Optim,
+    /// With 8-bit AdamW, tensors under this many values keep f32 moments.
+    pub min_8bit_size: usize,
 }
 
 impl PlanOptions {
     pub fn new(batch: usize, seq: usize, nf4: bool) -> Self {
-        PlanOptions { batch, seq, nf4, checkpointing: true, device: Device::Gpu, logits_chunk: crate::train::trainer::LOGITS_CHUNK }
+        PlanOptions {
+            batch,
+            seq,
+            nf4,
+            checkpointing: true,
+            device: Device::Gpu,
+            logits_chunk: crate::train::trainer::LOGITS_CHUNK,
+            optim: Optim::AdamW,
+            min_8bit_size: crate::train::adamw8bit::MIN_8BIT_SIZE,
+        }
     }
 }
 
@@ -61,8 +75,9 @@ pub struct MemoryPlan {
     pub lora_params: u64,
     pub lora_weight_bytes: u64,
     pub lora_grad_bytes: u64,
-    /// AdamW's two moments.
+    /// AdamW's two moments (f32, or 8-bit blockwise).
     pub optimizer_bytes: u64,
+    pub optim: Optim,
     /// LoRA weights, gradients and optimizer moments.
     pub lora_bytes: u64,
     /// What the backward pass keeps: every layer's activations, or with checkpointing the
@@ -151,8 +166,17 @@ pub fn plan(c: &Config, lora: &LoraConfig, o: &PlanOptions) -> MemoryPlan {
     let dense_bytes = embed + head + norms + dense_linears;
     let base_bytes = nf4_codes_bytes + nf4_stats_bytes + dense_bytes;
 
-    let lora_params: u64 = linears.iter().filter(|(n, _, _)| lora.targets.matches(n)).map(|(_, i, o_)| lora.r as u64 * (i + o_)).sum();
-    let (lora_weight_bytes, lora_grad_bytes, optimizer_bytes) = (lora_params * 4, lora_params * 4, lora_params * 8);
+    let adapted: Vec<(u64, u64)> = linears.iter().filter(|(n, _, _)| lora.targets.matches(n)).map(|(_, i, o_)| (*i, *o_)).collect();
+    let lora_params: u64 = adapted.iter().map(|(i, o_)| lora.r as u64 * (i + o_)).sum();
+    let moments = |n: u64| match o.optim {
+        Optim::AdamW8bit if n >= o.min_8bit_size as u64 => {
+            let blocks = n.div_ceil(crate::train::adamw8bit::BLOCK as u64);
+            2 * (blocks * crate::train::adamw8bit::BLOCK as u64 + 4 * blocks)
+        }
+        _ => 8 * n,
+    };
+    let optimizer_bytes: u64 = adapted.iter().map(|(i, o_)| moments(lora.r as u64 * i) + moments(lora.r as u64 * o_)).sum();
+    let (lora_weight_bytes, lora_grad_bytes) = (lora_params * 4, lora_params * 4);
     let lora_bytes = lora_weight_bytes + lora_grad_bytes + optimizer_bytes;
 
     let (rows, seq) = (o.batch as u64, o.seq as u64);
@@ -226,6 +250,7 @@ pub fn plan(c: &Config, lora: &LoraConfig, o: &PlanOptions) -> MemoryPlan {
         lora_weight_bytes,
         lora_grad_bytes,
         optimizer_bytes,
+        optim: o.optim,
         lora_bytes,
         activation_bytes,
         logits_bytes,

@@ -2,7 +2,7 @@
 //! same way from the same inputs: the settings (the CLI's long flag names, `_` for `-`, and its
 //! defaults), samples from JSONL text, and the held-out split.
 
-use super::optim::AdamWConfig;
+use super::optim::{AdamWConfig, Optim};
 use super::schedule::Schedule;
 use super::trainer::TrainConfig;
 use crate::data::dataset::{encode, parse_jsonl, EncodeOptions};
@@ -56,6 +56,11 @@ pub struct RunSettings {
     /// AdamW's epsilon, added to √v̂ in each update (transformers' adam_epsilon) [default: 1e-8].
     #[cfg_attr(feature = "cli", arg(long))]
     pub adam_epsilon: Option<f64>,
+    /// Optimizer: adamw (f32 moments, torch's AdamW) or adamw_8bit (bitsandbytes' 8-bit AdamW:
+    /// 2 bytes of state per LoRA value instead of 8; transformers' names adamw_torch,
+    /// adamw_bnb_8bit and paged_adamw_8bit are accepted) [default: adamw].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub optim: Option<String>,
     /// Global gradient-norm clipping; 0 disables [default: 1].
     #[cfg_attr(feature = "cli", arg(long))]
     pub max_grad_norm: Option<f64>,
@@ -111,7 +116,7 @@ impl RunSettings {
     /// These settings with every one that `top` sets put over them (flags over a config file).
     pub fn overlay(&mut self, top: &RunSettings) {
         let base = self;
-        overlay!(base, top; format, rank, alpha, dropout, targets, lr, schedule, warmup_steps, weight_decay, adam_epsilon, max_grad_norm, epochs, steps,
+        overlay!(base, top; format, rank, alpha, dropout, targets, lr, schedule, warmup_steps, weight_decay, adam_epsilon, optim, max_grad_norm, epochs, steps,
             batch_size, grad_accum, max_len, seed, quantize, eval_split, eval_every, patience, checkpointing, max_batch_tokens;
             train_on_prompts, rslora, packing);
         if top.epochs.is_some() && top.steps.is_none() {
@@ -143,6 +148,10 @@ impl RunSettings {
         }
     }
 
+    pub fn optim(&self) -> Result<Optim> {
+        Optim::parse(self.optim.as_deref().unwrap_or("adamw")).map_err(|e| Error::format("optim", e))
+    }
+
     pub fn lora(&self) -> LoraConfig {
         LoraConfig {
             r: self.rank.unwrap_or(16),
@@ -163,6 +172,8 @@ impl RunSettings {
             },
             warmup_steps: self.warmup_steps.unwrap_or(0),
             adamw: AdamWConfig { weight_decay: self.weight_decay.unwrap_or(0.0), eps: self.adam_epsilon.unwrap_or(AdamWConfig::default().eps), ..Default::default() },
+            optim: self.optim()?,
+            min_8bit_size: super::adamw8bit::MIN_8BIT_SIZE,
             max_grad_norm: self.max_grad_norm.unwrap_or(1.0).gt(&0.0).then(|| self.max_grad_norm.unwrap_or(1.0)),
             batch_size: self.batch_size.unwrap_or(4).max(1),
             grad_accum: self.grad_accum.unwrap_or(1).max(1),

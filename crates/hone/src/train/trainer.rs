@@ -1,10 +1,12 @@
 //! The trainer: one optimizer step per call (so the browser can await each step and the CLI can
 //! loop), AdamW on the LoRA parameters only, gradient accumulation with the loss normalised by
-//! the step's counted tokens (as transformers' Trainer), global-norm clipping, seeded data order
+//! the step's counted tokens (as transformers' Trainer), global-norm clipping, 32-bit or
+//! bitsandbytes' 8-bit moments, seeded data order
 //! and dropout, and a state that checkpoints and resumes exactly.
 
 use super::loss::{counted_tokens, nll_sum, shifted_targets, IGNORE_INDEX};
-use super::optim::{adamw_update, clip_global_norm, AdamWConfig, Moments};
+use super::adamw8bit::{adamw8bit_update, Int8Moments, Tables, MIN_8BIT_SIZE};
+use super::optim::{adamw_update, clip_global_norm, AdamWConfig, HostMoments, Moments, Optim, OptimState, SavedMoments};
 use super::schedule::{LrSchedule, Schedule};
 use crate::data::Sample;
 pub use crate::readback::read_f32;
@@ -26,6 +28,10 @@ pub struct TrainConfig {
     pub schedule: Schedule,
     pub warmup_steps: usize,
     pub adamw: AdamWConfig,
+    /// f32 moments, or bitsandbytes' 8-bit ones.
+    pub optim: Optim,
+    /// With 8-bit moments, tensors with fewer values keep f32 ones (bitsandbytes' `min_8bit_size`).
+    pub min_8bit_size: usize,
     /// Global-norm clipping; `None` disables it.
     pub max_grad_norm: Option<f64>,
     /// Samples per micro-batch (padded on the right to the longest).
@@ -65,6 +71,8 @@ impl Default for TrainConfig {
             schedule: Schedule::Linear,
             warmup_steps: 0,
             adamw: AdamWConfig { weight_decay: 0.0, ..Default::default() },
+            optim: Optim::AdamW,
+            min_8bit_size: MIN_8BIT_SIZE,
             max_grad_norm: Some(1.0),
             batch_size: 4,
             grad_accum: 1,
@@ -129,7 +137,9 @@ where
     pub lora: LoraConfig,
     pub cfg: TrainConfig,
     pub state: TrainState,
-    moments: BTreeMap<String, Moments<B::InnerBackend>>,
+    moments: BTreeMap<String, OptimState<B::InnerBackend>>,
+    /// 8-bit AdamW's maps and lookup grids, per device.
+    tables: Vec<(B::Device, Tables<B::InnerBackend>)>,
     data: Vec<Sample>,
     /// Token count of each sample, for batching.
     lens: Vec<usize>,
@@ -299,6 +309,7 @@ where
             cfg,
             state: TrainState { step: 0, epoch: 0, position: 0, total_steps },
             moments: BTreeMap::new(),
+            tables: Vec::new(),
             data,
             lens,
             order,
@@ -375,14 +386,31 @@ where
 
         let lr = self.schedule().lr_at(step);
         let adamw = self.cfg.adamw;
+        let (optim, min_8bit) = (self.cfg.optim, self.cfg.min_8bit_size);
         for (name, lin) in self.model.linears_mut() {
             let Some(l) = &mut lin.lora else { continue };
             for which in ["lora_A", "lora_B"] {
                 let key = format!("{name}.{which}");
                 let param = if which == "lora_A" { &mut l.lora_a } else { &mut l.lora_b };
                 let value = param.val().inner();
-                let m = self.moments.entry(key.clone()).or_insert_with(|| Moments::zeros(value.dims(), &value.device()));
-                let updated = adamw_update(value, clipped[&key].clone(), m, &adamw, lr, step + 1);
+                let device = value.device();
+                let m = self.moments.entry(key.clone()).or_insert_with(|| {
+                    let [r, c] = value.dims();
+                    match optim {
+                        Optim::AdamW8bit if r * c >= min_8bit => OptimState::Int8(Int8Moments::zeros([r, c], &device)),
+                        _ => OptimState::F32(Moments::zeros([r, c], &device)),
+                    }
+                });
+                let updated = match m {
+                    OptimState::F32(m) => adamw_update(value, clipped[&key].clone(), m, &adamw, lr, step + 1),
+                    OptimState::Int8(m) => {
+                        if !self.tables.iter().any(|(d, _)| *d == device) {
+                            self.tables.push((device.clone(), Tables::new(&device)));
+                        }
+                        let tables = &self.tables.iter().find(|(d, _)| *d == device).expect("made above").1;
+                        adamw8bit_update(value, clipped[&key].clone(), m, tables, &adamw, lr, step + 1)
+                    }
+                };
                 *param = Param::initialized(param.id, Tensor::from_inner(updated).require_grad());
             }
         }
@@ -531,16 +559,22 @@ where
 
     /// Everything a checkpoint holds besides the adapter: the moments, by parameter name.
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn optimizer_state(&self) -> Vec<(String, [usize; 2], Vec<f32>, Vec<f32>)> {
+    pub fn optimizer_state(&self) -> Vec<SavedMoments> {
+        let f32s = |t: &Tensor<B::InnerBackend, 1>| t.clone().into_data().to_vec::<f32>().expect("f32");
+        let words = |t: &Tensor<B::InnerBackend, 1, Int>| t.clone().into_data().convert::<i32>().to_vec::<i32>().expect("i32");
         self.moments
             .iter()
-            .map(|(k, m)| {
-                (
-                    k.clone(),
-                    m.exp_avg.dims(),
-                    m.exp_avg.clone().into_data().to_vec().expect("f32"),
-                    m.exp_avg_sq.clone().into_data().to_vec().expect("f32"),
-                )
+            .map(|(k, state)| match state {
+                OptimState::F32(m) => SavedMoments {
+                    name: k.clone(),
+                    shape: m.exp_avg.dims(),
+                    moments: HostMoments::F32 { exp_avg: f32s(&m.exp_avg.clone().flatten(0, 1)), exp_avg_sq: f32s(&m.exp_avg_sq.clone().flatten(0, 1)) },
+                },
+                OptimState::Int8(m) => SavedMoments {
+                    name: k.clone(),
+                    shape: m.shape,
+                    moments: HostMoments::Int8(m.host_from_words(&words(&m.state1), f32s(&m.absmax1), &words(&m.state2), f32s(&m.absmax2))),
+                },
             })
             .collect()
     }
@@ -551,10 +585,21 @@ where
     }
 
     /// [`Trainer::optimizer_state`], read back asynchronously.
-    pub async fn optimizer_state_async(&self) -> crate::Result<Vec<(String, [usize; 2], Vec<f32>, Vec<f32>)>> {
+    pub async fn optimizer_state_async(&self) -> crate::Result<Vec<SavedMoments>> {
         let mut out = Vec::with_capacity(self.moments.len());
-        for (k, m) in &self.moments {
-            out.push((k.clone(), m.exp_avg.dims(), read_f32(m.exp_avg.clone()).await?, read_f32(m.exp_avg_sq.clone()).await?));
+        for (k, state) in &self.moments {
+            out.push(match state {
+                OptimState::F32(m) => SavedMoments {
+                    name: k.clone(),
+                    shape: m.exp_avg.dims(),
+                    moments: HostMoments::F32 { exp_avg: read_f32(m.exp_avg.clone()).await?, exp_avg_sq: read_f32(m.exp_avg_sq.clone()).await? },
+                },
+                OptimState::Int8(m) => {
+                    let (s1, s2) = (crate::readback::read_i32(m.state1.clone()).await?, crate::readback::read_i32(m.state2.clone()).await?);
+                    let host = m.host_from_words(&s1, read_f32(m.absmax1.clone()).await?, &s2, read_f32(m.absmax2.clone()).await?);
+                    SavedMoments { name: k.clone(), shape: m.shape, moments: HostMoments::Int8(host) }
+                }
+            });
         }
         Ok(out)
     }
@@ -565,13 +610,29 @@ where
     }
 
     /// Restores a checkpoint: adapter tensors, optimizer moments and the data position.
-    pub fn restore(&mut self, adapter: &Adapter, moments: Vec<(String, [usize; 2], Vec<f32>, Vec<f32>)>, state: TrainState) -> crate::Result<()> {
+    pub fn restore(&mut self, adapter: &Adapter, moments: Vec<SavedMoments>, state: TrainState) -> crate::Result<()> {
         adapter.attach(self.model.linears_mut())?;
+        // Each parameter's moments go where the parameter lives (layers may be spread over devices).
+        let mut devices: BTreeMap<String, B::Device> = BTreeMap::new();
+        for (name, lin) in self.model.linears() {
+            if let Some(l) = &lin.lora {
+                devices.insert(format!("{name}.lora_A"), l.lora_a.val().device().into());
+                devices.insert(format!("{name}.lora_B"), l.lora_b.val().device().into());
+            }
+        }
         let inner = self.model.model.embed_tokens.device();
         self.moments = moments
             .into_iter()
-            .map(|(k, shape, m, v)| {
-                (k, Moments { exp_avg: Tensor::from_data(TensorData::new(m, shape), &inner), exp_avg_sq: Tensor::from_data(TensorData::new(v, shape), &inner) })
+            .map(|s| {
+                let device = devices.get(&s.name).cloned().unwrap_or_else(|| inner.clone());
+                let state = match s.moments {
+                    HostMoments::F32 { exp_avg, exp_avg_sq } => OptimState::F32(Moments {
+                        exp_avg: Tensor::from_data(TensorData::new(exp_avg, s.shape), &device),
+                        exp_avg_sq: Tensor::from_data(TensorData::new(exp_avg_sq, s.shape), &device),
+                    }),
+                    HostMoments::Int8(h) => OptimState::Int8(Int8Moments::from_host(s.shape, &h, &device)),
+                };
+                (s.name, state)
             })
             .collect();
         self.order = epoch_order(self.data.len(), self.cfg.seed, state.epoch, self.cfg.shuffle);
