@@ -63,6 +63,7 @@ function settings() {
     warmup_steps: num('warmup-steps'),
     adam_epsilon: num('adam-epsilon'),
     optim: $('optim').value,
+    min_8bit_size: num('min-8bit-size'),
     batch_size: num('batch-size'),
     grad_accum: num('grad-accum'),
     max_len: num('max-len'),
@@ -82,7 +83,7 @@ function settings() {
 function applySettings(s) {
   const set = (id, v) => { if (v !== undefined && v !== null) $(id).value = v; };
   set('rank', s.rank); set('alpha', s.alpha); set('dropout', s.dropout); set('targets', s.targets);
-  set('lr', s.lr); set('warmup-steps', s.warmup_steps); set('adam-epsilon', s.adam_epsilon); set('optim', s.optim); set('batch-size', s.batch_size); set('grad-accum', s.grad_accum);
+  set('lr', s.lr); set('warmup-steps', s.warmup_steps); set('adam-epsilon', s.adam_epsilon); set('optim', s.optim); set('min-8bit-size', s.min_8bit_size); set('batch-size', s.batch_size); set('grad-accum', s.grad_accum);
   set('max-len', s.max_len); set('seed', s.seed); set('quantize', s.quantize); set('eval-split', s.eval_split);
   if (s.steps) set('steps', s.steps); else { $('steps').value = ''; set('epochs', s.epochs); }
   $('train-on-prompts').checked = !!s.train_on_prompts;

@@ -35,7 +35,9 @@ Object.assign(bigConfig, { vocab_size: 131072, hidden_size: 65536, intermediate_
 fs.writeFileSync(path.join(bigDir, 'config.json'), JSON.stringify(bigConfig));
 fs.copyFileSync(path.join(fixture, 'tokenizer.json'), path.join(bigDir, 'tokenizer.json'));
 
-const SETTINGS = { rank: 4, alpha: 8, dropout: 0, lr: 0.01, steps: 6, batchSize: 4, maxLen: 48, seed: 7, saveEvery: 2 };
+// 8-bit AdamW from 64 values: every r=4 A and B of the fixture keeps 8-bit moments, so the
+// OPFS checkpoint and the resume carry bitsandbytes' state, and native must agree.
+const SETTINGS = { rank: 4, alpha: 8, dropout: 0, lr: 0.01, steps: 6, batchSize: 4, maxLen: 48, seed: 7, saveEvery: 2, optim: 'adamw_8bit', min8bit: 64 };
 const BASE_NAME = 'tiny-smollm2';
 
 const browser = await launch();
@@ -66,6 +68,8 @@ async function fillSettings() {
   await page.getByLabel('Batch size').fill(String(SETTINGS.batchSize));
   await page.getByLabel('Max length').fill(String(SETTINGS.maxLen));
   await page.getByLabel('Seed').fill(String(SETTINGS.seed));
+  await page.getByLabel('Optimizer').selectOption(SETTINGS.optim);
+  await page.getByLabel('8-bit moments from (values per tensor)').fill(String(SETTINGS.min8bit));
   await page.getByLabel('Checkpoint every N steps').fill(String(SETTINGS.saveEvery));
   await page.getByLabel('Base model name (in adapter_config.json)').fill(BASE_NAME);
 }
@@ -163,7 +167,7 @@ await check('saves_adapter_as_zip', async () => {
 await check('browser_adapter_equals_native_hone_train', async () => {
   const nativeOut = path.join(outDir, 'native-adapter');
   fs.rmSync(nativeOut, { recursive: true, force: true });
-  execFileSync(hone, ['train', '--model', fixture, '--data', dataPath, '--out', nativeOut, '--quiet', '--rank', String(SETTINGS.rank), '--alpha', String(SETTINGS.alpha), '--dropout', String(SETTINGS.dropout), '--lr', String(SETTINGS.lr), '--steps', String(SETTINGS.steps), '--batch-size', String(SETTINGS.batchSize), '--max-len', String(SETTINGS.maxLen), '--seed', String(SETTINGS.seed), '--base-model-name', BASE_NAME], { stdio: ['ignore', 'inherit', 'inherit'] });
+  execFileSync(hone, ['train', '--model', fixture, '--data', dataPath, '--out', nativeOut, '--quiet', '--rank', String(SETTINGS.rank), '--alpha', String(SETTINGS.alpha), '--dropout', String(SETTINGS.dropout), '--lr', String(SETTINGS.lr), '--steps', String(SETTINGS.steps), '--batch-size', String(SETTINGS.batchSize), '--max-len', String(SETTINGS.maxLen), '--seed', String(SETTINGS.seed), '--optim', SETTINGS.optim, '--min-8bit-size', String(SETTINGS.min8bit), '--base-model-name', BASE_NAME], { stdio: ['ignore', 'inherit', 'inherit'] });
   const nativeConfig = fs.readFileSync(path.join(nativeOut, 'adapter_config.json'));
   assert(Buffer.compare(nativeConfig, browserFiles['adapter_config.json']) === 0, 'adapter_config.json differs from the native one');
   const native = readSafetensors(fs.readFileSync(path.join(nativeOut, 'adapter_model.safetensors')));

@@ -61,6 +61,9 @@ pub struct RunSettings {
     /// adamw_bnb_8bit and paged_adamw_8bit are accepted) [default: adamw].
     #[cfg_attr(feature = "cli", arg(long))]
     pub optim: Option<String>,
+    /// With adamw_8bit, tensors with fewer values keep f32 moments (bitsandbytes' min_8bit_size) [default: 4096].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub min_8bit_size: Option<usize>,
     /// Global gradient-norm clipping; 0 disables [default: 1].
     #[cfg_attr(feature = "cli", arg(long))]
     pub max_grad_norm: Option<f64>,
@@ -116,7 +119,7 @@ impl RunSettings {
     /// These settings with every one that `top` sets put over them (flags over a config file).
     pub fn overlay(&mut self, top: &RunSettings) {
         let base = self;
-        overlay!(base, top; format, rank, alpha, dropout, targets, lr, schedule, warmup_steps, weight_decay, adam_epsilon, optim, max_grad_norm, epochs, steps,
+        overlay!(base, top; format, rank, alpha, dropout, targets, lr, schedule, warmup_steps, weight_decay, adam_epsilon, optim, min_8bit_size, max_grad_norm, epochs, steps,
             batch_size, grad_accum, max_len, seed, quantize, eval_split, eval_every, patience, checkpointing, max_batch_tokens;
             train_on_prompts, rslora, packing);
         if top.epochs.is_some() && top.steps.is_none() {
@@ -173,7 +176,7 @@ impl RunSettings {
             warmup_steps: self.warmup_steps.unwrap_or(0),
             adamw: AdamWConfig { weight_decay: self.weight_decay.unwrap_or(0.0), eps: self.adam_epsilon.unwrap_or(AdamWConfig::default().eps), ..Default::default() },
             optim: self.optim()?,
-            min_8bit_size: super::adamw8bit::MIN_8BIT_SIZE,
+            min_8bit_size: self.min_8bit_size.unwrap_or(super::adamw8bit::MIN_8BIT_SIZE),
             max_grad_norm: self.max_grad_norm.unwrap_or(1.0).gt(&0.0).then(|| self.max_grad_norm.unwrap_or(1.0)),
             batch_size: self.batch_size.unwrap_or(4).max(1),
             grad_accum: self.grad_accum.unwrap_or(1).max(1),
