@@ -19,9 +19,9 @@ import torch
 from bitsandbytes.functional import create_dynamic_map
 from peft import PeftModel
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, get_linear_schedule_with_warmup
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from make_train_fixtures import CLIP, LR, STEPS, WD, batch
+from make_train_fixtures import LR, WD, batch, train
 
 FIX = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
 
@@ -53,7 +53,7 @@ def steps():
     print("steps:", {k: v.dtype for k, v in out.items() if k.endswith("state1")})
 
 
-def train():
+def train_qlora():
     arch = "llama"
     ids, labels = batch(arch)
     adapter = FIX / "lora" / f"{arch}_peft_adapter"
@@ -63,28 +63,15 @@ def train():
                                                 attn_implementation="eager", device_map="cpu")
     base.enable_input_require_grads()
     model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
+    adamw8bit = lambda params: bnb.optim.AdamW8bit(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WD, min_8bit_size=256)
+    out, opt = train(model, ids, labels, adamw8bit)
     params = [p for n, p in model.named_parameters() if "lora_" in n]
-    opt = bnb.optim.AdamW8bit(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WD, min_8bit_size=256)
-    sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=0, num_training_steps=STEPS)
-    losses = []
-    for _ in range(STEPS):
-        opt.zero_grad()
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, CLIP)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    out = {"losses": torch.tensor(losses, dtype=torch.float32)}
-    for n, p in model.named_parameters():
-        if "lora_" in n:
-            out[n.replace(".default", "")] = p.detach().float().contiguous().clone()
     eight = sum(1 for p in params if opt.state[p]["state1"].dtype == torch.uint8)
     save_file(out, str(FIX / "train" / f"{arch}_adamw8bit.safetensors"))
-    print("train: losses", losses, f"({eight} of {len(params)} tensors with 8-bit state)")
+    print("train: losses", out["losses"].tolist(), f"({eight} of {len(params)} tensors with 8-bit state)")
 
 
 if __name__ == "__main__":
     torch.manual_seed(0)
     steps()
-    train()
+    train_qlora()

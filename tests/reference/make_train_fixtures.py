@@ -30,11 +30,16 @@ def batch(arch):
     return ids, labels
 
 
-def train(model, ids, labels):
+def torch_adamw(params):
+    return torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WD)
+
+
+def train(model, ids, labels, make_optimizer=torch_adamw):
+    """Returns the losses and final LoRA tensors, and the optimizer (for its state)."""
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WD)
+    opt = make_optimizer(params)
     sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=0, num_training_steps=STEPS)
     losses = []
     for _ in range(STEPS):
@@ -49,7 +54,7 @@ def train(model, ids, labels):
     for n, p in model.named_parameters():
         if "lora_" in n:
             out[n.replace(".default", "")] = p.detach().float().contiguous().clone()
-    return out
+    return out, opt
 
 
 def main():
@@ -58,13 +63,13 @@ def main():
         ids, labels = batch(arch)
         adapter = FIX / "lora" / f"{arch}_peft_adapter"
         base = AutoModelForCausalLM.from_pretrained(FIX / arch, dtype=torch.float32, attn_implementation="eager")
-        lora = train(PeftModel.from_pretrained(base, adapter, is_trainable=True), ids, labels)
+        lora, _ = train(PeftModel.from_pretrained(base, adapter, is_trainable=True), ids, labels)
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=torch.float32)
         qbase = AutoModelForCausalLM.from_pretrained(FIX / arch, dtype=torch.float32, quantization_config=bnb,
                                                      attn_implementation="eager", device_map="cpu")
         qbase.enable_input_require_grads()  # bitsandbytes' exact path (see make_lora_fixtures.py)
-        qlora = train(PeftModel.from_pretrained(qbase, adapter, is_trainable=True), ids, labels)
+        qlora, _ = train(PeftModel.from_pretrained(qbase, adapter, is_trainable=True), ids, labels)
         t = {"ids": ids, "labels": labels}
         t.update(lora)
         t.update({f"qlora.{k}": v for k, v in qlora.items()})

@@ -8,13 +8,12 @@ mod common;
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use hone::data::Sample;
 use hone::io::safetensors::SafeTensors;
 use hone::io::{Dir, FileSource};
 use hone::lora::peft::Adapter;
 use hone::lora::LoraConfig;
 use hone::model::{load_model_with, LoadOptions, Nf4Options};
-use hone::parity::{read_ids, rel_error};
+use hone::parity::rel_error;
 use hone::quant::dynamic_map::{signed_dynamic_map, unsigned_dynamic_map};
 use hone::train::adamw8bit::{adamw8bit_update, Int8Moments, Tables};
 use hone::train::optim::{adamw_update, AdamWConfig, Moments, Optim};
@@ -120,14 +119,7 @@ fn qlora_with_8bit_adamw_equals_peft_and_bitsandbytes() {
     type B = Autodiff<NdArray>;
     let fixtures = common::fixtures();
     let expected = open("train/llama_adamw8bit.safetensors");
-    let e = open("llama/expected.safetensors");
-    let samples: Vec<Sample> = ["ids_0", "ids_1"]
-        .iter()
-        .map(|k| {
-            let ids = read_ids(&e, k).unwrap();
-            Sample { labels: ids.iter().map(|&i| i as i64).collect(), input_ids: ids }
-        })
-        .collect();
+    let samples = common::llama_training_samples();
     let device = Default::default();
     let mut model = load_model_with::<B>(&Dir(fixtures.join("llama")), LoadOptions { nf4: Some(Nf4Options::default()) }, &device).unwrap();
     let adapter = Adapter::read(&Dir(fixtures.join("lora/llama_peft_adapter"))).unwrap();

@@ -5,13 +5,12 @@
 mod common;
 
 use burn::backend::{Autodiff, NdArray};
-use hone::data::Sample;
 use hone::io::safetensors::SafeTensors;
 use hone::io::{Dir, FileSource};
 use hone::lora::peft::Adapter;
 use hone::lora::LoraConfig;
 use hone::model::{load_model_with, LoadOptions, Nf4Options};
-use hone::parity::{read_ids, rel_error};
+use hone::parity::rel_error;
 use hone::train::optim::AdamWConfig;
 use hone::train::{Schedule, TrainConfig, Trainer};
 
@@ -20,14 +19,7 @@ type B = Autodiff<NdArray>;
 fn check(qlora: bool, checkpointing: bool) {
     let fixtures = common::fixtures();
     let expected = SafeTensors::open(Box::new(FileSource::open(&fixtures.join("train/llama_adamw.safetensors")).unwrap())).unwrap();
-    let e = SafeTensors::open(Box::new(FileSource::open(&fixtures.join("llama/expected.safetensors")).unwrap())).unwrap();
-    let samples: Vec<Sample> = ["ids_0", "ids_1"]
-        .iter()
-        .map(|k| {
-            let ids = read_ids(&e, k).unwrap();
-            Sample { labels: ids.iter().map(|&i| i as i64).collect(), input_ids: ids }
-        })
-        .collect();
+    let samples = common::llama_training_samples();
     let device = Default::default();
     let mut model = load_model_with::<B>(&Dir(fixtures.join("llama")), LoadOptions { nf4: qlora.then(Nf4Options::default) }, &device).unwrap();
     let adapter = Adapter::read(&Dir(fixtures.join("lora/llama_peft_adapter"))).unwrap();

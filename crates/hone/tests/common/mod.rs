@@ -94,3 +94,16 @@ pub fn randomize_lora_b<B: burn::tensor::backend::AutodiffBackend + HoneBackend>
         l.lora_b = burn::module::Param::from_tensor(burn::tensor::Tensor::random(dims, burn::tensor::Distribution::Uniform(-scale, scale), device));
     }
 }
+
+/// The llama fixture's two sequences as samples with loss on every token (the batch the
+/// training fixtures of tests/reference/make_train_fixtures.py use).
+pub fn llama_training_samples() -> Vec<hone::data::Sample> {
+    let e = SafeTensors::open(Box::new(FileSource::open(&fixtures().join("llama/expected.safetensors")).unwrap())).unwrap();
+    ["ids_0", "ids_1"]
+        .iter()
+        .map(|k| {
+            let ids = read_ids(&e, k).unwrap();
+            hone::data::Sample { labels: ids.iter().map(|&i| i as i64).collect(), input_ids: ids }
+        })
+        .collect()
+}
