@@ -89,11 +89,6 @@ impl<B: Backend> Int8Moments<B> {
         let bytes = |w: &[i32]| w.iter().flat_map(|w| w.to_le_bytes()).take(self.numel()).collect();
         HostInt8Moments { state1: bytes(state1), absmax1, state2: bytes(state2), absmax2 }
     }
-
-    /// Device bytes of the state.
-    pub fn bytes(&self) -> u64 {
-        4 * (self.state1.dims()[0] + self.absmax1.dims()[0] + self.state2.dims()[0] + self.absmax2.dims()[0]) as u64
-    }
 }
 
 /// `[blocks, 256]` f32 values of codes `words` into `map`, times each block's absmax.

@@ -404,11 +404,14 @@ where
                 let updated = match m {
                     OptimState::F32(m) => adamw_update(value, clipped[&key].clone(), m, &adamw, lr, step + 1),
                     OptimState::Int8(m) => {
-                        if !self.tables.iter().any(|(d, _)| *d == device) {
-                            self.tables.push((device.clone(), Tables::new(&device)));
-                        }
-                        let tables = &self.tables.iter().find(|(d, _)| *d == device).expect("made above").1;
-                        adamw8bit_update(value, clipped[&key].clone(), m, tables, &adamw, lr, step + 1)
+                        let at = match self.tables.iter().position(|(d, _)| *d == device) {
+                            Some(at) => at,
+                            None => {
+                                self.tables.push((device.clone(), Tables::new(&device)));
+                                self.tables.len() - 1
+                            }
+                        };
+                        adamw8bit_update(value, clipped[&key].clone(), m, &self.tables[at].1, &adamw, lr, step + 1)
                     }
                 };
                 *param = Param::initialized(param.id, Tensor::from_inner(updated).require_grad());
