@@ -235,6 +235,8 @@ where
     }
     let cfg = settings.train(pad_id(tok))?;
     let eval_samples = data.eval;
+    let devices = model.devices();
+    report_device_memory::<B>(&devices, "after loading");
     let mut trainer = Trainer::new(model, lora.clone(), data.train, cfg.clone(), device);
     let base_name = a.base_model_name.clone().unwrap_or_else(|| model_dir.display().to_string());
     let ckpt_dir = out.with_file_name(format!("{}.checkpoint", out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()));
@@ -332,10 +334,27 @@ where
         started.elapsed().as_secs_f64(),
         rate(tokens as f64 / started.elapsed().as_secs_f64())
     );
+    report_device_memory::<B>(&devices, "after training");
     if let Some(peak) = crate::plan::peak_rss_bytes() {
         eprintln!("peak memory (process RSS): {} ({peak} bytes)", hone::train::plan::human(peak));
     }
     Ok(())
+}
+
+/// GPU backends' own accounting: what the memory pool took from the driver (it keeps it, so
+/// after training this is the run's peak, the figure `hone plan` predicts for a GPU) and what
+/// live tensors hold. Nothing on the CPU backend, whose memory is the process RSS above.
+fn report_device_memory<B: HoneBackend>(devices: &[B::Device], when: &str) {
+    for (i, d) in devices.iter().enumerate() {
+        if let Some(m) = B::device_memory(d) {
+            eprintln!(
+                "device memory {when} (device {i}, burn's pool): {} reserved ({} bytes), {} in use",
+                hone::train::plan::human(m.reserved),
+                m.reserved,
+                hone::train::plan::human(m.in_use)
+            );
+        }
+    }
 }
 
 /// A line above the progress bar, or on stderr when the bar is hidden.

@@ -12,7 +12,7 @@ use hone::io::MemFiles;
 use hone::lora::peft::add_adapters;
 use hone::lora::{LoraConfig, Targets};
 use hone::model::{load_model_with, LoadOptions, Nf4Options};
-use hone::ops::SAVE_DEQUANTIZED_FOR_BACKWARD;
+use hone::ops::{HoneBackend, SAVE_DEQUANTIZED_FOR_BACKWARD};
 use hone::train::loss::causal_lm_loss;
 use std::sync::atomic::Ordering;
 
@@ -29,10 +29,14 @@ fn model_files() -> MemFiles {
     common::Synthetic { hidden: HIDDEN, inter: INTER, layers: LAYERS, vocab: VOCAB, heads: 4, max_positions: 64 }.files()
 }
 
+/// Through hone's own accounting (what `hone train` reports on GPU backends), checked against
+/// the pool's: what is reserved holds what is in use.
 fn bytes_in_use(device: &burn::backend::wgpu::WgpuDevice) -> u64 {
+    let m = <B as HoneBackend>::device_memory(device).expect("wgpu keeps a memory pool");
     let client = cubecl::wgpu::WgpuRuntime::client(device);
-    client.flush().unwrap();
-    client.memory_usage().unwrap().bytes_in_use
+    assert_eq!(m.in_use, client.memory_usage().unwrap().bytes_in_use);
+    assert!(m.reserved >= m.in_use, "{m:?}");
+    m.in_use
 }
 
 /// Device bytes the autodiff graph holds after forward (before backward), and after backward.
@@ -69,4 +73,11 @@ fn dequantized_weights_are_not_kept_for_backward() {
     println!("naive (dequantized weights saved for backward): {naive} bytes");
     assert!(naive > bound, "the check cannot tell: naive {naive} <= bound {bound}");
     assert!(naive > held + (LAYERS as u64 - 1) * one_dequantized_layer, "naive {naive} vs {held}");
+}
+
+/// The CPU backend keeps no pool: its memory is the process's (peak RSS).
+#[test]
+fn the_cpu_backend_reports_no_device_pool() {
+    type C = Autodiff<burn::backend::NdArray>;
+    assert_eq!(<C as HoneBackend>::device_memory(&Default::default()), None);
 }

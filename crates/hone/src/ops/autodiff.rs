@@ -197,6 +197,10 @@ impl<B: HoneBackend, C: CheckpointStrategy> HoneBackend for Autodiff<B, C> {
         Tensor::from_inner(B::frozen_rows(&inner, ids.inner()))
     }
 
+    fn device_memory(device: &Self::Device) -> Option<super::DeviceMemory> {
+        B::device_memory(device)
+    }
+
     fn unpack_words(words: Tensor<Self, 1, Int>, format: StoredFloat) -> Tensor<Self, 1> {
         Tensor::from_inner(B::unpack_words(words.inner(), format))
     }

@@ -114,6 +114,15 @@ where
         <Self as HoneBackend>::matmul(dy, w.to_dense())
     }
 
+    /// Waits for queued work, so the figures include it (a blocking call: native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    fn device_memory(device: &Self::Device) -> Option<super::DeviceMemory> {
+        let client = <R as burn_cubecl::cubecl::Runtime>::client(device);
+        client.flush().ok()?;
+        let usage = client.memory_usage().ok()?;
+        Some(super::DeviceMemory { reserved: usage.bytes_reserved, in_use: usage.bytes_in_use })
+    }
+
     /// Through host memory: burn 0.21's device-to-device copy calls server-to-server transfers
     /// that its wgpu server leaves unimplemented (a panic on the first move). A hidden state at
     /// a layer boundary is small (tokens × hidden), so the round trip costs little.

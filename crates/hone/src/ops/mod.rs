@@ -56,6 +56,15 @@ pub struct AdamWScalars {
     pub step_size: f64,
 }
 
+/// What a GPU backend's memory pool holds (burn's CubeCL memory management): `reserved` is what
+/// it took from the driver, which it keeps until told to clean up, so read after a step it is
+/// the step's peak; `in_use` is what live tensors occupy now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceMemory {
+    pub reserved: u64,
+    pub in_use: u64,
+}
+
 /// Up to how many multiply-adds (`batch·m·k·n`) GPU backends run a matrix product with hone's
 /// barrier-free kernel (`shaders/src/matmul.rs`) instead of burn's tiled one: 0 (never) on real
 /// GPUs; every size on SwiftShader (the browser's software adapter), where burn's kernel was 5-10x
@@ -231,6 +240,12 @@ pub trait HoneBackend: Backend {
     /// run the kernel in `shaders/`.
     fn nf4_dequantize(w: &Nf4Weight<Self>) -> Tensor<Self, 2> {
         w.dequantize()
+    }
+
+    /// The device memory pool's figures, where the backend keeps one (GPU backends); `None` on
+    /// the CPU, whose memory is the process's.
+    fn device_memory(_device: &Self::Device) -> Option<DeviceMemory> {
+        None
     }
 
     /// `x` copied to another device (a model split across devices). By default burn's own copy.
