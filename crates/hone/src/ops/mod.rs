@@ -242,8 +242,9 @@ pub trait HoneBackend: Backend {
         w.dequantize()
     }
 
-    /// The device memory pool's figures, where the backend keeps one (GPU backends); `None` on
-    /// the CPU, whose memory is the process's.
+    /// The device memory pool's figures, where the backend keeps one (native GPU backends);
+    /// `None` on the CPU, whose memory is the process's, and in wasm, where the pool's query is
+    /// a blocking call.
     fn device_memory(_device: &Self::Device) -> Option<DeviceMemory> {
         None
     }
