@@ -1,7 +1,8 @@
 //! Frozen tables in the checkpoint's precision (f32, bf16, f16 bits in i32 words, split into
 //! parts where one buffer would be too big): every op on them — the product `x·Wᵀ`, its
 //! backward `dy·W`, the row lookup, the whole-weight unpack — equals the same op on the f32
-//! values the bits stand for, on the CPU and on wgpu (lavapipe), whole and split into parts.
+//! values the bits stand for, on the CPU and on wgpu (lavapipe), whole, split into parts, and
+//! (wgpu) kept in host memory.
 
 use burn::backend::wgpu::{Wgpu, WgpuDevice};
 use burn::backend::{Autodiff, NdArray};
@@ -50,11 +51,19 @@ fn check<B: HoneBackend>(device: &B::Device, label: &str) {
     for format in [StoredFloat::F32, StoredFloat::BF16, StoredFloat::F16] {
         let (words, want) = stored(&raw, format);
         let dense = FrozenWeight::<B>::dense(Tensor::from_data(TensorData::new(want.clone(), [rows, cols]), device));
-        // Whole, then in parts of 5 rows (the last of 2).
-        for part_bytes in [u64::MAX, 5 * 4 * (cols / format.per_word()) as u64] {
-            let packed = FrozenWeight::packed(PackedWeight::<B>::from_words(words.clone(), rows, cols, format, part_bytes, device).unwrap());
-            let parts = packed.packed.as_ref().unwrap().parts.len();
-            let what = format!("{label} {format:?} in {parts} part(s)");
+        // Whole, then in parts of 5 rows (the last of 2), then (GPU backends) in host memory.
+        let mut layouts: Vec<(String, PackedWeight<B>)> = [u64::MAX, 5 * 4 * (cols / format.per_word()) as u64]
+            .into_iter()
+            .map(|part_bytes| {
+                let p = PackedWeight::<B>::from_words(words.clone(), rows, cols, format, part_bytes, device).unwrap();
+                (format!("{label} {format:?} in {} part(s)", p.parts.len()), p)
+            })
+            .collect();
+        if B::tables_on_host() {
+            layouts.push((format!("{label} {format:?} in host memory"), PackedWeight::<B>::on_host(words.clone(), rows, cols, format, device).unwrap()));
+        }
+        for (what, packed) in layouts {
+            let packed = FrozenWeight::packed(packed);
             assert_eq!(host(packed.to_dense()), want, "{what}: unpacked values");
             for m in [2, m] {
                 let x = Tensor::<B, 2>::from_data(TensorData::new(values(m * cols, 11), [m, cols]), device);
@@ -80,7 +89,11 @@ fn packed_tables_equal_their_f32_values_on_the_cpu() {
 
 #[test]
 fn packed_tables_equal_their_f32_values_on_wgpu() {
+    assert!(<Wgpu as HoneBackend>::tables_on_host(), "native wgpu keeps untied embeddings in host memory");
     check::<Wgpu>(&WgpuDevice::default(), "wgpu");
+    // In host memory the table takes one word of device memory.
+    let table = PackedWeight::<Wgpu>::on_host(vec![0; 64], 8, 16, StoredFloat::BF16, &WgpuDevice::default()).unwrap();
+    assert_eq!((table.bytes(), table.host_bytes()), (4, 256));
 }
 
 /// f16's edge cases decoded by the GPU kernel as the `half` crate decodes them: zeros, the

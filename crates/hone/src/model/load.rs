@@ -121,9 +121,16 @@ impl TensorSource for Weights {
 
 /// A frozen table (embeddings, an untied lm_head) in the checkpoint's precision, split into
 /// parts that fit the device's largest buffer.
-fn table<B: HoneBackend>(w: &dyn TensorSource, name: &str, shape: [usize; 2], device: &B::Device) -> Result<FrozenWeight<B>> {
+/// `lookup_only`: the table is only read by row (untied embeddings), so backends that keep such
+/// tables in host memory do.
+fn table<B: HoneBackend>(w: &dyn TensorSource, name: &str, shape: [usize; 2], lookup_only: bool, device: &B::Device) -> Result<FrozenWeight<B>> {
     let (format, words) = w.read_packed(name, &shape)?;
-    let packed = PackedWeight::from_words(words, shape[0], shape[1], format, crate::ops::max_buffer_bytes(), device).map_err(|m| Error::tensor(w.location(), name, m))?;
+    let packed = if lookup_only && B::tables_on_host() {
+        PackedWeight::on_host(words, shape[0], shape[1], format, device)
+    } else {
+        PackedWeight::from_words(words, shape[0], shape[1], format, crate::ops::max_buffer_bytes(), device)
+    }
+    .map_err(|m| Error::tensor(w.location(), name, m))?;
     Ok(FrozenWeight::packed(packed))
 }
 
@@ -188,7 +195,9 @@ pub fn build_placed<B: HoneBackend>(config: Config, w: &dyn TensorSource, option
     };
     let norm = |name: &str, device: &B::Device| -> Result<RmsNorm<B>> { Ok(RmsNorm { weight: tensor::<B, _>(w, &format!("{name}.weight"), [h], device)?, eps: c.rms_norm_eps }) };
 
-    let embed_tokens = table::<B>(w, "model.embed_tokens.weight", [c.vocab_size, h], &placement.embed)?;
+    // Tied: the table is also the head's weight.
+    let tied = c.tie_word_embeddings && !w.contains("lm_head.weight");
+    let embed_tokens = table::<B>(w, "model.embed_tokens.weight", [c.vocab_size, h], !tied, &placement.embed)?;
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
@@ -221,10 +230,10 @@ pub fn build_placed<B: HoneBackend>(config: Config, w: &dyn TensorSource, option
     }
     let norm_final = norm("model.norm", &placement.head)?;
     // Some tied checkpoints still store lm_head; tied ones that do not reuse the embeddings.
-    let lm_head = if c.tie_word_embeddings && !w.contains("lm_head.weight") {
+    let lm_head = if tied {
         None
     } else {
-        Some(LoraLinear::new(table::<B>(w, "lm_head.weight", [c.vocab_size, h], &placement.head)?, None))
+        Some(LoraLinear::new(table::<B>(w, "lm_head.weight", [c.vocab_size, h], false, &placement.head)?, None))
     };
     let (diff, norm) = err.get();
     let report = LoadReport { nf4_rel_error: (options.nf4.is_some() && norm > 0.0).then(|| (diff / norm).sqrt()) };

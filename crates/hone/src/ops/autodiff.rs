@@ -201,6 +201,10 @@ impl<B: HoneBackend, C: CheckpointStrategy> HoneBackend for Autodiff<B, C> {
         B::device_memory(device)
     }
 
+    fn tables_on_host() -> bool {
+        B::tables_on_host()
+    }
+
     fn unpack_words(words: Tensor<Self, 1, Int>, format: StoredFloat) -> Tensor<Self, 1> {
         Tensor::from_inner(B::unpack_words(words.inner(), format))
     }

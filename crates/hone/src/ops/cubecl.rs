@@ -114,6 +114,11 @@ where
         <Self as HoneBackend>::matmul(dy, w.to_dense())
     }
 
+    /// `HONE_TABLES_ON_DEVICE` keeps them on the device (to compare the two).
+    fn tables_on_host() -> bool {
+        cfg!(not(target_arch = "wasm32")) && std::env::var_os("HONE_TABLES_ON_DEVICE").is_none()
+    }
+
     /// Waits for queued work, so the figures include it (a blocking call: native only).
     #[cfg(not(target_arch = "wasm32"))]
     fn device_memory(device: &Self::Device) -> Option<super::DeviceMemory> {

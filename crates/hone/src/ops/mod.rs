@@ -242,6 +242,14 @@ pub trait HoneBackend: Backend {
         w.dequantize()
     }
 
+    /// Whether an untied embedding table is kept in host memory
+    /// ([`crate::quant::frozen::PackedWeight::on_host`]): on native GPU backends, where device
+    /// memory is the scarce kind and a lookup reads a few rows. Not on the CPU (its tables are
+    /// host memory already) nor in wasm (reading the ids back would block).
+    fn tables_on_host() -> bool {
+        false
+    }
+
     /// The device memory pool's figures, where the backend keeps one (native GPU backends);
     /// `None` on the CPU, whose memory is the process's, and in wasm, where the pool's query is
     /// a blocking call.

@@ -349,7 +349,7 @@ impl HoneBackend for NdArray {
             let id = usize::try_from(id).ok().filter(|&i| i < p.rows).unwrap_or_else(|| panic!("token id {id} is outside the table's {} rows", p.rows));
             let (part, local) = (id / p.rows_per_part, id % p.rows_per_part);
             let row_words = cols / p.format.per_word();
-            decode(p.format, &parts[part][local * row_words..(local + 1) * row_words], row);
+            p.format.decode_words(&parts[part][local * row_words..(local + 1) * row_words], row);
         });
         tensor(out, [ids.len(), cols], &device)
     }
@@ -359,7 +359,7 @@ impl HoneBackend for NdArray {
         let n = w.dims()[0] * format.per_word();
         let mut out = vec![0f32; n];
         let words = words(&w);
-        out.par_chunks_mut(CHUNK).zip(words.par_chunks(CHUNK / format.per_word())).for_each(|(o, w)| decode(format, w, o));
+        out.par_chunks_mut(CHUNK).zip(words.par_chunks(CHUNK / format.per_word())).for_each(|(o, w)| format.decode_words(w, o));
         tensor(out, [n], &device)
     }
 
@@ -455,21 +455,6 @@ fn floats(t: &Tensor<NdArray, 1>) -> &[f32] {
     }
 }
 
-/// Decodes packed words into `out` (`per_word` values each).
-fn decode(format: StoredFloat, words: &[i32], out: &mut [f32]) {
-    match format {
-        StoredFloat::F32 => out.iter_mut().zip(words).for_each(|(o, &w)| *o = f32::from_bits(w as u32)),
-        StoredFloat::BF16 => out.chunks_exact_mut(2).zip(words).for_each(|(o, &w)| {
-            o[0] = f32::from_bits((w as u32) << 16);
-            o[1] = f32::from_bits(w as u32 & 0xffff_0000);
-        }),
-        StoredFloat::F16 => out.chunks_exact_mut(2).zip(words).for_each(|(o, &w)| {
-            o[0] = half::f16::from_bits(w as u32 as u16).to_f32();
-            o[1] = half::f16::from_bits((w as u32 >> 16) as u16).to_f32();
-        }),
-    }
-}
-
 /// An f32 packed part's words as its f32 values (the same bits).
 fn as_f32(words: &[i32]) -> &[f32] {
     // SAFETY: i32 and f32 have the same size and alignment, and every bit pattern is an f32.
@@ -492,7 +477,7 @@ fn packed_chunks(p: &PackedWeight<NdArray>, mut f: impl FnMut(usize, usize, &[f3
         for r0 in (0..rows).step_by(step) {
             let n = step.min(rows - r0);
             buf.resize(n * p.cols, 0f32);
-            buf.par_chunks_mut(p.cols).zip(w[r0 * row_words..(r0 + n) * row_words].par_chunks(row_words)).for_each(|(o, w)| decode(p.format, w, o));
+            buf.par_chunks_mut(p.cols).zip(w[r0 * row_words..(r0 + n) * row_words].par_chunks(row_words)).for_each(|(o, w)| p.format.decode_words(w, o));
             f(start + r0, n, &buf);
         }
     }
@@ -553,7 +538,7 @@ fn packed_row_tasks(p: &PackedWeight<NdArray>, y: &mut [f32], m: usize, f: impl 
             out.par_chunks_mut(m).zip(w.par_chunks(row_words)).for_each_init(
                 || vec![0f32; p.cols],
                 |buf, (o, row)| {
-                    decode(p.format, row, buf);
+                    p.format.decode_words(row, buf);
                     f(o, buf)
                 },
             );

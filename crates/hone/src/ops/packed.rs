@@ -6,7 +6,7 @@
 
 use super::HoneBackend;
 use crate::quant::frozen::PackedWeight;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Int, Tensor, TensorData};
 
 /// f32 bytes of W unpacked at once.
 pub const CHUNK_BYTES: usize = 16 << 20;
@@ -17,18 +17,26 @@ pub fn chunk_rows(cols: usize) -> usize {
 }
 
 /// Each chunk of rows of W as `(first row, f32 [rows, cols])`, in order.
-fn chunks<B: HoneBackend>(p: &PackedWeight<B>) -> impl Iterator<Item = (usize, Tensor<B, 2>)> + '_ {
+fn chunks<B: HoneBackend>(p: &PackedWeight<B>) -> Box<dyn Iterator<Item = (usize, Tensor<B, 2>)> + '_> {
     let per_word = p.format.per_word();
     let row_words = p.cols / per_word;
     let step = chunk_rows(p.cols);
-    (0..p.parts.len()).flat_map(move |part| {
+    if p.host.is_some() {
+        // A table in host memory: each chunk converted there and uploaded.
+        let device = p.parts[0].device();
+        return Box::new((0..p.rows).step_by(step).map(move |r0| {
+            let n = step.min(p.rows - r0);
+            (r0, Tensor::from_data(TensorData::new(p.host_rows_f32(r0..r0 + n), [n, p.cols]), &device))
+        }));
+    }
+    Box::new((0..p.parts.len()).flat_map(move |part| {
         let (start, rows) = p.part_rows(part);
         (0..rows).step_by(step).map(move |r0| {
             let n = step.min(rows - r0);
             let words = p.parts[part].clone().narrow(0, r0 * row_words, n * row_words);
             (start + r0, B::unpack_words(words, p.format).reshape([n, p.cols]))
         })
-    })
+    }))
 }
 
 /// `x·Wᵀ` `[m, rows]` for `x: [m, cols]`.
@@ -55,6 +63,12 @@ pub fn matmul<B: HoneBackend>(dy: Tensor<B, 2>, p: &PackedWeight<B>) -> Tensor<B
 /// weight is split, every part contributes the rows it holds (the others masked out).
 pub fn rows<B: HoneBackend>(p: &PackedWeight<B>, ids: Tensor<B, 1, Int>) -> Tensor<B, 2> {
     let n = ids.dims()[0];
+    if p.host.is_some() {
+        // The ids are a few kB; reading them back waits for the device (native only).
+        let device = ids.device();
+        let ids: Vec<usize> = ids.into_data().iter::<i64>().map(|i| i as usize).collect();
+        return Tensor::from_data(TensorData::new(p.host_rows_f32(ids.into_iter()), [n, p.cols]), &device);
+    }
     let row_words = p.cols / p.format.per_word();
     let gather = |part: usize, local: Tensor<B, 1, Int>| {
         let (_, rows) = p.part_rows(part);
