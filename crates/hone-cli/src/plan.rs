@@ -60,6 +60,12 @@ pub fn read_config(path: &Path) -> anyhow::Result<Config> {
     })
 }
 
+/// Whether an untied embedding table stays in host memory, as the GPU backends keep it
+/// (`HoneBackend::tables_on_host`, `HONE_TABLES_ON_DEVICE` to keep it on the device).
+fn host_tables(kind: BackendKind) -> bool {
+    device(kind) == Device::Gpu && std::env::var_os("HONE_TABLES_ON_DEVICE").is_none()
+}
+
 pub fn device(kind: BackendKind) -> Device {
     match kind {
         BackendKind::Cpu => Device::Cpu,
@@ -74,7 +80,7 @@ pub fn for_run(config: &Config, s: &RunSettings, seq: usize, backend: BackendKin
         (_, Some(budget)) => budget.div_ceil(seq.max(1)),
         _ => cfg.batch_size,
     };
-    let o = PlanOptions { batch, seq, nf4: s.nf4()?.is_some(), checkpointing: cfg.checkpointing, device: device(backend), logits_chunk: cfg.logits_chunk, optim: cfg.optim, min_8bit_size: cfg.min_8bit_size };
+    let o = PlanOptions { batch, seq, nf4: s.nf4()?.is_some(), checkpointing: cfg.checkpointing, device: device(backend), logits_chunk: cfg.logits_chunk, optim: cfg.optim, min_8bit_size: cfg.min_8bit_size, host_tables: host_tables(backend) };
     Ok(plan(config, &s.lora(), &o))
 }
 
@@ -90,6 +96,9 @@ pub fn print(p: &MemoryPlan) {
     row(if p.checkpointing { "logits and gradient (one chunk)" } else { "logits and gradient" }, p.logits_bytes);
     row("workspace (unpacked chunks of weights; process)", p.workspace_bytes);
     row("total", p.total_bytes);
+    if p.host_table_bytes > 0 {
+        row("in host memory: model.embed_tokens (not in total)", p.host_table_bytes);
+    }
     println!("  largest single buffer: {} ({})", human(p.largest_buffer_bytes), p.largest_buffer);
 }
 
@@ -154,7 +163,7 @@ pub fn device_map(config: &Config, s: &RunSettings, seq: usize, backend: Backend
         anyhow::bail!("--devices and --max-memory place layers on GPUs: use --backend cuda or wgpu");
     }
     let cfg = s.train(0)?;
-    let o = PlanOptions { batch: cfg.batch_size, seq, nf4: s.nf4()?.is_some(), checkpointing: cfg.checkpointing, device: Device::Gpu, logits_chunk: cfg.logits_chunk, optim: cfg.optim, min_8bit_size: cfg.min_8bit_size };
+    let o = PlanOptions { batch: cfg.batch_size, seq, nf4: s.nf4()?.is_some(), checkpointing: cfg.checkpointing, device: Device::Gpu, logits_chunk: cfg.logits_chunk, optim: cfg.optim, min_8bit_size: cfg.min_8bit_size, host_tables: host_tables(backend) };
     Ok(Some(match max_memory {
         Some(m) => split_layers(config, &s.lora(), &o, &vec![parse_size(m)?; n]).map_err(|e| anyhow::anyhow!("{e}; add devices or lower --batch-size / --max-len"))?,
         None => balance_layers(config, &s.lora(), &o, n),

@@ -394,6 +394,8 @@ impl Session {
             logits_chunk: cfg.logits_chunk,
             optim: cfg.optim,
             min_8bit_size: cfg.min_8bit_size,
+            // The page keeps every table on the GPU: reading ids back would block in wasm.
+            host_tables: false,
         };
         Ok(plan::plan(&self.config, &s.lora(), &options))
     }

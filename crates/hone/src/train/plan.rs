@@ -45,6 +45,9 @@ pub struct PlanOptions {
     pub optim: Optim,
     /// With 8-bit AdamW, tensors under this many values keep f32 moments.
     pub min_8bit_size: usize,
+    /// An untied embedding table kept in host memory (native GPU backends, see
+    /// `HoneBackend::tables_on_host`); not in the page.
+    pub host_tables: bool,
 }
 
 impl PlanOptions {
@@ -58,6 +61,7 @@ impl PlanOptions {
             logits_chunk: crate::train::trainer::LOGITS_CHUNK,
             optim: Optim::AdamW,
             min_8bit_size: crate::train::adamw8bit::MIN_8BIT_SIZE,
+            host_tables: false,
         }
     }
 }
@@ -71,6 +75,9 @@ pub struct MemoryPlan {
     /// Unquantized weights: embeddings, lm_head (in the checkpoint's precision), norms (and
     /// every linear without NF4, in f32).
     pub dense_bytes: u64,
+    /// An untied embedding table kept in host memory, not on the device (not in `total_bytes`,
+    /// which is the device's memory on GPU backends).
+    pub host_table_bytes: u64,
     pub base_bytes: u64,
     pub lora_params: u64,
     pub lora_weight_bytes: u64,
@@ -150,6 +157,11 @@ pub fn estimate(c: &Config, lora: &LoraConfig, batch: usize, seq: usize, nf4: bo
     plan(c, lora, &PlanOptions::new(batch, seq, nf4))
 }
 
+/// Whether the run keeps the embedding table in host memory: untied, on a native GPU backend.
+fn embed_on_host(c: &Config, o: &PlanOptions) -> bool {
+    o.host_tables && o.device == Device::Gpu && !c.tie_word_embeddings
+}
+
 pub fn plan(c: &Config, lora: &LoraConfig, o: &PlanOptions) -> MemoryPlan {
     let linears = linear_shapes(c);
     let (v, h, layers) = (c.vocab_size as u64, c.hidden_size as u64, c.num_hidden_layers as u64);
@@ -163,7 +175,8 @@ pub fn plan(c: &Config, lora: &LoraConfig, o: &PlanOptions) -> MemoryPlan {
     } else {
         (0, 0, linears.iter().map(|(_, i, o_)| i * o_ * 4).sum())
     };
-    let dense_bytes = embed + head + norms + dense_linears;
+    let host_table_bytes = if embed_on_host(c, o) { embed } else { 0 };
+    let dense_bytes = embed - host_table_bytes + head + norms + dense_linears;
     let base_bytes = nf4_codes_bytes + nf4_stats_bytes + dense_bytes;
 
     let adapted: Vec<(u64, u64)> = linears.iter().filter(|(n, _, _)| lora.targets.matches(n)).map(|(_, i, o_)| (*i, *o_)).collect();
@@ -245,6 +258,7 @@ pub fn plan(c: &Config, lora: &LoraConfig, o: &PlanOptions) -> MemoryPlan {
         nf4_codes_bytes,
         nf4_stats_bytes,
         dense_bytes,
+        host_table_bytes,
         base_bytes,
         lora_params,
         lora_weight_bytes,
@@ -300,8 +314,9 @@ fn shares(c: &Config, lora: &LoraConfig, o: &PlanOptions) -> Shares {
     let tokens = (o.batch * o.seq) as u64;
     let embed = v * h * table_value_bytes(c);
     let head = if c.tie_word_embeddings { 0 } else { embed };
+    let embed_device = if embed_on_host(c, o) { 0 } else { embed };
     let lora_per_layer = whole.lora_bytes / layers;
-    let weights_per_layer = (whole.base_bytes - embed - head - h * 4) / layers;
+    let weights_per_layer = (whole.base_bytes - embed_device - head - h * 4) / layers;
     // The plan's activations are the saved inputs (one per layer, one more) plus one layer's
     // graph and two gradient buffers when checkpointing, or every layer's graph without.
     let saved = if o.checkpointing { tokens * h * 4 } else { whole.activation_bytes / layers };
@@ -310,7 +325,7 @@ fn shares(c: &Config, lora: &LoraConfig, o: &PlanOptions) -> Shares {
     Shares {
         layer: vec![weights_per_layer + lora_per_layer + saved; layers as usize],
         per_device: graph + whole.workspace_bytes,
-        first: embed + embed_side + if o.checkpointing { tokens * h * 4 } else { 0 },
+        first: embed_device + embed_side + if o.checkpointing { tokens * h * 4 } else { 0 },
         last: head + h * 4 + head_side,
     }
 }
