@@ -186,6 +186,10 @@ impl Session {
     /// adapters, and sets up the trainer on `data` (JSONL) with `eval_data` or a split held out.
     pub async fn prepare(&mut self, data: String, eval_data: Option<String>, settings: JsValue) -> Result<JsValue, JsError> {
         let s = parse_settings(settings)?;
+        if s.dpo().map_err(js_err)?.is_some() {
+            // Its reference and policy log-probabilities are read back each step: a blocking read here.
+            return Err(JsError::new("DPO trains natively for now (`hone train --method dpo`); the page trains SFT"));
+        }
         let est = self.plan(&s)?;
         if est.largest_buffer_bytes > self.max_buffer_size {
             return Err(JsError::new(&format!(
@@ -232,6 +236,7 @@ impl Session {
             best_eval_loss: None,
             best_step: None,
             evals_without_improvement: 0,
+            reference_logps: Vec::new(),
         });
         self.trainer = Some(trainer);
         self.eval = eval_samples;

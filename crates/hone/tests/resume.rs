@@ -64,7 +64,7 @@ fn resume(optim: Optim) {
     for _ in 0..3 {
         losses.push(first.step().loss);
     }
-    let saved = SavedState { state: first.state.clone(), config: first.cfg.clone(), base_model: "smollm2".into(), best_eval_loss: None, best_step: None, evals_without_improvement: 0 };
+    let saved = SavedState { state: first.state.clone(), config: first.cfg.clone(), base_model: "smollm2".into(), best_eval_loss: None, best_step: None, evals_without_improvement: 0, reference_logps: Vec::new() };
     checkpoint::save(&dir, &first, &saved).unwrap();
     drop(first);
 

@@ -128,23 +128,26 @@ pub fn parse_line(line: &str, format: Option<Format>, at: &str) -> Result<Exampl
                 completion: field(&v, "output", at)?.to_string(),
             }
         }
-        Format::Chat => {
-            let list = v.get("messages").and_then(|m| m.as_array()).ok_or_else(|| Error::format(at, "`messages` must be a list"))?;
-            if list.is_empty() {
-                return Err(Error::format(at, "`messages` is empty"));
-            }
-            let mut messages = Vec::new();
-            for (i, m) in list.iter().enumerate() {
-                let here = format!("{at}: message {i}");
-                let role = field(m, "role", &here)?;
-                if !ROLES.contains(&role) {
-                    return Err(Error::format(&here, format!("unknown role `{role}` (expected one of {ROLES:?})")));
-                }
-                messages.push(Message { role: role.to_string(), content: field(m, "content", &here)?.to_string() });
-            }
-            Example::Chat(messages)
-        }
+        Format::Chat => Example::Chat(messages(&v, "messages", at)?),
     })
+}
+
+/// The non-empty list of `{"role", "content"}` messages in field `key`.
+pub(crate) fn messages(v: &serde_json::Value, key: &str, at: &str) -> Result<Vec<Message>> {
+    let list = v.get(key).and_then(|m| m.as_array()).ok_or_else(|| Error::format(at, format!("`{key}` must be a list")))?;
+    if list.is_empty() {
+        return Err(Error::format(at, format!("`{key}` is empty")));
+    }
+    let mut messages = Vec::new();
+    for (i, m) in list.iter().enumerate() {
+        let here = format!("{at}: {key}[{i}]");
+        let role = field(m, "role", &here)?;
+        if !ROLES.contains(&role) {
+            return Err(Error::format(&here, format!("unknown role `{role}` (expected one of {ROLES:?})")));
+        }
+        messages.push(Message { role: role.to_string(), content: field(m, "content", &here)?.to_string() });
+    }
+    Ok(messages)
 }
 
 /// Parses a JSONL file's text. With `skip_bad_lines`, bad lines are counted and skipped;
@@ -171,7 +174,7 @@ pub fn parse_jsonl(text: &str, file: &str, format: Option<Format>, skip_bad_line
     Ok((examples, skipped))
 }
 
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+pub(crate) fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 

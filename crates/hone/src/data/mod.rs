@@ -1,7 +1,8 @@
-//! Text in: tokenizers, chat templates, datasets.
+//! Text in: tokenizers, chat templates, datasets (SFT examples and preference pairs).
 
 pub mod dataset;
 pub mod gguf_tokenizer;
+pub mod preference;
 pub mod template;
 pub mod tokenizer;
 

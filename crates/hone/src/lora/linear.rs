@@ -48,6 +48,16 @@ impl<B: Backend> Lora<B> {
 
 thread_local! {
     static TRAINING_WITHOUT_GRAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static ADAPTERS_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every LoRA adapter switched off: the frozen base alone, as PEFT's
+/// `disable_adapter()` (DPO's reference model, with no second copy of the weights).
+pub fn without_adapters<R>(f: impl FnOnce() -> R) -> R {
+    let before = ADAPTERS_OFF.with(|t| t.replace(true));
+    let out = f();
+    ADAPTERS_OFF.with(|t| t.set(before));
+    out
 }
 
 /// Runs `f` with LoRA dropout on although no gradients are tracked: activation checkpointing's
@@ -81,7 +91,8 @@ impl<B: HoneBackend> LoraLinear<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, d_in] = x.dims();
         let x = x.reshape([b * t, d_in]);
-        let mut y = match &self.lora {
+        let lora = self.lora.as_ref().filter(|_| !ADAPTERS_OFF.with(|t| t.get()));
+        let mut y = match lora {
             // Without dropout, base and update read the same x: one fused op.
             Some(lora) if !lora.drops(&x) => B::frozen_matmul_lowrank(x, &self.weight, lora.lora_a.val(), lora.lora_b.val(), lora.scaling),
             Some(lora) => B::frozen_matmul(x.clone(), &self.weight) + lora.delta(x),

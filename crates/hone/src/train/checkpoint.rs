@@ -1,11 +1,13 @@
 //! Checkpoints: the adapter (PEFT's two files), the optimizer's moments (f32 `exp_avg`/`exp_avg_sq`
 //! as torch names them, or 8-bit `state1`/`absmax1`/`state2`/`absmax2` as bitsandbytes does),
 //! and where training is
-//! (`trainer_state.json`: step, epoch, data position, and the settings). Written to a temporary
+//! (`trainer_state.json`: step, epoch, data position, the settings, and a DPO run's reference
+//! log-probabilities). Written to a temporary
 //! directory and renamed into place, so a kill at any moment leaves the previous checkpoint
 //! whole. Dropout and data order derive from (seed, step) and (seed, epoch), so no RNG state
 //! needs saving.
 
+use super::preference::PairLogps;
 use super::trainer::{TrainConfig, TrainState};
 #[cfg(not(target_arch = "wasm32"))]
 use super::trainer::Trainer;
@@ -35,6 +37,10 @@ pub struct SavedState {
     pub best_eval_loss: Option<f64>,
     pub best_step: Option<usize>,
     pub evals_without_improvement: usize,
+    /// DPO: the reference log-probabilities of every training pair, from the model the run
+    /// started from, so that a resumed run uses the same ones without recomputing them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reference_logps: Vec<PairLogps>,
 }
 
 #[cfg(not(target_arch = "wasm32"))]

@@ -1,11 +1,12 @@
-//! Training: the loss, AdamW (32-bit, and bitsandbytes' 8-bit), learning-rate schedules and the
-//! step-by-step trainer.
+//! Training: the loss, preference losses (DPO), AdamW (32-bit, and bitsandbytes' 8-bit),
+//! learning-rate schedules and the step-by-step trainer.
 
 pub mod adamw8bit;
 pub mod checkpoint;
 pub mod loss;
 pub mod optim;
 pub mod plan;
+pub mod preference;
 pub mod run;
 pub mod schedule;
 pub mod trainer;

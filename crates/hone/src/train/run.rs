@@ -3,9 +3,11 @@
 //! defaults), samples from JSONL text, and the held-out split.
 
 use super::optim::{AdamWConfig, Optim};
+use super::preference::{DpoConfig, LossType};
 use super::schedule::Schedule;
 use super::trainer::TrainConfig;
 use crate::data::dataset::{encode, parse_jsonl, EncodeOptions};
+use crate::data::preference::{drop_fully_truncated, encode_pair, parse_preference_jsonl, Sequence};
 use crate::data::{ChatTemplate, Format, Sample, Tokenizer};
 use crate::error::{Error, Result};
 use crate::lora::{LoraConfig, Targets};
@@ -106,6 +108,16 @@ pub struct RunSettings {
     /// Fill each micro-batch up to this many (padded) tokens instead of --batch-size rows [default: off].
     #[cfg_attr(feature = "cli", arg(long))]
     pub max_batch_tokens: Option<usize>,
+    /// What to train: sft (supervised, on text / completions / chats) or dpo (preference pairs:
+    /// prompt, chosen, rejected; TRL's DPOTrainer) [default: sft].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub method: Option<String>,
+    /// DPO's β: how far the policy may move from the reference [default: 0.1].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub beta: Option<f64>,
+    /// DPO's loss: sigmoid (DPO), ipo or hinge, as TRL computes them [default: sigmoid].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub loss_type: Option<String>,
 }
 
 macro_rules! overlay {
@@ -120,7 +132,7 @@ impl RunSettings {
     pub fn overlay(&mut self, top: &RunSettings) {
         let base = self;
         overlay!(base, top; format, rank, alpha, dropout, targets, lr, schedule, warmup_steps, weight_decay, adam_epsilon, optim, min_8bit_size, max_grad_norm, epochs, steps,
-            batch_size, grad_accum, max_len, seed, quantize, eval_split, eval_every, patience, checkpointing, max_batch_tokens;
+            batch_size, grad_accum, max_len, seed, quantize, eval_split, eval_every, patience, checkpointing, max_batch_tokens, method, beta, loss_type;
             train_on_prompts, rslora, packing);
         if top.epochs.is_some() && top.steps.is_none() {
             base.steps = None;
@@ -193,7 +205,33 @@ impl RunSettings {
             pack_len: self.packing.then(|| self.max_len.unwrap_or(DEFAULT_PACK_LEN)),
             max_batch_tokens: self.max_batch_tokens,
             logits_chunk: super::trainer::LOGITS_CHUNK,
+            dpo: self.dpo()?,
         })
+    }
+
+    /// DPO's settings with `--method dpo`, `None` for SFT.
+    pub fn dpo(&self) -> Result<Option<DpoConfig>> {
+        let dpo = match self.method.as_deref().unwrap_or("sft") {
+            "sft" => None,
+            "dpo" => {
+                let loss_type = match self.loss_type.as_deref() {
+                    None => LossType::Sigmoid,
+                    Some(l) => LossType::parse(l).ok_or_else(|| Error::format("loss_type", format!("{l}: expected sigmoid, ipo or hinge")))?,
+                };
+                Some(DpoConfig { loss_type, beta: self.beta.unwrap_or(0.1) })
+            }
+            other => return Err(Error::format("method", format!("{other}: expected sft or dpo"))),
+        };
+        if dpo.is_none() && (self.beta.is_some() || self.loss_type.is_some()) {
+            return Err(Error::format("method", "beta and loss_type are DPO settings: add --method dpo"));
+        }
+        if dpo.is_some() && (self.packing || self.max_batch_tokens.is_some()) {
+            return Err(Error::format("method", "DPO batches whole pairs: drop --packing and --max-batch-tokens"));
+        }
+        if let Some(b) = self.beta.filter(|b| b.is_nan() || *b <= 0.0) {
+            return Err(Error::format("beta", format!("{b}: must be positive")));
+        }
+        Ok(dpo)
     }
 }
 
@@ -239,9 +277,32 @@ pub fn samples_from_jsonl(
     Ok(Samples { samples, truncated, skipped })
 }
 
+/// Preference pairs from JSONL text, each as its (chosen, rejected) sequences cut to `max_len`;
+/// how many pairs were dropped because their prompt alone reaches `max_len` (as TRL), and how
+/// many bad lines were skipped.
+pub struct Pairs {
+    pub pairs: Vec<[Sequence; 2]>,
+    pub dropped: usize,
+    pub skipped: usize,
+}
+
+pub fn pairs_from_jsonl(text: &str, file: &str, skip_bad_lines: bool, tok: &Tokenizer, template: Option<&ChatTemplate>, max_len: Option<usize>) -> Result<Pairs> {
+    let (examples, skipped) = parse_preference_jsonl(text, file, skip_bad_lines)?;
+    let eos = template.and_then(|t| t.eos_token.clone());
+    let mut encoded = Vec::with_capacity(examples.len());
+    for (at, e) in &examples {
+        encoded.push(encode_pair(e, tok, template, eos.as_deref(), at)?);
+    }
+    let dropped = drop_fully_truncated(&mut encoded, max_len);
+    if encoded.is_empty() {
+        return Err(Error::format(file, format!("no pair keeps a completion token within max_len ({dropped} dropped)")));
+    }
+    Ok(Pairs { pairs: encoded.iter().map(|p| p.sequences(max_len)).collect(), dropped, skipped })
+}
+
 /// Holds out `fraction` of the samples: every k-th one, so the split is stable and spread over
 /// the file. Returns (train, eval).
-pub fn split_eval(mut train: Vec<Sample>, fraction: f64, seed: u64) -> (Vec<Sample>, Vec<Sample>) {
+pub fn split_eval<T>(mut train: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
     let n_eval = ((train.len() as f64) * fraction).round().clamp(1.0, (train.len().saturating_sub(1)) as f64) as usize;
     let stride = (train.len() / n_eval.max(1)).max(1);
     let offset = (seed as usize) % stride;

@@ -2,12 +2,17 @@
 //! loop), AdamW on the LoRA parameters only, gradient accumulation with the loss normalised by
 //! the step's counted tokens (as transformers' Trainer), global-norm clipping, 32-bit or
 //! bitsandbytes' 8-bit moments, seeded data order
-//! and dropout, and a state that checkpoints and resumes exactly.
+//! and dropout, and a state that checkpoints and resumes exactly. Supervised fine-tuning on
+//! samples, or DPO on preference pairs (`TrainConfig::dpo`, [`Trainer::new_preference`]): the
+//! same step, with the loss a function of each sequence's log-probability, back-propagated as
+//! a weight per sequence (see `super::preference`).
 
-use super::loss::{counted_tokens, nll_sum, shifted_targets, IGNORE_INDEX};
+use super::loss::{counted_tokens, shifted_targets, IGNORE_INDEX};
 use super::adamw8bit::{adamw8bit_update, Int8Moments, Tables, MIN_8BIT_SIZE};
 use super::optim::{adamw_update, clip_global_norm, AdamWConfig, HostMoments, Moments, Optim, OptimState, SavedMoments};
 use super::schedule::{LrSchedule, Schedule};
+use super::preference::{dpo_loss, row_weights, split_pairs, DpoConfig, DpoMetrics, PairLogps};
+use crate::data::preference::Sequence;
 use crate::data::Sample;
 pub use crate::readback::read_f32;
 use crate::lora::peft::Adapter;
@@ -57,6 +62,8 @@ pub struct TrainConfig {
     /// many logits exist at once (chunked cross-entropy; 128k vocabularies never materialise
     /// `[tokens, vocab]`).
     pub logits_chunk: usize,
+    /// Preference tuning (DPO) on pairs instead of supervised fine-tuning; `None`: SFT.
+    pub dpo: Option<DpoConfig>,
 }
 
 /// Default [`TrainConfig::logits_chunk`]: 4M values, 16 MB of f32 (at most 3 such pieces are
@@ -85,6 +92,7 @@ impl Default for TrainConfig {
             pack_len: None,
             max_batch_tokens: None,
             logits_chunk: LOGITS_CHUNK,
+            dpo: None,
         }
     }
 }
@@ -113,6 +121,8 @@ pub struct StepReport {
     pub tokens: usize,
     pub trained_tokens: usize,
     pub grad_norm: Option<f64>,
+    /// With DPO: TRL's reward metrics, averaged over the step's micro-batches (`loss` is DPO's).
+    pub preference: Option<DpoMetrics>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -141,7 +151,10 @@ where
     /// 8-bit AdamW's maps and lookup grids, per device.
     tables: Vec<(B::Device, Tables<B::InnerBackend>)>,
     data: Vec<Sample>,
-    /// Token count of each sample, for batching.
+    /// With DPO: the pairs (chosen, rejected) and their reference log-probabilities.
+    pairs: Vec<[Sequence; 2]>,
+    reference: Vec<PairLogps>,
+    /// Token count of each sample (the longer sequence of a pair), for batching.
     lens: Vec<usize>,
     order: Vec<usize>,
     device: B::Device,
@@ -289,6 +302,38 @@ fn lora_grads<'a, B: AutodiffBackend + HoneBackend>(
     out
 }
 
+/// Each LoRA tensor's gradient, by `{module}.lora_A` / `.lora_B`.
+type LoraGrads<B> = Vec<(String, Tensor<B, 2>)>;
+
+/// What a micro-batch's gradient is of: the token loss divided by a norm (SFT), or a function
+/// of each row's summed log-probability, given as the weight it puts on each row's summed token
+/// loss (DPO; see [`super::preference::row_weights`]).
+enum Objective<'a> {
+    Tokens(f64),
+    Sequences(&'a dyn Fn(&[f64]) -> Vec<f32>),
+}
+
+/// Values of `−x` (summed losses as log-probabilities), read back (native; in wasm the read
+/// would block, so preference runs are native only).
+fn read_neg<B: Backend>(x: Tensor<B, 1>) -> Vec<f64> {
+    x.into_data().iter::<f32>().map(|v| -f64::from(v)).collect()
+}
+
+/// The mean of micro-batches' metrics, `None` for none.
+fn mean_metrics(m: &[DpoMetrics]) -> Option<DpoMetrics> {
+    let n = m.len() as f64;
+    let mean = |f: fn(&DpoMetrics) -> f64| m.iter().map(f).sum::<f64>() / n;
+    (!m.is_empty()).then(|| DpoMetrics {
+        loss: mean(|x| x.loss),
+        rewards_chosen: mean(|x| x.rewards_chosen),
+        rewards_rejected: mean(|x| x.rewards_rejected),
+        rewards_accuracies: mean(|x| x.rewards_accuracies),
+        rewards_margins: mean(|x| x.rewards_margins),
+        logps_chosen: mean(|x| x.logps_chosen),
+        logps_rejected: mean(|x| x.logps_rejected),
+    })
+}
+
 fn to_tensor<B: Backend>(rows: &[Vec<i64>], device: &B::Device) -> Tensor<B, 2, Int> {
     let (b, t) = (rows.len(), rows.first().map_or(0, |r| r.len()));
     Tensor::from_data(TensorData::new(rows.concat(), [b, t]), device)
@@ -311,15 +356,46 @@ where
             moments: BTreeMap::new(),
             tables: Vec::new(),
             data,
+            pairs: Vec::new(),
+            reference: Vec::new(),
             lens,
             order,
             device,
         }
     }
 
-    /// Training examples.
+    /// A preference (DPO) run on `pairs` (chosen, rejected), with `cfg.dpo` set. The reference is
+    /// the model as given: its log-probabilities of every pair are computed once, here (the base
+    /// for a new adapter, whose B is zero; base + adapter when starting from a trained one, as
+    /// TRL's frozen copy of it), unless `reference` brings them (a resumed run's checkpoint).
+    /// Native: the values are read back.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn new_preference(model: CausalLm<B>, lora: LoraConfig, pairs: Vec<[Sequence; 2]>, reference: Option<Vec<PairLogps>>, cfg: TrainConfig, device: B::Device) -> crate::Result<Self> {
+        assert!(cfg.dpo.is_some() && cfg.pack_len.is_none() && cfg.max_batch_tokens.is_none(), "DPO runs set cfg.dpo and pad pairs (no packing)");
+        let mut t = Trainer::new(model, lora, Vec::new(), cfg, device);
+        t.reference = match reference {
+            Some(r) if r.len() == pairs.len() => r,
+            Some(r) => return Err(crate::Error::format("reference log-probabilities", format!("{} saved for {} pairs: resume on the same data", r.len(), pairs.len()))),
+            None => {
+                let inner = t.model.valid();
+                super::preference::pair_logps(&inner, &pairs, t.cfg.batch_size, t.cfg.pad_id, &inner.model.embed_tokens.device())
+            }
+        };
+        t.lens = pairs.iter().map(|[c, r]| c.ids.len().max(r.ids.len())).collect();
+        t.state.total_steps = t.cfg.max_steps.unwrap_or_else(|| total_steps(&t.cfg, &t.lens));
+        t.order = epoch_order(pairs.len(), t.cfg.seed, 0, t.cfg.shuffle);
+        t.pairs = pairs;
+        Ok(t)
+    }
+
+    /// The reference log-probabilities of a preference run's pairs.
+    pub fn reference_logps(&self) -> &[PairLogps] {
+        &self.reference
+    }
+
+    /// Training examples (pairs, with DPO).
     pub fn data_len(&self) -> usize {
-        self.data.len()
+        self.lens.len()
     }
 
     pub fn done(&self) -> bool {
@@ -336,7 +412,7 @@ where
         if self.state.position >= self.order.len() {
             self.state.epoch += 1;
             self.state.position = 0;
-            self.order = epoch_order(self.data.len(), self.cfg.seed, self.state.epoch, self.cfg.shuffle);
+            self.order = epoch_order(self.lens.len(), self.cfg.seed, self.state.epoch, self.cfg.shuffle);
         }
         let (rows, next) = micro_batch(&self.cfg, &self.lens, &self.order, self.state.position);
         self.state.position = next;
@@ -344,6 +420,15 @@ where
     }
 
     fn batch(&self, rows: &[Vec<usize>]) -> Batch {
+        if self.cfg.dpo.is_some() {
+            // TRL's layout: every chosen sequence, then every rejected one; loss on completions.
+            let sample = |s: &Sequence| Sample {
+                input_ids: s.ids.clone(),
+                labels: s.ids.iter().zip(&s.completion).map(|(&id, &c)| if c { id as i64 } else { IGNORE_INDEX }).collect(),
+            };
+            let samples: Vec<Sample> = (0..2).flat_map(|side| rows.iter().map(move |r| sample(&self.pairs[r[0]][side]))).collect();
+            return Batch::padded(&samples.iter().collect::<Vec<_>>(), self.cfg.pad_id);
+        }
         let samples: Vec<Vec<&Sample>> = rows.iter().map(|r| r.iter().map(|&i| &self.data[i]).collect()).collect();
         match self.cfg.pack_len {
             Some(_) => Batch::packed(&samples, self.cfg.pad_id),
@@ -357,15 +442,27 @@ where
         let rows: Vec<Vec<Vec<usize>>> = (0..self.cfg.grad_accum.max(1)).map(|_| self.next_rows()).collect();
         let batches: Vec<Batch> = rows.iter().map(|r| self.batch(r)).collect();
         let counted: usize = batches.iter().map(|b| counted_tokens(&b.labels)).sum();
-        let tokens: usize = rows.iter().flatten().flatten().map(|&i| self.lens[i]).sum();
+        let tokens: usize = match self.cfg.dpo {
+            Some(_) => rows.iter().flatten().flatten().map(|&i| self.pairs[i].iter().map(|s| s.ids.len()).sum::<usize>()).sum(),
+            None => rows.iter().flatten().flatten().map(|&i| self.lens[i]).sum(),
+        };
         let norm = counted.max(1) as f64;
+        let mut preference: Vec<DpoMetrics> = Vec::new();
 
         let mut grads: BTreeMap<String, Tensor<B::InnerBackend, 2>> = BTreeMap::new();
         let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
         for (k, batch) in batches.iter().enumerate() {
             // Dropout masks depend only on (seed, step, micro-batch): a resumed run draws the same.
             let seed = self.cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(step as u64).wrapping_add((k as u64) << 40);
-            let (nll, g) = self.gradients(batch, norm, seed);
+            let (nll, g) = match self.cfg.dpo {
+                Some(dpo) => {
+                    let pairs: Vec<usize> = rows[k].iter().map(|r| r[0]).collect();
+                    let (loss, g, metrics) = self.preference_gradients(batch, &pairs, dpo, seed);
+                    preference.push(metrics);
+                    (loss, g)
+                }
+                None => self.gradients(batch, norm, seed),
+            };
             loss_sum = Some(match loss_sum {
                 Some(l) => l + nll,
                 None => nll,
@@ -430,6 +527,7 @@ where
                 tokens,
                 trained_tokens: counted,
                 grad_norm: None,
+                preference: mean_metrics(&preference),
             },
         }
     }
@@ -438,17 +536,50 @@ where
     /// tensor (`{module}.lora_A` / `.lora_B`), with or without activation checkpointing as the
     /// config says. `seed` fixes the dropout masks.
     pub fn gradients(&self, batch: &Batch, norm: f64, seed: u64) -> (Tensor<B::InnerBackend, 1>, Vec<(String, Tensor<B::InnerBackend, 2>)>) {
+        self.gradients_of(batch, Objective::Tokens(norm), seed)
+    }
+
+    /// A DPO micro-batch of `pairs` (laid out by [`Self::batch`]): its loss (divided by the
+    /// accumulation steps), the LoRA gradients, and TRL's metrics. The policy's log-probabilities
+    /// come from the forward pass whose graph the backward then uses, so the weights each
+    /// sequence gets are exactly the loss's derivatives.
+    fn preference_gradients(&self, batch: &Batch, pairs: &[usize], dpo: DpoConfig, seed: u64) -> (Tensor<B::InnerBackend, 1>, LoraGrads<B::InnerBackend>, DpoMetrics) {
+        let reference: Vec<PairLogps> = pairs.iter().map(|&i| self.reference[i]).collect();
+        let lens: Vec<(usize, usize)> = pairs.iter().map(|&i| (self.pairs[i][0].completion_len(), self.pairs[i][1].completion_len())).collect();
+        let accum = self.cfg.grad_accum.max(1) as f64;
+        let metrics = std::cell::Cell::new(None);
+        let weigh = |logps: &[f64]| {
+            let loss = dpo_loss(dpo.loss_type, dpo.beta, &split_pairs(logps), &reference, &lens);
+            metrics.set(Some(loss.metrics));
+            row_weights(&loss, accum)
+        };
+        let (_, grads) = self.gradients_of(batch, Objective::Sequences(&weigh), seed);
+        let metrics = metrics.get().expect("the objective was evaluated");
+        let loss = Tensor::from_data(TensorData::new(vec![(metrics.loss / accum) as f32], [1]), &self.model.head_device());
+        (loss, grads, metrics)
+    }
+
+    fn gradients_of(&self, batch: &Batch, objective: Objective<'_>, seed: u64) -> (Tensor<B::InnerBackend, 1>, LoraGrads<B::InnerBackend>) {
         if self.cfg.checkpointing {
-            return self.gradients_checkpointed(batch, norm, seed);
+            return self.gradients_checkpointed(batch, objective, seed);
         }
         for (k, device) in self.model.devices().iter().enumerate() {
             B::seed(device, seed.wrapping_add(k as u64));
         }
         let pos = batch.positions::<B>(&self.model.config, &self.device);
         let hidden = self.model.hidden_at(to_tensor::<B>(&batch.ids, &self.device), &pos);
-        let nll = counted_nll(&self.model, hidden, &shifted_targets(&batch.labels)).div_scalar(norm);
-        let g = nll.backward();
-        (nll.inner(), lora_grads(self.model.linears(), &g))
+        let targets = shifted_targets(&batch.labels);
+        let loss = match objective {
+            Objective::Tokens(norm) => counted_nll(&self.model, hidden, &targets).div_scalar(norm),
+            Objective::Sequences(weigh) => {
+                let rows = counted_nll_rows(&self.model, hidden, &targets);
+                let weights = weigh(&read_neg(rows.clone().inner()));
+                let n = weights.len();
+                (rows.clone() * Tensor::<B, 1>::from_data(TensorData::new(weights, [n]), &rows.device())).sum()
+            }
+        };
+        let g = loss.backward();
+        (loss.inner(), lora_grads(self.model.linears(), &g))
     }
 
     /// As [`Self::gradients`], keeping only each decoder layer's input from the forward pass: a
@@ -456,7 +587,7 @@ where
     /// layer is run again with tracking from its saved input and back-propagated alone, its
     /// output's gradient coming from the layer above. Peak memory holds one layer's activations
     /// rather than all of them, for one more forward pass.
-    fn gradients_checkpointed(&self, batch: &Batch, norm: f64, seed: u64) -> (Tensor<B::InnerBackend, 1>, Vec<(String, Tensor<B::InnerBackend, 2>)>) {
+    fn gradients_checkpointed(&self, batch: &Batch, objective: Objective<'_>, seed: u64) -> (Tensor<B::InnerBackend, 1>, LoraGrads<B::InnerBackend>) {
         let layer_seed = |i: usize| seed ^ (i as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
         let inner_device = self.model.model.embed_tokens.device();
         let pos = batch.positions::<B::InnerBackend>(&self.model.config, &inner_device);
@@ -490,6 +621,16 @@ where
         let vocab = self.model.config.vocab_size;
         let step = (self.cfg.logits_chunk / (rows * vocab).max(1)).clamp(1, t.max(1));
         let targets = shifted_targets(&batch.labels);
+        // A loss of whole sequences: their log-probabilities from the untracked pass's output
+        // (the tracked recomputation below gives the same values), then a weight per row.
+        let (norm, weights) = match objective {
+            Objective::Tokens(norm) => (norm, None),
+            Objective::Sequences(weigh) => {
+                let head = self.model.valid();
+                let rows = nll_rows_chunked(&head, head.final_norm(top.clone()), &targets, self.cfg.logits_chunk);
+                (1.0, Some(weigh(&read_neg(rows))))
+            }
+        };
         let mut nll: Option<Tensor<B::InnerBackend, 1>> = None;
         let mut grad_pieces = Vec::new();
         let mut head_grads: BTreeMap<String, Tensor<B::InnerBackend, 2>> = BTreeMap::new();
@@ -497,7 +638,10 @@ where
             let len = step.min(t - start);
             let x = Tensor::<B, 3>::from_inner(top.clone().narrow(1, start, len)).require_grad();
             let piece: Vec<Vec<i64>> = targets.iter().map(|r| r[start..start + len].to_vec()).collect();
-            let loss = counted_nll(&self.model, self.model.final_norm(x.clone()), &piece).div_scalar(norm);
+            let loss = match &weights {
+                None => counted_nll(&self.model, self.model.final_norm(x.clone()), &piece).div_scalar(norm),
+                Some(w) => counted_nll_weighted(&self.model, self.model.final_norm(x.clone()), &piece, w),
+            };
             let g = loss.backward();
             for (k, gp) in lora_grads(in_layer(None).map(|(n, l)| (n.clone(), *l)), &g) {
                 let acc = match head_grads.remove(&k) {
@@ -638,7 +782,7 @@ where
                 (s.name, state)
             })
             .collect();
-        self.order = epoch_order(self.data.len(), self.cfg.seed, state.epoch, self.cfg.shuffle);
+        self.order = epoch_order(self.lens.len(), self.cfg.seed, state.epoch, self.cfg.shuffle);
         self.state = state;
         Ok(())
     }
@@ -688,24 +832,83 @@ fn nll_sum_chunked<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, la
 /// positions go through the head: padding and ignored labels cost no logits (transformers
 /// computes them all; with the bench's batches that is a third of the head's work).
 fn counted_nll<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, targets: &[Vec<i64>]) -> Tensor<B, 1> {
+    match counted_token_nll(model, hidden.clone(), targets) {
+        Some((nll, _)) => nll.sum(),
+        // Nothing counted: a zero that still depends on the hidden states (the backward runs).
+        None => hidden.sum().mul_scalar(0.0),
+    }
+}
+
+/// The loss of each counted position (row-major), `[counted]`, and the row each is in; `None`
+/// when nothing is counted.
+fn counted_token_nll<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, targets: &[Vec<i64>]) -> Option<(Tensor<B, 1>, Vec<usize>)> {
     let [b, t, h] = hidden.dims();
     let flat: Vec<i64> = targets.iter().flatten().copied().collect();
     let rows: Vec<i64> = (0..flat.len()).filter(|&i| flat[i] >= 0).map(|i| i as i64).collect();
     let device = hidden.device();
     if rows.is_empty() {
-        // Nothing counted: a zero that still depends on the hidden states (the backward runs).
-        return hidden.sum().mul_scalar(0.0);
+        return None;
     }
-    let picked: Vec<Vec<i64>> = vec![rows.iter().map(|&i| flat[i as usize]).collect()];
+    let picked: Vec<i64> = rows.iter().map(|&i| flat[i as usize]).collect();
     let x = if rows.len() == b * t {
-        hidden.reshape([1, b * t, h])
+        hidden.reshape([b * t, h])
     } else {
         let index = Tensor::<B, 1, Int>::from_data(TensorData::new(rows.clone(), [rows.len()]), &device);
-        hidden.reshape([b * t, h]).select(0, index).reshape([1, rows.len(), h])
+        hidden.reshape([b * t, h]).select(0, index)
     };
-    let logits = model.head(x);
-    let labels = to_tensor::<B>(&picked, &logits.device());
-    nll_sum(logits, labels)
+    let logits = model.head(x.reshape([1, rows.len(), h]));
+    let vocab = logits.dims()[2];
+    let labels = Tensor::<B, 1, Int>::from_data(TensorData::new(picked, [rows.len()]), &logits.device());
+    let (nll, _lse) = B::cross_entropy(logits.reshape([rows.len(), vocab]), labels);
+    Some((nll, rows.iter().map(|&i| i as usize / t.max(1)).collect()))
+}
+
+/// Each row's summed loss, `[B]` (a sequence's negative log-probability over its counted
+/// positions).
+pub(crate) fn counted_nll_rows<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, targets: &[Vec<i64>]) -> Tensor<B, 1> {
+    let b = hidden.dims()[0];
+    match counted_token_nll(model, hidden.clone(), targets) {
+        Some((nll, row_of)) => {
+            // Summed by row as a product with the positions' one-hot rows.
+            let n = row_of.len();
+            let mut onehot = vec![0f32; b * n];
+            row_of.iter().enumerate().for_each(|(j, &r)| onehot[r * n + j] = 1.0);
+            let onehot = Tensor::<B, 2>::from_data(TensorData::new(onehot, [b, n]), &nll.device());
+            onehot.matmul(nll.reshape([n, 1])).reshape([b])
+        }
+        None => Tensor::<B, 1>::zeros([b], &hidden.device()) + hidden.sum().mul_scalar(0.0),
+    }
+}
+
+/// `Σ_rows weight[row] · row's summed loss`, `[1]`: a loss that is a function of whole sequences'
+/// log-probabilities (DPO) back-propagates as this, with each row's derivative for weight.
+fn counted_nll_weighted<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, targets: &[Vec<i64>], row_weights: &[f32]) -> Tensor<B, 1> {
+    match counted_token_nll(model, hidden.clone(), targets) {
+        Some((nll, row_of)) => {
+            let w: Vec<f32> = row_of.iter().map(|&r| row_weights[r]).collect();
+            let n = w.len();
+            (nll.clone() * Tensor::<B, 1>::from_data(TensorData::new(w, [n]), &nll.device())).sum()
+        }
+        None => hidden.sum().mul_scalar(0.0),
+    }
+}
+
+/// Each row's summed loss over final hidden states `[B, T, hidden]`, at most `chunk` logits at
+/// a time.
+pub(crate) fn nll_rows_chunked<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, targets: &[Vec<i64>], chunk: usize) -> Tensor<B, 1> {
+    let [rows, t, _] = hidden.dims();
+    let step = (chunk / (rows * model.config.vocab_size).max(1)).clamp(1, t.max(1));
+    let mut sum: Option<Tensor<B, 1>> = None;
+    for start in (0..t).step_by(step) {
+        let len = step.min(t - start);
+        let piece: Vec<Vec<i64>> = targets.iter().map(|r| r[start..start + len].to_vec()).collect();
+        let nll = counted_nll_rows(model, hidden.clone().narrow(1, start, len), &piece);
+        sum = Some(match sum {
+            Some(s) => s + nll,
+            None => nll,
+        });
+    }
+    sum.unwrap_or_else(|| Tensor::zeros([rows], &hidden.device()))
 }
 
 /// Loss and perplexity from a summed loss and its token count.
