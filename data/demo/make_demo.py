@@ -3,7 +3,11 @@ from the templates below), that teach one distinctive, checkable habit: every re
 "Ahoy!" and then answers plainly. A short fine-tune makes the habit appear; `cargo xtask
 demo-check` counts it on the held-out prompts.
 
-    python data/demo/make_demo.py   # rewrites ahoy_train.jsonl and ahoy_heldout.jsonl
+The same habit as preference pairs, for DPO (`hone train --method dpo`): the reply with "Ahoy!"
+chosen, the plain one rejected (ahoy_prefs_train.jsonl: the first 64 training prompts;
+ahoy_prefs_heldout.jsonl: the held-out ones).
+
+    python data/demo/make_demo.py   # rewrites the four .jsonl files
 """
 import json
 import random
@@ -70,7 +74,13 @@ def main():
     with open(HERE / "ahoy_heldout.jsonl", "w") as f:
         for q, a in held_out:
             f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"Ahoy! {a}"}]}) + "\n")
-    print(len(train), "train,", len(held_out), "held out")
+    for name, rows in [("ahoy_prefs_train.jsonl", train[:64]), ("ahoy_prefs_heldout.jsonl", held_out)]:
+        with open(HERE / name, "w") as f:
+            for q, a in rows:
+                f.write(json.dumps({"prompt": [{"role": "user", "content": q}],
+                                    "chosen": [{"role": "assistant", "content": f"Ahoy! {a}"}],
+                                    "rejected": [{"role": "assistant", "content": a}]}) + "\n")
+    print(len(train), "train,", len(held_out), "held out;", min(64, len(train)), "and", len(held_out), "preference pairs")
 
 
 if __name__ == "__main__":

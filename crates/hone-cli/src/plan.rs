@@ -78,6 +78,9 @@ pub fn for_run(config: &Config, s: &RunSettings, seq: usize, backend: BackendKin
     let cfg = s.train(0)?;
     let batch = match (cfg.pack_len, cfg.max_batch_tokens) {
         (_, Some(budget)) => budget.div_ceil(seq.max(1)),
+        // DPO: two sequences (chosen, rejected) per pair. Its reference is computed once, before
+        // training, by a forward pass without gradients: smaller than a training step.
+        _ if cfg.dpo.is_some() => 2 * cfg.batch_size,
         _ => cfg.batch_size,
     };
     let o = PlanOptions { batch, seq, nf4: s.nf4()?.is_some(), checkpointing: cfg.checkpointing, device: device(backend), logits_chunk: cfg.logits_chunk, optim: cfg.optim, min_8bit_size: cfg.min_8bit_size, host_tables: host_tables(backend) };

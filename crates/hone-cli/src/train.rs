@@ -6,12 +6,16 @@ use hone::data::dataset::EncodeOptions;
 use hone::data::{ChatTemplate, Format, Sample, Tokenizer};
 use hone::io::Dir;
 use hone::lora::peft::{add_adapters, Adapter};
+use hone::lora::{LoraConfig, Targets};
+use hone::model::CausalLm;
 use hone::model::{LoadOptions, Nf4Options, Placement};
 use hone::train::plan::DeviceMap;
 use hone::ops::HoneBackend;
 use hone::train::checkpoint::{self, adapter_files, write_dir_atomic, SavedState};
 use hone::train::trainer::evaluate;
-use hone::train::run::{self, pad_id, samples_from_jsonl, RunSettings};
+use hone::data::preference::Sequence;
+use hone::train::preference::{evaluate_preference, pair_logps};
+use hone::train::run::{self, pad_id, pairs_from_jsonl, samples_from_jsonl, RunSettings};
 use hone::train::{Schedule, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
@@ -50,6 +54,10 @@ pub struct TrainArgs {
     /// base_model_name_or_path in adapter_config.json, e.g. a Hub id [default: --model as given].
     #[arg(long)]
     pub base_model_name: Option<String>,
+    /// Start from this PEFT LoRA adapter (its rank, alpha and layers; for DPO it is also the
+    /// reference, as TRL's frozen copy) instead of a new one [default: a new adapter].
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Continue the run saved in this checkpoint directory [default: start afresh].
     #[arg(long)]
     #[serde(skip)]
@@ -96,7 +104,7 @@ impl TrainArgs {
         let mut base: TrainArgs = table.try_into().with_context(invalid)?;
         base.run = run_table.try_into().with_context(invalid)?;
         let top = self;
-        overlay!(base, top, model, data, out, eval_data, backend, save_every, base_model_name, devices, max_memory);
+        overlay!(base, top, model, data, out, eval_data, backend, save_every, base_model_name, devices, max_memory, adapter);
         base.run.overlay(&top.run);
         base.skip_bad_lines |= top.skip_bad_lines;
         base.quiet |= top.quiet;
@@ -110,8 +118,48 @@ impl TrainArgs {
 struct Data {
     train: Vec<Sample>,
     eval: Vec<Sample>,
+    /// With --method dpo: preference pairs (chosen, rejected) instead of samples.
+    pairs: Vec<[Sequence; 2]>,
+    eval_pairs: Vec<[Sequence; 2]>,
     truncated: usize,
     skipped: usize,
+}
+
+impl Data {
+    fn longest(&self) -> usize {
+        let samples = self.train.iter().chain(&self.eval).map(|s| s.input_ids.len());
+        let pairs = self.pairs.iter().chain(&self.eval_pairs).flat_map(|p| p.iter().map(|s| s.ids.len()));
+        samples.chain(pairs).max().unwrap_or(1)
+    }
+}
+
+fn load_pairs(path: &Path, skip_bad: bool, tok: &Tokenizer, template: Option<&ChatTemplate>, max_len: Option<usize>) -> anyhow::Result<run::Pairs> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(pairs_from_jsonl(&text, &path.display().to_string(), skip_bad, tok, template, max_len)?)
+}
+
+/// Preference pairs for `--method dpo`, held out as `--eval-data` or `--eval-split` say.
+fn load_preference_data(a: &TrainArgs, path: &Path, tok: &Tokenizer, template: Option<&ChatTemplate>) -> anyhow::Result<Data> {
+    let train = load_pairs(path, a.skip_bad_lines, tok, template, a.run.max_len)?;
+    let (pairs, eval_pairs, dropped) = match (&a.eval_data, a.run.eval_split) {
+        (Some(p), _) => {
+            let e = load_pairs(p, a.skip_bad_lines, tok, template, a.run.max_len)?;
+            (train.pairs, e.pairs, train.dropped + e.dropped)
+        }
+        (None, Some(f)) if f > 0.0 && f < 1.0 => {
+            let (t, e) = run::split_eval(train.pairs, f, a.run.seed());
+            (t, e, train.dropped)
+        }
+        (None, Some(f)) => bail!("--eval-split {f}: must be between 0 and 1"),
+        (None, None) => (train.pairs, Vec::new(), train.dropped),
+    };
+    eprintln!(
+        "data: {} training and {} evaluation preference pairs; {dropped} dropped (the prompt alone reaches --max-len); {} bad lines skipped",
+        pairs.len(),
+        eval_pairs.len(),
+        train.skipped
+    );
+    Ok(Data { train: Vec::new(), eval: Vec::new(), pairs, eval_pairs, truncated: 0, skipped: train.skipped })
 }
 
 fn load_samples(path: &Path, format: Option<Format>, skip_bad: bool, tok: &Tokenizer, template: Option<&ChatTemplate>, opts: EncodeOptions) -> anyhow::Result<(Vec<Sample>, usize, usize)> {
@@ -134,6 +182,15 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     };
     let text = crate::model::text(&model_dir)?;
     let (tok, template) = (text.tokenizer, text.template);
+    let backend = a.backend.unwrap_or(BackendKind::Cpu);
+    if a.run.dpo()?.is_some() {
+        if a.run.format.is_some() || a.run.train_on_prompts {
+            bail!("--format and --train-on-prompts are SFT settings; DPO reads preference pairs (prompt, chosen, rejected)");
+        }
+        let data = load_preference_data(&a, &data_path, &tok, template.as_ref())?;
+        let map = check_fit(&a, &model_dir, &data, backend)?;
+        return with_backend!(backend, |Inner, device| train_with::<burn::backend::Autodiff<Inner>>(&a, data, &model_dir, &out, &tok, device, map));
+    }
     let opts = EncodeOptions { train_on_completions_only: !a.run.train_on_prompts, max_len: a.run.max_len };
     let (train, truncated, skipped) = load_samples(&data_path, format, a.skip_bad_lines, &tok, template.as_ref(), opts)?;
     let seed = a.run.seed.unwrap_or(42);
@@ -149,7 +206,7 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         (None, Some(f)) => bail!("--eval-split {f}: must be between 0 and 1"),
         (None, None) => (train, Vec::new(), 0),
     };
-    let data = Data { train, eval, truncated: truncated + eval_truncated, skipped };
+    let data = Data { train, eval, pairs: Vec::new(), eval_pairs: Vec::new(), truncated: truncated + eval_truncated, skipped };
     eprintln!(
         "data: {} training and {} evaluation examples; {} truncated to --max-len; {} bad lines skipped",
         data.train.len(),
@@ -157,7 +214,6 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         data.truncated,
         data.skipped
     );
-    let backend = a.backend.unwrap_or(BackendKind::Cpu);
     let map = check_fit(&a, &model_dir, &data, backend)?;
     with_backend!(backend, |Inner, device| train_with::<burn::backend::Autodiff<Inner>>(&a, data, &model_dir, &out, &tok, device, map))
 }
@@ -168,7 +224,7 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
 /// With --devices or --max-memory, the device map the run will use.
 fn check_fit(a: &TrainArgs, model: &Path, data: &Data, backend: BackendKind) -> anyhow::Result<Option<DeviceMap>> {
     let config = crate::plan::read_config(model)?;
-    let seq = data.train.iter().chain(&data.eval).map(|s| s.input_ids.len()).max().unwrap_or(1);
+    let seq = data.longest();
     let p = crate::plan::for_run(&config, &a.run, seq, backend)?;
     eprintln!("plan: {} of memory ({} bytes; sequences up to {seq} tokens; `hone plan` breaks it down)", hone::train::plan::human(p.total_bytes), p.total_bytes);
     let map = crate::plan::device_map(&config, &a.run, seq, backend, a.devices, a.max_memory.as_deref());
@@ -206,7 +262,7 @@ where
     // and size before any weight is read.
     let limit = hone::ops::max_buffer_bytes();
     if limit < u64::MAX {
-        let seq = data.train.iter().chain(&data.eval).map(|s| s.input_ids.len()).max().unwrap_or(1);
+        let seq = data.longest();
         let p = crate::plan::for_run(&crate::plan::read_config(model_dir)?, &a.run, seq, a.backend.unwrap_or(BackendKind::Cpu))?;
         if p.largest_buffer_bytes > limit {
             bail!(
@@ -225,11 +281,16 @@ where
     })?;
     let device = model.model.embed_tokens.device();
     eprintln!("model: {} loaded in {:.1}s ({})", model_dir.display(), loading.elapsed().as_secs_f64(), if nf4.is_some() { "NF4 base, QLoRA" } else { "f32 base, LoRA" });
-    let lora = settings.lora();
-    let adapted = add_adapters(model.linears_mut(), &lora);
-    if adapted == 0 {
-        bail!("--targets {:?} matches no layer of this model", a.run.targets.as_deref().unwrap_or("all-linear"));
-    }
+    let lora = match &a.adapter {
+        Some(dir) => start_adapter(dir, &a.run, &mut model)?,
+        None => {
+            let lora = settings.lora();
+            if add_adapters(model.linears_mut(), &lora) == 0 {
+                bail!("--targets {:?} matches no layer of this model", a.run.targets.as_deref().unwrap_or("all-linear"));
+            }
+            lora
+        }
+    };
     if let Some(s) = a.run.schedule.as_deref() {
         Schedule::parse(s).with_context(|| format!("--schedule {s}: expected constant, linear or cosine"))?;
     }
@@ -237,12 +298,30 @@ where
     let eval_samples = data.eval;
     let devices = model.devices();
     report_device_memory::<B>(&devices, "after loading");
-    let mut trainer = Trainer::new(model, lora.clone(), data.train, cfg.clone(), device);
+    let loaded = match &a.resume {
+        Some(dir) => Some(checkpoint::load(dir).with_context(|| format!("resuming from {}", dir.display()))?),
+        None => None,
+    };
+    let dpo = cfg.dpo.is_some();
+    let mut trainer = if dpo {
+        let started = std::time::Instant::now();
+        let saved_reference = loaded.as_ref().map(|l| l.saved.reference_logps.clone()).filter(|r| !r.is_empty());
+        let from_checkpoint = saved_reference.is_some();
+        let t = Trainer::new_preference(model, lora.clone(), data.pairs, saved_reference, cfg.clone(), device.clone())?;
+        if !from_checkpoint {
+            eprintln!("reference: log-probabilities of {} pairs in {:.1}s (the model as it starts, frozen)", t.data_len(), started.elapsed().as_secs_f64());
+        }
+        t
+    } else {
+        Trainer::new(model, lora.clone(), data.train, cfg.clone(), device.clone())
+    };
+    // DPO's held-out pairs get their reference now, from the same starting model.
+    let eval_reference = (dpo && !data.eval_pairs.is_empty()).then(|| pair_logps(&trainer.eval_model(), &data.eval_pairs, cfg.batch_size, cfg.pad_id, &device));
+    let has_eval = !eval_samples.is_empty() || !data.eval_pairs.is_empty();
     let base_name = a.base_model_name.clone().unwrap_or_else(|| model_dir.display().to_string());
     let ckpt_dir = out.with_file_name(format!("{}.checkpoint", out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()));
-    let mut saved = SavedState { state: trainer.state.clone(), config: cfg, base_model: base_name.clone(), best_eval_loss: None, best_step: None, evals_without_improvement: 0 };
-    if let Some(dir) = &a.resume {
-        let loaded = checkpoint::load(dir).with_context(|| format!("resuming from {}", dir.display()))?;
+    let mut saved = SavedState { state: trainer.state.clone(), config: cfg.clone(), base_model: base_name.clone(), best_eval_loss: None, best_step: None, evals_without_improvement: 0, reference_logps: trainer.reference_logps().to_vec() };
+    if let (Some(dir), Some(loaded)) = (&a.resume, loaded) {
         if loaded.saved.config != trainer.cfg {
             bail!("{}: the checkpoint was made with other training settings; resume with the same ones", dir.display());
         }
@@ -265,7 +344,7 @@ where
     let mut after_first: Option<(std::time::Instant, usize)> = None;
     let mut best: Option<Adapter> = None;
     let save_every = a.save_every.unwrap_or(0);
-    let eval_every = run::eval_every(&settings, trainer.state.total_steps, !eval_samples.is_empty());
+    let eval_every = run::eval_every(&settings, trainer.state.total_steps, has_eval);
     while !trainer.done() {
         let r = trainer.step();
         tokens += r.tokens;
@@ -278,18 +357,31 @@ where
             bail!("the loss became {} at step {}; checkpoint saved in {} (try a lower --lr)", r.loss, r.step, ckpt_dir.display());
         }
         let tps = tokens as f64 / started.elapsed().as_secs_f64();
-        let msg = format!("loss {:.4}  lr {:.2e}  {} tok/s", r.loss, r.lr, rate(tps));
+        let msg = match &r.preference {
+            Some(m) => format!("loss {:.4}  margin {:.4}  accuracy {:.2}  lr {:.2e}  {} tok/s", r.loss, m.rewards_margins, m.rewards_accuracies, r.lr, rate(tps)),
+            None => format!("loss {:.4}  lr {:.2e}  {} tok/s", r.loss, r.lr, rate(tps)),
+        };
         if a.quiet {
             eprintln!("step {}/{}  {msg}", r.step, r.total_steps);
         }
         bar.set_message(msg);
         bar.set_position(r.step as u64);
         let last = trainer.done();
-        if !eval_samples.is_empty() && (last || (eval_every > 0 && r.step % eval_every == 0)) {
-            let e = trainer.evaluate(&eval_samples);
-            say(&bar, a.quiet, format!("step {}: eval loss {:.4}, perplexity {:.2}", r.step, e.loss, e.perplexity));
-            if saved.best_eval_loss.is_none_or(|b| e.loss < b) {
-                saved.best_eval_loss = Some(e.loss);
+        if has_eval && (last || (eval_every > 0 && r.step % eval_every == 0)) {
+            let loss = match &eval_reference {
+                Some(reference) => {
+                    let m = evaluate_preference(&trainer.eval_model(), &data.eval_pairs, reference, cfg.dpo.expect("a DPO run"), cfg.batch_size, cfg.pad_id, &device);
+                    say(&bar, a.quiet, format!("step {}: eval loss {:.4}, margin {:.4}, accuracy {:.3}", r.step, m.loss, m.rewards_margins, m.rewards_accuracies));
+                    m.loss
+                }
+                None => {
+                    let e = trainer.evaluate(&eval_samples);
+                    say(&bar, a.quiet, format!("step {}: eval loss {:.4}, perplexity {:.2}", r.step, e.loss, e.perplexity));
+                    e.loss
+                }
+            };
+            if saved.best_eval_loss.is_none_or(|b| loss < b) {
+                saved.best_eval_loss = Some(loss);
                 saved.best_step = Some(r.step);
                 saved.evals_without_improvement = 0;
                 best = Some(trainer.adapter(&base_name));
@@ -339,6 +431,25 @@ where
         eprintln!("peak memory (process RSS): {} ({peak} bytes)", hone::train::plan::human(peak));
     }
     Ok(())
+}
+
+/// Puts the adapter a run starts from (`--adapter`) on the model; its rank, alpha and layers are
+/// the run's (and its dropout, unless `--dropout` says otherwise).
+fn start_adapter<B: HoneBackend>(dir: &Path, run: &RunSettings, model: &mut CausalLm<B>) -> anyhow::Result<LoraConfig> {
+    if run.rank.is_some() || run.alpha.is_some() || run.targets.is_some() || run.rslora {
+        bail!("--adapter {}: the adapter sets the rank, alpha and layers; drop --rank, --alpha, --targets and --rslora", dir.display());
+    }
+    let adapter = Adapter::read(&Dir(dir.to_path_buf())).with_context(|| format!("--adapter {}", dir.display()))?;
+    adapter.attach(model.linears_mut()).with_context(|| format!("--adapter {}", dir.display()))?;
+    let dropout = run.dropout.unwrap_or(adapter.dropout);
+    for (_, lin) in model.linears_mut() {
+        if let Some(l) = &mut lin.lora {
+            l.dropout = dropout;
+        }
+    }
+    let targets = Targets::List(adapter.layers.iter().map(|l| l.module.clone()).collect());
+    eprintln!("adapter: starting from {} (r={}, alpha {}, {} layers)", dir.display(), adapter.r, adapter.alpha, adapter.layers.len());
+    Ok(LoraConfig { r: adapter.r, alpha: adapter.alpha, dropout, targets, use_rslora: adapter.use_rslora, seed: run.seed() })
 }
 
 /// GPU backends' own accounting: what the memory pool took from the driver (it keeps it, so
@@ -395,15 +506,48 @@ pub struct EvalArgs {
     /// Where to compute: cpu, wgpu or cuda.
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendKind,
-    /// One JSON line: {"loss": …, "perplexity": …, "tokens": …}.
+    /// One JSON line: {"loss": …, "perplexity": …, "tokens": …} (with --method dpo, TRL's
+    /// names: loss, rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
+    /// logps/chosen, logps/rejected).
     #[arg(long)]
     json: bool,
+    /// sft (loss and perplexity) or dpo (on preference pairs, the base without the adapter as
+    /// the reference) [default: sft].
+    #[arg(long)]
+    method: Option<String>,
+    /// With --method dpo: DPO's β [default: 0.1].
+    #[arg(long)]
+    beta: Option<f64>,
+    /// With --method dpo: sigmoid, ipo or hinge [default: sigmoid].
+    #[arg(long)]
+    loss_type: Option<String>,
 }
 
 pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     let path = crate::model::resolve(a.model.as_deref())?;
     let text = crate::model::text(&path)?;
     let (tok, template) = (text.tokenizer, text.template);
+    let settings = RunSettings { method: a.method.clone(), beta: a.beta, loss_type: a.loss_type.clone(), ..Default::default() };
+    if let Some(dpo) = settings.dpo()? {
+        let pairs = load_pairs(&a.data, false, &tok, template.as_ref(), a.max_len)?.pairs;
+        let metrics = with_backend!(a.backend, |B, device| {
+            let mut model = crate::model::weights::<B>(&path, LoadOptions { nf4: a.nf4.then(Nf4Options::default) }, &device)?;
+            if let Some(dir) = &a.adapter {
+                Adapter::read(&Dir(dir.clone()))?.attach(model.linears_mut())?;
+            }
+            let reference = hone::lora::linear::without_adapters(|| pair_logps(&model, &pairs, a.batch_size, pad_id(&tok), &device));
+            evaluate_preference(&model, &pairs, &reference, dpo, a.batch_size, pad_id(&tok), &device)
+        });
+        if a.json {
+            println!("{}", serde_json::to_string(&metrics)?);
+        } else {
+            println!(
+                "loss {:.6}  rewards/margins {:.6}  rewards/accuracies {:.4}  rewards/chosen {:.6}  rewards/rejected {:.6}  logps/chosen {:.4}  logps/rejected {:.4}  ({} pairs)",
+                metrics.loss, metrics.rewards_margins, metrics.rewards_accuracies, metrics.rewards_chosen, metrics.rewards_rejected, metrics.logps_chosen, metrics.logps_rejected, pairs.len()
+            );
+        }
+        return Ok(());
+    }
     let format = match &a.format {
         Some(f) => Some(Format::parse(f).with_context(|| format!("--format {f}"))?),
         None => None,

@@ -126,3 +126,72 @@ fn a_run_that_cannot_fit_is_refused_before_loading() {
     assert!(stderr.contains("this run needs about") && stderr.contains("short by") && stderr.contains("--batch-size"), "{stderr}");
     assert!(!out.exists());
 }
+
+/// The tiny Llama with the chat fixture's tokenizer files (the same tokenizer, plus the EOS
+/// token and chat template that preference pairs need).
+fn llama_with_template(dir: &Path) -> PathBuf {
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for (from, name) in [("llama", "config.json"), ("llama", "model.safetensors"), ("chat", "tokenizer.json"), ("chat", "tokenizer_config.json")] {
+        std::fs::copy(fixtures().join(from).join(name), model.join(name)).unwrap();
+    }
+    model
+}
+
+fn tensors(path: &Path) -> hone::io::safetensors::SafeTensors {
+    hone::io::safetensors::SafeTensors::open(Box::new(hone::io::FileSource::open(path).unwrap())).unwrap()
+}
+
+#[test]
+fn dpo_from_the_command_line_gives_trls_adapter_and_its_metrics() {
+    let dir = tmp("dpo");
+    let model = llama_with_template(&dir);
+    let fixture: serde_json::Value = serde_json::from_slice(&std::fs::read(fixtures().join("preference/dpo.json")).unwrap()).unwrap();
+    let rows: Vec<String> = fixture["data"]["text"].as_array().unwrap().iter().map(|r| r.to_string()).collect();
+    let data = dir.join("prefs.jsonl");
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let start = fixtures().join("lora/llama_peft_adapter");
+    let out = dir.join("adapter");
+    // TRL's run (make_preference_fixtures.py): 3 steps from the given adapter, full batch of 3,
+    // constant lr 5e-3, clipping at 1, β 0.1.
+    let r = hone(&[
+        "train", "--model", s(&model), "--data", s(&data), "--method", "dpo", "--adapter", s(&start), "--quantize", "none", "--lr", "0.005",
+        "--schedule", "constant", "--batch-size", "3", "--steps", "3", "--seed", "0", "--out", s(&out), "--quiet",
+    ]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{stderr}");
+    assert!(stderr.contains("step 3/3") && stderr.contains("margin") && stderr.contains("reference: log-probabilities of 3 pairs"), "{stderr}");
+    let (ours, theirs) = (tensors(&out.join("adapter_model.safetensors")), tensors(&fixtures().join("preference/dpo_steps_adapter.safetensors")));
+    let mut worst = 0f64;
+    for name in theirs.tensors().keys() {
+        let err = hone::parity::rel_error(&ours.read_f32(name).unwrap().1, &theirs.read_f32(name).unwrap().1);
+        worst = worst.max(err);
+        assert!(err < 1e-4, "{name}: {err:.3e}");
+    }
+    println!("hone train --method dpo vs TRL: worst rel error {worst:.2e} over {} tensors", theirs.tensors().len());
+    assert_eq!(ours.tensors().len(), theirs.tensors().len());
+
+    // `hone eval --method dpo`, against the base: the trained adapter prefers the chosen
+    // completions by more than the one it started from.
+    let margin = |adapter: &Path| -> f64 {
+        let o = hone(&["eval", "--model", s(&model), "--adapter", s(adapter), "--data", s(&data), "--method", "dpo", "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        for key in ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"] {
+            assert!(v[key].as_f64().is_some_and(f64::is_finite), "{key} in {v}");
+        }
+        v["rewards/margins"].as_f64().unwrap()
+    };
+    let (trained, started) = (margin(&out), margin(&start));
+    println!("rewards/margins against the base: started {started:.4}, trained {trained:.4}");
+    assert!(trained > started + 0.1, "trained {trained} vs started {started}");
+
+    // Bad pairs are named by file:line; DPO settings need --method dpo.
+    std::fs::write(&data, format!("{}\n{{\"prompt\": \"x\", \"chosen\": \" y\"}}", rows[0])).unwrap();
+    let bad = hone(&["train", "--model", s(&model), "--data", s(&data), "--method", "dpo", "--quantize", "none", "--out", s(&dir.join("bad")), "--quiet"]);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && stderr.contains("prefs.jsonl:2") && stderr.contains("rejected"), "{stderr}");
+    let sft = hone(&["train", "--model", s(&model), "--data", s(&data), "--beta", "0.2", "--out", s(&dir.join("sft")), "--quiet"]);
+    assert!(!sft.status.success() && String::from_utf8_lossy(&sft.stderr).contains("--method dpo"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
