@@ -35,6 +35,9 @@ pub struct Args {
     /// Optimizer: adamw (f32 moments) or adamw_8bit (bitsandbytes' 8-bit moments).
     #[arg(long, default_value = "adamw")]
     optim: String,
+    /// sft, or dpo (two sequences, chosen and rejected, per pair of the batch).
+    #[arg(long, default_value = "sft")]
+    method: String,
     /// Where it would run: codes take twice the room on the CPU backend.
     #[arg(long, value_enum, default_value = "cuda")]
     backend: BackendKind,
@@ -115,6 +118,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         checkpointing: Some(a.checkpointing.clone()),
         batch_size: Some(a.batch_size),
         optim: Some(a.optim.clone()),
+        method: Some(a.method.clone()),
         ..Default::default()
     };
     let p = for_run(&config, &settings, a.max_len, a.backend)?;
@@ -123,7 +127,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("{} ({}, {} layers, hidden {}, vocab {})", path.display(), config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size);
-    println!("  QLoRA r={} {}, batch {} × {} tokens, checkpointing {}, {}, on {:?}", a.rank, a.targets, a.batch_size, a.max_len, a.checkpointing, settings.optim()?.name(), a.backend);
+    let batch = if settings.dpo()?.is_some() { format!("{} pairs (2 × {} sequences)", a.batch_size, a.batch_size) } else { a.batch_size.to_string() };
+    println!("  QLoRA r={} {}, batch {batch} × {} tokens, checkpointing {}, {}, on {:?}", a.rank, a.targets, a.max_len, a.checkpointing, settings.optim()?.name(), a.backend);
     print(&p);
     if let Some(m) = device_map(&config, &settings, a.max_len, a.backend, a.devices, a.max_memory.as_deref())? {
         print_map(&m);

@@ -24,6 +24,11 @@ fn plan_counts_peft_trainable_parameters_for_smollm2() {
     // that cannot be split is one piece of logits ...
     assert_eq!(v["largest_buffer"], "logits");
     assert_eq!(v["largest_buffer_bytes"], 4u64 * 21 * 49152 * 4);
+    // DPO trains two sequences per pair: its plan for 2 pairs is SFT's for 4 sequences.
+    let dpo = hone().args(["plan", "--rank", "16", "--json", "--method", "dpo", "--batch-size", "2"]).output().unwrap();
+    assert!(dpo.status.success(), "{}", String::from_utf8_lossy(&dpo.stderr));
+    let dpo: serde_json::Value = serde_json::from_slice(&dpo.stdout).unwrap();
+    assert_eq!(dpo["total_bytes"], v["total_bytes"]);
     // ... and without it, the full f32 logits of batch 4 × 512.
     let out = hone().args(["plan", "--rank", "16", "--json", "--checkpointing", "off"]).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
