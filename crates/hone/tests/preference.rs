@@ -303,3 +303,32 @@ fn a_resumed_dpo_run_equals_an_uninterrupted_one() {
     assert!(Trainer::new_preference(model, LoraConfig::default(), pairs, Some(short), cfg, device).is_err());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Gradient accumulation: a step over 2 micro-batches of 1 pair (each loss divided by the 2
+/// steps, as transformers' Trainer divides it) moves the adapter as one micro-batch of both.
+#[test]
+fn dpo_accumulation_equals_one_bigger_batch() {
+    type B = Autodiff<NdArray>;
+    let f = fixture();
+    let device = Default::default();
+    let run = |batch_size: usize, grad_accum: usize| {
+        let pairs: Vec<[hone::data::preference::Sequence; 2]> = f["processed"]["text"].as_array().unwrap().iter().take(2).map(|v| pair(v).sequences(None)).collect();
+        let mut model = load_model::<B>(&Dir(common::fixtures().join("llama")), &device).unwrap();
+        let adapter = Adapter::read(&Dir(common::fixtures().join("lora/llama_peft_adapter"))).unwrap();
+        adapter.attach(model.linears_mut()).unwrap();
+        let cfg = TrainConfig { lr: 5e-3, batch_size, grad_accum, max_steps: Some(2), shuffle: false, dpo: Some(DpoConfig::default()), ..Default::default() };
+        let lora = LoraConfig { r: adapter.r, alpha: adapter.alpha, dropout: 0.0, ..Default::default() };
+        let mut t = Trainer::new_preference(model, lora, pairs, None, cfg, device).unwrap();
+        let losses: Vec<f64> = (0..2).map(|_| t.step().loss).collect();
+        (losses, t.adapter("x"))
+    };
+    let (one, one_adapter) = run(2, 1);
+    let (two, two_adapter) = run(1, 2);
+    for (a, b) in one.iter().zip(&two) {
+        assert!(rel(*a, *b) < 1e-6, "losses {one:?} vs {two:?}");
+    }
+    for (x, y) in one_adapter.layers.iter().zip(&two_adapter.layers) {
+        assert!(rel_error(&x.b, &y.b) < 1e-5 && rel_error(&x.a, &y.a) < 1e-5, "{}", x.module);
+    }
+    assert!(one[1] < one[0], "training lowered the loss: {one:?}");
+}
