@@ -12,10 +12,11 @@
 //! prompt+completion first differ (tokens can merge across the boundary), taking the earlier of
 //! the two completions' points, as TRL does.
 
-use super::dataset::{common_prefix, messages};
+use super::dataset::{common_prefix, messages, Sample};
 use super::template::{ChatTemplate, Message};
 use super::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
+use crate::train::loss::IGNORE_INDEX;
 
 /// A prompt or completion: text, or messages.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,6 +66,11 @@ impl Sequence {
     pub fn completion_len(&self) -> usize {
         self.completion.iter().filter(|&&c| c).count()
     }
+
+    /// As a training sample: labels on the completion only.
+    pub fn sample(&self) -> Sample {
+        Sample { input_ids: self.ids.clone(), labels: self.ids.iter().zip(&self.completion).map(|(&id, &c)| if c { id as i64 } else { IGNORE_INDEX }).collect() }
+    }
 }
 
 impl PairSample {
@@ -80,11 +86,6 @@ impl PairSample {
             }
             Sequence { ids, completion: mask }
         })
-    }
-
-    /// Tokens of both sequences.
-    pub fn tokens(&self) -> usize {
-        2 * self.prompt_ids.len() + self.chosen_ids.len() + self.rejected_ids.len()
     }
 }
 

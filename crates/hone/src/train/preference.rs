@@ -10,8 +10,9 @@
 use crate::data::preference::{PairSample, Sequence};
 use crate::model::CausalLm;
 use crate::ops::HoneBackend;
-use crate::train::loss::IGNORE_INDEX;
-use crate::train::trainer::{nll_rows_chunked, LOGITS_CHUNK};
+use crate::data::Sample;
+use crate::train::loss::shifted_targets;
+use crate::train::trainer::{nll_rows_chunked, pad_batch, LOGITS_CHUNK};
 use burn::tensor::{Int, Tensor, TensorData};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -158,22 +159,12 @@ pub fn row_weights(loss: &DpoLoss, scale: f64) -> Vec<f32> {
     chosen.chain(rejected).map(|w| w as f32).collect()
 }
 
-/// Ids padded on the right with `pad`, and the shifted targets: at position t the next token
-/// when it is a completion token, else `IGNORE_INDEX`.
-pub fn ids_and_targets(sequences: &[Sequence], pad: u32) -> (Vec<Vec<i64>>, Vec<Vec<i64>>) {
-    let t = sequences.iter().map(|s| s.ids.len()).max().unwrap_or(0);
-    let ids = sequences.iter().map(|s| s.ids.iter().map(|&i| i as i64).chain(std::iter::repeat(pad as i64)).take(t).collect()).collect();
-    let targets = sequences
-        .iter()
-        .map(|s| (0..t).map(|p| if p + 1 < s.ids.len() && s.completion[p + 1] { s.ids[p + 1] as i64 } else { IGNORE_INDEX }).collect())
-        .collect();
-    (ids, targets)
-}
-
 /// Each sequence's summed completion log-probability under `model`, `[sequences]` (on the
 /// head's device); logits are made a few positions at a time.
 pub fn sequence_logps<B: HoneBackend>(model: &CausalLm<B>, sequences: &[Sequence], pad: u32, device: &B::Device) -> Tensor<B, 1> {
-    let (ids, targets) = ids_and_targets(sequences, pad);
+    let samples: Vec<Sample> = sequences.iter().map(Sequence::sample).collect();
+    let (ids, labels) = pad_batch(&samples.iter().collect::<Vec<_>>(), pad);
+    let targets = shifted_targets(&labels);
     let (rows, t) = (ids.len(), ids.first().map_or(0, |r| r.len()));
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.concat(), [rows, t]), device);
     nll_rows_chunked(model, model.hidden(ids), &targets, LOGITS_CHUNK).neg()

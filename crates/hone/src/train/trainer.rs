@@ -422,11 +422,7 @@ where
     fn batch(&self, rows: &[Vec<usize>]) -> Batch {
         if self.cfg.dpo.is_some() {
             // TRL's layout: every chosen sequence, then every rejected one; loss on completions.
-            let sample = |s: &Sequence| Sample {
-                input_ids: s.ids.clone(),
-                labels: s.ids.iter().zip(&s.completion).map(|(&id, &c)| if c { id as i64 } else { IGNORE_INDEX }).collect(),
-            };
-            let samples: Vec<Sample> = (0..2).flat_map(|side| rows.iter().map(move |r| sample(&self.pairs[r[0]][side]))).collect();
+            let samples: Vec<Sample> = (0..2).flat_map(|side| rows.iter().map(move |r| self.pairs[r[0]][side].sample())).collect();
             return Batch::padded(&samples.iter().collect::<Vec<_>>(), self.cfg.pad_id);
         }
         let samples: Vec<Vec<&Sample>> = rows.iter().map(|r| r.iter().map(|&i| &self.data[i]).collect()).collect();
@@ -811,20 +807,31 @@ pub fn evaluate_pending<B: HoneBackend>(model: &CausalLm<B>, samples: &[Sample],
 
 /// The summed loss from final hidden states `[B, T, hidden]`, at most `chunk` logits at a time.
 fn nll_sum_chunked<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, labels: &[Vec<i64>], chunk: usize, device: &B::Device) -> Tensor<B, 1> {
+    sum_over_chunks(model, hidden, &shifted_targets(labels), chunk, counted_nll).unwrap_or_else(|| Tensor::zeros([1], device))
+}
+
+/// `loss` of each piece of a few positions (at most `chunk` logits), added up; `None` for no
+/// positions.
+fn sum_over_chunks<B: HoneBackend>(
+    model: &CausalLm<B>,
+    hidden: Tensor<B, 3>,
+    targets: &[Vec<i64>],
+    chunk: usize,
+    loss: impl Fn(&CausalLm<B>, Tensor<B, 3>, &[Vec<i64>]) -> Tensor<B, 1>,
+) -> Option<Tensor<B, 1>> {
     let [rows, t, _] = hidden.dims();
     let step = (chunk / (rows * model.config.vocab_size).max(1)).clamp(1, t.max(1));
-    let targets = shifted_targets(labels);
     let mut sum: Option<Tensor<B, 1>> = None;
     for start in (0..t).step_by(step) {
         let len = step.min(t - start);
         let piece: Vec<Vec<i64>> = targets.iter().map(|r| r[start..start + len].to_vec()).collect();
-        let nll = counted_nll(model, hidden.clone().narrow(1, start, len), &piece);
+        let l = loss(model, hidden.clone().narrow(1, start, len), &piece);
         sum = Some(match sum {
-            Some(s) => s + nll,
-            None => nll,
+            Some(s) => s + l,
+            None => l,
         });
     }
-    sum.unwrap_or_else(|| Tensor::zeros([1], device))
+    sum
 }
 
 /// The summed loss of final hidden states `[B, T, hidden]` (after the final norm) against
@@ -896,19 +903,8 @@ fn counted_nll_weighted<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3
 /// Each row's summed loss over final hidden states `[B, T, hidden]`, at most `chunk` logits at
 /// a time.
 pub(crate) fn nll_rows_chunked<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, targets: &[Vec<i64>], chunk: usize) -> Tensor<B, 1> {
-    let [rows, t, _] = hidden.dims();
-    let step = (chunk / (rows * model.config.vocab_size).max(1)).clamp(1, t.max(1));
-    let mut sum: Option<Tensor<B, 1>> = None;
-    for start in (0..t).step_by(step) {
-        let len = step.min(t - start);
-        let piece: Vec<Vec<i64>> = targets.iter().map(|r| r[start..start + len].to_vec()).collect();
-        let nll = counted_nll_rows(model, hidden.clone().narrow(1, start, len), &piece);
-        sum = Some(match sum {
-            Some(s) => s + nll,
-            None => nll,
-        });
-    }
-    sum.unwrap_or_else(|| Tensor::zeros([rows], &hidden.device()))
+    let (rows, device) = (hidden.dims()[0], hidden.device());
+    sum_over_chunks(model, hidden, targets, chunk, counted_nll_rows).unwrap_or_else(|| Tensor::zeros([rows], &device))
 }
 
 /// Loss and perplexity from a summed loss and its token count.
