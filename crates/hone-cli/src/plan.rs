@@ -35,7 +35,7 @@ pub struct Args {
     /// Optimizer: adamw (f32 moments) or adamw_8bit (bitsandbytes' 8-bit moments).
     #[arg(long, default_value = "adamw")]
     optim: String,
-    /// sft, or dpo (two sequences, chosen and rejected, per pair of the batch).
+    /// sft, or dpo / orpo (two sequences, chosen and rejected, per pair of the batch).
     #[arg(long, default_value = "sft")]
     method: String,
     /// Where it would run: codes take twice the room on the CPU backend.

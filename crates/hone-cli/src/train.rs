@@ -14,7 +14,7 @@ use hone::ops::HoneBackend;
 use hone::train::checkpoint::{self, adapter_files, write_dir_atomic, SavedState};
 use hone::train::trainer::evaluate;
 use hone::data::preference::Sequence;
-use hone::train::preference::{evaluate_preference, pair_logps};
+use hone::train::preference::{evaluate_preference, pair_logps, DpoMetrics, LossType};
 use hone::train::run::{self, pad_id, pairs_from_jsonl, samples_from_jsonl, RunSettings};
 use hone::train::{Schedule, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -133,17 +133,17 @@ impl Data {
     }
 }
 
-fn load_pairs(path: &Path, skip_bad: bool, tok: &Tokenizer, template: Option<&ChatTemplate>, max_len: Option<usize>) -> anyhow::Result<run::Pairs> {
+fn load_pairs(path: &Path, skip_bad: bool, tok: &Tokenizer, template: Option<&ChatTemplate>, max_len: Option<usize>, loss: LossType) -> anyhow::Result<run::Pairs> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(pairs_from_jsonl(&text, &path.display().to_string(), skip_bad, tok, template, max_len)?)
+    Ok(pairs_from_jsonl(&text, &path.display().to_string(), skip_bad, tok, template, max_len, loss)?)
 }
 
-/// Preference pairs for `--method dpo`, held out as `--eval-data` or `--eval-split` say.
-fn load_preference_data(a: &TrainArgs, path: &Path, tok: &Tokenizer, template: Option<&ChatTemplate>) -> anyhow::Result<Data> {
-    let train = load_pairs(path, a.skip_bad_lines, tok, template, a.run.max_len)?;
+/// Preference pairs for `--method dpo|orpo`, held out as `--eval-data` or `--eval-split` say.
+fn load_preference_data(a: &TrainArgs, path: &Path, tok: &Tokenizer, template: Option<&ChatTemplate>, loss: LossType) -> anyhow::Result<Data> {
+    let train = load_pairs(path, a.skip_bad_lines, tok, template, a.run.max_len, loss)?;
     let (pairs, eval_pairs, dropped) = match (&a.eval_data, a.run.eval_split) {
         (Some(p), _) => {
-            let e = load_pairs(p, a.skip_bad_lines, tok, template, a.run.max_len)?;
+            let e = load_pairs(p, a.skip_bad_lines, tok, template, a.run.max_len, loss)?;
             (train.pairs, e.pairs, train.dropped + e.dropped)
         }
         (None, Some(f)) if f > 0.0 && f < 1.0 => {
@@ -183,11 +183,11 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     let text = crate::model::text(&model_dir)?;
     let (tok, template) = (text.tokenizer, text.template);
     let backend = a.backend.unwrap_or(BackendKind::Cpu);
-    if a.run.dpo()?.is_some() {
+    if let Some(dpo) = a.run.dpo()? {
         if a.run.format.is_some() || a.run.train_on_prompts {
-            bail!("--format and --train-on-prompts are SFT settings; DPO reads preference pairs (prompt, chosen, rejected)");
+            bail!("--format and --train-on-prompts are SFT settings; DPO and ORPO read preference pairs (prompt, chosen, rejected)");
         }
-        let data = load_preference_data(&a, &data_path, &tok, template.as_ref())?;
+        let data = load_preference_data(&a, &data_path, &tok, template.as_ref(), dpo.loss_type)?;
         let map = check_fit(&a, &model_dir, &data, backend)?;
         return with_backend!(backend, |Inner, device| train_with::<burn::backend::Autodiff<Inner>>(&a, data, &model_dir, &out, &tok, device, map));
     }
@@ -303,20 +303,22 @@ where
         None => None,
     };
     let dpo = cfg.dpo.is_some();
+    let needs_reference = cfg.dpo.is_some_and(|d| d.loss_type.needs_reference());
     let mut trainer = if dpo {
         let started = std::time::Instant::now();
         let saved_reference = loaded.as_ref().map(|l| l.saved.reference_logps.clone()).filter(|r| !r.is_empty());
         let from_checkpoint = saved_reference.is_some();
         let t = Trainer::new_preference(model, lora.clone(), data.pairs, saved_reference, cfg.clone(), device.clone())?;
-        if !from_checkpoint {
+        if !from_checkpoint && needs_reference {
             eprintln!("reference: log-probabilities of {} pairs in {:.1}s (the model as it starts, frozen)", t.data_len(), started.elapsed().as_secs_f64());
         }
         t
     } else {
         Trainer::new(model, lora.clone(), data.train, cfg.clone(), device.clone())
     };
-    // DPO's held-out pairs get their reference now, from the same starting model.
-    let eval_reference = (dpo && !data.eval_pairs.is_empty()).then(|| pair_logps(&trainer.eval_model(), &data.eval_pairs, cfg.batch_size, cfg.pad_id, &device));
+    // DPO's held-out pairs get their reference now, from the same starting model (ORPO's none).
+    let eval_reference = (dpo && !data.eval_pairs.is_empty())
+        .then(|| if needs_reference { pair_logps(&trainer.eval_model(), &data.eval_pairs, cfg.batch_size, cfg.pad_id, &device) } else { Vec::new() });
     let has_eval = !eval_samples.is_empty() || !data.eval_pairs.is_empty();
     let base_name = a.base_model_name.clone().unwrap_or_else(|| model_dir.display().to_string());
     let ckpt_dir = out.with_file_name(format!("{}.checkpoint", out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()));
@@ -358,7 +360,7 @@ where
         }
         let tps = tokens as f64 / started.elapsed().as_secs_f64();
         let msg = match &r.preference {
-            Some(m) => format!("loss {:.4}  margin {:.4}  accuracy {:.2}  lr {:.2e}  {} tok/s", r.loss, m.rewards_margins, m.rewards_accuracies, r.lr, rate(tps)),
+            Some(m) => format!("loss {:.4}{}  margin {:.4}  accuracy {:.2}  lr {:.2e}  {} tok/s", r.loss, nll_part(m), m.rewards_margins, m.rewards_accuracies, r.lr, rate(tps)),
             None => format!("loss {:.4}  lr {:.2e}  {} tok/s", r.loss, r.lr, rate(tps)),
         };
         if a.quiet {
@@ -371,7 +373,7 @@ where
             let loss = match &eval_reference {
                 Some(reference) => {
                     let m = evaluate_preference(&trainer.eval_model(), &data.eval_pairs, reference, cfg.dpo.expect("a DPO run"), cfg.batch_size, cfg.pad_id, &device);
-                    say(&bar, a.quiet, format!("step {}: eval loss {:.4}, margin {:.4}, accuracy {:.3}", r.step, m.loss, m.rewards_margins, m.rewards_accuracies));
+                    say(&bar, a.quiet, format!("step {}: eval loss {:.4}{}, margin {:.4}, accuracy {:.3}", r.step, m.loss, nll_part(&m), m.rewards_margins, m.rewards_accuracies));
                     m.loss
                 }
                 None => {
@@ -506,16 +508,16 @@ pub struct EvalArgs {
     /// Where to compute: cpu, wgpu or cuda.
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendKind,
-    /// One JSON line: {"loss": …, "perplexity": …, "tokens": …} (with --method dpo, TRL's
-    /// names: loss, rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
-    /// logps/chosen, logps/rejected).
+    /// One JSON line: {"loss": …, "perplexity": …, "tokens": …} (with --method dpo or orpo,
+    /// TRL's names: loss, rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
+    /// logps/chosen, logps/rejected; ORPO's also nll_loss, log_odds_ratio, log_odds_chosen).
     #[arg(long)]
     json: bool,
-    /// sft (loss and perplexity) or dpo (on preference pairs, the base without the adapter as
-    /// the reference) [default: sft].
+    /// sft (loss and perplexity), dpo (on preference pairs, the base without the adapter as
+    /// the reference) or orpo (on preference pairs, no reference) [default: sft].
     #[arg(long)]
     method: Option<String>,
-    /// With --method dpo: DPO's β [default: 0.1].
+    /// With --method dpo: DPO's β; with orpo: ORPO's λ (TRL's beta) [default: 0.1].
     #[arg(long)]
     beta: Option<f64>,
     /// With --method dpo: sigmoid, ipo or hinge [default: sigmoid].
@@ -529,21 +531,24 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     let (tok, template) = (text.tokenizer, text.template);
     let settings = RunSettings { method: a.method.clone(), beta: a.beta, loss_type: a.loss_type.clone(), ..Default::default() };
     if let Some(dpo) = settings.dpo()? {
-        let pairs = load_pairs(&a.data, false, &tok, template.as_ref(), a.max_len)?.pairs;
+        let pairs = load_pairs(&a.data, false, &tok, template.as_ref(), a.max_len, dpo.loss_type)?.pairs;
         let metrics = with_backend!(a.backend, |B, device| {
             let mut model = crate::model::weights::<B>(&path, LoadOptions { nf4: a.nf4.then(Nf4Options::default) }, &device)?;
             if let Some(dir) = &a.adapter {
                 Adapter::read(&Dir(dir.clone()))?.attach(model.linears_mut())?;
             }
-            let reference = hone::lora::linear::without_adapters(|| pair_logps(&model, &pairs, a.batch_size, pad_id(&tok), &device));
+            let reference = match dpo.loss_type.needs_reference() {
+                true => hone::lora::linear::without_adapters(|| pair_logps(&model, &pairs, a.batch_size, pad_id(&tok), &device)),
+                false => Vec::new(),
+            };
             evaluate_preference(&model, &pairs, &reference, dpo, a.batch_size, pad_id(&tok), &device)
         });
         if a.json {
             println!("{}", serde_json::to_string(&metrics)?);
         } else {
             println!(
-                "loss {:.6}  rewards/margins {:.6}  rewards/accuracies {:.4}  rewards/chosen {:.6}  rewards/rejected {:.6}  logps/chosen {:.4}  logps/rejected {:.4}  ({} pairs)",
-                metrics.loss, metrics.rewards_margins, metrics.rewards_accuracies, metrics.rewards_chosen, metrics.rewards_rejected, metrics.logps_chosen, metrics.logps_rejected, pairs.len()
+                "loss {:.6}{}  rewards/margins {:.6}  rewards/accuracies {:.4}  rewards/chosen {:.6}  rewards/rejected {:.6}  logps/chosen {:.4}  logps/rejected {:.4}  ({} pairs)",
+                metrics.loss, nll_part(&metrics), metrics.rewards_margins, metrics.rewards_accuracies, metrics.rewards_chosen, metrics.rewards_rejected, metrics.logps_chosen, metrics.logps_rejected, pairs.len()
             );
         }
         return Ok(());
@@ -567,6 +572,11 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         println!("loss {:.6}  perplexity {:.4}  ({} tokens)", report.loss, report.perplexity, report.tokens);
     }
     Ok(())
+}
+
+/// ORPO's NLL part of the loss, for progress lines ("" for DPO).
+fn nll_part(m: &DpoMetrics) -> String {
+    m.nll_loss.map(|n| format!(" (nll {n:.4})")).unwrap_or_default()
 }
 
 /// Tokens per second with the digits that matter: a big model on a CPU trains at under one.

@@ -195,3 +195,57 @@ fn dpo_from_the_command_line_gives_trls_adapter_and_its_metrics() {
     assert!(!sft.status.success() && String::from_utf8_lossy(&sft.stderr).contains("--method dpo"));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn orpo_from_the_command_line_gives_trls_adapter_and_its_metrics() {
+    let dir = tmp("orpo");
+    let model = llama_with_template(&dir);
+    let fixture: serde_json::Value = serde_json::from_slice(&std::fs::read(fixtures().join("preference/dpo.json")).unwrap()).unwrap();
+    let rows: Vec<String> = fixture["data"]["text"].as_array().unwrap().iter().map(|r| r.to_string()).collect();
+    let data = dir.join("prefs.jsonl");
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let start = fixtures().join("lora/llama_peft_adapter");
+    let out = dir.join("adapter");
+    // TRL's run (make_orpo_fixtures.py): 3 steps from the given adapter, full batch of 3,
+    // constant lr 5e-3, clipping at 1, λ (beta) 0.1.
+    let r = hone(&[
+        "train", "--model", s(&model), "--data", s(&data), "--method", "orpo", "--adapter", s(&start), "--quantize", "none", "--lr", "0.005",
+        "--schedule", "constant", "--batch-size", "3", "--steps", "3", "--seed", "0", "--out", s(&out), "--quiet",
+    ]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{stderr}");
+    assert!(stderr.contains("step 3/3") && stderr.contains("(nll ") && stderr.contains("margin") && !stderr.contains("reference:"), "{stderr}");
+    let (ours, theirs) = (tensors(&out.join("adapter_model.safetensors")), tensors(&fixtures().join("preference/orpo_steps_adapter.safetensors")));
+    let mut worst = 0f64;
+    for name in theirs.tensors().keys() {
+        let err = hone::parity::rel_error(&ours.read_f32(name).unwrap().1, &theirs.read_f32(name).unwrap().1);
+        worst = worst.max(err);
+        assert!(err < 1e-4, "{name}: {err:.3e}");
+    }
+    println!("hone train --method orpo vs TRL: worst rel error {worst:.2e} over {} tensors", theirs.tensors().len());
+
+    // `hone eval --method orpo`: TRL's metrics and ORPO's three; training lowered the loss.
+    let eval = |adapter: &Path| -> serde_json::Value {
+        let o = hone(&["eval", "--model", s(&model), "--adapter", s(adapter), "--data", s(&data), "--method", "orpo", "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let (trained, started) = (eval(&out), eval(&start));
+    for key in ["loss", "rewards/chosen", "rewards/margins", "logps/chosen", "nll_loss", "log_odds_ratio", "log_odds_chosen"] {
+        assert!(trained[key].as_f64().is_some_and(f64::is_finite), "{key} in {trained}");
+    }
+    let loss = |v: &serde_json::Value| v["loss"].as_f64().unwrap();
+    println!("ORPO loss on the pairs: started {:.4}, trained {:.4}", loss(&started), loss(&trained));
+    assert!(loss(&trained) < loss(&started) - 0.1, "{trained} vs {started}");
+    // TRL's step-1 loss is the starting adapter's loss on the same batch.
+    let want = fixture_orpo()["train"]["losses"][0].as_f64().unwrap();
+    assert!((loss(&started) - want).abs() < 1e-4 * want, "started {} vs TRL's first step {want}", loss(&started));
+
+    let both = hone(&["train", "--model", s(&model), "--data", s(&data), "--method", "orpo", "--loss-type", "ipo", "--out", s(&dir.join("x")), "--quiet"]);
+    assert!(!both.status.success() && String::from_utf8_lossy(&both.stderr).contains("drop --loss-type"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn fixture_orpo() -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(fixtures().join("preference/orpo.json")).unwrap()).unwrap()
+}

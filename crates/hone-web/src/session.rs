@@ -188,7 +188,7 @@ impl Session {
         let s = parse_settings(settings)?;
         if s.dpo().map_err(js_err)?.is_some() {
             // Its reference and policy log-probabilities are read back each step: a blocking read here.
-            return Err(JsError::new("DPO trains natively for now (`hone train --method dpo`); the page trains SFT"));
+            return Err(JsError::new("DPO and ORPO train natively for now (`hone train --method dpo|orpo`); the page trains SFT"));
         }
         let est = self.plan(&s)?;
         if est.largest_buffer_bytes > self.max_buffer_size {

@@ -1,5 +1,6 @@
-//! Preference pairs (for DPO): JSONL in TRL's three formats, tokenized as TRL 1.16's
-//! DPOTrainer does (tests/fixtures/preference holds TRL's own output for comparison).
+//! Preference pairs (for DPO and ORPO): JSONL in TRL's three formats, tokenized as TRL 1.16's
+//! DPOTrainer ([`encode_pair`]) or its ORPO trainer ([`encode_orpo_pair`]) does
+//! (tests/fixtures/preference holds TRL's own output for comparison).
 //!
 //! - `{"prompt", "chosen", "rejected"}`, strings: EOS added to each completion (unless it ends
 //!   with it), the prompt tokenized with the tokenizer's special tokens (BOS).
@@ -11,6 +12,11 @@
 //! In every format a completion starts where the tokenized prompt and the tokenized
 //! prompt+completion first differ (tokens can merge across the boundary), taking the earlier of
 //! the two completions' points, as TRL does.
+//!
+//! ORPO's trainer tokenizes text rather than ids: the prompt and each prompt+completion without
+//! special tokens (conversations rendered to text first, the prompt cut to the characters both
+//! renderings share), each sequence keeping its own prompt/completion boundary, then BOS put
+//! before each sequence and EOS after each completion unless already there.
 
 use super::dataset::{common_prefix, messages, Sample};
 use super::template::{ChatTemplate, Message};
@@ -67,6 +73,21 @@ impl Sequence {
         self.completion.iter().filter(|&&c| c).count()
     }
 
+    /// Tokens before the completion.
+    pub fn prompt_len(&self) -> usize {
+        self.completion.iter().take_while(|&&c| !c).count()
+    }
+
+    /// Cut to `max` tokens, keeping the start (TRL's default `truncation_mode`).
+    pub fn truncate(&mut self, max: usize) {
+        self.ids.truncate(max);
+        self.completion.truncate(max);
+    }
+
+    fn new(prompt: &[u32], completion: &[u32]) -> Sequence {
+        Sequence { ids: prompt.iter().chain(completion).copied().collect(), completion: prompt.iter().map(|_| false).chain(completion.iter().map(|_| true)).collect() }
+    }
+
     /// As a training sample: labels on the completion only.
     pub fn sample(&self) -> Sample {
         Sample { input_ids: self.ids.clone(), labels: self.ids.iter().zip(&self.completion).map(|(&id, &c)| if c { id as i64 } else { IGNORE_INDEX }).collect() }
@@ -78,13 +99,11 @@ impl PairSample {
     /// default `truncation_mode`).
     pub fn sequences(&self, max_len: Option<usize>) -> [Sequence; 2] {
         [&self.chosen_ids, &self.rejected_ids].map(|completion| {
-            let mut ids: Vec<u32> = self.prompt_ids.iter().chain(completion).copied().collect();
-            let mut mask: Vec<bool> = self.prompt_ids.iter().map(|_| false).chain(completion.iter().map(|_| true)).collect();
+            let mut s = Sequence::new(&self.prompt_ids, completion);
             if let Some(max) = max_len {
-                ids.truncate(max);
-                mask.truncate(max);
+                s.truncate(max);
             }
-            Sequence { ids, completion: mask }
+            s
         })
     }
 }
@@ -206,6 +225,56 @@ pub fn drop_fully_truncated(pairs: &mut Vec<PairSample>, max_len: Option<usize>)
     let before = pairs.len();
     if let Some(max) = max_len {
         pairs.retain(|p| p.prompt_ids.len() < max);
+    }
+    before - pairs.len()
+}
+
+/// Tokenizes one pair as TRL 1.16's ORPO trainer does: the chosen and the rejected sequence,
+/// not yet truncated. `bos` and `eos` are the tokenizer's ids (EOS is required, as there).
+pub fn encode_orpo_pair(example: &PreferenceExample, tok: &Tokenizer, template: Option<&ChatTemplate>, bos: Option<u32>, eos: Option<u32>, at: &str) -> Result<[Sequence; 2]> {
+    let eos = eos.ok_or_else(|| Error::format(at, "ORPO needs the tokenizer's EOS token, and the model has none"))?;
+    let (prompt, chosen, rejected) = match (&example.prompt, &example.chosen, &example.rejected) {
+        (Turns::Text(p), Turns::Text(c), Turns::Text(r)) => (p.clone(), c.clone(), r.clone()),
+        (Turns::Messages(p), Turns::Messages(c), Turns::Messages(r)) => {
+            let template = template.ok_or_else(|| Error::format(at, "conversational pairs need a chat template, and the model has none"))?;
+            let full = |completion: &[Message]| -> Result<String> { Ok(template.render(&p.iter().chain(completion).cloned().collect::<Vec<_>>(), false)?.text) };
+            let (full_c, full_r) = (full(c)?, full(r)?);
+            // TRL's `apply_chat_template`: the prompt as far as both renderings agree with it.
+            let rendered = template.render(p, true)?.text;
+            let shared = |a: &str, b: &str| a.char_indices().zip(b.chars()).take_while(|((_, x), y)| x == y).last().map_or(0, |((i, x), _)| i + x.len_utf8());
+            let end = shared(&rendered, &full_c).min(shared(&rendered, &full_r));
+            let prompt = rendered[..end].to_string();
+            (prompt, full_c[end..].to_string(), full_r[end..].to_string())
+        }
+        _ => return Err(Error::format(at, "a pair mixes text and messages")),
+    };
+    let prompt_ids = tok.encode(&prompt, false)?;
+    // TRL's `build_tokenized_answer`: the boundary moves back one token when the last prompt
+    // token merged with the completion's first.
+    let answer = |completion: &str| -> Result<(Vec<u32>, Vec<u32>)> {
+        let full = tok.encode(&format!("{prompt}{completion}"), false)?;
+        let start = if full.starts_with(&prompt_ids) { prompt_ids.len() } else { prompt_ids.len().saturating_sub(1) }.min(full.len());
+        let (mut p, mut c) = (full[..start].to_vec(), full[start..].to_vec());
+        if let Some(bos) = bos.filter(|&b| p.first() != Some(&b)) {
+            p.insert(0, bos);
+        }
+        if c.last() != Some(&eos) {
+            c.push(eos);
+        }
+        Ok((p, c))
+    };
+    let ((pc, cc), (pr, cr)) = (answer(&chosen)?, answer(&rejected)?);
+    Ok([Sequence::new(&pc, &cc), Sequence::new(&pr, &cr)])
+}
+
+/// ORPO's pairs: drops those where a sequence's prompt alone reaches `max_len` (TRL's ORPO would
+/// train them with an empty completion, whose mean log-probability is 0/0) and cuts the rest to
+/// `max_len`, keeping the start; returns how many were dropped.
+pub fn truncate_orpo_pairs(pairs: &mut Vec<[Sequence; 2]>, max_len: Option<usize>) -> usize {
+    let before = pairs.len();
+    if let Some(max) = max_len {
+        pairs.retain(|p| p.iter().all(|s| s.prompt_len() < max));
+        pairs.iter_mut().flatten().for_each(|s| s.truncate(max));
     }
     before - pairs.len()
 }

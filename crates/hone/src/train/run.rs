@@ -7,7 +7,7 @@ use super::preference::{DpoConfig, LossType};
 use super::schedule::Schedule;
 use super::trainer::TrainConfig;
 use crate::data::dataset::{encode, parse_jsonl, EncodeOptions};
-use crate::data::preference::{drop_fully_truncated, encode_pair, parse_preference_jsonl, Sequence};
+use crate::data::preference::{drop_fully_truncated, encode_orpo_pair, encode_pair, parse_preference_jsonl, truncate_orpo_pairs, Sequence};
 use crate::data::{ChatTemplate, Format, Sample, Tokenizer};
 use crate::error::{Error, Result};
 use crate::lora::{LoraConfig, Targets};
@@ -108,11 +108,13 @@ pub struct RunSettings {
     /// Fill each micro-batch up to this many (padded) tokens instead of --batch-size rows [default: off].
     #[cfg_attr(feature = "cli", arg(long))]
     pub max_batch_tokens: Option<usize>,
-    /// What to train: sft (supervised, on text / completions / chats) or dpo (preference pairs:
-    /// prompt, chosen, rejected; TRL's DPOTrainer) [default: sft].
+    /// What to train: sft (supervised, on text / completions / chats), dpo (preference pairs:
+    /// prompt, chosen, rejected; TRL's DPOTrainer) or orpo (the same pairs, no reference; TRL's
+    /// ORPO trainer) [default: sft].
     #[cfg_attr(feature = "cli", arg(long))]
     pub method: Option<String>,
-    /// DPO's β: how far the policy may move from the reference [default: 0.1].
+    /// DPO's β: how far the policy may move from the reference; ORPO's λ (TRL's beta), the
+    /// odds-ratio term's weight [default: 0.1].
     #[cfg_attr(feature = "cli", arg(long))]
     pub beta: Option<f64>,
     /// DPO's loss: sigmoid (DPO), ipo or hinge, as TRL computes them [default: sigmoid].
@@ -209,7 +211,8 @@ impl RunSettings {
         })
     }
 
-    /// DPO's settings with `--method dpo`, `None` for SFT.
+    /// The preference settings with `--method dpo` or `orpo` (ORPO is its own loss type), `None`
+    /// for SFT.
     pub fn dpo(&self) -> Result<Option<DpoConfig>> {
         let dpo = match self.method.as_deref().unwrap_or("sft") {
             "sft" => None,
@@ -220,13 +223,15 @@ impl RunSettings {
                 };
                 Some(DpoConfig { loss_type, beta: self.beta.unwrap_or(0.1) })
             }
-            other => return Err(Error::format("method", format!("{other}: expected sft or dpo"))),
+            "orpo" if self.loss_type.is_some() => return Err(Error::format("loss_type", "ORPO has one loss: drop --loss-type (it chooses DPO's)")),
+            "orpo" => Some(DpoConfig { loss_type: LossType::Orpo, beta: self.beta.unwrap_or(0.1) }),
+            other => return Err(Error::format("method", format!("{other}: expected sft, dpo or orpo"))),
         };
         if dpo.is_none() && (self.beta.is_some() || self.loss_type.is_some()) {
-            return Err(Error::format("method", "beta and loss_type are DPO settings: add --method dpo"));
+            return Err(Error::format("method", "beta and loss_type are preference settings: add --method dpo (or orpo, for beta)"));
         }
         if dpo.is_some() && (self.packing || self.max_batch_tokens.is_some()) {
-            return Err(Error::format("method", "DPO batches whole pairs: drop --packing and --max-batch-tokens"));
+            return Err(Error::format("method", "preference runs batch whole pairs: drop --packing and --max-batch-tokens"));
         }
         if let Some(b) = self.beta.filter(|b| b.is_nan() || *b <= 0.0) {
             return Err(Error::format("beta", format!("{b}: must be positive")));
@@ -286,18 +291,31 @@ pub struct Pairs {
     pub skipped: usize,
 }
 
-pub fn pairs_from_jsonl(text: &str, file: &str, skip_bad_lines: bool, tok: &Tokenizer, template: Option<&ChatTemplate>, max_len: Option<usize>) -> Result<Pairs> {
+/// Tokenized as `loss_type` wants them: ORPO's trainer tokenizes differently from DPO's.
+pub fn pairs_from_jsonl(text: &str, file: &str, skip_bad_lines: bool, tok: &Tokenizer, template: Option<&ChatTemplate>, max_len: Option<usize>, loss_type: LossType) -> Result<Pairs> {
     let (examples, skipped) = parse_preference_jsonl(text, file, skip_bad_lines)?;
     let eos = template.and_then(|t| t.eos_token.clone());
-    let mut encoded = Vec::with_capacity(examples.len());
-    for (at, e) in &examples {
-        encoded.push(encode_pair(e, tok, template, eos.as_deref(), at)?);
-    }
-    let dropped = drop_fully_truncated(&mut encoded, max_len);
-    if encoded.is_empty() {
+    let (pairs, dropped) = if loss_type == LossType::Orpo {
+        let id = |t: Option<&String>| t.and_then(|t| tok.token_to_id(t));
+        let (bos, eos) = (id(template.and_then(|t| t.bos_token.as_ref())), id(eos.as_ref()));
+        let mut pairs = Vec::with_capacity(examples.len());
+        for (at, e) in &examples {
+            pairs.push(encode_orpo_pair(e, tok, template, bos, eos, at)?);
+        }
+        let dropped = truncate_orpo_pairs(&mut pairs, max_len);
+        (pairs, dropped)
+    } else {
+        let mut encoded = Vec::with_capacity(examples.len());
+        for (at, e) in &examples {
+            encoded.push(encode_pair(e, tok, template, eos.as_deref(), at)?);
+        }
+        let dropped = drop_fully_truncated(&mut encoded, max_len);
+        (encoded.iter().map(|p| p.sequences(max_len)).collect(), dropped)
+    };
+    if pairs.is_empty() {
         return Err(Error::format(file, format!("no pair keeps a completion token within max_len ({dropped} dropped)")));
     }
-    Ok(Pairs { pairs: encoded.iter().map(|p| p.sequences(max_len)).collect(), dropped, skipped })
+    Ok(Pairs { pairs, dropped, skipped })
 }
 
 /// Holds out `fraction` of the samples: every k-th one, so the split is stable and spread over

@@ -3,15 +3,15 @@
 //! the step's counted tokens (as transformers' Trainer), global-norm clipping, 32-bit or
 //! bitsandbytes' 8-bit moments, seeded data order
 //! and dropout, and a state that checkpoints and resumes exactly. Supervised fine-tuning on
-//! samples, or DPO on preference pairs (`TrainConfig::dpo`, [`Trainer::new_preference`]): the
-//! same step, with the loss a function of each sequence's log-probability, back-propagated as
-//! a weight per sequence (see `super::preference`).
+//! samples, or DPO / ORPO on preference pairs (`TrainConfig::dpo`, [`Trainer::new_preference`]):
+//! the same step, with the loss a function of each sequence's summed log-probabilities,
+//! back-propagated as a weight per sequence (see `super::preference`).
 
 use super::loss::{counted_tokens, shifted_targets, IGNORE_INDEX};
 use super::adamw8bit::{adamw8bit_update, Int8Moments, Tables, MIN_8BIT_SIZE};
 use super::optim::{adamw_update, clip_global_norm, AdamWConfig, HostMoments, Moments, Optim, OptimState, SavedMoments};
 use super::schedule::{LrSchedule, Schedule};
-use super::preference::{dpo_loss, row_weights, split_pairs, DpoConfig, DpoMetrics, PairLogps};
+use super::preference::{policy_sums, preference_loss, row_weights, DpoConfig, DpoMetrics, PairLogps};
 use crate::data::preference::Sequence;
 use crate::data::Sample;
 pub use crate::readback::read_f32;
@@ -62,7 +62,8 @@ pub struct TrainConfig {
     /// many logits exist at once (chunked cross-entropy; 128k vocabularies never materialise
     /// `[tokens, vocab]`).
     pub logits_chunk: usize,
-    /// Preference tuning (DPO) on pairs instead of supervised fine-tuning; `None`: SFT.
+    /// Preference tuning (DPO, or ORPO as its loss type) on pairs instead of supervised
+    /// fine-tuning; `None`: SFT.
     pub dpo: Option<DpoConfig>,
 }
 
@@ -226,13 +227,37 @@ pub struct Batch {
     pub ids: Vec<Vec<i64>>,
     pub labels: Vec<Vec<i64>>,
     pub packed: Option<Vec<Vec<usize>>>,
+    /// Preference sequences: which tokens are the completion's (`None`: every labelled one).
+    pub completion: Option<Vec<Vec<bool>>>,
 }
 
 impl Batch {
     /// One sample per row.
     pub fn padded(samples: &[&Sample], pad: u32) -> Batch {
         let (ids, labels) = pad_batch(samples, pad);
-        Batch { ids, labels, packed: None }
+        Batch { ids, labels, packed: None, completion: None }
+    }
+
+    /// Preference sequences, one per row: labels on the completion, or on every token when
+    /// `whole` (ORPO's NLL), the completion marked either way.
+    pub fn sequences(sequences: &[&Sequence], whole: bool, pad: u32) -> Batch {
+        let samples: Vec<Sample> = sequences
+            .iter()
+            .map(|s| if whole { Sample { input_ids: s.ids.clone(), labels: s.ids.iter().map(|&i| i as i64).collect() } } else { s.sample() })
+            .collect();
+        let (ids, labels) = pad_batch(&samples.iter().collect::<Vec<_>>(), pad);
+        let t = ids.first().map_or(0, |r| r.len());
+        let completion = sequences.iter().map(|s| s.completion.iter().copied().chain(std::iter::repeat(false)).take(t).collect()).collect();
+        Batch { ids, labels, packed: None, completion: Some(completion) }
+    }
+
+    /// The completion marks aligned with [`shifted_targets`]: whether the token each position
+    /// predicts is a completion token.
+    pub fn shifted_completion(&self) -> Vec<Vec<bool>> {
+        match &self.completion {
+            Some(c) => c.iter().map(|row| row.iter().skip(1).copied().chain(std::iter::once(false)).collect()).collect(),
+            None => shifted_targets(&self.labels).iter().map(|r| r.iter().map(|&l| l >= 0).collect()).collect(),
+        }
     }
 
     /// Several samples per row. A sample's first label is ignored: the token before it belongs
@@ -247,7 +272,7 @@ impl Batch {
             .collect();
         let (ids, labels) = pad_batch(&joined.iter().collect::<Vec<_>>(), pad);
         let packed = Some(rows.iter().map(|row| row.iter().map(|s| s.input_ids.len()).collect()).collect());
-        Batch { ids, labels, packed }
+        Batch { ids, labels, packed, completion: None }
     }
 
     pub fn seq_len(&self) -> usize {
@@ -306,8 +331,9 @@ fn lora_grads<'a, B: AutodiffBackend + HoneBackend>(
 type LoraGrads<B> = Vec<(String, Tensor<B, 2>)>;
 
 /// What a micro-batch's gradient is of: the token loss divided by a norm (SFT), or a function
-/// of each row's summed log-probability, given as the weight it puts on each row's summed token
-/// loss (DPO; see [`super::preference::row_weights`]).
+/// of each row's summed log-probabilities (`[2 × rows]`: over the completion, then over every
+/// predicted token), given as the weights it puts on those sums of token losses (DPO, ORPO; see
+/// [`super::preference::row_weights`]).
 enum Objective<'a> {
     Tokens(f64),
     Sequences(&'a dyn Fn(&[f64]) -> Vec<f32>),
@@ -323,7 +349,11 @@ fn read_neg<B: Backend>(x: Tensor<B, 1>) -> Vec<f64> {
 fn mean_metrics(m: &[DpoMetrics]) -> Option<DpoMetrics> {
     let n = m.len() as f64;
     let mean = |f: fn(&DpoMetrics) -> f64| m.iter().map(f).sum::<f64>() / n;
+    let mean_of = |f: fn(&DpoMetrics) -> Option<f64>| m.iter().map(f).sum::<Option<f64>>().map(|s| s / n);
     (!m.is_empty()).then(|| DpoMetrics {
+        nll_loss: mean_of(|x| x.nll_loss),
+        log_odds_ratio: mean_of(|x| x.log_odds_ratio),
+        log_odds_chosen: mean_of(|x| x.log_odds_chosen),
         loss: mean(|x| x.loss),
         rewards_chosen: mean(|x| x.rewards_chosen),
         rewards_rejected: mean(|x| x.rewards_rejected),
@@ -364,16 +394,18 @@ where
         }
     }
 
-    /// A preference (DPO) run on `pairs` (chosen, rejected), with `cfg.dpo` set. The reference is
-    /// the model as given: its log-probabilities of every pair are computed once, here (the base
-    /// for a new adapter, whose B is zero; base + adapter when starting from a trained one, as
-    /// TRL's frozen copy of it), unless `reference` brings them (a resumed run's checkpoint).
-    /// Native: the values are read back.
+    /// A preference (DPO or ORPO) run on `pairs` (chosen, rejected), with `cfg.dpo` set. DPO's
+    /// reference is the model as given: its log-probabilities of every pair are computed once,
+    /// here (the base for a new adapter, whose B is zero; base + adapter when starting from a
+    /// trained one, as TRL's frozen copy of it), unless `reference` brings them (a resumed run's
+    /// checkpoint). ORPO has none. Native: the values are read back.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn new_preference(model: CausalLm<B>, lora: LoraConfig, pairs: Vec<[Sequence; 2]>, reference: Option<Vec<PairLogps>>, cfg: TrainConfig, device: B::Device) -> crate::Result<Self> {
         assert!(cfg.dpo.is_some() && cfg.pack_len.is_none() && cfg.max_batch_tokens.is_none(), "DPO runs set cfg.dpo and pad pairs (no packing)");
+        let needs_reference = cfg.dpo.is_some_and(|d| d.loss_type.needs_reference());
         let mut t = Trainer::new(model, lora, Vec::new(), cfg, device);
         t.reference = match reference {
+            _ if !needs_reference => Vec::new(),
             Some(r) if r.len() == pairs.len() => r,
             Some(r) => return Err(crate::Error::format("reference log-probabilities", format!("{} saved for {} pairs: resume on the same data", r.len(), pairs.len()))),
             None => {
@@ -420,10 +452,10 @@ where
     }
 
     fn batch(&self, rows: &[Vec<usize>]) -> Batch {
-        if self.cfg.dpo.is_some() {
-            // TRL's layout: every chosen sequence, then every rejected one; loss on completions.
-            let samples: Vec<Sample> = (0..2).flat_map(|side| rows.iter().map(move |r| self.pairs[r[0]][side].sample())).collect();
-            return Batch::padded(&samples.iter().collect::<Vec<_>>(), self.cfg.pad_id);
+        if let Some(dpo) = self.cfg.dpo {
+            // TRL's layout: every chosen sequence, then every rejected one.
+            let sequences: Vec<&Sequence> = (0..2).flat_map(|side| rows.iter().map(move |r| &self.pairs[r[0]][side])).collect();
+            return Batch::sequences(&sequences, dpo.loss_type.whole_sequences(), self.cfg.pad_id);
         }
         let samples: Vec<Vec<&Sample>> = rows.iter().map(|r| r.iter().map(|&i| &self.data[i]).collect()).collect();
         match self.cfg.pack_len {
@@ -535,17 +567,18 @@ where
         self.gradients_of(batch, Objective::Tokens(norm), seed)
     }
 
-    /// A DPO micro-batch of `pairs` (laid out by [`Self::batch`]): its loss (divided by the
-    /// accumulation steps), the LoRA gradients, and TRL's metrics. The policy's log-probabilities
-    /// come from the forward pass whose graph the backward then uses, so the weights each
-    /// sequence gets are exactly the loss's derivatives.
+    /// A preference micro-batch of `pairs` (laid out by [`Self::batch`]): its loss (divided by
+    /// the accumulation steps), the LoRA gradients, and TRL's metrics. The policy's
+    /// log-probabilities come from the forward pass whose graph the backward then uses, so the
+    /// weights each sequence gets are exactly the loss's derivatives.
     fn preference_gradients(&self, batch: &Batch, pairs: &[usize], dpo: DpoConfig, seed: u64) -> (Tensor<B::InnerBackend, 1>, LoraGrads<B::InnerBackend>, DpoMetrics) {
-        let reference: Vec<PairLogps> = pairs.iter().map(|&i| self.reference[i]).collect();
+        let reference: Vec<PairLogps> = pairs.iter().filter_map(|&i| self.reference.get(i).copied()).collect();
         let lens: Vec<(usize, usize)> = pairs.iter().map(|&i| (self.pairs[i][0].completion_len(), self.pairs[i][1].completion_len())).collect();
+        let chosen_tokens = counted_tokens(&batch.labels[..pairs.len()]);
         let accum = self.cfg.grad_accum.max(1) as f64;
         let metrics = std::cell::Cell::new(None);
         let weigh = |logps: &[f64]| {
-            let loss = dpo_loss(dpo.loss_type, dpo.beta, &split_pairs(logps), &reference, &lens);
+            let loss = preference_loss(dpo, &policy_sums(logps, chosen_tokens), &reference, &lens);
             metrics.set(Some(loss.metrics));
             row_weights(&loss, accum)
         };
@@ -568,7 +601,7 @@ where
         let loss = match objective {
             Objective::Tokens(norm) => counted_nll(&self.model, hidden, &targets).div_scalar(norm),
             Objective::Sequences(weigh) => {
-                let rows = counted_nll_rows(&self.model, hidden, &targets);
+                let rows = counted_nll_parts(&self.model, hidden, &targets, &batch.shifted_completion());
                 let weights = weigh(&read_neg(rows.clone().inner()));
                 let n = weights.len();
                 (rows.clone() * Tensor::<B, 1>::from_data(TensorData::new(weights, [n]), &rows.device())).sum()
@@ -619,11 +652,12 @@ where
         let targets = shifted_targets(&batch.labels);
         // A loss of whole sequences: their log-probabilities from the untracked pass's output
         // (the tracked recomputation below gives the same values), then a weight per row.
+        let completion = batch.shifted_completion();
         let (norm, weights) = match objective {
             Objective::Tokens(norm) => (norm, None),
             Objective::Sequences(weigh) => {
                 let head = self.model.valid();
-                let rows = nll_rows_chunked(&head, head.final_norm(top.clone()), &targets, self.cfg.logits_chunk);
+                let rows = nll_parts_chunked(&head, head.final_norm(top.clone()), &targets, &completion, self.cfg.logits_chunk);
                 (1.0, Some(weigh(&read_neg(rows))))
             }
         };
@@ -633,10 +667,10 @@ where
         for start in (0..t).step_by(step) {
             let len = step.min(t - start);
             let x = Tensor::<B, 3>::from_inner(top.clone().narrow(1, start, len)).require_grad();
-            let piece: Vec<Vec<i64>> = targets.iter().map(|r| r[start..start + len].to_vec()).collect();
+            let piece = columns(&targets, start, len);
             let loss = match &weights {
                 None => counted_nll(&self.model, self.model.final_norm(x.clone()), &piece).div_scalar(norm),
-                Some(w) => counted_nll_weighted(&self.model, self.model.final_norm(x.clone()), &piece, w),
+                Some(w) => counted_nll_weighted(&self.model, self.model.final_norm(x.clone()), &piece, &columns(&completion, start, len), w),
             };
             let g = loss.backward();
             for (k, gp) in lora_grads(in_layer(None).map(|(n, l)| (n.clone(), *l)), &g) {
@@ -807,25 +841,29 @@ pub fn evaluate_pending<B: HoneBackend>(model: &CausalLm<B>, samples: &[Sample],
 
 /// The summed loss from final hidden states `[B, T, hidden]`, at most `chunk` logits at a time.
 fn nll_sum_chunked<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, labels: &[Vec<i64>], chunk: usize, device: &B::Device) -> Tensor<B, 1> {
-    sum_over_chunks(model, hidden, &shifted_targets(labels), chunk, counted_nll).unwrap_or_else(|| Tensor::zeros([1], device))
+    let targets = shifted_targets(labels);
+    sum_over_chunks(model, hidden, chunk, |m, h, start, len| counted_nll(m, h, &columns(&targets, start, len))).unwrap_or_else(|| Tensor::zeros([1], device))
 }
 
-/// `loss` of each piece of a few positions (at most `chunk` logits), added up; `None` for no
-/// positions.
+/// Positions `start..start + len` of each row.
+fn columns<T: Clone>(rows: &[Vec<T>], start: usize, len: usize) -> Vec<Vec<T>> {
+    rows.iter().map(|r| r[start..start + len].to_vec()).collect()
+}
+
+/// `loss` of each piece of a few positions (at most `chunk` logits; the piece's hidden states,
+/// its first position and its length), added up; `None` for no positions.
 fn sum_over_chunks<B: HoneBackend>(
     model: &CausalLm<B>,
     hidden: Tensor<B, 3>,
-    targets: &[Vec<i64>],
     chunk: usize,
-    loss: impl Fn(&CausalLm<B>, Tensor<B, 3>, &[Vec<i64>]) -> Tensor<B, 1>,
+    loss: impl Fn(&CausalLm<B>, Tensor<B, 3>, usize, usize) -> Tensor<B, 1>,
 ) -> Option<Tensor<B, 1>> {
     let [rows, t, _] = hidden.dims();
     let step = (chunk / (rows * model.config.vocab_size).max(1)).clamp(1, t.max(1));
     let mut sum: Option<Tensor<B, 1>> = None;
     for start in (0..t).step_by(step) {
         let len = step.min(t - start);
-        let piece: Vec<Vec<i64>> = targets.iter().map(|r| r[start..start + len].to_vec()).collect();
-        let l = loss(model, hidden.clone().narrow(1, start, len), &piece);
+        let l = loss(model, hidden.clone().narrow(1, start, len), start, len);
         sum = Some(match sum {
             Some(s) => s + l,
             None => l,
@@ -846,9 +884,9 @@ fn counted_nll<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, target
     }
 }
 
-/// The loss of each counted position (row-major), `[counted]`, and the row each is in; `None`
-/// when nothing is counted.
-fn counted_token_nll<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, targets: &[Vec<i64>]) -> Option<(Tensor<B, 1>, Vec<usize>)> {
+/// The loss of each counted position (row-major), `[counted]`, and each one's (row, position);
+/// `None` when nothing is counted.
+fn counted_token_nll<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, targets: &[Vec<i64>]) -> Option<(Tensor<B, 1>, Vec<(usize, usize)>)> {
     let [b, t, h] = hidden.dims();
     let flat: Vec<i64> = targets.iter().flatten().copied().collect();
     let rows: Vec<i64> = (0..flat.len()).filter(|&i| flat[i] >= 0).map(|i| i as i64).collect();
@@ -867,32 +905,38 @@ fn counted_token_nll<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, 
     let vocab = logits.dims()[2];
     let labels = Tensor::<B, 1, Int>::from_data(TensorData::new(picked, [rows.len()]), &logits.device());
     let (nll, _lse) = B::cross_entropy(logits.reshape([rows.len(), vocab]), labels);
-    Some((nll, rows.iter().map(|&i| i as usize / t.max(1)).collect()))
+    Some((nll, rows.iter().map(|&i| (i as usize / t.max(1), i as usize % t.max(1))).collect()))
 }
 
-/// Each row's summed loss, `[B]` (a sequence's negative log-probability over its counted
-/// positions).
-pub(crate) fn counted_nll_rows<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, targets: &[Vec<i64>]) -> Tensor<B, 1> {
+/// Each row's summed loss over its completion positions, then over all its counted positions,
+/// `[2 × B]` (a sequence's negative log-probabilities); `completion[row][position]` marks the
+/// completion's (aligned with `targets`).
+pub(crate) fn counted_nll_parts<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, targets: &[Vec<i64>], completion: &[Vec<bool>]) -> Tensor<B, 1> {
     let b = hidden.dims()[0];
     match counted_token_nll(model, hidden.clone(), targets) {
-        Some((nll, row_of)) => {
-            // Summed by row as a product with the positions' one-hot rows.
-            let n = row_of.len();
-            let mut onehot = vec![0f32; b * n];
-            row_of.iter().enumerate().for_each(|(j, &r)| onehot[r * n + j] = 1.0);
-            let onehot = Tensor::<B, 2>::from_data(TensorData::new(onehot, [b, n]), &nll.device());
-            onehot.matmul(nll.reshape([n, 1])).reshape([b])
+        Some((nll, at)) => {
+            // Summed by row as a product with one-hot rows: completion sums, then whole sums.
+            let n = at.len();
+            let mut onehot = vec![0f32; 2 * b * n];
+            for (j, &(r, p)) in at.iter().enumerate() {
+                onehot[r * n + j] = if completion[r][p] { 1.0 } else { 0.0 };
+                onehot[(b + r) * n + j] = 1.0;
+            }
+            let onehot = Tensor::<B, 2>::from_data(TensorData::new(onehot, [2 * b, n]), &nll.device());
+            onehot.matmul(nll.reshape([n, 1])).reshape([2 * b])
         }
-        None => Tensor::<B, 1>::zeros([b], &hidden.device()) + hidden.sum().mul_scalar(0.0),
+        None => Tensor::<B, 1>::zeros([2 * b], &hidden.device()) + hidden.sum().mul_scalar(0.0),
     }
 }
 
-/// `Σ_rows weight[row] · row's summed loss`, `[1]`: a loss that is a function of whole sequences'
-/// log-probabilities (DPO) back-propagates as this, with each row's derivative for weight.
-fn counted_nll_weighted<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, targets: &[Vec<i64>], row_weights: &[f32]) -> Tensor<B, 1> {
+/// `Σ_rows weight[row] · row's summed completion loss + weight[B + row] · row's summed loss`,
+/// `[1]`: a loss that is a function of those sums (DPO, ORPO) back-propagates as this, with each
+/// sum's derivative for weight.
+fn counted_nll_weighted<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, targets: &[Vec<i64>], completion: &[Vec<bool>], row_weights: &[f32]) -> Tensor<B, 1> {
+    let b = hidden.dims()[0];
     match counted_token_nll(model, hidden.clone(), targets) {
-        Some((nll, row_of)) => {
-            let w: Vec<f32> = row_of.iter().map(|&r| row_weights[r]).collect();
+        Some((nll, at)) => {
+            let w: Vec<f32> = at.iter().map(|&(r, p)| row_weights[b + r] + if completion[r][p] { row_weights[r] } else { 0.0 }).collect();
             let n = w.len();
             (nll.clone() * Tensor::<B, 1>::from_data(TensorData::new(w, [n]), &nll.device())).sum()
         }
@@ -900,11 +944,12 @@ fn counted_nll_weighted<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3
     }
 }
 
-/// Each row's summed loss over final hidden states `[B, T, hidden]`, at most `chunk` logits at
-/// a time.
-pub(crate) fn nll_rows_chunked<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, targets: &[Vec<i64>], chunk: usize) -> Tensor<B, 1> {
+/// [`counted_nll_parts`] over final hidden states `[B, T, hidden]`, at most `chunk` logits at a
+/// time.
+pub(crate) fn nll_parts_chunked<B: HoneBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, targets: &[Vec<i64>], completion: &[Vec<bool>], chunk: usize) -> Tensor<B, 1> {
     let (rows, device) = (hidden.dims()[0], hidden.device());
-    sum_over_chunks(model, hidden, targets, chunk, counted_nll_rows).unwrap_or_else(|| Tensor::zeros([rows], &device))
+    sum_over_chunks(model, hidden, chunk, |m, h, start, len| counted_nll_parts(m, h, &columns(targets, start, len), &columns(completion, start, len)))
+        .unwrap_or_else(|| Tensor::zeros([2 * rows], &device))
 }
 
 /// Loss and perplexity from a summed loss and its token count.
