@@ -71,6 +71,14 @@ function settings() {
     quantize: $('quantize').value,
     train_on_prompts: $('train-on-prompts').checked,
   };
+  // Preference tuning (DPO, ORPO): pairs instead of examples; their settings only then.
+  const method = $('method').value;
+  if (method !== 'sft') {
+    s.method = method;
+    s.beta = num('beta');
+    if (method === 'dpo') s.loss_type = $('loss-type').value;
+    delete s.train_on_prompts;
+  }
   const steps = num('steps');
   if (steps) s.steps = steps;
   else s.epochs = num('epochs');
@@ -87,6 +95,8 @@ function applySettings(s) {
   set('max-len', s.max_len); set('seed', s.seed); set('quantize', s.quantize); set('eval-split', s.eval_split);
   if (s.steps) set('steps', s.steps); else { $('steps').value = ''; set('epochs', s.epochs); }
   $('train-on-prompts').checked = !!s.train_on_prompts;
+  $('method').value = s.method || 'sft';
+  set('loss-type', s.loss_type); $('beta').value = s.beta ?? '';
 }
 
 async function refreshEstimate() {
@@ -178,7 +188,7 @@ let previewKey = '';
 async function refreshPreview() {
   const el = $('preview');
   const s = settings();
-  const key = JSON.stringify([state.model && state.model.name, state.data.slice(0, 20000), s.max_len, s.train_on_prompts]);
+  const key = JSON.stringify([state.model && state.model.name, state.data.slice(0, 20000), s.max_len, s.train_on_prompts, s.method]);
   if (key === previewKey) return;
   previewKey = key;
   if (!state.model || !state.data.trim()) {
@@ -189,15 +199,21 @@ async function refreshPreview() {
   try {
     const examples = await call('preview', { data: state.data, settings: s });
     const heading = document.createElement('p');
-    heading.textContent = 'First examples as the model sees them (highlighted tokens are trained on):';
+    const pairs = s.method !== undefined;
+    heading.textContent = pairs
+      ? 'First pairs as the model sees them, each as its chosen and its rejected sequence (the completions are marked):'
+      : 'First examples as the model sees them (highlighted tokens are trained on):';
     nodes.push(heading);
     for (const tokens of examples) {
       const pre = document.createElement('pre');
       pre.className = 'example';
+      const side = tokens.find((t) => t.part && t.part !== 'prompt');
+      if (side) pre.dataset.part = side.part;
       for (const t of tokens) {
         const span = document.createElement('span');
         span.textContent = t.text;
-        if (t.trained) span.className = 'trained';
+        if (t.part === 'chosen' || t.part === 'rejected') span.className = t.part;
+        else if (t.trained) span.className = 'trained';
         pre.append(span);
       }
       nodes.push(pre);
@@ -304,7 +320,8 @@ worker.onmessage = ({ data }) => {
       $('progress').value = data.step;
       $('progress').dataset.tokensPerSecond = data.tokens_per_second;
       $('progress').dataset.wasmHeapBytes = data.wasm_heap_bytes;
-      $('progress-text').textContent = `step ${data.step}/${data.total_steps} · epoch ${data.epoch + 1} · loss ${data.loss.toFixed(4)} · lr ${data.lr.toExponential(2)} · ${data.tokens_per_second < 10 ? data.tokens_per_second.toFixed(data.tokens_per_second < 1 ? 3 : 1) : Math.round(data.tokens_per_second)} tokens/s · ETA ${fmtTime(data.eta_seconds)} · wasm heap ${Math.round(data.wasm_heap_bytes / 2 ** 20)} MiB`;
+      const pref = data.preference ? ` · margin ${data.preference['rewards/margins'].toFixed(4)} · accuracy ${data.preference['rewards/accuracies'].toFixed(2)}` : '';
+      $('progress-text').textContent = `step ${data.step}/${data.total_steps} · epoch ${data.epoch + 1} · loss ${data.loss.toFixed(4)}${pref} · lr ${data.lr.toExponential(2)} · ${data.tokens_per_second < 10 ? data.tokens_per_second.toFixed(data.tokens_per_second < 1 ? 3 : 1) : Math.round(data.tokens_per_second)} tokens/s · ETA ${fmtTime(data.eta_seconds)} · wasm heap ${Math.round(data.wasm_heap_bytes / 2 ** 20)} MiB`;
       state.trainPoints.push({ step: data.step, loss: data.loss });
       state.trained = true;
       drawChart();

@@ -199,5 +199,65 @@ await check('loss_falls', async () => {
   assert(y(pts[pts.length - 1]) > y(pts[0]), `loss did not fall: ${pts.join(' ')} (before reload: ${lossesBefore})`);
 });
 
+// DPO in the page: the tiny Llama fixture with a chat template, preference pairs in text and
+// conversational form, three steps; the adapter equals `hone train --method dpo`'s.
+const dpoModel = path.join(outDir, 'dpo-model');
+fs.mkdirSync(dpoModel, { recursive: true });
+for (const [from, name] of [['llama', 'config.json'], ['llama', 'model.safetensors'], ['chat', 'tokenizer.json'], ['chat', 'tokenizer_config.json']]) {
+  fs.copyFileSync(path.join(root, 'tests/fixtures', from, name), path.join(dpoModel, name));
+}
+const prefs = JSON.parse(fs.readFileSync(path.join(root, 'tests/fixtures/preference/dpo.json'), 'utf8')).data;
+const prefsPath = path.join(outDir, 'prefs.jsonl');
+fs.writeFileSync(prefsPath, [...prefs.text, ...prefs.conversational].map((r) => JSON.stringify(r)).join('\n') + '\n');
+const DPO = { rank: 4, alpha: 8, dropout: 0, lr: 0.01, steps: 3, batchSize: 2, maxLen: 64, seed: 7, beta: 0.2 };
+
+let dpoFiles = null;
+await check('dpo_trains_in_the_page_with_pairs_marked', async () => {
+  await page.reload();
+  await byLabel('Model files').setInputFiles(['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json'].map((f) => path.join(dpoModel, f)));
+  await page.waitForFunction(() => document.getElementById('model-status').textContent.startsWith('Opened'));
+  if (await page.locator('#resume-offer').isVisible()) await button('Discard checkpoint').click();
+  await page.getByLabel('Method').selectOption('dpo');
+  await byLabel('Dataset file').setInputFiles(prefsPath);
+  await page.waitForSelector('#preview pre.example .rejected');
+  const [chosen, rejected] = [await page.locator('#preview .chosen').count(), await page.locator('#preview .rejected').count()];
+  assert(chosen > 0 && rejected > 0, `preview marks ${chosen} chosen and ${rejected} rejected tokens`);
+  await page.getByLabel('β (DPO) / λ (ORPO)').fill(String(DPO.beta));
+  await page.getByLabel('LoRA rank').fill(String(DPO.rank));
+  await page.getByLabel('LoRA alpha').fill(String(DPO.alpha));
+  await page.getByLabel('LoRA dropout').fill(String(DPO.dropout));
+  await page.getByLabel('Learning rate').fill(String(DPO.lr));
+  await page.getByLabel('Steps (overrides epochs)').fill(String(DPO.steps));
+  await page.getByLabel('Batch size').fill(String(DPO.batchSize));
+  await page.getByLabel('Max length').fill(String(DPO.maxLen));
+  await page.getByLabel('Seed').fill(String(DPO.seed));
+  await page.getByLabel('Optimizer').selectOption('adamw');
+  await page.getByLabel('Checkpoint every N steps').fill('0');
+  await page.getByLabel('Base model name (in adapter_config.json)').fill(BASE_NAME);
+  await button('Start').click();
+  await page.waitForFunction(() => document.getElementById('progress-text').textContent.endsWith('done') || !document.getElementById('error').hidden);
+  const e = await errorText();
+  assert(!e, e);
+  const text = await page.locator('#progress-text').textContent();
+  assert(/step 3\/3 .* margin -?\d/.test(text) && /accuracy/.test(text), text);
+  console.log(`page: DPO ${text}`);
+  const [download] = await Promise.all([page.waitForEvent('download'), button('Download adapter (.zip)').click()]);
+  const zipPath = path.join(outDir, 'dpo-adapter.zip');
+  await download.saveAs(zipPath);
+  dpoFiles = readZip(fs.readFileSync(zipPath));
+});
+
+await check('browser_dpo_adapter_equals_native_hone_train', async () => {
+  const nativeOut = path.join(outDir, 'native-dpo-adapter');
+  fs.rmSync(nativeOut, { recursive: true, force: true });
+  execFileSync(hone, ['train', '--model', dpoModel, '--data', prefsPath, '--method', 'dpo', '--beta', String(DPO.beta), '--out', nativeOut, '--quiet', '--rank', String(DPO.rank), '--alpha', String(DPO.alpha), '--dropout', String(DPO.dropout), '--lr', String(DPO.lr), '--steps', String(DPO.steps), '--batch-size', String(DPO.batchSize), '--max-len', String(DPO.maxLen), '--seed', String(DPO.seed), '--base-model-name', BASE_NAME], { stdio: ['ignore', 'inherit', 'inherit'] });
+  const native = readSafetensors(fs.readFileSync(path.join(nativeOut, 'adapter_model.safetensors')));
+  const web = readSafetensors(Buffer.from(dpoFiles['adapter_model.safetensors']));
+  assert(Buffer.compare(fs.readFileSync(path.join(nativeOut, 'adapter_config.json')), dpoFiles['adapter_config.json']) === 0, 'adapter_config.json differs from the native one');
+  const { worst, worstName } = worstRelativeError(native, web);
+  console.log(`page: browser vs native DPO adapter, worst relative error ${worst.toExponential(2)} (${worstName})`);
+  assert(worst < 1e-4, `relative error ${worst} at ${worstName}`);
+});
+
 await browser.close();
 process.exit(finish());

@@ -16,7 +16,9 @@ use hone::ops::HoneBackend;
 use hone::readback::read_f32;
 use hone::train::checkpoint::{self, adapter_files, checkpoint_files, SavedState};
 use hone::train::plan;
-use hone::train::run::{self, pad_id, samples_from_jsonl, RunSettings};
+use hone::data::preference::Sequence;
+use hone::train::preference::{pair_sums_async, preference_loss, DpoConfig, DpoMetrics, PairLogps};
+use hone::train::run::{self, pad_id, pairs_from_jsonl, samples_from_jsonl, RunSettings};
 use hone::train::trainer::{eval_report, evaluate_pending};
 use hone::train::Trainer;
 use serde::Serialize;
@@ -57,6 +59,9 @@ struct Prepared {
 struct PreviewToken {
     text: String,
     trained: bool,
+    /// Preference pairs: "prompt", "chosen" or "rejected" (absent for SFT).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    part: Option<&'static str>,
 }
 
 fn to_js<T: Serialize>(v: &T) -> Result<JsValue, JsError> {
@@ -84,6 +89,9 @@ pub struct Session {
     model: Option<(bool, CausalLm<Backend>)>,
     trainer: Option<Trainer<Train>>,
     eval: Vec<Sample>,
+    /// Preference runs: the held-out pairs and their reference log-probabilities.
+    eval_pairs: Vec<[Sequence; 2]>,
+    eval_reference: Vec<PairLogps>,
     saved: Option<SavedState>,
 }
 
@@ -129,6 +137,8 @@ impl Session {
             model: None,
             trainer: None,
             eval: Vec::new(),
+            eval_pairs: Vec::new(),
+            eval_reference: Vec::new(),
             saved: None,
         })
     }
@@ -168,6 +178,20 @@ impl Session {
     pub fn preview(&self, data: String, settings: JsValue, n: usize) -> Result<JsValue, JsError> {
         let s = parse_settings(settings)?;
         let head: String = data.lines().filter(|l| !l.trim().is_empty()).take(n).collect::<Vec<_>>().join("\n");
+        if let Some(dpo) = s.dpo().map_err(js_err)? {
+            // Each pair as its chosen and its rejected sequence, the completions marked.
+            let pairs = pairs_from_jsonl(&head, "dataset", false, &self.text.tokenizer, self.text.template.as_ref(), s.max_len, dpo.loss_type).map_err(js_err)?;
+            let mut out = Vec::new();
+            for (sequence, side) in pairs.pairs.iter().flat_map(|p| [(&p[0], "chosen"), (&p[1], "rejected")]) {
+                let mut toks = Vec::new();
+                for (&id, &completion) in sequence.ids.iter().zip(&sequence.completion) {
+                    let text = self.text.tokenizer.decode(&[id], false).map_err(js_err)?;
+                    toks.push(PreviewToken { text, trained: completion, part: Some(if completion { side } else { "prompt" }) });
+                }
+                out.push(toks);
+            }
+            return to_js(&out);
+        }
         let samples = samples_from_jsonl(&head, "dataset", s.format().map_err(js_err)?, false, &self.text.tokenizer, self.text.template.as_ref(), s.encode_options())
             .map_err(js_err)?;
         let mut out = Vec::new();
@@ -175,7 +199,7 @@ impl Session {
             let mut toks = Vec::new();
             for (i, &id) in sample.input_ids.iter().enumerate() {
                 let text = self.text.tokenizer.decode(&[id], false).map_err(js_err)?;
-                toks.push(PreviewToken { text, trained: sample.labels.get(i).is_some_and(|&l| l >= 0) });
+                toks.push(PreviewToken { text, trained: sample.labels.get(i).is_some_and(|&l| l >= 0), part: None });
             }
             out.push(toks);
         }
@@ -186,10 +210,6 @@ impl Session {
     /// adapters, and sets up the trainer on `data` (JSONL) with `eval_data` or a split held out.
     pub async fn prepare(&mut self, data: String, eval_data: Option<String>, settings: JsValue) -> Result<JsValue, JsError> {
         let s = parse_settings(settings)?;
-        if s.dpo().map_err(js_err)?.is_some() {
-            // Its reference and policy log-probabilities are read back each step: a blocking read here.
-            return Err(JsError::new("DPO and ORPO train natively for now (`hone train --method dpo|orpo`); the page trains SFT"));
-        }
         let est = self.plan(&s)?;
         if est.largest_buffer_bytes > self.max_buffer_size {
             return Err(JsError::new(&format!(
@@ -199,6 +219,9 @@ impl Session {
                 plan::human(est.largest_buffer_bytes),
                 plan::human(self.max_buffer_size)
             )));
+        }
+        if let Some(dpo) = s.dpo().map_err(js_err)? {
+            return self.prepare_preference(data, eval_data, s, dpo).await;
         }
         let (format, opts) = (s.format().map_err(js_err)?, s.encode_options());
         let (tok, template) = (&self.text.tokenizer, self.text.template.as_ref());
@@ -240,6 +263,8 @@ impl Session {
         });
         self.trainer = Some(trainer);
         self.eval = eval_samples;
+        self.eval_pairs = Vec::new();
+        self.eval_reference = Vec::new();
         self.settings = s;
         to_js(&prepared)
     }
@@ -250,7 +275,7 @@ impl Session {
         if trainer.done() {
             return Err(JsError::new("training is finished"));
         }
-        let pending = trainer.step_pending();
+        let pending = trainer.step_pending_async().await.map_err(js_err)?;
         let mut r = pending.report;
         // One read for both (each read is a round trip to the GPU process).
         let both = match pending.grad_norm {
@@ -274,6 +299,9 @@ impl Session {
             trained_tokens: usize,
             grad_norm: Option<f64>,
             done: bool,
+            /// Preference runs: TRL's metrics of the step.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            preference: Option<DpoMetrics>,
         }
         to_js(&Report {
             step: r.step,
@@ -285,27 +313,34 @@ impl Session {
             trained_tokens: r.trained_tokens,
             grad_norm: r.grad_norm,
             done: trainer.done(),
+            preference: r.preference,
         })
     }
 
-    /// Loss and perplexity on the held-out examples: {loss, perplexity, tokens}, or null without any.
+    /// Loss and perplexity on the held-out examples: {loss, perplexity, tokens}, or null without
+    /// any; preference runs: the loss and TRL's metrics on the held-out pairs.
     pub async fn evaluate(&mut self) -> Result<JsValue, JsError> {
         let trainer = self.trainer.as_ref().ok_or_else(|| JsError::new("prepare first"))?;
+        if let Some(dpo) = trainer.cfg.dpo {
+            if self.eval_pairs.is_empty() {
+                return Ok(JsValue::NULL);
+            }
+            let model = trainer.eval_model();
+            let policy = pair_sums_async(&model, &self.eval_pairs, dpo.loss_type.whole_sequences(), trainer.cfg.batch_size, trainer.cfg.pad_id, &self.device).await.map_err(js_err)?;
+            let lens: Vec<(usize, usize)> = self.eval_pairs.iter().map(|[c, r]| (c.completion_len(), r.completion_len())).collect();
+            let metrics = preference_loss(dpo, &policy, &self.eval_reference, &lens).metrics;
+            let step = trainer.state.step;
+            self.track_eval(metrics.loss, step);
+            return to_js(&metrics);
+        }
         if self.eval.is_empty() {
             return Ok(JsValue::NULL);
         }
         let model = trainer.eval_model();
         let (sum, count) = evaluate_pending(&model, &self.eval, trainer.cfg.batch_size, trainer.cfg.pad_id, &self.device);
         let report = eval_report(read_f32(sum).await.map_err(js_err)?[0] as f64, count);
-        if let Some(saved) = &mut self.saved {
-            if saved.best_eval_loss.is_none_or(|b| report.loss < b) {
-                saved.best_eval_loss = Some(report.loss);
-                saved.best_step = Some(trainer.state.step);
-                saved.evals_without_improvement = 0;
-            } else {
-                saved.evals_without_improvement += 1;
-            }
-        }
+        let step = trainer.state.step;
+        self.track_eval(report.loss, step);
         to_js(&report)
     }
 
@@ -386,12 +421,91 @@ impl Session {
 }
 
 impl Session {
+    /// Keeps the best held-out loss and how many evaluations went without improving it.
+    fn track_eval(&mut self, loss: f64, step: usize) {
+        if let Some(saved) = &mut self.saved {
+            if saved.best_eval_loss.is_none_or(|b| loss < b) {
+                saved.best_eval_loss = Some(loss);
+                saved.best_step = Some(step);
+                saved.evals_without_improvement = 0;
+            } else {
+                saved.evals_without_improvement += 1;
+            }
+        }
+    }
+
+    /// `prepare` for DPO and ORPO: preference pairs tokenized as TRL's trainers do, and DPO's
+    /// reference log-probabilities of the training and the held-out pairs from the model as it
+    /// starts (the base: a new adapter's B is zero), read back without blocking.
+    async fn prepare_preference(&mut self, data: String, eval_data: Option<String>, s: RunSettings, dpo: DpoConfig) -> Result<JsValue, JsError> {
+        let cfg = s.train(pad_id(&self.text.tokenizer)).map_err(js_err)?;
+        if !cfg.checkpointing {
+            return Err(JsError::new("DPO and ORPO in the page run with activation checkpointing on"));
+        }
+        let (tok, template) = (&self.text.tokenizer, self.text.template.as_ref());
+        let train = pairs_from_jsonl(&data, "dataset", false, tok, template, s.max_len, dpo.loss_type).map_err(js_err)?;
+        let (pairs, eval_pairs, dropped) = match (eval_data, s.eval_split) {
+            (Some(e), _) if !e.trim().is_empty() => {
+                let e = pairs_from_jsonl(&e, "eval dataset", false, tok, template, s.max_len, dpo.loss_type).map_err(js_err)?;
+                (train.pairs, e.pairs, train.dropped + e.dropped)
+            }
+            (_, Some(f)) if f > 0.0 && f < 1.0 && train.pairs.len() > 1 => {
+                let (t, e) = run::split_eval(train.pairs, f, s.seed());
+                (t, e, train.dropped)
+            }
+            _ => (train.pairs, Vec::new(), train.dropped),
+        };
+        self.model = None;
+        let mut model = self.load_weights::<Train>(&s)?;
+        let lora = s.lora();
+        let adapted = add_adapters(model.linears_mut(), &lora);
+        if adapted == 0 {
+            return Err(JsError::new(&format!("targets {:?} match no layer of this model", s.targets.as_deref().unwrap_or("all-linear"))));
+        }
+        let (reference, eval_reference) = if dpo.loss_type.needs_reference() {
+            use burn::module::AutodiffModule;
+            let start = model.valid();
+            let (batch, pad) = (cfg.batch_size, cfg.pad_id);
+            let train = pair_sums_async(&start, &pairs, false, batch, pad, &self.device).await.map_err(js_err)?.completion;
+            (train, pair_sums_async(&start, &eval_pairs, false, batch, pad, &self.device).await.map_err(js_err)?.completion)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let eval_examples = eval_pairs.len();
+        let trainer = Trainer::with_reference(model, lora, pairs, reference, cfg.clone(), self.device.clone()).map_err(js_err)?;
+        let prepared = Prepared {
+            train_examples: trainer.data_len(),
+            eval_examples,
+            truncated: dropped,
+            skipped: train.skipped,
+            total_steps: trainer.state.total_steps,
+            eval_every: run::eval_every(&s, trainer.state.total_steps, eval_examples > 0),
+            adapted_layers: adapted,
+        };
+        self.saved = Some(SavedState {
+            state: trainer.state.clone(),
+            config: cfg,
+            base_model: self.name.clone(),
+            best_eval_loss: None,
+            best_step: None,
+            evals_without_improvement: 0,
+            reference_logps: trainer.reference_logps().to_vec(),
+        });
+        self.trainer = Some(trainer);
+        self.eval = Vec::new();
+        self.eval_pairs = eval_pairs;
+        self.eval_reference = eval_reference;
+        self.settings = s;
+        to_js(&prepared)
+    }
+
     /// The memory plan for these settings, sequences at most the model's context long.
     fn plan(&self, s: &RunSettings) -> Result<plan::MemoryPlan, JsError> {
         let cfg = s.train(0).map_err(js_err)?;
         let seq = s.max_len.unwrap_or(256).min(self.config.max_position_embeddings);
         let options = plan::PlanOptions {
-            batch: cfg.batch_size,
+            // DPO and ORPO: two sequences (chosen, rejected) per pair.
+            batch: if cfg.dpo.is_some() { 2 * cfg.batch_size } else { cfg.batch_size },
             seq,
             nf4: s.nf4().map_err(js_err)?.is_some(),
             checkpointing: cfg.checkpointing,

@@ -332,3 +332,54 @@ fn dpo_accumulation_equals_one_bigger_batch() {
     }
     assert!(one[1] < one[0], "training lowered the loss: {one:?}");
 }
+
+/// Runs a future to completion on this thread (the CPU backend's reads are ready at once).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        match f.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(v) => return v,
+            std::task::Poll::Pending => std::thread::park(),
+        }
+    }
+}
+
+/// The step the page takes (its log-probabilities read back without blocking, between the
+/// untracked pass and the backward) is the native step, bit for bit: DPO and ORPO, with LoRA
+/// dropout and two micro-batches per step.
+#[test]
+fn the_non_blocking_preference_step_equals_the_blocking_one() {
+    type B = Autodiff<NdArray>;
+    let f = fixture();
+    let device = Default::default();
+    for loss_type in [LossType::Sigmoid, LossType::Orpo] {
+        let trainer = || {
+            let pairs: Vec<[hone::data::preference::Sequence; 2]> = f["processed"]["text"].as_array().unwrap().iter().map(|v| pair(v).sequences(None)).collect();
+            let mut model = load_model::<B>(&Dir(common::fixtures().join("llama")), &device).unwrap();
+            let adapter = Adapter::read(&Dir(common::fixtures().join("lora/llama_peft_adapter"))).unwrap();
+            adapter.attach(model.linears_mut()).unwrap();
+            let cfg = TrainConfig { lr: 5e-3, batch_size: 1, grad_accum: 2, max_steps: Some(2), seed: 5, dpo: Some(DpoConfig { loss_type, beta: 0.1 }), ..Default::default() };
+            assert!(cfg.checkpointing, "the default");
+            let lora = LoraConfig { r: adapter.r, alpha: adapter.alpha, dropout: 0.1, ..Default::default() };
+            Trainer::new_preference(model, lora, pairs, None, cfg, device).unwrap()
+        };
+        let (mut blocking, mut page) = (trainer(), trainer());
+        while !blocking.done() {
+            let r = blocking.step();
+            let p = block_on(page.step_pending_async()).unwrap();
+            let loss = p.loss_sum.into_data().to_vec::<f32>().unwrap()[0] as f64;
+            println!("{loss_type:?} step {}: loss {} / {loss}", r.step, r.loss);
+            assert_eq!(r.loss, loss, "{loss_type:?} step {}", r.step);
+            assert_eq!(r.preference, p.report.preference);
+        }
+        assert_eq!(blocking.adapter("x").weights_bytes(), page.adapter("x").weights_bytes(), "{loss_type:?}: adapters differ");
+    }
+}

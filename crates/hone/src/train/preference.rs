@@ -286,11 +286,32 @@ pub fn sequence_logps<B: HoneBackend>(model: &CausalLm<B>, sequences: &[Sequence
 /// Every pair's sums under `model`, `batch` pairs at a time (native: reads each batch back).
 #[cfg(not(target_arch = "wasm32"))]
 pub fn pair_sums<B: HoneBackend>(model: &CausalLm<B>, pairs: &[[Sequence; 2]], whole: bool, batch: usize, pad: u32, device: &B::Device) -> PolicySums {
-    let mut out = PolicySums { completion: Vec::with_capacity(pairs.len()), whole: Vec::with_capacity(pairs.len()), chosen_tokens: 0 };
+    let mut logps = Vec::new();
     for chunk in pairs.chunks(batch.max(1)) {
-        let sequences: Vec<Sequence> = chunk.iter().map(|p| p[0].clone()).chain(chunk.iter().map(|p| p[1].clone())).collect();
-        let logps: Vec<f64> = sequence_sums(model, &sequences, whole, pad, device).into_data().iter::<f32>().map(f64::from).collect();
-        let sums = policy_sums(&logps, 0);
+        logps.push(sequence_sums(model, &pair_rows(chunk), whole, pad, device).into_data().iter::<f32>().map(f64::from).collect());
+    }
+    gather_sums(pairs, &logps, whole)
+}
+
+/// [`pair_sums`] reading back without blocking (the page).
+pub async fn pair_sums_async<B: HoneBackend>(model: &CausalLm<B>, pairs: &[[Sequence; 2]], whole: bool, batch: usize, pad: u32, device: &B::Device) -> crate::Result<PolicySums> {
+    let mut logps = Vec::new();
+    for chunk in pairs.chunks(batch.max(1)) {
+        logps.push(crate::readback::read_f32(sequence_sums(model, &pair_rows(chunk), whole, pad, device)).await?.into_iter().map(f64::from).collect());
+    }
+    Ok(gather_sums(pairs, &logps, whole))
+}
+
+/// A chunk of pairs as batch rows: every chosen sequence, then every rejected one.
+fn pair_rows(chunk: &[[Sequence; 2]]) -> Vec<Sequence> {
+    chunk.iter().map(|p| p[0].clone()).chain(chunk.iter().map(|p| p[1].clone())).collect()
+}
+
+/// Every pair's sums from each chunk's `[2 × rows]` values.
+fn gather_sums(pairs: &[[Sequence; 2]], chunks: &[Vec<f64>], whole: bool) -> PolicySums {
+    let mut out = PolicySums { completion: Vec::with_capacity(pairs.len()), whole: Vec::with_capacity(pairs.len()), chosen_tokens: 0 };
+    for logps in chunks {
+        let sums = policy_sums(logps, 0);
         out.completion.extend(sums.completion);
         out.whole.extend(sums.whole);
     }

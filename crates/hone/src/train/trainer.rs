@@ -330,6 +330,52 @@ fn lora_grads<'a, B: AutodiffBackend + HoneBackend>(
 /// Each LoRA tensor's gradient, by `{module}.lora_A` / `.lora_B`.
 type LoraGrads<B> = Vec<(String, Tensor<B, 2>)>;
 
+/// A step's micro-batches: each one's rows of sample (or pair) indices and its batch, and the
+/// step's counted and processed tokens.
+struct Draw {
+    rows: Vec<Vec<Vec<usize>>>,
+    batches: Vec<Batch>,
+    counted: usize,
+    tokens: usize,
+}
+
+impl Draw {
+    /// The pairs of micro-batch `k` (a preference run's rows hold one pair each).
+    fn pairs(&self, k: usize) -> Vec<usize> {
+        self.rows[k].iter().map(|r| r[0]).collect()
+    }
+}
+
+/// The step's gradients and losses summed over its micro-batches, and their preference metrics.
+struct Accumulated<B: Backend> {
+    grads: BTreeMap<String, Tensor<B, 2>>,
+    loss_sum: Option<Tensor<B, 1>>,
+    preference: Vec<DpoMetrics>,
+}
+
+impl<B: Backend> Default for Accumulated<B> {
+    fn default() -> Self {
+        Accumulated { grads: BTreeMap::new(), loss_sum: None, preference: Vec::new() }
+    }
+}
+
+impl<B: Backend> Accumulated<B> {
+    fn add(&mut self, loss: Tensor<B, 1>, grads: LoraGrads<B>, metrics: Option<DpoMetrics>) {
+        self.loss_sum = Some(match self.loss_sum.take() {
+            Some(l) => l + loss,
+            None => loss,
+        });
+        for (key, g) in grads {
+            let acc = match self.grads.remove(&key) {
+                Some(prev) => prev + g,
+                None => g,
+            };
+            self.grads.insert(key, acc);
+        }
+        self.preference.extend(metrics);
+    }
+}
+
 /// What a micro-batch's gradient is of: the token loss divided by a norm (SFT), or a function
 /// of each row's summed log-probabilities (`[2 × rows]`: over the completion, then over every
 /// predicted token), given as the weights it puts on those sums of token losses (DPO, ORPO; see
@@ -401,18 +447,27 @@ where
     /// checkpoint). ORPO has none. Native: the values are read back.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn new_preference(model: CausalLm<B>, lora: LoraConfig, pairs: Vec<[Sequence; 2]>, reference: Option<Vec<PairLogps>>, cfg: TrainConfig, device: B::Device) -> crate::Result<Self> {
-        assert!(cfg.dpo.is_some() && cfg.pack_len.is_none() && cfg.max_batch_tokens.is_none(), "DPO runs set cfg.dpo and pad pairs (no packing)");
-        let needs_reference = cfg.dpo.is_some_and(|d| d.loss_type.needs_reference());
-        let mut t = Trainer::new(model, lora, Vec::new(), cfg, device);
-        t.reference = match reference {
-            _ if !needs_reference => Vec::new(),
-            Some(r) if r.len() == pairs.len() => r,
-            Some(r) => return Err(crate::Error::format("reference log-probabilities", format!("{} saved for {} pairs: resume on the same data", r.len(), pairs.len()))),
-            None => {
-                let inner = t.model.valid();
-                super::preference::pair_logps(&inner, &pairs, t.cfg.batch_size, t.cfg.pad_id, &inner.model.embed_tokens.device())
+        let reference = match reference {
+            Some(r) => r,
+            None if cfg.dpo.is_some_and(|d| d.loss_type.needs_reference()) => {
+                let inner = model.valid();
+                super::preference::pair_logps(&inner, &pairs, cfg.batch_size, cfg.pad_id, &inner.model.embed_tokens.device())
             }
+            None => Vec::new(),
         };
+        Self::with_reference(model, lora, pairs, reference, cfg, device)
+    }
+
+    /// A preference run whose reference log-probabilities are given (one per pair; none for
+    /// ORPO), e.g. computed with [`super::preference::pair_sums_async`] in the page.
+    pub fn with_reference(model: CausalLm<B>, lora: LoraConfig, pairs: Vec<[Sequence; 2]>, reference: Vec<PairLogps>, cfg: TrainConfig, device: B::Device) -> crate::Result<Self> {
+        assert!(cfg.dpo.is_some() && cfg.pack_len.is_none() && cfg.max_batch_tokens.is_none(), "preference runs set cfg.dpo and pad pairs (no packing)");
+        let needs_reference = cfg.dpo.is_some_and(|d| d.loss_type.needs_reference());
+        if needs_reference && reference.len() != pairs.len() {
+            return Err(crate::Error::format("reference log-probabilities", format!("{} saved for {} pairs: resume on the same data", reference.len(), pairs.len())));
+        }
+        let mut t = Trainer::new(model, lora, Vec::new(), cfg, device);
+        t.reference = if needs_reference { reference } else { Vec::new() };
         t.lens = pairs.iter().map(|[c, r]| c.ids.len().max(r.ids.len())).collect();
         t.state.total_steps = t.cfg.max_steps.unwrap_or_else(|| total_steps(&t.cfg, &t.lens));
         t.order = epoch_order(pairs.len(), t.cfg.seed, 0, t.cfg.shuffle);
@@ -464,9 +519,8 @@ where
         }
     }
 
-    /// One optimizer step; its loss stays on the device (see [`Trainer::step`] for a read).
-    pub fn step_pending(&mut self) -> PendingStep<B::InnerBackend> {
-        let step = self.state.step;
+    /// The next step's micro-batches, drawn from the data order.
+    fn draw(&mut self) -> Draw {
         let rows: Vec<Vec<Vec<usize>>> = (0..self.cfg.grad_accum.max(1)).map(|_| self.next_rows()).collect();
         let batches: Vec<Batch> = rows.iter().map(|r| self.batch(r)).collect();
         let counted: usize = batches.iter().map(|b| counted_tokens(&b.labels)).sum();
@@ -474,41 +528,69 @@ where
             Some(_) => rows.iter().flatten().flatten().map(|&i| self.pairs[i].iter().map(|s| s.ids.len()).sum::<usize>()).sum(),
             None => rows.iter().flatten().flatten().map(|&i| self.lens[i]).sum(),
         };
-        let norm = counted.max(1) as f64;
-        let mut preference: Vec<DpoMetrics> = Vec::new();
+        Draw { rows, batches, counted, tokens }
+    }
 
-        let mut grads: BTreeMap<String, Tensor<B::InnerBackend, 2>> = BTreeMap::new();
-        let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
-        for (k, batch) in batches.iter().enumerate() {
-            // Dropout masks depend only on (seed, step, micro-batch): a resumed run draws the same.
-            let seed = self.cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(step as u64).wrapping_add((k as u64) << 40);
-            let (nll, g) = match self.cfg.dpo {
+    /// Micro-batch `k`'s dropout seed: it depends only on (seed, step, micro-batch), so a resumed
+    /// run draws the same masks.
+    fn micro_seed(&self, k: usize) -> u64 {
+        self.cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(self.state.step as u64).wrapping_add((k as u64) << 40)
+    }
+
+    /// One optimizer step; its loss stays on the device (see [`Trainer::step`] for a read).
+    pub fn step_pending(&mut self) -> PendingStep<B::InnerBackend> {
+        let draw = self.draw();
+        let norm = draw.counted.max(1) as f64;
+        let mut acc = Accumulated::default();
+        for (k, batch) in draw.batches.iter().enumerate() {
+            let seed = self.micro_seed(k);
+            match self.cfg.dpo {
                 Some(dpo) => {
-                    let pairs: Vec<usize> = rows[k].iter().map(|r| r[0]).collect();
-                    let (loss, g, metrics) = self.preference_gradients(batch, &pairs, dpo, seed);
-                    preference.push(metrics);
-                    (loss, g)
+                    let (loss, g, metrics) = self.preference_gradients(batch, &draw.pairs(k), dpo, seed);
+                    acc.add(loss, g, Some(metrics));
                 }
-                None => self.gradients(batch, norm, seed),
-            };
-            loss_sum = Some(match loss_sum {
-                Some(l) => l + nll,
-                None => nll,
-            });
-            for (key, gp) in g {
-                let acc = match grads.remove(&key) {
-                    Some(prev) => prev + gp,
-                    None => gp,
-                };
-                grads.insert(key, acc);
+                None => {
+                    let (loss, g) = self.gradients(batch, norm, seed);
+                    acc.add(loss, g, None);
+                }
             }
         }
+        self.apply(draw, acc)
+    }
 
+    /// [`Self::step_pending`] reading each preference micro-batch's log-probabilities back
+    /// without blocking (the page: a synchronous read panics in wasm), between an untracked
+    /// forward pass that saves each layer's input and the backward from them. Needs activation
+    /// checkpointing for preference runs; SFT steps are [`Self::step_pending`]'s.
+    pub async fn step_pending_async(&mut self) -> crate::Result<PendingStep<B::InnerBackend>> {
+        let Some(dpo) = self.cfg.dpo else { return Ok(self.step_pending()) };
+        if !self.cfg.checkpointing {
+            return Err(crate::Error::format("checkpointing", "a preference step that reads back without blocking runs with activation checkpointing on"));
+        }
+        let draw = self.draw();
+        let mut acc = Accumulated::default();
+        for (k, batch) in draw.batches.iter().enumerate() {
+            let seed = self.micro_seed(k);
+            let inputs = self.forward_saving_inputs(batch, seed);
+            let sums = self.head_sums(batch, inputs.last().expect("embeddings"));
+            let logps: Vec<f64> = read_f32(sums).await?.into_iter().map(|v| -f64::from(v)).collect();
+            let (weights, metrics) = self.preference_weights(batch, &draw.pairs(k), dpo, &logps);
+            let (_, g) = self.backward_from_inputs(batch, inputs, 1.0, Some(&weights), seed);
+            let loss = Tensor::from_data(TensorData::new(vec![(metrics.loss / self.cfg.grad_accum.max(1) as f64) as f32], [1]), &self.model.head_device());
+            acc.add(loss, g, Some(metrics));
+        }
+        Ok(self.apply(draw, acc))
+    }
+
+    /// Clips the step's summed gradients, updates every LoRA tensor with AdamW and moves the
+    /// state on.
+    fn apply(&mut self, draw: Draw, acc: Accumulated<B::InnerBackend>) -> PendingStep<B::InnerBackend> {
+        let step = self.state.step;
+        let Accumulated { grads, loss_sum, preference } = acc;
         let keys: Vec<String> = grads.keys().cloned().collect();
         let mut list: Vec<Tensor<B::InnerBackend, 2>> = keys.iter().map(|k| grads[k].clone()).collect();
         let grad_norm = self.cfg.max_grad_norm.map(|max| clip_global_norm(&mut list, max));
         let clipped: BTreeMap<String, Tensor<B::InnerBackend, 2>> = keys.into_iter().zip(list).collect();
-
         let lr = self.schedule().lr_at(step);
         let adamw = self.cfg.adamw;
         let (optim, min_8bit) = (self.cfg.optim, self.cfg.min_8bit_size);
@@ -552,8 +634,8 @@ where
                 epoch: self.state.epoch,
                 loss: f64::NAN,
                 lr,
-                tokens,
-                trained_tokens: counted,
+                tokens: draw.tokens,
+                trained_tokens: draw.counted,
                 grad_norm: None,
                 preference: mean_metrics(&preference),
             },
@@ -572,20 +654,27 @@ where
     /// log-probabilities come from the forward pass whose graph the backward then uses, so the
     /// weights each sequence gets are exactly the loss's derivatives.
     fn preference_gradients(&self, batch: &Batch, pairs: &[usize], dpo: DpoConfig, seed: u64) -> (Tensor<B::InnerBackend, 1>, LoraGrads<B::InnerBackend>, DpoMetrics) {
-        let reference: Vec<PairLogps> = pairs.iter().filter_map(|&i| self.reference.get(i).copied()).collect();
-        let lens: Vec<(usize, usize)> = pairs.iter().map(|&i| (self.pairs[i][0].completion_len(), self.pairs[i][1].completion_len())).collect();
-        let chosen_tokens = counted_tokens(&batch.labels[..pairs.len()]);
-        let accum = self.cfg.grad_accum.max(1) as f64;
         let metrics = std::cell::Cell::new(None);
         let weigh = |logps: &[f64]| {
-            let loss = preference_loss(dpo, &policy_sums(logps, chosen_tokens), &reference, &lens);
-            metrics.set(Some(loss.metrics));
-            row_weights(&loss, accum)
+            let (weights, m) = self.preference_weights(batch, pairs, dpo, logps);
+            metrics.set(Some(m));
+            weights
         };
         let (_, grads) = self.gradients_of(batch, Objective::Sequences(&weigh), seed);
         let metrics = metrics.get().expect("the objective was evaluated");
-        let loss = Tensor::from_data(TensorData::new(vec![(metrics.loss / accum) as f32], [1]), &self.model.head_device());
+        let loss = Tensor::from_data(TensorData::new(vec![(metrics.loss / self.cfg.grad_accum.max(1) as f64) as f32], [1]), &self.model.head_device());
         (loss, grads, metrics)
+    }
+
+    /// The weights a preference micro-batch's loss puts on its rows' sums (see
+    /// [`super::preference::row_weights`]), from the policy's `[2 × rows]` log-probability sums,
+    /// and TRL's metrics.
+    fn preference_weights(&self, batch: &Batch, pairs: &[usize], dpo: DpoConfig, logps: &[f64]) -> (Vec<f32>, DpoMetrics) {
+        let reference: Vec<PairLogps> = pairs.iter().filter_map(|&i| self.reference.get(i).copied()).collect();
+        let lens: Vec<(usize, usize)> = pairs.iter().map(|&i| (self.pairs[i][0].completion_len(), self.pairs[i][1].completion_len())).collect();
+        let chosen_tokens = counted_tokens(&batch.labels[..pairs.len()]);
+        let loss = preference_loss(dpo, &policy_sums(logps, chosen_tokens), &reference, &lens);
+        (row_weights(&loss, self.cfg.grad_accum.max(1) as f64), loss.metrics)
     }
 
     fn gradients_of(&self, batch: &Batch, objective: Objective<'_>, seed: u64) -> (Tensor<B::InnerBackend, 1>, LoraGrads<B::InnerBackend>) {
@@ -617,7 +706,26 @@ where
     /// output's gradient coming from the layer above. Peak memory holds one layer's activations
     /// rather than all of them, for one more forward pass.
     fn gradients_checkpointed(&self, batch: &Batch, objective: Objective<'_>, seed: u64) -> (Tensor<B::InnerBackend, 1>, LoraGrads<B::InnerBackend>) {
-        let layer_seed = |i: usize| seed ^ (i as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        let inputs = self.forward_saving_inputs(batch, seed);
+        match objective {
+            Objective::Tokens(norm) => self.backward_from_inputs(batch, inputs, norm, None, seed),
+            // A loss of whole sequences: their log-probabilities from the untracked pass's output
+            // (the tracked recomputation gives the same values), then a weight per row.
+            Objective::Sequences(weigh) => {
+                let weights = weigh(&read_neg(self.head_sums(batch, inputs.last().expect("embeddings"))));
+                self.backward_from_inputs(batch, inputs, 1.0, Some(&weights), seed)
+            }
+        }
+    }
+
+    /// Dropout seed of layer `i` in a checkpointed pass (the recomputation draws the same masks).
+    fn layer_seed(seed: u64, i: usize) -> u64 {
+        seed ^ (i as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03)
+    }
+
+    /// The untracked forward pass of a checkpointed step: the embeddings and every decoder
+    /// layer's output (the last is the top layer's).
+    fn forward_saving_inputs(&self, batch: &Batch, seed: u64) -> Vec<Tensor<B::InnerBackend, 3>> {
         let inner_device = self.model.model.embed_tokens.device();
         let pos = batch.positions::<B::InnerBackend>(&self.model.config, &inner_device);
         let untracked = self.model.valid();
@@ -626,13 +734,27 @@ where
             let mut pos = PositionsOn::new(&pos);
             for (i, layer) in untracked.model.layers.iter().enumerate() {
                 let device = layer.device();
-                B::seed(&device, layer_seed(i));
+                B::seed(&device, Self::layer_seed(seed, i));
                 let x = layer.forward(onto(inputs[i].clone(), &device), pos.on(&device));
                 inputs.push(x);
             }
         });
-        drop(untracked);
+        inputs
+    }
 
+    /// Each row's summed completion and whole-sequence losses (`[2 × rows]`, on the device) from
+    /// the top layer's output.
+    fn head_sums(&self, batch: &Batch, top: &Tensor<B::InnerBackend, 3>) -> Tensor<B::InnerBackend, 1> {
+        let head = self.model.valid();
+        nll_parts_chunked(&head, head.final_norm(top.clone()), &shifted_targets(&batch.labels), &batch.shifted_completion(), self.cfg.logits_chunk)
+    }
+
+    /// The backward of a checkpointed step from the saved layer inputs: the token loss divided
+    /// by `norm`, or with `weights` the rows' weighted sums (see [`counted_nll_weighted`]).
+    fn backward_from_inputs(&self, batch: &Batch, mut inputs: Vec<Tensor<B::InnerBackend, 3>>, norm: f64, weights: Option<&[f32]>, seed: u64) -> (Tensor<B::InnerBackend, 1>, LoraGrads<B::InnerBackend>) {
+        let inner_device = self.model.model.embed_tokens.device();
+        let pos = batch.positions::<B::InnerBackend>(&self.model.config, &inner_device);
+        let completion = batch.shifted_completion();
         let named = self.model.linears();
         let in_layer = |i: Option<usize>| {
             let prefix = i.map(|i| format!("model.layers.{i}."));
@@ -650,17 +772,6 @@ where
         let vocab = self.model.config.vocab_size;
         let step = (self.cfg.logits_chunk / (rows * vocab).max(1)).clamp(1, t.max(1));
         let targets = shifted_targets(&batch.labels);
-        // A loss of whole sequences: their log-probabilities from the untracked pass's output
-        // (the tracked recomputation below gives the same values), then a weight per row.
-        let completion = batch.shifted_completion();
-        let (norm, weights) = match objective {
-            Objective::Tokens(norm) => (norm, None),
-            Objective::Sequences(weigh) => {
-                let head = self.model.valid();
-                let rows = nll_parts_chunked(&head, head.final_norm(top.clone()), &targets, &completion, self.cfg.logits_chunk);
-                (1.0, Some(weigh(&read_neg(rows))))
-            }
-        };
         let mut nll: Option<Tensor<B::InnerBackend, 1>> = None;
         let mut grad_pieces = Vec::new();
         let mut head_grads: BTreeMap<String, Tensor<B::InnerBackend, 2>> = BTreeMap::new();
@@ -668,7 +779,7 @@ where
             let len = step.min(t - start);
             let x = Tensor::<B, 3>::from_inner(top.clone().narrow(1, start, len)).require_grad();
             let piece = columns(&targets, start, len);
-            let loss = match &weights {
+            let loss = match weights {
                 None => counted_nll(&self.model, self.model.final_norm(x.clone()), &piece).div_scalar(norm),
                 Some(w) => counted_nll_weighted(&self.model, self.model.final_norm(x.clone()), &piece, &columns(&completion, start, len), w),
             };
@@ -697,7 +808,7 @@ where
             let layer = &self.model.model.layers[i];
             let device = layer.device();
             let x = Tensor::<B, 3>::from_inner(onto(inputs.pop().expect("a saved input per layer"), &device)).require_grad();
-            B::seed(&device, layer_seed(i));
+            B::seed(&device, Self::layer_seed(seed, i));
             let y = layer.forward(x.clone(), pos.on(&device));
             // d(sum(y·g))/dy = g: back-propagates the upper layers' gradient through this layer.
             let g = (y * Tensor::from_inner(onto(grad_out, &device))).sum().backward();
