@@ -3,7 +3,8 @@
 // Trains the tiny SmolLM2-shaped fixture through the page's file inputs, reloads mid-training
 // and resumes from OPFS, downloads the adapter, and compares it with what `hone train` writes
 // natively for the same model, data, settings and seed. Also: zero network requests while
-// training, and errors shown (not thrown) for bad inputs. Prints "test result: ok. N passed; M failed".
+// training, and errors shown (not thrown) for bad inputs. Then DPO and ORPO runs, each against
+// `hone train --method dpo|orpo`. Prints "test result: ok. N passed; M failed".
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -199,8 +200,8 @@ await check('loss_falls', async () => {
   assert(y(pts[pts.length - 1]) > y(pts[0]), `loss did not fall: ${pts.join(' ')} (before reload: ${lossesBefore})`);
 });
 
-// DPO in the page: the tiny Llama fixture with a chat template, preference pairs in text and
-// conversational form, three steps; the adapter equals `hone train --method dpo`'s.
+// DPO and ORPO in the page: the tiny Llama fixture with a chat template, preference pairs in
+// text and conversational form, three steps; the adapter equals `hone train --method …`'s.
 const dpoModel = path.join(outDir, 'dpo-model');
 fs.mkdirSync(dpoModel, { recursive: true });
 for (const [from, name] of [['llama', 'config.json'], ['llama', 'model.safetensors'], ['chat', 'tokenizer.json'], ['chat', 'tokenizer_config.json']]) {
@@ -211,13 +212,13 @@ const prefsPath = path.join(outDir, 'prefs.jsonl');
 fs.writeFileSync(prefsPath, [...prefs.text, ...prefs.conversational].map((r) => JSON.stringify(r)).join('\n') + '\n');
 const DPO = { rank: 4, alpha: 8, dropout: 0, lr: 0.01, steps: 3, batchSize: 2, maxLen: 64, seed: 7, beta: 0.2 };
 
-let dpoFiles = null;
-await check('dpo_trains_in_the_page_with_pairs_marked', async () => {
+// Each preference method in the page, then `hone train` with the same settings natively.
+async function preferenceRun(method) {
   await page.reload();
   await byLabel('Model files').setInputFiles(['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json'].map((f) => path.join(dpoModel, f)));
   await page.waitForFunction(() => document.getElementById('model-status').textContent.startsWith('Opened'));
   if (await page.locator('#resume-offer').isVisible()) await button('Discard checkpoint').click();
-  await page.getByLabel('Method').selectOption('dpo');
+  await page.getByLabel('Method').selectOption(method);
   await byLabel('Dataset file').setInputFiles(prefsPath);
   await page.waitForSelector('#preview pre.example .rejected');
   const [chosen, rejected] = [await page.locator('#preview .chosen').count(), await page.locator('#preview .rejected').count()];
@@ -240,24 +241,32 @@ await check('dpo_trains_in_the_page_with_pairs_marked', async () => {
   assert(!e, e);
   const text = await page.locator('#progress-text').textContent();
   assert(/step 3\/3 .* margin -?\d/.test(text) && /accuracy/.test(text), text);
-  console.log(`page: DPO ${text}`);
+  console.log(`page: ${method} ${text}`);
   const [download] = await Promise.all([page.waitForEvent('download'), button('Download adapter (.zip)').click()]);
-  const zipPath = path.join(outDir, 'dpo-adapter.zip');
+  const zipPath = path.join(outDir, `${method}-adapter.zip`);
   await download.saveAs(zipPath);
-  dpoFiles = readZip(fs.readFileSync(zipPath));
-});
+  return readZip(fs.readFileSync(zipPath));
+}
 
-await check('browser_dpo_adapter_equals_native_hone_train', async () => {
-  const nativeOut = path.join(outDir, 'native-dpo-adapter');
+function nativeMatches(method, files) {
+  const nativeOut = path.join(outDir, `native-${method}-adapter`);
   fs.rmSync(nativeOut, { recursive: true, force: true });
-  execFileSync(hone, ['train', '--model', dpoModel, '--data', prefsPath, '--method', 'dpo', '--beta', String(DPO.beta), '--out', nativeOut, '--quiet', '--rank', String(DPO.rank), '--alpha', String(DPO.alpha), '--dropout', String(DPO.dropout), '--lr', String(DPO.lr), '--steps', String(DPO.steps), '--batch-size', String(DPO.batchSize), '--max-len', String(DPO.maxLen), '--seed', String(DPO.seed), '--base-model-name', BASE_NAME], { stdio: ['ignore', 'inherit', 'inherit'] });
+  execFileSync(hone, ['train', '--model', dpoModel, '--data', prefsPath, '--method', method, '--beta', String(DPO.beta), '--out', nativeOut, '--quiet', '--rank', String(DPO.rank), '--alpha', String(DPO.alpha), '--dropout', String(DPO.dropout), '--lr', String(DPO.lr), '--steps', String(DPO.steps), '--batch-size', String(DPO.batchSize), '--max-len', String(DPO.maxLen), '--seed', String(DPO.seed), '--base-model-name', BASE_NAME], { stdio: ['ignore', 'inherit', 'inherit'] });
   const native = readSafetensors(fs.readFileSync(path.join(nativeOut, 'adapter_model.safetensors')));
-  const web = readSafetensors(Buffer.from(dpoFiles['adapter_model.safetensors']));
-  assert(Buffer.compare(fs.readFileSync(path.join(nativeOut, 'adapter_config.json')), dpoFiles['adapter_config.json']) === 0, 'adapter_config.json differs from the native one');
+  const web = readSafetensors(Buffer.from(files['adapter_model.safetensors']));
+  assert(Buffer.compare(fs.readFileSync(path.join(nativeOut, 'adapter_config.json')), files['adapter_config.json']) === 0, 'adapter_config.json differs from the native one');
   const { worst, worstName } = worstRelativeError(native, web);
-  console.log(`page: browser vs native DPO adapter, worst relative error ${worst.toExponential(2)} (${worstName})`);
+  console.log(`page: browser vs native ${method} adapter, worst relative error ${worst.toExponential(2)} (${worstName})`);
   assert(worst < 1e-4, `relative error ${worst} at ${worstName}`);
-});
+}
+
+for (const method of ['dpo', 'orpo']) {
+  let files = null;
+  await check(`${method}_trains_in_the_page_with_pairs_marked`, async () => {
+    files = await preferenceRun(method);
+  });
+  await check(`browser_${method}_adapter_equals_native_hone_train`, async () => nativeMatches(method, files));
+}
 
 await browser.close();
 process.exit(finish());

@@ -142,34 +142,41 @@ fn tensors(path: &Path) -> hone::io::safetensors::SafeTensors {
     hone::io::safetensors::SafeTensors::open(Box::new(hone::io::FileSource::open(path).unwrap())).unwrap()
 }
 
-#[test]
-fn dpo_from_the_command_line_gives_trls_adapter_and_its_metrics() {
-    let dir = tmp("dpo");
-    let model = llama_with_template(&dir);
-    let fixture: serde_json::Value = serde_json::from_slice(&std::fs::read(fixtures().join("preference/dpo.json")).unwrap()).unwrap();
-    let rows: Vec<String> = fixture["data"]["text"].as_array().unwrap().iter().map(|r| r.to_string()).collect();
+/// A preference run on the command line as the fixtures' TRL runs (make_preference_fixtures.py,
+/// make_orpo_fixtures.py): 3 steps from the given adapter, full batch of the 3 text pairs,
+/// constant lr 5e-3, clipping at 1, β 0.1. Returns the model dir, the data, the pairs' JSON
+/// lines and the run's stderr; asserts the adapter equals TRL's (`fixture`) within 1e-4.
+fn preference_run(dir: &Path, method: &str, fixture: &str) -> (PathBuf, PathBuf, Vec<String>, String) {
+    let model = llama_with_template(dir);
+    let pairs: serde_json::Value = serde_json::from_slice(&std::fs::read(fixtures().join("preference/dpo.json")).unwrap()).unwrap();
+    let rows: Vec<String> = pairs["data"]["text"].as_array().unwrap().iter().map(|r| r.to_string()).collect();
     let data = dir.join("prefs.jsonl");
     std::fs::write(&data, rows.join("\n")).unwrap();
-    let start = fixtures().join("lora/llama_peft_adapter");
-    let out = dir.join("adapter");
-    // TRL's run (make_preference_fixtures.py): 3 steps from the given adapter, full batch of 3,
-    // constant lr 5e-3, clipping at 1, β 0.1.
+    let (start, out) = (fixtures().join("lora/llama_peft_adapter"), dir.join("adapter"));
     let r = hone(&[
-        "train", "--model", s(&model), "--data", s(&data), "--method", "dpo", "--adapter", s(&start), "--quantize", "none", "--lr", "0.005",
+        "train", "--model", s(&model), "--data", s(&data), "--method", method, "--adapter", s(&start), "--quantize", "none", "--lr", "0.005",
         "--schedule", "constant", "--batch-size", "3", "--steps", "3", "--seed", "0", "--out", s(&out), "--quiet",
     ]);
-    let stderr = String::from_utf8_lossy(&r.stderr);
+    let stderr = String::from_utf8_lossy(&r.stderr).to_string();
     assert!(r.status.success(), "{stderr}");
-    assert!(stderr.contains("step 3/3") && stderr.contains("margin") && stderr.contains("reference: log-probabilities of 3 pairs"), "{stderr}");
-    let (ours, theirs) = (tensors(&out.join("adapter_model.safetensors")), tensors(&fixtures().join("preference/dpo_steps_adapter.safetensors")));
+    let (ours, theirs) = (tensors(&out.join("adapter_model.safetensors")), tensors(&fixtures().join("preference").join(fixture)));
     let mut worst = 0f64;
     for name in theirs.tensors().keys() {
         let err = hone::parity::rel_error(&ours.read_f32(name).unwrap().1, &theirs.read_f32(name).unwrap().1);
         worst = worst.max(err);
         assert!(err < 1e-4, "{name}: {err:.3e}");
     }
-    println!("hone train --method dpo vs TRL: worst rel error {worst:.2e} over {} tensors", theirs.tensors().len());
+    println!("hone train --method {method} vs TRL: worst rel error {worst:.2e} over {} tensors", theirs.tensors().len());
     assert_eq!(ours.tensors().len(), theirs.tensors().len());
+    (model, data, rows, stderr)
+}
+
+#[test]
+fn dpo_from_the_command_line_gives_trls_adapter_and_its_metrics() {
+    let dir = tmp("dpo");
+    let (model, data, rows, stderr) = preference_run(&dir, "dpo", "dpo_steps_adapter.safetensors");
+    assert!(stderr.contains("step 3/3") && stderr.contains("margin") && stderr.contains("reference: log-probabilities of 3 pairs"), "{stderr}");
+    let (out, start) = (dir.join("adapter"), fixtures().join("lora/llama_peft_adapter"));
 
     // `hone eval --method dpo`, against the base: the trained adapter prefers the chosen
     // completions by more than the one it started from.
@@ -199,30 +206,9 @@ fn dpo_from_the_command_line_gives_trls_adapter_and_its_metrics() {
 #[test]
 fn orpo_from_the_command_line_gives_trls_adapter_and_its_metrics() {
     let dir = tmp("orpo");
-    let model = llama_with_template(&dir);
-    let fixture: serde_json::Value = serde_json::from_slice(&std::fs::read(fixtures().join("preference/dpo.json")).unwrap()).unwrap();
-    let rows: Vec<String> = fixture["data"]["text"].as_array().unwrap().iter().map(|r| r.to_string()).collect();
-    let data = dir.join("prefs.jsonl");
-    std::fs::write(&data, rows.join("\n")).unwrap();
-    let start = fixtures().join("lora/llama_peft_adapter");
-    let out = dir.join("adapter");
-    // TRL's run (make_orpo_fixtures.py): 3 steps from the given adapter, full batch of 3,
-    // constant lr 5e-3, clipping at 1, λ (beta) 0.1.
-    let r = hone(&[
-        "train", "--model", s(&model), "--data", s(&data), "--method", "orpo", "--adapter", s(&start), "--quantize", "none", "--lr", "0.005",
-        "--schedule", "constant", "--batch-size", "3", "--steps", "3", "--seed", "0", "--out", s(&out), "--quiet",
-    ]);
-    let stderr = String::from_utf8_lossy(&r.stderr);
-    assert!(r.status.success(), "{stderr}");
+    let (model, data, _, stderr) = preference_run(&dir, "orpo", "orpo_steps_adapter.safetensors");
     assert!(stderr.contains("step 3/3") && stderr.contains("(nll ") && stderr.contains("margin") && !stderr.contains("reference:"), "{stderr}");
-    let (ours, theirs) = (tensors(&out.join("adapter_model.safetensors")), tensors(&fixtures().join("preference/orpo_steps_adapter.safetensors")));
-    let mut worst = 0f64;
-    for name in theirs.tensors().keys() {
-        let err = hone::parity::rel_error(&ours.read_f32(name).unwrap().1, &theirs.read_f32(name).unwrap().1);
-        worst = worst.max(err);
-        assert!(err < 1e-4, "{name}: {err:.3e}");
-    }
-    println!("hone train --method orpo vs TRL: worst rel error {worst:.2e} over {} tensors", theirs.tensors().len());
+    let (out, start) = (dir.join("adapter"), fixtures().join("lora/llama_peft_adapter"));
 
     // `hone eval --method orpo`: TRL's metrics and ORPO's three; training lowered the loss.
     let eval = |adapter: &Path| -> serde_json::Value {

@@ -233,40 +233,14 @@ impl Session {
             (_, Some(f)) if f > 0.0 && f < 1.0 && train.samples.len() > 1 => run::split_eval(train.samples, f, s.seed()),
             _ => (train.samples, Vec::new()),
         };
-        // The generation-only model goes: training brings its own copy of the base.
-        self.model = None;
-        let mut model = self.load_weights::<Train>(&s)?;
-        let lora = s.lora();
-        let adapted = add_adapters(model.linears_mut(), &lora);
-        if adapted == 0 {
-            return Err(JsError::new(&format!("targets {:?} match no layer of this model", s.targets.as_deref().unwrap_or("all-linear"))));
-        }
         let cfg = s.train(pad_id(tok)).map_err(js_err)?;
-        let trainer = Trainer::new(model, lora, train_samples, cfg.clone(), self.device.clone());
-        let prepared = Prepared {
-            train_examples: trainer.data_len(),
-            eval_examples: eval_samples.len(),
-            truncated: train.truncated,
-            skipped: train.skipped,
-            total_steps: trainer.state.total_steps,
-            eval_every: run::eval_every(&s, trainer.state.total_steps, !eval_samples.is_empty()),
-            adapted_layers: adapted,
-        };
-        self.saved = Some(SavedState {
-            state: trainer.state.clone(),
-            config: cfg,
-            base_model: self.name.clone(),
-            best_eval_loss: None,
-            best_step: None,
-            evals_without_improvement: 0,
-            reference_logps: Vec::new(),
-        });
-        self.trainer = Some(trainer);
+        let (model, lora, adapted) = self.adapted_model(&s)?;
+        let trainer = Trainer::new(model, lora, train_samples, cfg, self.device.clone());
+        let counts = (eval_samples.len(), train.truncated, train.skipped, adapted);
         self.eval = eval_samples;
         self.eval_pairs = Vec::new();
         self.eval_reference = Vec::new();
-        self.settings = s;
-        to_js(&prepared)
+        self.start(trainer, s, counts)
     }
 
     /// One optimizer step; resolves to {step, total_steps, epoch, loss, lr, tokens, trained_tokens, grad_norm}.
@@ -455,13 +429,7 @@ impl Session {
             }
             _ => (train.pairs, Vec::new(), train.dropped),
         };
-        self.model = None;
-        let mut model = self.load_weights::<Train>(&s)?;
-        let lora = s.lora();
-        let adapted = add_adapters(model.linears_mut(), &lora);
-        if adapted == 0 {
-            return Err(JsError::new(&format!("targets {:?} match no layer of this model", s.targets.as_deref().unwrap_or("all-linear"))));
-        }
+        let (model, lora, adapted) = self.adapted_model(&s)?;
         let (reference, eval_reference) = if dpo.loss_type.needs_reference() {
             use burn::module::AutodiffModule;
             let start = model.valid();
@@ -471,20 +439,43 @@ impl Session {
         } else {
             (Vec::new(), Vec::new())
         };
-        let eval_examples = eval_pairs.len();
-        let trainer = Trainer::with_reference(model, lora, pairs, reference, cfg.clone(), self.device.clone()).map_err(js_err)?;
+        let trainer = Trainer::with_reference(model, lora, pairs, reference, cfg, self.device.clone()).map_err(js_err)?;
+        let counts = (eval_pairs.len(), dropped, train.skipped, adapted);
+        self.eval = Vec::new();
+        self.eval_pairs = eval_pairs;
+        self.eval_reference = eval_reference;
+        self.start(trainer, s, counts)
+    }
+
+    /// The base with fresh LoRA adapters as `s` says, and how many layers they adapt (the
+    /// generation-only model goes: training brings its own copy of the base).
+    fn adapted_model(&mut self, s: &RunSettings) -> Result<(CausalLm<Train>, hone::lora::LoraConfig, usize), JsError> {
+        self.model = None;
+        let mut model = self.load_weights::<Train>(s)?;
+        let lora = s.lora();
+        let adapted = add_adapters(model.linears_mut(), &lora);
+        if adapted == 0 {
+            return Err(JsError::new(&format!("targets {:?} match no layer of this model", s.targets.as_deref().unwrap_or("all-linear"))));
+        }
+        Ok((model, lora, adapted))
+    }
+
+    /// Keeps the prepared trainer and a fresh saved state; `counts` are (held-out examples,
+    /// truncated or dropped, skipped, adapted layers), for the page.
+    fn start(&mut self, trainer: Trainer<Train>, s: RunSettings, (eval_examples, truncated, skipped, adapted_layers): (usize, usize, usize, usize)) -> Result<JsValue, JsError> {
+        let total_steps = trainer.state.total_steps;
         let prepared = Prepared {
             train_examples: trainer.data_len(),
             eval_examples,
-            truncated: dropped,
-            skipped: train.skipped,
-            total_steps: trainer.state.total_steps,
-            eval_every: run::eval_every(&s, trainer.state.total_steps, eval_examples > 0),
-            adapted_layers: adapted,
+            truncated,
+            skipped,
+            total_steps,
+            eval_every: run::eval_every(&s, total_steps, eval_examples > 0),
+            adapted_layers,
         };
         self.saved = Some(SavedState {
             state: trainer.state.clone(),
-            config: cfg,
+            config: trainer.cfg.clone(),
             base_model: self.name.clone(),
             best_eval_loss: None,
             best_step: None,
@@ -492,9 +483,6 @@ impl Session {
             reference_logps: trainer.reference_logps().to_vec(),
         });
         self.trainer = Some(trainer);
-        self.eval = Vec::new();
-        self.eval_pairs = eval_pairs;
-        self.eval_reference = eval_reference;
         self.settings = s;
         to_js(&prepared)
     }

@@ -11,15 +11,12 @@ use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::AutodiffBackend;
 use hone::data::preference::{encode_orpo_pair, parse_preference_line, truncate_orpo_pairs, Sequence};
 use hone::data::{ChatTemplate, Tokenizer};
-use hone::io::safetensors::SafeTensors;
-use hone::io::{Dir, FileSource};
+use hone::io::Dir;
 use hone::lora::peft::Adapter;
-use hone::lora::LoraConfig;
 use hone::model::load_model;
 use hone::ops::HoneBackend;
-use hone::parity::rel_error;
 use hone::train::preference::{orpo_loss, pair_sums, preference_loss, DpoConfig, LossType, PairLogps};
-use hone::train::{Schedule, TrainConfig, Trainer};
+use hone::train::Trainer;
 use serde_json::Value;
 
 fn fixture() -> Value {
@@ -164,23 +161,8 @@ where
     let f = fixture();
     let tr = &f["train"];
     let pairs: Vec<[Sequence; 2]> = f["processed"]["text"].as_array().unwrap().iter().map(trl_pair).collect();
-    let mut model = load_model::<B>(&Dir(common::fixtures().join("llama")), device).unwrap();
-    let adapter = Adapter::read(&Dir(common::fixtures().join("lora/llama_peft_adapter"))).unwrap();
-    adapter.attach(model.linears_mut()).unwrap();
-    let cfg = TrainConfig {
-        lr: tr["learning_rate"].as_f64().unwrap(),
-        schedule: Schedule::Constant,
-        max_grad_norm: tr["max_grad_norm"].as_f64(),
-        batch_size: tr["batch_size"].as_u64().unwrap() as usize,
-        max_steps: tr["max_steps"].as_u64().map(|s| s as usize),
-        shuffle: false,
-        pad_id: 0,
-        checkpointing,
-        logits_chunk: if checkpointing { 3000 } else { hone::train::trainer::LOGITS_CHUNK },
-        dpo: Some(DpoConfig { loss_type: LossType::Orpo, beta: f["beta"].as_f64().unwrap() }),
-        ..Default::default()
-    };
-    let lora = LoraConfig { r: adapter.r, alpha: adapter.alpha, dropout: 0.0, ..Default::default() };
+    let (model, lora) = common::llama_with_given_adapter::<B>(device);
+    let cfg = common::fixture_run(tr, DpoConfig { loss_type: LossType::Orpo, beta: f["beta"].as_f64().unwrap() }, checkpointing);
     let mut trainer = Trainer::new_preference(model, lora, pairs, None, cfg, device.clone()).unwrap();
     assert!(trainer.reference_logps().is_empty(), "ORPO has no reference");
     for (want, nll) in tr["losses"].as_array().unwrap().iter().zip(tr["nll_loss"].as_array().unwrap()) {
@@ -191,17 +173,8 @@ where
         println!("{label} checkpointing={checkpointing} step {}: loss {:.7} (TRL {want:.7}), nll {ours:.7} (TRL {nll:.7})", r.step, r.loss);
         assert!(rel(r.loss, want) < 1e-4 && rel(ours, nll) < 1e-4, "{label} step {}: loss {} vs TRL {want}", r.step, r.loss);
     }
-    let expected = SafeTensors::open(Box::new(FileSource::open(&common::fixtures().join("preference/orpo_steps_adapter.safetensors")).unwrap())).unwrap();
     let trained = trainer.adapter("x");
-    let mut worst = 0f64;
-    for layer in &trained.layers {
-        for (which, ours) in [("lora_A", &layer.a), ("lora_B", &layer.b)] {
-            let (_, theirs) = expected.read_f32(&format!("base_model.model.{}.{which}.weight", layer.module)).unwrap();
-            let err = rel_error(ours, &theirs);
-            worst = worst.max(err);
-            assert!(err < 1e-4, "{label}: {}.{which}: {err:.3e}", layer.module);
-        }
-    }
+    let worst = common::assert_adapter_equals(&trained, "preference/orpo_steps_adapter.safetensors", label);
     println!("{label} checkpointing={checkpointing}: {} layers, worst rel error of the final A/B {worst:.2e}", trained.layers.len());
     assert_eq!(trained.layers.len(), 14);
 }

@@ -11,15 +11,14 @@ use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::AutodiffBackend;
 use hone::data::preference::{drop_fully_truncated, encode_pair, parse_preference_jsonl, parse_preference_line, PairSample};
 use hone::data::{ChatTemplate, Tokenizer};
-use hone::io::safetensors::SafeTensors;
-use hone::io::{Dir, FileSource};
+use hone::io::Dir;
 use hone::lora::peft::Adapter;
 use hone::lora::LoraConfig;
 use hone::model::load_model;
 use hone::ops::HoneBackend;
 use hone::parity::rel_error;
 use hone::train::preference::{dpo_loss, pair_sequences, reference_logps, sequence_logps, split_pairs, DpoConfig, LossType, PairLogps};
-use hone::train::{Schedule, TrainConfig, Trainer};
+use hone::train::{TrainConfig, Trainer};
 use serde_json::Value;
 
 fn fixture() -> Value {
@@ -149,23 +148,9 @@ where
     let f = fixture();
     let tr = &f["train"];
     let pairs: Vec<[hone::data::preference::Sequence; 2]> = f["processed"]["text"].as_array().unwrap().iter().map(|v| pair(v).sequences(None)).collect();
-    let mut model = load_model::<B>(&Dir(common::fixtures().join("llama")), device).unwrap();
-    let adapter = Adapter::read(&Dir(common::fixtures().join("lora/llama_peft_adapter"))).unwrap();
-    adapter.attach(model.linears_mut()).unwrap();
-    let cfg = TrainConfig {
-        lr: tr["learning_rate"].as_f64().unwrap(),
-        schedule: Schedule::Constant,
-        max_grad_norm: tr["max_grad_norm"].as_f64(),
-        batch_size: tr["batch_size"].as_u64().unwrap() as usize,
-        max_steps: tr["max_steps"].as_u64().map(|s| s as usize),
-        shuffle: false,
-        pad_id: 0,
-        checkpointing,
-        logits_chunk: if checkpointing { 3000 } else { hone::train::trainer::LOGITS_CHUNK },
-        dpo: Some(DpoConfig { loss_type: LossType::parse(tr["loss_type"].as_str().unwrap()).unwrap(), beta: f["beta"].as_f64().unwrap() }),
-        ..Default::default()
-    };
-    let lora = LoraConfig { r: adapter.r, alpha: adapter.alpha, dropout: 0.0, ..Default::default() };
+    let (model, lora) = common::llama_with_given_adapter::<B>(device);
+    let dpo = DpoConfig { loss_type: LossType::parse(tr["loss_type"].as_str().unwrap()).unwrap(), beta: f["beta"].as_f64().unwrap() };
+    let cfg = common::fixture_run(tr, dpo, checkpointing);
     let mut trainer = Trainer::new_preference(model, lora, pairs, None, cfg, device.clone()).unwrap();
     let (want_losses, want_margins) = (tr["losses"].as_array().unwrap(), tr["margins"].as_array().unwrap());
     for (want, margin) in want_losses.iter().zip(want_margins) {
@@ -177,17 +162,8 @@ where
         assert!((m.rewards_margins - margin).abs() < 1e-4 * margin.abs().max(1e-2), "{label} step {}: margin", r.step);
     }
     assert!(trainer.done());
-    let expected = SafeTensors::open(Box::new(FileSource::open(&common::fixtures().join("preference/dpo_steps_adapter.safetensors")).unwrap())).unwrap();
     let trained = trainer.adapter("x");
-    let mut worst = 0f64;
-    for layer in &trained.layers {
-        for (which, ours) in [("lora_A", &layer.a), ("lora_B", &layer.b)] {
-            let (_, theirs) = expected.read_f32(&format!("base_model.model.{}.{which}.weight", layer.module)).unwrap();
-            let err = rel_error(ours, &theirs);
-            worst = worst.max(err);
-            assert!(err < 1e-4, "{label}: {}.{which}: {err:.3e}", layer.module);
-        }
-    }
+    let worst = common::assert_adapter_equals(&trained, "preference/dpo_steps_adapter.safetensors", label);
     println!("{label} checkpointing={checkpointing}: {} layers, worst rel error of the final A/B {worst:.2e}", trained.layers.len());
     assert_eq!(trained.layers.len(), 14);
 }

@@ -107,3 +107,47 @@ pub fn llama_training_samples() -> Vec<hone::data::Sample> {
         })
         .collect()
 }
+
+/// The tiny Llama with the given PEFT adapter (tests/fixtures/lora/llama_peft_adapter) attached,
+/// and a LoRA config like it without dropout: where the preference fixtures' runs start.
+pub fn llama_with_given_adapter<B: HoneBackend>(device: &B::Device) -> (hone::model::CausalLm<B>, hone::lora::LoraConfig) {
+    let mut model = hone::model::load_model::<B>(&Dir(fixtures().join("llama")), device).unwrap();
+    let adapter = hone::lora::peft::Adapter::read(&Dir(fixtures().join("lora/llama_peft_adapter"))).unwrap();
+    adapter.attach(model.linears_mut()).unwrap();
+    (model, hone::lora::LoraConfig { r: adapter.r, alpha: adapter.alpha, dropout: 0.0, ..Default::default() })
+}
+
+/// The training settings of a preference fixture's run (its "train" object): full batch,
+/// constant lr, clipping, in order.
+pub fn fixture_run(train: &serde_json::Value, dpo: hone::train::preference::DpoConfig, checkpointing: bool) -> hone::train::TrainConfig {
+    hone::train::TrainConfig {
+        lr: train["learning_rate"].as_f64().unwrap(),
+        schedule: hone::train::Schedule::Constant,
+        max_grad_norm: train["max_grad_norm"].as_f64(),
+        batch_size: train["batch_size"].as_u64().unwrap() as usize,
+        max_steps: train["max_steps"].as_u64().map(|s| s as usize),
+        shuffle: false,
+        pad_id: 0,
+        checkpointing,
+        logits_chunk: if checkpointing { 3000 } else { hone::train::trainer::LOGITS_CHUNK },
+        dpo: Some(dpo),
+        ..Default::default()
+    }
+}
+
+/// Asserts every A and B of `trained` is within 1e-4 (relative) of a PEFT safetensors file's
+/// (a path under the fixtures); returns the worst error.
+pub fn assert_adapter_equals(trained: &hone::lora::peft::Adapter, file: &str, label: &str) -> f64 {
+    let expected = SafeTensors::open(Box::new(FileSource::open(&fixtures().join(file)).unwrap())).unwrap();
+    let mut worst = 0f64;
+    for layer in &trained.layers {
+        for (which, ours) in [("lora_A", &layer.a), ("lora_B", &layer.b)] {
+            let (_, theirs) = expected.read_f32(&format!("base_model.model.{}.{which}.weight", layer.module)).unwrap();
+            let err = rel_error(ours, &theirs);
+            worst = worst.max(err);
+            assert!(err < TOLERANCE, "{label}: {}.{which}: {err:.3e}", layer.module);
+        }
+    }
+    assert_eq!(trained.layers.len(), expected.tensors().len() / 2, "{label}: one A and one B per adapted layer");
+    worst
+}
