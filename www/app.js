@@ -5,7 +5,7 @@ const $ = (id) => document.getElementById(id);
 const worker = new Worker('worker.js', { type: 'module' });
 const pending = new Map();
 let nextId = 1;
-const state = { model: null, data: '', evalData: '', trainPoints: [], evalPoints: [], running: false, trained: false, checkpoint: null };
+const state = { model: null, data: '', evalData: '', trainPoints: [], evalPoints: [], marginPoints: [], running: false, trained: false, checkpoint: null };
 
 function call(cmd, args = {}) {
   const id = nextId++;
@@ -271,6 +271,15 @@ function drawChart() {
   $('chart').dataset.points = String(state.trainPoints.length);
   $('chart-max').textContent = max.toFixed(3);
   $('chart-min').textContent = min.toFixed(3);
+  // Preference runs: the reward margin on its own scale (its range in the legend).
+  const m = state.marginPoints;
+  $('margin-legend').textContent = m.length ? `reward margin ${Math.min(...m.map((p) => p.loss)).toFixed(3)}…${Math.max(...m.map((p) => p.loss)).toFixed(3)}` : '';
+  if (m.length) {
+    const [mMax, mMin] = [Math.max(...m.map((p) => p.loss)), Math.min(...m.map((p) => p.loss))];
+    const mSpan = mMax - mMin || 1;
+    $('margin-line').setAttribute('points', m.map((p) => `${(10 + (580 * p.step) / total).toFixed(1)},${(185 - (160 * (p.loss - mMin)) / mSpan).toFixed(1)}`).join(' '));
+  } else $('margin-line').setAttribute('points', '');
+  $('chart').dataset.marginPoints = String(m.length);
 }
 
 function fmtTime(s) {
@@ -286,6 +295,7 @@ async function start(resume) {
   }
   state.trainPoints = [];
   state.evalPoints = [];
+  state.marginPoints = [];
   $('train-line').setAttribute('points', '');
   $('eval-line').setAttribute('points', '');
   setRunning(true);
@@ -323,6 +333,7 @@ worker.onmessage = ({ data }) => {
       const pref = data.preference ? ` · margin ${data.preference['rewards/margins'].toFixed(4)} · accuracy ${data.preference['rewards/accuracies'].toFixed(2)}` : '';
       $('progress-text').textContent = `step ${data.step}/${data.total_steps} · epoch ${data.epoch + 1} · loss ${data.loss.toFixed(4)}${pref} · lr ${data.lr.toExponential(2)} · ${data.tokens_per_second < 10 ? data.tokens_per_second.toFixed(data.tokens_per_second < 1 ? 3 : 1) : Math.round(data.tokens_per_second)} tokens/s · ETA ${fmtTime(data.eta_seconds)} · wasm heap ${Math.round(data.wasm_heap_bytes / 2 ** 20)} MiB`;
       state.trainPoints.push({ step: data.step, loss: data.loss });
+      if (data.preference) state.marginPoints.push({ step: data.step, loss: data.preference['rewards/margins'] });
       state.trained = true;
       drawChart();
       break;

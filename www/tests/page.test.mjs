@@ -210,10 +210,15 @@ for (const [from, name] of [['llama', 'config.json'], ['llama', 'model.safetenso
 const prefs = JSON.parse(fs.readFileSync(path.join(root, 'tests/fixtures/preference/dpo.json'), 'utf8')).data;
 const prefsPath = path.join(outDir, 'prefs.jsonl');
 fs.writeFileSync(prefsPath, [...prefs.text, ...prefs.conversational].map((r) => JSON.stringify(r)).join('\n') + '\n');
-const DPO = { rank: 4, alpha: 8, dropout: 0, lr: 0.01, steps: 3, batchSize: 2, maxLen: 64, seed: 7, beta: 0.2 };
+const DPO = { rank: 4, alpha: 8, dropout: 0, lr: 0.01, batchSize: 2, maxLen: 64, seed: 7, beta: 0.2 };
+// DPO also pauses at a checkpoint, reloads and resumes from OPFS (its reference log-probs are
+// in the checkpoint); ORPO runs straight through.
+const STEPS = { dpo: 8, orpo: 3 };
 
 // Each preference method in the page, then `hone train` with the same settings natively.
 async function preferenceRun(method) {
+  const steps = STEPS[method];
+  const resumes = method === 'dpo';
   await page.reload();
   await byLabel('Model files').setInputFiles(['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json'].map((f) => path.join(dpoModel, f)));
   await page.waitForFunction(() => document.getElementById('model-status').textContent.startsWith('Opened'));
@@ -228,19 +233,33 @@ async function preferenceRun(method) {
   await page.getByLabel('LoRA alpha').fill(String(DPO.alpha));
   await page.getByLabel('LoRA dropout').fill(String(DPO.dropout));
   await page.getByLabel('Learning rate').fill(String(DPO.lr));
-  await page.getByLabel('Steps (overrides epochs)').fill(String(DPO.steps));
+  await page.getByLabel('Steps (overrides epochs)').fill(String(steps));
   await page.getByLabel('Batch size').fill(String(DPO.batchSize));
   await page.getByLabel('Max length').fill(String(DPO.maxLen));
   await page.getByLabel('Seed').fill(String(DPO.seed));
   await page.getByLabel('Optimizer').selectOption('adamw');
-  await page.getByLabel('Checkpoint every N steps').fill('0');
+  await page.getByLabel('Checkpoint every N steps').fill(resumes ? '2' : '0');
   await page.getByLabel('Base model name (in adapter_config.json)').fill(BASE_NAME);
   await button('Start').click();
+  if (resumes) {
+    await page.waitForFunction(() => Number(document.getElementById('progress').dataset.checkpoint || 0) >= 2);
+    await button('Pause').click();
+    await page.reload();
+    await byLabel('Model files').setInputFiles(['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json'].map((f) => path.join(dpoModel, f)));
+    await page.waitForSelector('#resume-offer:not([hidden])');
+    const offer = await page.locator('#resume-text').textContent();
+    const m = new RegExp(`stopped at step (\\d+) of ${steps}`).exec(offer);
+    assert(m && Number(m[1]) >= 2 && Number(m[1]) < steps, offer);
+    console.log(`page: ${method} resumes at step ${m[1]} of ${steps}`);
+    await button('Resume from checkpoint').click();
+  }
   await page.waitForFunction(() => document.getElementById('progress-text').textContent.endsWith('done') || !document.getElementById('error').hidden);
   const e = await errorText();
   assert(!e, e);
   const text = await page.locator('#progress-text').textContent();
-  assert(/step 3\/3 .* margin -?\d/.test(text) && /accuracy/.test(text), text);
+  assert(new RegExp(`step ${steps}/${steps} .* margin -?\\d`).test(text) && /accuracy/.test(text), text);
+  const margins = Number(await page.locator('#chart').getAttribute('data-margin-points'));
+  assert(margins >= 3 && /reward margin/.test(await page.locator('#margin-legend').textContent()), `chart margin points ${margins}`);
   console.log(`page: ${method} ${text}`);
   const [download] = await Promise.all([page.waitForEvent('download'), button('Download adapter (.zip)').click()]);
   const zipPath = path.join(outDir, `${method}-adapter.zip`);
@@ -251,7 +270,7 @@ async function preferenceRun(method) {
 function nativeMatches(method, files) {
   const nativeOut = path.join(outDir, `native-${method}-adapter`);
   fs.rmSync(nativeOut, { recursive: true, force: true });
-  execFileSync(hone, ['train', '--model', dpoModel, '--data', prefsPath, '--method', method, '--beta', String(DPO.beta), '--out', nativeOut, '--quiet', '--rank', String(DPO.rank), '--alpha', String(DPO.alpha), '--dropout', String(DPO.dropout), '--lr', String(DPO.lr), '--steps', String(DPO.steps), '--batch-size', String(DPO.batchSize), '--max-len', String(DPO.maxLen), '--seed', String(DPO.seed), '--base-model-name', BASE_NAME], { stdio: ['ignore', 'inherit', 'inherit'] });
+  execFileSync(hone, ['train', '--model', dpoModel, '--data', prefsPath, '--method', method, '--beta', String(DPO.beta), '--out', nativeOut, '--quiet', '--rank', String(DPO.rank), '--alpha', String(DPO.alpha), '--dropout', String(DPO.dropout), '--lr', String(DPO.lr), '--steps', String(STEPS[method]), '--batch-size', String(DPO.batchSize), '--max-len', String(DPO.maxLen), '--seed', String(DPO.seed), '--base-model-name', BASE_NAME], { stdio: ['ignore', 'inherit', 'inherit'] });
   const native = readSafetensors(fs.readFileSync(path.join(nativeOut, 'adapter_model.safetensors')));
   const web = readSafetensors(Buffer.from(files['adapter_model.safetensors']));
   assert(Buffer.compare(fs.readFileSync(path.join(nativeOut, 'adapter_config.json')), files['adapter_config.json']) === 0, 'adapter_config.json differs from the native one');
