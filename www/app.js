@@ -330,7 +330,7 @@ worker.onmessage = ({ data }) => {
       $('progress').value = data.step;
       $('progress').dataset.tokensPerSecond = data.tokens_per_second;
       $('progress').dataset.wasmHeapBytes = data.wasm_heap_bytes;
-      const pref = data.preference ? ` · margin ${data.preference['rewards/margins'].toFixed(4)} · accuracy ${data.preference['rewards/accuracies'].toFixed(2)}` : '';
+      const pref = data.preference ? ` · margin ${data.preference['rewards/margins'].toFixed(4)} · accuracy ${data.preference['rewards/accuracies'].toFixed(2)}` : data.trained_tokens === 0 ? ' (no token counted: this step\'s completions are masked or cut by the max length)' : '';
       $('progress-text').textContent = `step ${data.step}/${data.total_steps} · epoch ${data.epoch + 1} · loss ${data.loss.toFixed(4)}${pref} · lr ${data.lr.toExponential(2)} · ${data.tokens_per_second < 10 ? data.tokens_per_second.toFixed(data.tokens_per_second < 1 ? 3 : 1) : Math.round(data.tokens_per_second)} tokens/s · ETA ${fmtTime(data.eta_seconds)} · wasm heap ${Math.round(data.wasm_heap_bytes / 2 ** 20)} MiB`;
       state.trainPoints.push({ step: data.step, loss: data.loss });
       if (data.preference) state.marginPoints.push({ step: data.step, loss: data.preference['rewards/margins'] });
@@ -358,6 +358,10 @@ worker.onmessage = ({ data }) => {
       break;
     case 'error':
       showError(data.error);
+      break;
+    case 'warning':
+      $('progress-text').textContent = `Warning: ${data.message}`;
+      $('progress').dataset.warning = data.message;
       break;
     default:
       break;

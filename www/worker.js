@@ -50,10 +50,38 @@ async function readMeta(slot) {
   }
 }
 
-async function latestCheckpoint() {
+// The slots whose meta.json was written, newest first.
+async function checkpoints() {
   const found = (await Promise.all(SLOTS.map(readMeta))).filter(Boolean);
   found.sort((a, b) => b.meta.step - a.meta.step);
-  return found[0] || null;
+  return found;
+}
+
+async function latestCheckpoint() {
+  return (await checkpoints())[0] || null;
+}
+
+// Restores the newest checkpoint whose files pass their checksums (hone checks checksums.json),
+// falling back to the other slot; returns the step resumed at.
+async function restoreNewest() {
+  const found = await checkpoints();
+  if (!found.length) throw new Error('no checkpoint to resume from');
+  const faults = [];
+  for (const c of found) {
+    try {
+      const files = new Map();
+      for (const name of c.meta.files) {
+        const file = await (await c.dir.getFileHandle(name)).getFile();
+        files.set(name, new Uint8Array(await file.arrayBuffer()));
+      }
+      const step = session.restore(files);
+      if (faults.length) event('warning', { message: `skipped a damaged checkpoint (${faults.join('; ')}); resumed at step ${step}` });
+      return step;
+    } catch (e) {
+      faults.push(`step ${c.meta.step}: ${message(e)}`);
+    }
+  }
+  throw new Error(`no whole checkpoint: ${faults.join('; ')}`);
 }
 
 async function saveCheckpoint(step) {
@@ -203,14 +231,7 @@ const commands = {
     job = { data, evalData, settings, saveEvery, baseName, evalEvery: prepared.eval_every, total: prepared.total_steps, running: false };
     let from = 0;
     if (resume) {
-      const latest = await latestCheckpoint();
-      if (!latest) throw new Error('no checkpoint to resume from');
-      const files = new Map();
-      for (const name of latest.meta.files) {
-        const file = await (await latest.dir.getFileHandle(name)).getFile();
-        files.set(name, new Uint8Array(await file.arrayBuffer()));
-      }
-      from = session.restore(files);
+      from = await restoreNewest();
     } else {
       await clearCheckpoints();
     }

@@ -38,7 +38,7 @@ fs.copyFileSync(path.join(fixture, 'tokenizer.json'), path.join(bigDir, 'tokeniz
 
 // 8-bit AdamW from 64 values: every r=4 A and B of the fixture keeps 8-bit moments, so the
 // OPFS checkpoint and the resume carry bitsandbytes' state, and native must agree.
-const SETTINGS = { rank: 4, alpha: 8, dropout: 0, lr: 0.01, steps: 6, batchSize: 4, maxLen: 48, seed: 7, saveEvery: 2, optim: 'adamw_8bit', min8bit: 64 };
+const SETTINGS = { rank: 4, alpha: 8, dropout: 0, lr: 0.01, steps: 8, batchSize: 4, maxLen: 48, seed: 7, saveEvery: 2, optim: 'adamw_8bit', min8bit: 64 };
 const BASE_NAME = 'tiny-smollm2';
 
 const browser = await launch();
@@ -126,12 +126,15 @@ await check('trains_shows_progress_and_checkpoints', async () => {
   await fillSettings();
   const before = requests.length;
   await button('Start').click();
-  await page.waitForFunction(() => Number(document.getElementById('progress').dataset.checkpoint || 0) >= 2 && Number(document.getElementById('progress').value) >= 3);
+  // Two checkpoints (both OPFS slots whole), then a pause: the reload below finds both.
+  await page.waitForFunction(() => Number(document.getElementById('progress').dataset.checkpoint || 0) >= 4);
+  await button('Pause').click();
+  await page.waitForFunction(() => document.getElementById('pause').textContent === 'Continue');
   requestsDuringTraining = requests.length - before;
   const points = Number(await page.locator('#chart').getAttribute('data-points'));
   assert(points >= 3, `chart points ${points}`);
   const text = await page.locator('#progress-text').textContent();
-  assert(/step \d+\/6 .* tokens\/s · ETA/.test(text), text);
+  assert(/step \d+\/8 .* tokens\/s · ETA/.test(text), text);
   await page.screenshot({ path: path.join(outDir, 'page-training.png'), fullPage: true });
   lossesBefore = await page.evaluate(() => document.getElementById('train-line').getAttribute('points'));
 });
@@ -146,10 +149,35 @@ await check('reload_resumes_from_opfs_checkpoint', async () => {
   await openFixture();
   await page.waitForSelector('#resume-offer:not([hidden])');
   const offer = await page.locator('#resume-text').textContent();
-  const m = /stopped at step (\d+) of 6/.exec(offer);
+  const m = /stopped at step (\d+) of 8/.exec(offer);
   assert(m && Number(m[1]) >= 2, offer);
-  resumedAt = Number(m[1]);
+  // Damage the newest slot (one flipped bit in its optimizer state): the resume refuses it by its
+  // checksums and takes the other slot, one checkpoint earlier.
+  const damaged = await page.evaluate(async () => {
+    const root = await navigator.storage.getDirectory();
+    const slots = [];
+    for (const name of ['hone-checkpoint-a', 'hone-checkpoint-b']) {
+      try {
+        const dir = await root.getDirectoryHandle(name);
+        const meta = JSON.parse(await (await (await dir.getFileHandle('meta.json')).getFile()).text());
+        slots.push({ dir, step: meta.step });
+      } catch { /* an empty slot */ }
+    }
+    slots.sort((a, b) => b.step - a.step);
+    const handle = await slots[0].dir.getFileHandle('optimizer.safetensors');
+    const bytes = new Uint8Array(await (await handle.getFile()).arrayBuffer());
+    bytes[bytes.length - 3] ^= 0x10;
+    const w = await handle.createWritable();
+    await w.write(bytes);
+    await w.close();
+    return { newest: slots[0].step, other: slots.length > 1 ? slots[1].step : null };
+  });
+  assert(damaged.newest === Number(m[1]) && damaged.other !== null && damaged.other < damaged.newest, JSON.stringify(damaged));
+  resumedAt = damaged.other;
   await button('Resume from checkpoint').click();
+  await page.waitForFunction(() => document.getElementById('progress').dataset.warning || document.getElementById('error').hidden === false);
+  const warning = await page.evaluate(() => document.getElementById('progress').dataset.warning || '');
+  assert(/skipped a damaged checkpoint/.test(warning) && /optimizer\.safetensors/.test(warning) && new RegExp(`resumed at step ${resumedAt}`).test(warning), `${warning} ${await errorText()}`);
   await page.waitForFunction(() => /Resumed at step/.test(document.getElementById('progress-text').textContent) || Number(document.getElementById('progress').value) > 0);
   const first = await progressStep();
   assert(first >= resumedAt, `progress ${first} after resuming at ${resumedAt}`);

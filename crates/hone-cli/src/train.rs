@@ -93,7 +93,7 @@ impl TrainArgs {
     /// The TOML file's settings with the flags on top.
     fn resolve(self) -> anyhow::Result<TrainArgs> {
         let Some(path) = &self.config else { return Ok(self) };
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = hone::io::read_text_lines(path, hone::io::MAX_LINE_BYTES)?;
         let invalid = || format!("{}: invalid config", path.display());
         let mut table: toml::Table = toml::from_str(&text).with_context(invalid)?;
         // The run's settings go to RunSettings, the rest (paths, backend) to TrainArgs.
@@ -134,7 +134,7 @@ impl Data {
 }
 
 fn load_pairs(path: &Path, skip_bad: bool, tok: &Tokenizer, template: Option<&ChatTemplate>, max_len: Option<usize>, loss: LossType) -> anyhow::Result<run::Pairs> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = hone::io::read_text_lines(path, hone::io::MAX_LINE_BYTES)?;
     Ok(pairs_from_jsonl(&text, &path.display().to_string(), skip_bad, tok, template, max_len, loss)?)
 }
 
@@ -162,9 +162,16 @@ fn load_preference_data(a: &TrainArgs, path: &Path, tok: &Tokenizer, template: O
     Ok(Data { train: Vec::new(), eval: Vec::new(), pairs, eval_pairs, truncated: 0, skipped: train.skipped })
 }
 
+/// Samples from a JSONL file; refused when no example keeps a token the loss counts, with a
+/// warning when some do not.
 fn load_samples(path: &Path, format: Option<Format>, skip_bad: bool, tok: &Tokenizer, template: Option<&ChatTemplate>, opts: EncodeOptions) -> anyhow::Result<(Vec<Sample>, usize, usize)> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let s = samples_from_jsonl(&text, &path.display().to_string(), format, skip_bad, tok, template, opts)?;
+    let text = hone::io::read_text_lines(path, hone::io::MAX_LINE_BYTES)?;
+    let file = path.display().to_string();
+    let s = samples_from_jsonl(&text, &file, format, skip_bad, tok, template, opts)?;
+    s.require_targets(&file, opts.max_len)?;
+    if let Some(w) = s.warning(&file) {
+        eprintln!("warning: {w}");
+    }
     Ok((s.samples, s.truncated, s.skipped))
 }
 
@@ -175,6 +182,10 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     let out = a.out.clone().context("--out is required")?;
     if out.exists() && a.resume.is_none() {
         bail!("{} already exists; choose a new --out (or --resume a checkpoint)", out.display());
+    }
+    let ckpt = checkpoint_dir(&out);
+    if checkpoint::exists(&ckpt) && a.resume.is_none() {
+        bail!("{} holds the checkpoint of an interrupted run: continue it with --resume {}, or delete it to start over", ckpt.display(), ckpt.display());
     }
     let format = match &a.run.format {
         Some(f) => Some(Format::parse(f).with_context(|| format!("--format {f}: expected text, completion, chat or alpaca"))?),
@@ -201,6 +212,7 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         }
         (None, Some(f)) if f > 0.0 && f < 1.0 => {
             let (t, e) = run::split_eval(train, f, seed);
+            run::require_eval_targets(&e, &format!("{} (--eval-split {f})", data_path.display()))?;
             (t, e, 0)
         }
         (None, Some(f)) => bail!("--eval-split {f}: must be between 0 and 1"),
@@ -321,14 +333,16 @@ where
         .then(|| if needs_reference { pair_logps(&trainer.eval_model(), &data.eval_pairs, cfg.batch_size, cfg.pad_id, &device) } else { Vec::new() });
     let has_eval = !eval_samples.is_empty() || !data.eval_pairs.is_empty();
     let base_name = a.base_model_name.clone().unwrap_or_else(|| model_dir.display().to_string());
-    let ckpt_dir = out.with_file_name(format!("{}.checkpoint", out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()));
+    let ckpt_dir = checkpoint_dir(out);
     let mut saved = SavedState { state: trainer.state.clone(), config: cfg.clone(), base_model: base_name.clone(), best_eval_loss: None, best_step: None, evals_without_improvement: 0, reference_logps: trainer.reference_logps().to_vec() };
+    let mut resumed_best = None;
     if let (Some(dir), Some(loaded)) = (&a.resume, loaded) {
         if loaded.saved.config != trainer.cfg {
             bail!("{}: the checkpoint was made with other training settings; resume with the same ones", dir.display());
         }
         trainer.restore(&loaded.adapter, loaded.moments, loaded.saved.state.clone())?;
         saved = loaded.saved;
+        resumed_best = loaded.best;
         eprintln!("resumed at step {} of {}", trainer.state.step, trainer.state.total_steps);
     }
 
@@ -344,7 +358,7 @@ where
     let mut tokens = 0usize;
     // Throughput after the first step (which compiles kernels and warms caches), for benchmarks.
     let mut after_first: Option<(std::time::Instant, usize)> = None;
-    let mut best: Option<Adapter> = None;
+    let mut best: Option<Adapter> = resumed_best;
     let save_every = a.save_every.unwrap_or(0);
     let eval_every = run::eval_every(&settings, trainer.state.total_steps, has_eval);
     while !trainer.done() {
@@ -355,7 +369,7 @@ where
             Some((_, t)) => *t += r.tokens,
         }
         if !r.loss.is_finite() {
-            checkpoint::save(&ckpt_dir, &trainer, &saved)?;
+            save_checkpoint(&ckpt_dir, &trainer, &saved, best.as_ref(), r.step)?;
             bail!("the loss became {} at step {}; checkpoint saved in {} (try a lower --lr)", r.loss, r.step, ckpt_dir.display());
         }
         let tps = tokens as f64 / started.elapsed().as_secs_f64();
@@ -365,6 +379,9 @@ where
         };
         if a.quiet {
             eprintln!("step {}/{}  {msg}", r.step, r.total_steps);
+        }
+        if r.trained_tokens == 0 && r.preference.is_none() {
+            say(&bar, a.quiet, format!("warning: step {} had no token the loss counts (its examples' completions are masked or cut by --max-len): its loss 0 means nothing", r.step));
         }
         bar.set_message(msg);
         bar.set_position(r.step as u64);
@@ -397,7 +414,7 @@ where
         }
         saved.state = trainer.state.clone();
         if stop.load(Ordering::SeqCst) || (save_every > 0 && r.step % save_every == 0 && !last) {
-            checkpoint::save(&ckpt_dir, &trainer, &saved)?;
+            save_checkpoint(&ckpt_dir, &trainer, &saved, best.as_ref(), r.step)?;
             if stop.load(Ordering::SeqCst) {
                 bar.abandon();
                 eprintln!("interrupted: checkpoint at step {} in {}; continue with --resume {}", r.step, ckpt_dir.display(), ckpt_dir.display());
@@ -414,7 +431,10 @@ where
         }
         _ => trainer.adapter(&base_name),
     };
-    write_dir_atomic(out, &adapter_files(&adapter))?;
+    if let Err(e) = write_dir_atomic(out, &adapter_files(&adapter)) {
+        let kept = if ckpt_dir.exists() { format!("the checkpoint in {} is kept: continue with --resume {} once there is room", ckpt_dir.display(), ckpt_dir.display()) } else { "no checkpoint was kept (--save-every N keeps one)".to_string() };
+        bail!("writing the adapter failed: {e}; {} is not written; {kept}", out.display());
+    }
     let _ = std::fs::remove_dir_all(&ckpt_dir);
     if let Some(rate) = after_first_rate {
         eprintln!("throughput after the first step: {rate:.3} tokens/s");
@@ -468,6 +488,22 @@ fn report_device_memory<B: HoneBackend>(devices: &[B::Device], when: &str) {
             );
         }
     }
+}
+
+/// Where a run writing `out` keeps its checkpoints: `OUT.checkpoint` beside it.
+fn checkpoint_dir(out: &Path) -> PathBuf {
+    out.with_file_name(format!("{}.checkpoint", out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()))
+}
+
+/// Saves a checkpoint; a failure (a full disk, say) names the cause and what is still there.
+fn save_checkpoint<B: burn::tensor::backend::AutodiffBackend + HoneBackend>(dir: &Path, trainer: &Trainer<B>, saved: &SavedState, best: Option<&Adapter>, step: usize) -> anyhow::Result<()>
+where
+    B::InnerBackend: HoneBackend,
+{
+    checkpoint::save(dir, trainer, saved, best).map_err(|e| {
+        let previous = checkpoint::load(dir).map(|l| format!("the previous checkpoint (step {}) in {} is intact: free space and continue with --resume {}", l.saved.state.step, dir.display(), dir.display()));
+        anyhow::anyhow!("saving the checkpoint at step {step} failed: {e}; {}", previous.unwrap_or_else(|_| "there is no earlier checkpoint".to_string()))
+    })
 }
 
 /// A line above the progress bar, or on stderr when the bar is hidden.

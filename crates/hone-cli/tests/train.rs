@@ -235,3 +235,25 @@ fn orpo_from_the_command_line_gives_trls_adapter_and_its_metrics() {
 fn fixture_orpo() -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(fixtures().join("preference/orpo.json")).unwrap()).unwrap()
 }
+
+#[test]
+fn data_whose_completions_are_all_cut_away_is_refused_not_scored_as_zero() {
+    let dir = tmp("cut");
+    let data = write_data(&dir, false);
+    let llama = fixtures().join("llama");
+    let out = dir.join("adapter");
+    // Every prompt fills --max-len 3: nothing is left to score or train on.
+    let eval = hone(&["eval", "--model", s(&llama), "--data", s(&data), "--max-len", "3", "--json"]);
+    let train = hone(&["train", "--model", s(&llama), "--data", s(&data), "--out", s(&out), "--max-len", "3", "--steps", "1", "--quiet"]);
+    for r in [&eval, &train] {
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success() && r.stdout.is_empty(), "{stderr}");
+        assert!(stderr.contains("data.jsonl") && stderr.contains("12 of 12 lost their completion to max_len 3"), "{stderr}");
+    }
+    assert!(!out.exists());
+    // With room for the completions the same data is scored.
+    let ok = hone(&["eval", "--model", s(&llama), "--data", s(&data), "--max-len", "64", "--json"]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert!(v["tokens"].as_u64().unwrap() > 0 && v["perplexity"].as_f64().unwrap() > 1.0, "{v}");
+}

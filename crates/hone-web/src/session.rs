@@ -226,13 +226,17 @@ impl Session {
         let (format, opts) = (s.format().map_err(js_err)?, s.encode_options());
         let (tok, template) = (&self.text.tokenizer, self.text.template.as_ref());
         let train = samples_from_jsonl(&data, "dataset", format, false, tok, template, opts).map_err(js_err)?;
+        train.require_targets("dataset", opts.max_len).map_err(js_err)?;
         let (train_samples, eval_samples) = match (eval_data, s.eval_split) {
             (Some(e), _) if !e.trim().is_empty() => {
-                (train.samples, samples_from_jsonl(&e, "eval dataset", format, false, tok, template, opts).map_err(js_err)?.samples)
+                let eval = samples_from_jsonl(&e, "eval dataset", format, false, tok, template, opts).map_err(js_err)?;
+                eval.require_targets("eval dataset", opts.max_len).map_err(js_err)?;
+                (train.samples, eval.samples)
             }
             (_, Some(f)) if f > 0.0 && f < 1.0 && train.samples.len() > 1 => run::split_eval(train.samples, f, s.seed()),
             _ => (train.samples, Vec::new()),
         };
+        run::require_eval_targets(&eval_samples, "held-out examples").map_err(js_err)?;
         let cfg = s.train(pad_id(tok)).map_err(js_err)?;
         let (model, lora, adapted) = self.adapted_model(&s)?;
         let trainer = Trainer::new(model, lora, train_samples, cfg, self.device.clone());
@@ -324,7 +328,7 @@ impl Session {
         let saved = self.saved.as_ref().expect("set with the trainer");
         let adapter = trainer.adapter_async(&self.name).await.map_err(js_err)?;
         let moments = trainer.optimizer_state_async().await.map_err(js_err)?;
-        Ok(files_to_map(checkpoint_files(&adapter, moments, saved)))
+        Ok(files_to_map(checkpoint_files(&adapter, None, moments, saved)))
     }
 
     /// Continues from a checkpoint's files; `prepare` must have been called with the same

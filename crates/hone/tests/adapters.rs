@@ -142,3 +142,55 @@ fn adapter_for_another_model_is_refused() {
     let err = phi3.attach(model.linears_mut()).unwrap_err().to_string();
     assert!(err.contains("phi3_peft_adapter/adapter_model.safetensors") && err.contains("no such layer"), "{err}");
 }
+
+/// The PEFT fixture's files with its adapter_config.json changed by `edit`.
+fn peft_with_config(edit: impl FnOnce(&mut serde_json::Value)) -> MemFiles {
+    let dir = lora_dir().join("llama_peft_adapter");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join(ADAPTER_CONFIG_FILE)).unwrap()).unwrap();
+    edit(&mut cfg);
+    MemFiles::new("edited").with(ADAPTER_CONFIG_FILE, serde_json::to_vec(&cfg).unwrap()).with(ADAPTER_WEIGHTS_FILE, std::fs::read(dir.join(ADAPTER_WEIGHTS_FILE)).unwrap())
+}
+
+fn read_err(files: &MemFiles) -> String {
+    match Adapter::read(files) {
+        Ok(_) => panic!("an inconsistent adapter was accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn adapter_config_that_disagrees_with_its_tensors_is_refused_by_name() {
+    // The unedited files read (the fixture has rank 4 and lists every module).
+    assert_eq!(Adapter::read(&peft_with_config(|_| {})).unwrap().r, 4);
+    // r says one thing, the tensors another: the scale alpha / r would silently differ from PEFT's.
+    let err = read_err(&peft_with_config(|c| c["r"] = 1073741824u64.into()));
+    assert!(err.contains("edited/adapter_model.safetensors") && err.contains("lora_A.weight") && err.contains("has rank 4") && err.contains("r = 1073741824"), "{err}");
+    for bad in [serde_json::json!(0), serde_json::json!(-3), serde_json::json!("8")] {
+        let err = read_err(&peft_with_config(|c| c["r"] = bad.clone()));
+        assert!(err.contains("edited/adapter_config.json") && err.contains("`r` must be a positive whole number"), "{err}");
+    }
+    let err = read_err(&peft_with_config(|c| c["lora_alpha"] = "sixteen".into()));
+    assert!(err.contains("`lora_alpha` must be a number"), "{err}");
+    // A tensor of a module the config does not target (PEFT would drop it on loading).
+    let err = read_err(&peft_with_config(|c| c["target_modules"] = serde_json::json!(["q_proj", "v_proj"])));
+    assert!(err.contains("down_proj.lora_A.weight") && err.contains("not one edited/adapter_config.json targets"), "{err}");
+    let err = read_err(&peft_with_config(|c| c["exclude_modules"] = serde_json::json!(["model.layers.1.mlp.up_proj"])));
+    assert!(err.contains("model.layers.1.mlp.up_proj.lora_A.weight"), "{err}");
+    // Names as PEFT matches them: last components, a whole-name regex, all-linear.
+    for ok in [serde_json::json!(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]), serde_json::json!(".*_proj"), serde_json::json!("all-linear")] {
+        assert!(Adapter::read(&peft_with_config(|c| c["target_modules"] = ok.clone())).is_ok(), "{ok}");
+    }
+    let err = read_err(&peft_with_config(|c| c["target_modules"] = serde_json::json!("proj")));
+    assert!(err.contains("not one edited/adapter_config.json targets"), "{err}");
+    // Settings hone does not honour are refused, not ignored.
+    for (key, value, named) in [
+        ("rank_pattern", serde_json::json!({"q_proj": 8}), "rank_pattern"),
+        ("alpha_pattern", serde_json::json!({"q_proj": 16}), "alpha_pattern"),
+        ("modules_to_save", serde_json::json!(["lm_head"]), "modules_to_save"),
+        ("lora_bias", serde_json::json!(true), "lora_bias"),
+        ("bias", serde_json::json!("all"), "bias"),
+    ] {
+        let err = read_err(&peft_with_config(|c| c[key] = value.clone()));
+        assert!(err.contains("edited/adapter_config.json") && err.contains(named), "{key}: {err}");
+    }
+}

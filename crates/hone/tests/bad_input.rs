@@ -115,3 +115,116 @@ fn missing_shard_is_named() {
     let msg = load_err(&files);
     assert_names(&msg, &["qwen2/model-00002-of-00002.safetensors", "not found"]);
 }
+
+// Sizes from untrusted headers: each refused by name before any allocation of that size.
+
+#[test]
+fn header_claiming_a_terabyte_tensor_is_refused_by_name() {
+    use hone::io::safetensors::SafeTensors;
+    use hone::io::MemSource;
+    let started = std::time::Instant::now();
+    // 2^18 × 2^20 f32 = 1 TiB, in offsets that fit u64, in a file of a few hundred bytes.
+    let tb = serde_json::json!({"huge": {"dtype": "F32", "shape": [1u64 << 18, 1u64 << 20], "data_offsets": [0u64, 1u64 << 40]}});
+    let err = SafeTensors::open(Box::new(MemSource::new("tb.safetensors", join(&tb, &[0; 64])))).err().expect("refused").to_string();
+    assert_names(&err, &["tb.safetensors", "huge", "outside"]);
+    // A shape whose element count overflows 64 bits, with offsets that pretend it is small.
+    let wrap = serde_json::json!({"wraps": {"dtype": "F32", "shape": [1u64 << 32, 1u64 << 32, 4], "data_offsets": [0, 0]}});
+    let err = SafeTensors::open(Box::new(MemSource::new("wrap.safetensors", join(&wrap, &[])))).err().expect("refused").to_string();
+    assert_names(&err, &["wrap.safetensors", "wraps", "too large"]);
+    assert!(started.elapsed().as_secs() < 5);
+}
+
+/// A GGUF v3 file: magic, version, counts, then `body` (metadata and tensor infos), then `data`.
+fn gguf(n_tensors: u64, n_kv: u64, body: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut out = b"GGUF".to_vec();
+    out.extend_from_slice(&3u32.to_le_bytes());
+    out.extend_from_slice(&n_tensors.to_le_bytes());
+    out.extend_from_slice(&n_kv.to_le_bytes());
+    out.extend_from_slice(body);
+    while out.len() % 32 != 0 {
+        out.push(0);
+    }
+    out.extend_from_slice(data);
+    out
+}
+
+fn gguf_string(s: &str) -> Vec<u8> {
+    let mut out = (s.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(s.as_bytes());
+    out
+}
+
+fn gguf_err(bytes: Vec<u8>) -> String {
+    use hone::io::gguf::Gguf;
+    use hone::io::MemSource;
+    match Gguf::open(Box::new(MemSource::new("bad.gguf", bytes))) {
+        Ok(_) => panic!("a lying GGUF header was accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn gguf_array_of_2_pow_40_strings_is_refused() {
+    let started = std::time::Instant::now();
+    let mut kv = gguf_string("tokenizer.ggml.tokens");
+    kv.extend_from_slice(&9u32.to_le_bytes()); // array
+    kv.extend_from_slice(&8u32.to_le_bytes()); // of strings
+    kv.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    kv.extend_from_slice(&gguf_string("a"));
+    let err = gguf_err(gguf(0, 1, &kv, &[]));
+    assert_names(&err, &["bad.gguf", "array of 1099511627776 items"]);
+    // A string said to be 2^40 bytes long.
+    let mut kv = gguf_string("general.name");
+    kv.extend_from_slice(&8u32.to_le_bytes());
+    kv.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    assert_names(&gguf_err(gguf(0, 1, &kv, &[])), &["bad.gguf", "string of 1099511627776 bytes"]);
+    assert!(started.elapsed().as_secs() < 5);
+}
+
+#[test]
+fn gguf_tensor_sizes_that_overflow_are_refused_by_name() {
+    let tensor = |dims: &[u64], offset: u64| {
+        let mut t = gguf_string("blk.0.ffn_up.weight");
+        t.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in dims {
+            t.extend_from_slice(&d.to_le_bytes());
+        }
+        t.extend_from_slice(&0u32.to_le_bytes()); // F32
+        t.extend_from_slice(&offset.to_le_bytes());
+        t
+    };
+    // Element counts that wrap around 64 bits, an offset at the end of the address space, a
+    // terabyte tensor in a small file, and more dimensions than ggml has.
+    for (dims, offset, named) in [
+        (vec![1u64 << 32, 1 << 32, 2], 0, "too large"),
+        (vec![16u64], u64::MAX - 8, "too large"),
+        (vec![1u64 << 20, 1 << 18], 0, "past the end of the file"),
+        (vec![1u64; 5], 0, "5 dimensions"),
+    ] {
+        let err = gguf_err(gguf(1, 0, &tensor(&dims, offset), &[0; 64]));
+        assert_names(&err, &["bad.gguf", "blk.0.ffn_up.weight", named]);
+    }
+}
+
+#[test]
+fn a_ten_gigabyte_jsonl_line_is_refused_without_reading_it() {
+    // A sparse file: 10 GiB long, one line, taking no disk.
+    let path = std::env::temp_dir().join(format!("hone-long-line-{}.jsonl", std::process::id()));
+    let f = fs::File::create(&path).unwrap();
+    f.set_len(10 << 30).unwrap();
+    drop(f);
+    let started = std::time::Instant::now();
+    let err = hone::io::read_text_lines(&path, hone::io::MAX_LINE_BYTES).err().map(|e| e.to_string());
+    fs::remove_file(&path).unwrap();
+    let err = err.expect("refused");
+    assert!(err.contains(&format!("{}:1", path.display())) && err.contains("line longer than 67108864 bytes"), "{err}");
+    assert!(started.elapsed().as_secs() < 10, "took {:?}", started.elapsed());
+    // Lines within the limit read whole, and a long line is named by its number.
+    let path = std::env::temp_dir().join(format!("hone-lines-{}.jsonl", std::process::id()));
+    fs::write(&path, "{\"text\": \"a\"}\n{\"text\": \"b\"}\n\n{\"text\": \"cccccccccccccccccccccc\"}\n").unwrap();
+    let whole = hone::io::read_text_lines(&path, 40).unwrap();
+    let err = hone::io::read_text_lines(&path, 20).err().map(|e| e.to_string());
+    fs::remove_file(&path).unwrap();
+    assert_eq!(whole, "{\"text\": \"a\"}\n{\"text\": \"b\"}\n\n{\"text\": \"cccccccccccccccccccccc\"}\n");
+    assert!(err.as_deref().is_some_and(|e| e.contains(":4: line longer than 20 bytes")), "{err:?}");
+}

@@ -102,3 +102,64 @@ fn chat_data_without_a_template_is_an_error() {
     let err = encode(&ex, &tok, None, None, EncodeOptions::default()).unwrap_err().to_string();
     assert!(err.contains("chat template"), "{err}");
 }
+
+/// Completion examples whose prompts are `words` long (the completion "Yes." follows).
+fn completions(prompt_words: &[usize]) -> String {
+    prompt_words
+        .iter()
+        .map(|&n| serde_json::json!({"prompt": format!("{} Answer:", vec!["word"; n].join(" ")), "completion": " Yes."}).to_string() + "\n")
+        .collect()
+}
+
+#[test]
+fn data_with_no_counted_token_is_refused_by_cause() {
+    use hone::train::run::{counted_in, require_eval_targets, samples_from_jsonl};
+    let tok = Tokenizer::open(&chat_dir()).unwrap();
+    let template = ChatTemplate::open(&chat_dir()).unwrap();
+    let load = |text: &str, opts| samples_from_jsonl(text, "qa.jsonl", None, false, &tok, template.as_ref(), opts).unwrap();
+    let cut = |max| EncodeOptions { max_len: Some(max), ..Default::default() };
+
+    // Every prompt is longer than 32 tokens: every completion is cut away.
+    let long = completions(&[40, 50, 60]);
+    let s = load(&long, cut(32));
+    assert_eq!((s.samples.len(), s.without_targets, s.lost_to_max_len, counted_in(&s.samples)), (3, 3, 3, 0));
+    let err = s.require_targets("qa.jsonl", Some(32)).unwrap_err().to_string();
+    assert!(err.contains("qa.jsonl") && err.contains("3 of 3 lost their completion to max_len 32"), "{err}");
+    // Nothing to score is no loss of 0 and no perplexity of 1.
+    let err = require_eval_targets(&s.samples, "heldout.jsonl").unwrap_err().to_string();
+    assert!(err.contains("heldout.jsonl") && err.contains("none of the 3 held-out examples"), "{err}");
+
+    // Without the limit they train.
+    let s = load(&long, EncodeOptions::default());
+    assert_eq!(s.without_targets, 0);
+    assert!(s.require_targets("qa.jsonl", None).is_ok() && s.warning("qa.jsonl").is_none());
+    assert!(require_eval_targets(&s.samples, "heldout.jsonl").is_ok());
+
+    // Some cut, some not: trained, with a warning that counts them.
+    let s = load(&completions(&[1, 50, 1]), cut(32));
+    assert_eq!((s.without_targets, s.lost_to_max_len), (1, 1));
+    assert!(s.require_targets("qa.jsonl", Some(32)).is_ok());
+    let w = s.warning("qa.jsonl").expect("a warning");
+    assert!(w.contains("1 of 3 examples have no token the loss counts (1 lost their completion to max_len)"), "{w}");
+
+    // Masked, not cut: a chat with no assistant turn trains on nothing.
+    let chat = "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi there\"}]}\n";
+    let s = load(chat, EncodeOptions::default());
+    let err = s.require_targets("chat.jsonl", None).unwrap_err().to_string();
+    assert!(err.contains("chat.jsonl") && err.contains("every label of the 1 examples is masked"), "{err}");
+}
+
+#[test]
+fn a_chat_template_that_loops_runs_out_of_fuel() {
+    // 10^10 loop turns: without a limit this never ends.
+    let endless = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages[0].content }}";
+    let template = ChatTemplate::new(endless, None, None, "model.gguf").unwrap();
+    let started = std::time::Instant::now();
+    let err = template.render(&[Message { role: "user".into(), content: "Hi".into() }], false).err().expect("stopped").to_string();
+    assert!(err.contains("model.gguf") && err.contains("chat template failed") && err.contains("fuel"), "{err}");
+    assert!(started.elapsed().as_secs() < 60, "took {:?}", started.elapsed());
+    // A real conversation of 200 turns renders well within the limit.
+    let fixture = ChatTemplate::open(&chat_dir()).unwrap().unwrap();
+    let long: Vec<Message> = (0..200).map(|i| Message { role: if i % 2 == 0 { "user" } else { "assistant" }.into(), content: format!("turn {i}") }).collect();
+    assert!(fixture.render(&long, true).unwrap().text.contains("turn 199"));
+}

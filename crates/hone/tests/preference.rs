@@ -260,7 +260,7 @@ fn a_resumed_dpo_run_equals_an_uninterrupted_one() {
         evals_without_improvement: 0,
         reference_logps: first.reference_logps().to_vec(),
     };
-    checkpoint::save(&dir, &first, &saved).unwrap();
+    checkpoint::save(&dir, &first, &saved, None).unwrap();
     drop(first);
     let loaded = checkpoint::load(&dir).unwrap();
     assert_eq!(loaded.saved.reference_logps, straight.reference_logps(), "the reference survives the checkpoint exactly");

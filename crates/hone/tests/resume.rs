@@ -65,7 +65,7 @@ fn resume(optim: Optim) {
         losses.push(first.step().loss);
     }
     let saved = SavedState { state: first.state.clone(), config: first.cfg.clone(), base_model: "smollm2".into(), best_eval_loss: None, best_step: None, evals_without_improvement: 0, reference_logps: Vec::new() };
-    checkpoint::save(&dir, &first, &saved).unwrap();
+    checkpoint::save(&dir, &first, &saved, None).unwrap();
     drop(first);
 
     let loaded = checkpoint::load(&dir).unwrap();
@@ -81,4 +81,65 @@ fn resume(optim: Optim) {
     // Training moved the adapter.
     assert!(straight_losses.last().unwrap() < straight_losses.first().unwrap());
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn damaged_checkpoints_are_refused_by_name_and_the_other_slot_resumes() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::env::temp_dir().join(format!("hone-ckpt-damaged-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut t = trainer(Optim::AdamW);
+    let saved = |t: &Trainer<B>| SavedState { state: t.state.clone(), config: t.cfg.clone(), base_model: "smollm2".into(), best_eval_loss: None, best_step: None, evals_without_improvement: 0, reference_logps: Vec::new() };
+    let step_of = |dir: &std::path::Path| checkpoint::load(dir).map(|l| l.saved.state.step);
+    assert!(!checkpoint::exists(&dir));
+    for _ in 0..2 {
+        t.step();
+        checkpoint::save(&dir, &t, &saved(&t), None).unwrap();
+    }
+    // Two slots, the newest resumed.
+    assert!(checkpoint::exists(&dir));
+    assert_eq!(step_of(&dir).unwrap(), 2);
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    assert!(checkpoint::read(&Dir(a.clone())).is_ok() && checkpoint::read(&Dir(b.clone())).is_ok());
+
+    // One flipped bit in the newest slot's moments: refused by file, the other slot resumes,
+    // and the damaged one is set aside.
+    let moments = b.join(checkpoint::OPTIMIZER_FILE);
+    let mut bytes = std::fs::read(&moments).unwrap();
+    let at = bytes.len() - 3;
+    bytes[at] ^= 0x10;
+    std::fs::write(&moments, &bytes).unwrap();
+    let err = checkpoint::read(&Dir(b.clone())).err().expect("a flipped bit is caught").to_string();
+    assert!(err.contains("b/optimizer.safetensors") && err.contains("SHA-256"), "{err}");
+    assert_eq!(step_of(&dir).unwrap(), 1);
+    assert!(dir.join("b.damaged").is_dir() && !b.exists());
+
+    // The next save goes to the free slot and leaves the one resumed from alone.
+    t.step();
+    checkpoint::save(&dir, &t, &saved(&t), None).unwrap();
+    assert_eq!(step_of(&dir).unwrap(), 3);
+    assert!(checkpoint::read(&Dir(a.clone())).is_ok());
+
+    // A file cut short, a missing checksums.json: each named.
+    let weights = b.join(hone::lora::peft::ADAPTER_WEIGHTS_FILE);
+    let len = std::fs::metadata(&weights).unwrap().len();
+    std::fs::File::options().write(true).open(&weights).unwrap().set_len(len - 8).unwrap();
+    let err = checkpoint::read(&Dir(b.clone())).err().unwrap().to_string();
+    assert!(err.contains("b/adapter_model.safetensors") && err.contains(&format!("{} bytes where the checkpoint wrote {len}", len - 8)), "{err}");
+    std::fs::remove_file(a.join(checkpoint::CHECKSUMS_FILE)).unwrap();
+    let err = checkpoint::read(&Dir(a.clone())).err().unwrap().to_string();
+    assert!(err.contains("checksums.json") && err.contains("not a complete checkpoint"), "{err}");
+    // Both slots damaged: no resume, and both faults named.
+    let err = step_of(&dir).err().unwrap().to_string();
+    assert!(err.contains("no whole checkpoint") && err.contains("step 3:") && err.contains("step 1:"), "{err}");
+
+    // The one-directory layout of earlier versions (no checksums) still resumes.
+    let legacy = dir.join("legacy");
+    let files = checkpoint::checkpoint_files(&t.adapter("smollm2"), None, t.optimizer_state(), &saved(&t));
+    std::fs::create_dir_all(&legacy).unwrap();
+    for (name, bytes) in files.iter().filter(|(n, _)| *n != checkpoint::CHECKSUMS_FILE) {
+        std::fs::write(legacy.join(name), bytes).unwrap();
+    }
+    assert_eq!(step_of(&legacy).unwrap(), 3);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

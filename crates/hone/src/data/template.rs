@@ -10,6 +10,11 @@ use serde::Serialize;
 pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
 
+/// Instructions one rendering may run: a long real conversation takes well under a million,
+/// and a template from a model file that loops (nested `range`s, recursion) stops within about
+/// a second instead of never.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+
 // Private-use characters that stand for the generation markers while rendering.
 const GEN_START: char = '\u{F8F0}';
 const GEN_END: char = '\u{F8F1}';
@@ -58,6 +63,7 @@ impl ChatTemplate {
             }
         }
         let mut env = minijinja::Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))

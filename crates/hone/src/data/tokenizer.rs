@@ -12,9 +12,30 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_bytes(bytes: &[u8], file: &str) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes)
-            .map_err(|e| Error::Tokenizer { file: file.to_string(), message: e.to_string() })?;
-        Ok(Tokenizer { inner, file: file.to_string() })
+        let err = |message: String| Error::Tokenizer { file: file.to_string(), message };
+        // tokenizers 0.22 panics (`expect("Helper")`) on a syntax error inside the decoder
+        // section: the JSON is checked first, and what still panics is caught where unwinding
+        // exists (natively).
+        serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| err(format!("invalid JSON: {e}")))?;
+        let inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
+            .map_err(|_| err("the tokenizers crate panicked reading it (malformed content)".to_string()))?
+            .map_err(|e| err(e.to_string()))?;
+        let tok = Tokenizer { inner, file: file.to_string() };
+        // Parts that deserialize but cannot work (a post-processor naming a special token the
+        // file does not define) panic at the first encode: found now, named by file.
+        for special in [true, false] {
+            tok.encode("Hello, world.", special)?;
+        }
+        Ok(tok)
+    }
+
+    /// `f` on the inner tokenizer, a panic inside the tokenizers crate made an error naming the
+    /// file (natively; wasm aborts on panics).
+    fn guarded<T>(&self, what: &str, f: impl FnOnce(&tokenizers::Tokenizer) -> tokenizers::Result<T>) -> Result<T> {
+        let err = |message: String| Error::Tokenizer { file: self.file.clone(), message };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&self.inner)))
+            .map_err(|_| err(format!("the tokenizers crate panicked while {what} (malformed tokenizer.json)")))?
+            .map_err(|e| err(e.to_string()))
     }
 
     pub fn open(files: &dyn FileSet) -> Result<Self> {
@@ -25,25 +46,17 @@ impl Tokenizer {
     /// Token ids with the tokenizer's special tokens added (as `tokenizers`' `encode` does by
     /// default).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        self.inner
-            .encode(text, add_special_tokens)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| Error::Tokenizer { file: self.file.clone(), message: e.to_string() })
+        self.guarded("encoding", |t| t.encode(text, add_special_tokens)).map(|e| e.get_ids().to_vec())
     }
 
     /// Ids and each token's byte range in `text`.
     pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
-        let enc = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| Error::Tokenizer { file: self.file.clone(), message: e.to_string() })?;
+        let enc = self.guarded("encoding", |t| t.encode(text, add_special_tokens))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| Error::Tokenizer { file: self.file.clone(), message: e.to_string() })
+        self.guarded("decoding", |t| t.decode(ids, skip_special_tokens))
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {

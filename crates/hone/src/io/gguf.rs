@@ -116,6 +116,9 @@ impl GgmlType {
     }
 }
 
+/// ggml's GGML_MAX_DIMS: no GGUF tensor has more.
+const MAX_DIMS: usize = 4;
+
 #[derive(Debug, Clone)]
 pub struct GgufTensor {
     pub name: String,
@@ -231,6 +234,9 @@ impl Gguf {
         for _ in 0..n_tensors {
             let name = c.string()?;
             let n_dims = c.u32()? as usize;
+            if n_dims > MAX_DIMS {
+                return Err(Error::tensor(&file, &name, format!("{n_dims} dimensions (GGUF has at most {MAX_DIMS})")));
+            }
             let dims = (0..n_dims).map(|_| c.u64().map(|d| d as usize)).collect::<Result<Vec<_>>>()?;
             let kind_id = c.u32()?;
             let offset = c.u64()?;
@@ -242,11 +248,17 @@ impl Gguf {
         let data_start = c.pos.div_ceil(alignment) * alignment;
         let mut tensors = BTreeMap::new();
         for (name, dims, kind, offset) in infos {
+            // Sizes and offsets come from the file: counted without overflow before any read.
+            let numel = dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+            let end = numel.and_then(|n| (n / kind.block().0 as u64).checked_mul(kind.block().1 as u64)).and_then(|b| b.checked_add(offset)).and_then(|e| e.checked_add(data_start));
+            let (Some(numel), Some(end)) = (numel, end) else {
+                return Err(Error::tensor(&file, &name, format!("dimensions {dims:?} at offset {offset} are too large to exist")));
+            };
             let t = GgufTensor { name: name.clone(), dims, kind, offset: data_start + offset };
-            if t.numel() % t.kind.block().0 != 0 {
+            if numel % t.kind.block().0 as u64 != 0 {
                 return Err(Error::tensor(&file, &name, "size is not a whole number of blocks"));
             }
-            if t.offset + t.byte_len() as u64 > source.len() {
+            if end > source.len() {
                 return Err(Error::tensor(&file, &name, "data lies past the end of the file (truncated?)"));
             }
             tensors.insert(name, t);

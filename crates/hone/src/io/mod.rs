@@ -66,7 +66,11 @@ impl ByteSource for MemSource {
 }
 
 #[cfg(not(target_arch = "wasm32"))]
-pub use native::FileSource;
+pub use native::{read_text_lines, FileSource};
+
+/// The longest line hone reads from a text file (JSONL data): far past any real example, and a
+/// bound on what one line can make it allocate.
+pub const MAX_LINE_BYTES: usize = 64 << 20;
 
 #[cfg(not(target_arch = "wasm32"))]
 mod native {
@@ -76,6 +80,31 @@ mod native {
     use std::io::{Read, Seek, SeekFrom};
     use std::path::Path;
     use std::sync::Mutex;
+
+    /// A text file read line by line, each line at most `max_line` bytes (without its newline):
+    /// a longer one is an error naming `file:line` as soon as `max_line` bytes of it are read,
+    /// so a file that is one huge line is refused without reading or allocating the rest.
+    pub fn read_text_lines(path: &Path, max_line: usize) -> Result<String> {
+        use std::io::BufRead;
+        let name = path.display().to_string();
+        let file = File::open(path).map_err(|e| Error::io(&name, e))?;
+        let mut reader = std::io::BufReader::new(file);
+        let mut out = Vec::new();
+        for line in 1.. {
+            let start = out.len();
+            let n = (&mut reader).take(max_line as u64 + 1).read_until(b'\n', &mut out).map_err(|e| Error::io(&name, e))?;
+            if n == 0 {
+                break;
+            }
+            if n > max_line && out.last() != Some(&b'\n') {
+                return Err(Error::format(format!("{name}:{line}"), format!("line longer than {max_line} bytes")));
+            }
+            if let Err(e) = std::str::from_utf8(&out[start..]) {
+                return Err(Error::format(format!("{name}:{line}"), format!("not UTF-8 text: {e}")));
+            }
+        }
+        Ok(String::from_utf8(out).expect("each line checked"))
+    }
 
     /// A file on disk, read by range.
     pub struct FileSource {

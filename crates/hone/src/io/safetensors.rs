@@ -116,8 +116,11 @@ impl SafeTensors {
                     format!("data_offsets [{begin}, {end}] lie outside the file's {data_len} data bytes (truncated file or lying header)"),
                 ));
             }
-            let numel: usize = shape.iter().product();
-            let want = (numel * dtype.size()) as u64;
+            // A lying header can claim any size: counted without overflow, refused before any read.
+            let want = shape
+                .iter()
+                .try_fold(dtype.size() as u64, |n, &d| n.checked_mul(d as u64))
+                .ok_or_else(|| Error::tensor(&file, name, format!("shape {shape:?} is too large to exist")))?;
             if end - begin != want {
                 return Err(Error::tensor(
                     &file,

@@ -119,8 +119,18 @@ impl Adapter {
                 return Err(Error::unsupported(&file, format!("{unsupported} adapters")));
             }
         }
-        let r = cfg.get("r").and_then(|v| v.as_u64()).ok_or_else(|| Error::format(&file, "missing `r`"))? as usize;
-        let alpha = cfg.get("lora_alpha").and_then(|v| v.as_f64()).unwrap_or(8.0);
+        check_config(&cfg, &file)?;
+        let r = match cfg.get("r").map(|v| v.as_u64()) {
+            Some(Some(r)) if r > 0 => r as usize,
+            Some(_) => return Err(Error::format(&file, format!("`r` must be a positive whole number, not {}", cfg["r"]))),
+            None => return Err(Error::format(&file, "missing `r`")),
+        };
+        let alpha = match cfg.get("lora_alpha") {
+            None | Some(serde_json::Value::Null) => 8.0,
+            Some(v) => v.as_f64().filter(|a| a.is_finite()).ok_or_else(|| Error::format(&file, format!("`lora_alpha` must be a number, not {v}")))?,
+        };
+        let targets = config_targets(&cfg, "target_modules", &file)?;
+        let excluded = config_targets(&cfg, "exclude_modules", &file)?;
         let st = SafeTensors::open(files.open_required(ADAPTER_WEIGHTS_FILE)?)?;
         let mut modules = BTreeSet::new();
         for key in st.tensors().keys() {
@@ -143,6 +153,16 @@ impl Adapter {
             let (a_shape, b_shape) = (shape2(&a_key)?, shape2(&b_key)?);
             if a_shape[0] != b_shape[1] {
                 return Err(Error::tensor(st.name(), &b_key, format!("rank {} does not match lora_A's {}", b_shape[1], a_shape[0])));
+            }
+            // The scale is alpha / r from the config: a config whose r is not the tensors' rank
+            // would silently scale the update otherwise than PEFT does with the same files.
+            if a_shape[0] != r {
+                return Err(Error::tensor(st.name(), &a_key, format!("has rank {}, but {file} says r = {r} (the scale alpha / r depends on it)", a_shape[0])));
+            }
+            // PEFT loads only the modules its config targets and ignores other tensors.
+            let targeted = targets.as_ref().is_none_or(|t| t.matches(&module)) && !excluded.as_ref().is_some_and(|t| t.matches(&module));
+            if !targeted {
+                return Err(Error::tensor(st.name(), &a_key, format!("its module is not one {file} targets (target_modules / exclude_modules): PEFT would ignore it")));
             }
             layers.push(HostLora { a: st.read_f32(&a_key)?.1, a_shape, b: st.read_f32(&b_key)?.1, b_shape, module });
         }
@@ -183,6 +203,53 @@ impl Adapter {
             });
         }
         Ok(())
+    }
+}
+
+/// Refuses settings of `adapter_config.json` that hone cannot honour (each would make the
+/// adapter compute otherwise than in PEFT), by name.
+fn check_config(cfg: &serde_json::Value, file: &str) -> Result<()> {
+    let set = |key: &str| match cfg.get(key) {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Object(m)) => !m.is_empty(),
+        Some(serde_json::Value::Array(a)) => !a.is_empty(),
+        Some(serde_json::Value::Bool(b)) => *b,
+        Some(_) => true,
+    };
+    for (key, what) in [
+        ("rank_pattern", "per-module ranks (`rank_pattern`)"),
+        ("alpha_pattern", "per-module alphas (`alpha_pattern`)"),
+        ("modules_to_save", "fully trained modules (`modules_to_save`); merge the adapter with PEFT first"),
+        ("lora_bias", "LoRA biases (`lora_bias`)"),
+        ("layer_replication", "`layer_replication`"),
+    ] {
+        if set(key) {
+            return Err(Error::unsupported(file, format!("adapters with {what}")));
+        }
+    }
+    match cfg.get("bias").and_then(|v| v.as_str()) {
+        None | Some("none") => Ok(()),
+        Some(b) => Err(Error::unsupported(file, format!("adapters with trained biases (`bias` = \"{b}\")"))),
+    }
+}
+
+/// `target_modules` (or `exclude_modules`) as PEFT reads them: a list of names (each the whole
+/// module name or its last components), `"all-linear"`, or any other string as a regex that
+/// must match the whole name. `None` when absent.
+fn config_targets(cfg: &serde_json::Value, key: &str, file: &str) -> Result<Option<Targets>> {
+    match cfg.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) if s == "all-linear" => Ok(Some(Targets::AllLinear)),
+        Some(serde_json::Value::String(s)) => match regex::Regex::new(s) {
+            Ok(_) => Ok(Some(Targets::Regex(s.clone()))),
+            Err(e) => Err(Error::format(file, format!("`{key}` is not a valid regex: {e}"))),
+        },
+        Some(serde_json::Value::Array(list)) => list
+            .iter()
+            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| Error::format(file, format!("`{key}` must hold strings, not {v}"))))
+            .collect::<Result<Vec<_>>>()
+            .map(|l| Some(Targets::List(l))),
+        Some(v) => Err(Error::format(file, format!("`{key}` must be a list or a string, not {v}"))),
     }
 }
 

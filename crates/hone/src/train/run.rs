@@ -3,6 +3,7 @@
 //! defaults), samples from JSONL text, and the held-out split.
 
 use super::optim::{AdamWConfig, Optim};
+use super::loss::counted_tokens;
 use super::preference::{DpoConfig, LossType};
 use super::schedule::Schedule;
 use super::trainer::TrainConfig;
@@ -252,6 +253,56 @@ pub struct Samples {
     pub samples: Vec<Sample>,
     pub truncated: usize,
     pub skipped: usize,
+    /// Samples with no token the loss counts (every label masked, or only the first), and how
+    /// many of them had one before `max_len` cut it away.
+    pub without_targets: usize,
+    pub lost_to_max_len: usize,
+}
+
+/// Tokens the loss counts in `samples` (labels after the shift).
+pub fn counted_in(samples: &[Sample]) -> usize {
+    samples.iter().map(|s| counted_tokens(std::slice::from_ref(&s.labels))).sum()
+}
+
+impl Samples {
+    /// Refuses data with no token to learn from or score (a loss of 0 and a perplexity of 1
+    /// would say nothing), naming the cause. `file` names the data, `max_len` the limit used.
+    pub fn require_targets(&self, file: &str, max_len: Option<usize>) -> Result<()> {
+        if self.without_targets < self.samples.len() {
+            return Ok(());
+        }
+        let n = self.samples.len();
+        Err(Error::format(
+            file,
+            match max_len {
+                Some(max) if self.lost_to_max_len > 0 => format!(
+                    "no example has a token the loss counts: {} of {n} lost their completion to max_len {max} (the prompt fills it); raise max_len",
+                    self.lost_to_max_len
+                ),
+                _ => format!("no example has a token the loss counts: every label of the {n} examples is masked (the loss is on completions / assistant turns only); train on prompts too, or add completions"),
+            },
+        ))
+    }
+
+    /// A line for the user when some (not all) samples have no token to train on, else `None`.
+    pub fn warning(&self, file: &str) -> Option<String> {
+        (self.without_targets > 0).then(|| {
+            format!(
+                "{file}: {} of {} examples have no token the loss counts ({} lost their completion to max_len); they add nothing to the loss",
+                self.without_targets,
+                self.samples.len(),
+                self.lost_to_max_len
+            )
+        })
+    }
+}
+
+/// Refuses held-out samples that have no token to score, naming them.
+pub fn require_eval_targets(samples: &[Sample], what: &str) -> Result<()> {
+    if !samples.is_empty() && counted_in(samples) == 0 {
+        return Err(Error::format(what, format!("none of the {} held-out examples has a token to score (every completion masked or cut by max_len): loss and perplexity would be meaningless", samples.len())));
+    }
+    Ok(())
 }
 
 pub fn samples_from_jsonl(
@@ -266,10 +317,12 @@ pub fn samples_from_jsonl(
     let (examples, skipped) = parse_jsonl(text, file, format, skip_bad_lines)?;
     let eos = template.and_then(|t| t.eos_token.clone());
     let mut samples = Vec::with_capacity(examples.len());
-    let mut truncated = 0;
+    let (mut truncated, mut without_targets, mut lost_to_max_len) = (0, 0, 0);
+    let counted = |s: &Sample| counted_tokens(std::slice::from_ref(&s.labels));
     for (i, e) in examples.iter().enumerate() {
         let mut s = encode(e, tok, template, eos.as_deref(), EncodeOptions { max_len: None, ..opts })
             .map_err(|err| Error::format(format!("{file}: example {}", i + 1), err))?;
+        let had_targets = counted(&s) > 0;
         if let Some(max) = opts.max_len {
             if s.input_ids.len() > max {
                 truncated += 1;
@@ -277,9 +330,13 @@ pub fn samples_from_jsonl(
                 s.labels.truncate(max);
             }
         }
+        if counted(&s) == 0 {
+            without_targets += 1;
+            lost_to_max_len += usize::from(had_targets);
+        }
         samples.push(s);
     }
-    Ok(Samples { samples, truncated, skipped })
+    Ok(Samples { samples, truncated, skipped, without_targets, lost_to_max_len })
 }
 
 /// Preference pairs from JSONL text, each as its (chosen, rejected) sequences cut to `max_len`;

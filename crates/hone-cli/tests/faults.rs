@@ -1,0 +1,203 @@
+//! `hone train` under faults: killed with SIGKILL at random moments (mid-step, mid-checkpoint,
+//! mid-final save) and resumed each time, it ends with the adapter of a run never killed, bit
+//! for bit on the CPU, never losing more than one checkpoint interval; a full disk fails a save
+//! with a clear message, keeps the previous checkpoint, and the run continues once there is room.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("hone-faults-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn write_data(dir: &Path) -> PathBuf {
+    let lines: Vec<String> = (0..12).map(|i| format!("{{\"prompt\": \"Q{i}: {i}+{i}?\", \"completion\": \" {}\"}}", 2 * i)).collect();
+    let path = dir.join("data.jsonl");
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    path
+}
+
+/// The run every test repeats: dropout on, shuffled, a checkpoint after every step.
+fn train_args(data: &Path, out: &Path, steps: usize) -> Vec<String> {
+    let llama = fixtures().join("llama");
+    [
+        "train", "--model", s(&llama), "--data", s(data), "--out", s(out), "--rank", "2", "--alpha", "4", "--dropout", "0.1", "--lr", "0.03",
+        "--batch-size", "2", "--seed", "3", "--save-every", "1", "--quiet", "--steps",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .chain([steps.to_string()])
+    .collect()
+}
+
+fn hone(args: &[String]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hone"));
+    c.args(args);
+    c
+}
+
+fn adapter_bytes(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+    (std::fs::read(dir.join("adapter_config.json")).unwrap(), std::fs::read(dir.join("adapter_model.safetensors")).unwrap())
+}
+
+fn checkpoint_of(out: &Path) -> PathBuf {
+    out.with_file_name(format!("{}.checkpoint", out.file_name().unwrap().to_string_lossy()))
+}
+
+/// The last "step N/M" line a run printed.
+fn last_step(stderr: &str) -> Option<usize> {
+    stderr.lines().filter_map(|l| l.strip_prefix("step ")?.split('/').next()?.parse().ok()).last()
+}
+
+/// A small deterministic generator for the kill times (xorshift64*).
+struct Rng(u64);
+impl Rng {
+    fn unit(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[test]
+fn sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter() {
+    const STEPS: usize = 60;
+    const KILLS: usize = 20;
+    let dir = tmp("kill");
+    let data = write_data(&dir);
+    // With held-out evaluations: the best adapter so far rides in the checkpoint.
+    let args = |out: &Path, steps: usize| {
+        let mut a = train_args(&data, out, steps);
+        a.extend(["--eval-split", "0.25", "--eval-every", "7"].map(String::from));
+        a
+    };
+    let timed = |out: &Path, steps: usize| {
+        let t0 = Instant::now();
+        let r = hone(&args(out, steps)).output().unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        t0.elapsed()
+    };
+    let start_up = timed(&dir.join("one-step"), 1);
+    let straight = dir.join("straight");
+    let per_step = timed(&straight, STEPS).saturating_sub(start_up) / (STEPS as u32 - 1);
+    // Kill times spread over start-up, steps and saves: a run gets through about a step on
+    // average before its kill, so the kills come before the run can finish.
+    let window = start_up + per_step * 2 + Duration::from_millis(5);
+
+    let out = dir.join("killed");
+    let ckpt = checkpoint_of(&out);
+    let (mut rng, mut kills, mut saved_step) = (Rng(0x9e37_79b9_7f4a_7c15), 0, 0usize);
+    for attempt in 0.. {
+        assert!(attempt < 400, "the run never finished ({kills} kills)");
+        // Killed after the adapter was written and the checkpoint removed: finished.
+        if out.exists() && !ckpt.exists() {
+            break;
+        }
+        let mut run = args(&out, STEPS);
+        if ckpt.join("a/trainer_state.json").exists() || ckpt.join("b/trainer_state.json").exists() {
+            run.extend(["--resume".to_string(), s(&ckpt).to_string()]);
+        }
+        let mut child = hone(&run).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        if kills < KILLS {
+            std::thread::sleep(window.mul_f64(rng.unit()));
+            let _ = child.kill();
+        }
+        let Output { status, stderr, .. } = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&stderr).to_string();
+        if let Some(at) = stderr.lines().find_map(|l| l.strip_prefix("resumed at step ")) {
+            // At most one checkpoint interval (one step here) is lost to a kill.
+            let at: usize = at.split_whitespace().next().unwrap().parse().unwrap();
+            assert!(at + 1 >= saved_step, "resumed at step {at} after step {saved_step} was printed");
+        }
+        if let Some(step) = last_step(&stderr) {
+            saved_step = step;
+        }
+        if status.success() {
+            break;
+        }
+        assert!(status.code().is_none(), "a run failed without being killed: {stderr}");
+        kills += 1;
+        // Nothing half-written where a finished file is expected: the adapter is whole or absent.
+        if out.exists() {
+            let _ = adapter_bytes(&out);
+            let files = hone::io::Dir(out.clone());
+            hone::lora::peft::Adapter::read(&files).expect("a whole adapter");
+        }
+    }
+    assert!(kills >= KILLS, "only {kills} kills landed before the run finished");
+    assert_eq!(adapter_bytes(&out), adapter_bytes(&straight), "the killed-and-resumed run's adapter differs");
+    assert!(!ckpt.exists(), "the finished run leaves no checkpoint");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_full_disk_fails_the_save_clearly_and_the_run_continues_after_room_is_made() {
+    let dir = tmp("enospc");
+    let data = write_data(&dir);
+    let straight = dir.join("straight");
+    let r = hone(&train_args(&data, &straight, 3)).output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+
+    // In a mount namespace of its own, a tmpfs whose inodes run out after the first
+    // checkpoint (its directory and one slot), so the second save hits ENOSPC; then the fillers
+    // go and the run resumes.
+    let mnt = dir.join("mnt");
+    let keep = dir.join("keep");
+    std::fs::create_dir_all(&mnt).unwrap();
+    std::fs::create_dir_all(&keep).unwrap();
+    let out = mnt.join("adapter");
+    let first = train_args(&data, &out, 3).join(" ");
+    let resume = format!("{first} --resume {}", s(&checkpoint_of(&out)));
+    let hone_bin = env!("CARGO_BIN_EXE_hone");
+    let script = format!(
+        r#"set -u
+mount -t tmpfs -o size=16m,nr_inodes=64 tmpfs "{mnt}" || exit 90
+i=0; while touch "{mnt}/filler$i" 2>/dev/null; do i=$((i+1)); done
+# Room for the checkpoint's directory and one slot (a directory and 5 files) and 2 more.
+for j in 1 2 3 4 5 6 7 8 9; do i=$((i-1)); rm "{mnt}/filler$i"; done
+"{hone_bin}" {first} 2> "{keep}/full.log"; echo $? > "{keep}/full.status"
+cp -r "{ckpt}" "{keep}/checkpoint"
+rm -f "{mnt}"/filler*
+"{hone_bin}" {resume} 2> "{keep}/resumed.log"; echo $? > "{keep}/resumed.status"
+cp -r "{out}" "{keep}/adapter"
+"#,
+        mnt = s(&mnt),
+        keep = s(&keep),
+        ckpt = s(&checkpoint_of(&out)),
+        out = s(&out),
+    );
+    let r = Command::new("unshare").args(["--mount", "--map-root-user", "bash", "-c", &script]).output().expect("unshare (util-linux)");
+    assert!(r.status.success(), "the namespace script failed ({:?}): {}", r.status.code(), String::from_utf8_lossy(&r.stderr));
+
+    let read = |name: &str| std::fs::read_to_string(keep.join(name)).unwrap();
+    let full = read("full.log");
+    assert_eq!(read("full.status").trim(), "1", "{full}");
+    assert!(
+        full.contains("saving the checkpoint at step 2 failed")
+            && full.contains("No space left on device")
+            && full.contains("the previous checkpoint (step 1)")
+            && full.contains("is intact: free space and continue with --resume"),
+        "{full}"
+    );
+    // What the full disk left: the step-1 checkpoint, whole.
+    let kept = hone::train::checkpoint::load(&keep.join("checkpoint")).unwrap();
+    assert_eq!(kept.saved.state.step, 1);
+    let resumed = read("resumed.log");
+    assert_eq!(read("resumed.status").trim(), "0", "{resumed}");
+    assert!(resumed.contains("resumed at step 1 of 3"), "{resumed}");
+    assert_eq!(adapter_bytes(&keep.join("adapter")), adapter_bytes(&straight), "the resumed run's adapter differs");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

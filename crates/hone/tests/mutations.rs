@@ -1,0 +1,233 @@
+//! Every parser of files people get from anywhere, fed seeded mutations of the committed
+//! fixtures (bytes flipped, set to extreme values, cut, repeated, removed; in the headers most of
+//! all): each mutant gives a value or an error, never a panic, a hang or a huge allocation. The
+//! stable, always-on companion of fuzzing: each input that once crashed a parser is kept below
+//! as a named regression case.
+
+mod common;
+
+use burn::backend::NdArray;
+use hone::data::dataset::parse_jsonl;
+use hone::data::preference::parse_preference_jsonl;
+use hone::data::{ChatTemplate, Message, Tokenizer};
+use hone::io::gguf::Gguf;
+use hone::io::safetensors::SafeTensors;
+use hone::io::{MemFiles, MemSource};
+use hone::lora::peft::{Adapter, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::{Duration, Instant};
+
+/// Mutants per parser; enough to cover each header field many times in a few seconds.
+const MUTANTS: usize = 2000;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// One to four mutations, at positions below `hot` three times in four (the header, where a
+/// parser decides what to allocate and read).
+fn mutate(rng: &mut Rng, input: &[u8], hot: usize) -> Vec<u8> {
+    let mut v = input.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        if v.is_empty() {
+            v.push(rng.next() as u8);
+            continue;
+        }
+        let at = if rng.below(4) < 3 { rng.below(hot.min(v.len())) } else { rng.below(v.len()) };
+        match rng.below(7) {
+            0 => v[at] ^= 1 << rng.below(8),
+            1 => v[at] = [0x00, 0xff, 0x7f, 0x80][rng.below(4)],
+            // A little-endian u64 or u32 set to an extreme (a length, count or offset).
+            2 => {
+                let x: u64 = [u64::MAX, 1 << 40, 1 << 32, 0x8000_0000, 0][rng.below(5)];
+                let n = if rng.below(2) == 0 { 8 } else { 4 };
+                for (i, b) in x.to_le_bytes().iter().take(n).enumerate() {
+                    if at + i < v.len() {
+                        v[at + i] = *b;
+                    }
+                }
+            }
+            3 => v.truncate(at),
+            4 => {
+                let len = 1 + rng.below(16).min(v.len() - at);
+                let piece = v[at..at + len.min(v.len() - at)].to_vec();
+                v.splice(at..at, piece);
+            }
+            5 => {
+                v.remove(at);
+            }
+            _ => {
+                let alphabet = b"{}[]\":,\\0123456789eE-.ntfu";
+                v.insert(at, alphabet[rng.below(alphabet.len())]);
+            }
+        }
+    }
+    v
+}
+
+/// Runs `parse` on `MUTANTS` mutants of `input`; fails with the seed and the panic of any
+/// mutant that panics, or one that takes over 10 s.
+fn survive(name: &str, input: &[u8], hot: usize, seed: u64, parse: impl Fn(&[u8])) {
+    let mut rng = Rng(seed);
+    let mut errors = Vec::new();
+    for i in 0..MUTANTS {
+        let m = mutate(&mut rng, input, hot);
+        let t0 = Instant::now();
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| parse(&m))) {
+            let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            let path = std::env::temp_dir().join(format!("hone-mutant-{name}-{i}"));
+            std::fs::write(&path, &m).unwrap();
+            errors.push(format!("mutant {i} (kept in {}): {msg}", path.display()));
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{name}: mutant {i} took {:?}", t0.elapsed());
+    }
+    assert!(errors.is_empty(), "{name}: {} of {MUTANTS} mutants panicked:\n{}", errors.len(), errors.join("\n"));
+}
+
+fn fixture(path: &str) -> Vec<u8> {
+    std::fs::read(common::fixtures().join(path)).unwrap()
+}
+
+fn header_len(safetensors: &[u8]) -> usize {
+    8 + u64::from_le_bytes(safetensors[..8].try_into().unwrap()) as usize
+}
+
+#[test]
+fn safetensors_mutants_never_panic() {
+    let bytes = fixture("llama/model.safetensors");
+    survive("safetensors", &bytes, header_len(&bytes), 1, |m| {
+        if let Ok(st) = SafeTensors::open(Box::new(MemSource::new("m.safetensors", m.to_vec()))) {
+            for name in st.tensors().keys() {
+                let _ = st.read_f32(name);
+            }
+        }
+    });
+}
+
+#[test]
+fn gguf_mutants_never_panic() {
+    for (i, file) in ["gguf/types.gguf", "gguf/spm_llama.gguf"].iter().enumerate() {
+        let bytes = fixture(file);
+        // The header and tensor table: everything before the first tensor's data.
+        let hot = Gguf::open(Box::new(MemSource::new("g.gguf", bytes.clone()))).unwrap().tensors.values().map(|t| t.offset as usize).min().unwrap_or(bytes.len());
+        survive(file, &bytes, hot, 2 + i as u64, |m| {
+            if let Ok(g) = Gguf::open(Box::new(MemSource::new("m.gguf", m.to_vec()))) {
+                for name in g.tensors.keys() {
+                    let _ = g.read_f32(name);
+                }
+                let _ = hone::model::gguf::config_from_gguf(&g);
+                if let Ok(tok) = hone::data::gguf_tokenizer::tokenizer_from_gguf(&g) {
+                    let _ = tok.encode("Hello world", true);
+                }
+                if let Ok(Some(t)) = hone::data::gguf_tokenizer::chat_template_from_gguf(&g) {
+                    let _ = t.render(&[Message { role: "user".into(), content: "Hi".into() }], true);
+                }
+            }
+        });
+    }
+}
+
+#[test]
+fn gguf_model_loading_mutants_never_panic() {
+    let bytes = fixture("gguf/spm_llama.gguf");
+    let hot = Gguf::open(Box::new(MemSource::new("g.gguf", bytes.clone()))).unwrap().tensors.values().map(|t| t.offset as usize).min().unwrap_or(bytes.len());
+    survive("gguf-model", &bytes, hot, 3, |m| {
+        if let Ok(g) = Gguf::open(Box::new(MemSource::new("m.gguf", m.to_vec()))) {
+            let _ = hone::model::gguf::load_gguf::<NdArray>(&g, Default::default(), &Default::default());
+        }
+    });
+}
+
+#[test]
+fn tokenizer_json_and_config_mutants_never_panic() {
+    let tok = fixture("chat/tokenizer.json");
+    survive("tokenizer.json", &tok, tok.len(), 4, |m| {
+        if let Ok(t) = Tokenizer::open(&MemFiles::new("m").with("tokenizer.json", m.to_vec())) {
+            let _ = t.encode("Hello world", true);
+        }
+    });
+    let config = fixture("llama/config.json");
+    survive("config.json", &config, config.len(), 5, |m| {
+        let _ = hone::model::load::read_config(&MemFiles::new("m").with("config.json", m.to_vec()));
+    });
+}
+
+#[test]
+fn chat_template_mutants_never_panic() {
+    let cfg = fixture("chat/tokenizer_config.json");
+    let messages = [Message { role: "system".into(), content: "Be brief.".into() }, Message { role: "user".into(), content: "Hi".into() }, Message { role: "assistant".into(), content: "Hello.".into() }];
+    survive("tokenizer_config.json", &cfg, cfg.len(), 6, |m| {
+        if let Ok(Some(t)) = ChatTemplate::open(&MemFiles::new("m").with("tokenizer_config.json", m.to_vec())) {
+            let _ = t.render(&messages, true);
+        }
+    });
+    let source = serde_json::from_slice::<serde_json::Value>(&cfg).unwrap()["chat_template"].as_str().unwrap().to_string();
+    survive("chat template", source.as_bytes(), source.len(), 7, |m| {
+        if let Ok(t) = ChatTemplate::new(&String::from_utf8_lossy(m), Some("<s>".into()), Some("</s>".into()), "m") {
+            let _ = t.render(&messages, false);
+        }
+    });
+}
+
+#[test]
+fn dataset_line_mutants_never_panic() {
+    let sft = "{\"text\": \"a b\"}\n{\"prompt\": \"p\", \"completion\": \"c\"}\n{\"instruction\": \"i\", \"input\": \"x\", \"output\": \"o\"}\n{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Yo\"}]}\n";
+    survive("sft jsonl", sft.as_bytes(), sft.len(), 8, |m| {
+        let _ = parse_jsonl(&String::from_utf8_lossy(m), "m.jsonl", None, true);
+    });
+    let prefs = "{\"prompt\": \"p\", \"chosen\": \"a\", \"rejected\": \"b\"}\n{\"chosen\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"A\"}], \"rejected\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"B\"}]}\n";
+    survive("preference jsonl", prefs.as_bytes(), prefs.len(), 9, |m| {
+        let _ = parse_preference_jsonl(&String::from_utf8_lossy(m), "m.jsonl", true);
+    });
+}
+
+#[test]
+fn adapter_mutants_never_panic() {
+    let dir = common::fixtures().join("lora/llama_peft_adapter");
+    let (config, weights) = (std::fs::read(dir.join(ADAPTER_CONFIG_FILE)).unwrap(), std::fs::read(dir.join(ADAPTER_WEIGHTS_FILE)).unwrap());
+    survive("adapter_config.json", &config, config.len(), 10, |m| {
+        let _ = Adapter::read(&MemFiles::new("m").with(ADAPTER_CONFIG_FILE, m.to_vec()).with(ADAPTER_WEIGHTS_FILE, weights.clone()));
+    });
+    survive("adapter_model.safetensors", &weights, header_len(&weights), 11, |m| {
+        let _ = Adapter::read(&MemFiles::new("m").with(ADAPTER_CONFIG_FILE, config.clone()).with(ADAPTER_WEIGHTS_FILE, m.to_vec()));
+    });
+}
+
+// Regression cases: inputs that once crashed a parser, kept by name.
+
+/// tokenizers 0.22 panicked (`expect("Helper")`) on a syntax error inside the decoder section
+/// (found by `tokenizer_json_and_config_mutants_never_panic`).
+#[test]
+fn regression_tokenizer_json_with_a_syntax_error_in_its_decoder() {
+    let text = String::from_utf8(fixture("chat/tokenizer.json")).unwrap();
+    let at = text.find("\"decoder\"").unwrap();
+    let bad = format!("{}{}", &text[..at], text[at..].replacen("\"ByteLevel\"", "ByteLevel", 1));
+    let err = match Tokenizer::open(&MemFiles::new("m").with("tokenizer.json", bad.into_bytes())) {
+        Ok(_) => panic!("a malformed tokenizer.json was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("m/tokenizer.json") && err.contains("invalid JSON"), "{err}");
+}
+
+/// A post-processor whose special token the file does not define: tokenizers 0.22 panicked at
+/// the first encode ("no entry found for key"; found by the same test).
+#[test]
+fn regression_tokenizer_json_whose_post_processor_names_an_unknown_token() {
+    let text = String::from_utf8(fixture("chat/tokenizer.json")).unwrap();
+    let at = text.find("\"special_tokens\"").unwrap();
+    let bad = format!("{}{}", &text[..at], text[at..].replacen("\"<|endoftext|>\": {", "\"<|endoftet|>\": {", 1));
+    let err = match Tokenizer::open(&MemFiles::new("m").with("tokenizer.json", bad.into_bytes())) {
+        Ok(_) => panic!("a tokenizer that cannot encode was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("m/tokenizer.json") && err.contains("panicked while encoding"), "{err}");
+}
