@@ -100,6 +100,7 @@ fn sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter() {
     let out = dir.join("killed");
     let ckpt = checkpoint_of(&out);
     let (mut rng, mut kills, mut saved_step) = (Rng(0x9e37_79b9_7f4a_7c15), 0, 0usize);
+    let mut resumed_at = Vec::new();
     for attempt in 0.. {
         assert!(attempt < 400, "the run never finished ({kills} kills)");
         // Killed after the adapter was written and the checkpoint removed: finished.
@@ -121,6 +122,7 @@ fn sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter() {
             // At most one checkpoint interval (one step here) is lost to a kill.
             let at: usize = at.split_whitespace().next().unwrap().parse().unwrap();
             assert!(at + 1 >= saved_step, "resumed at step {at} after step {saved_step} was printed");
+            resumed_at.push(at);
         }
         if let Some(step) = last_step(&stderr) {
             saved_step = step;
@@ -137,6 +139,7 @@ fn sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter() {
             hone::lora::peft::Adapter::read(&files).expect("a whole adapter");
         }
     }
+    println!("{kills} kills; start-up {start_up:?}, {per_step:?} a step; resumed at steps {resumed_at:?}");
     assert!(kills >= KILLS, "only {kills} kills landed before the run finished");
     assert_eq!(adapter_bytes(&out), adapter_bytes(&straight), "the killed-and-resumed run's adapter differs");
     assert!(!ckpt.exists(), "the finished run leaves no checkpoint");
@@ -199,5 +202,70 @@ cp -r "{out}" "{keep}/adapter"
     assert_eq!(read("resumed.status").trim(), "0", "{resumed}");
     assert!(resumed.contains("resumed at step 1 of 3"), "{resumed}");
     assert_eq!(adapter_bytes(&keep.join("adapter")), adapter_bytes(&straight), "the resumed run's adapter differs");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `cp -r`, for saving and restoring a checkpoint directory.
+fn copy_dir(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    assert!(Command::new("cp").args(["-r", s(from), s(to)]).status().unwrap().success());
+}
+
+#[test]
+fn states_a_kill_leaves_around_the_final_save_resume_to_the_same_adapter() {
+    let dir = tmp("final");
+    let data = write_data(&dir);
+    let straight = dir.join("straight");
+    assert!(hone(&train_args(&data, &straight, 4)).status().unwrap().success());
+
+    // A checkpoint of step 3 of 4: the run is killed as soon as its slot is whole.
+    let out = dir.join("killed");
+    let ckpt = checkpoint_of(&out);
+    let kept = dir.join("kept-checkpoint");
+    for attempt in 0.. {
+        assert!(attempt < 20, "never caught the step-3 checkpoint before the run ended");
+        let _ = std::fs::remove_dir_all(&out);
+        let _ = std::fs::remove_dir_all(&ckpt);
+        let mut child = hone(&train_args(&data, &out, 4)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(30) && !hone::train::checkpoint::load(&ckpt).is_ok_and(|l| l.saved.state.step == 3) {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        if hone::train::checkpoint::load(&ckpt).is_ok_and(|l| l.saved.state.step == 3) && !out.exists() {
+            copy_dir(&ckpt, &kept);
+            break;
+        }
+    }
+    let resume = |out: &Path| {
+        let mut args = train_args(&data, out, 4);
+        args.extend(["--resume".to_string(), s(&checkpoint_of(out)).to_string()]);
+        let r = hone(&args).output().unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        assert!(String::from_utf8_lossy(&r.stderr).contains("resumed at step 3 of 4"));
+    };
+
+    // Killed after the adapter was renamed into place but before the checkpoint was removed.
+    copy_dir(&straight, &out);
+    resume(&out);
+    assert_eq!(adapter_bytes(&out), adapter_bytes(&straight));
+    assert!(!ckpt.exists());
+
+    // Killed between the two renames of replacing an adapter: no adapter, the previous one and
+    // the new one under temporary names. Resumed: the adapter is whole, the temporaries gone.
+    copy_dir(&kept, &ckpt);
+    std::fs::remove_dir_all(&out).unwrap();
+    for junk in [".killed.tmp-99999", ".killed.old-99999"] {
+        std::fs::create_dir_all(dir.join(junk)).unwrap();
+        std::fs::write(dir.join(junk).join("adapter_model.safetensors"), b"half").unwrap();
+    }
+    resume(&out);
+    assert_eq!(adapter_bytes(&out), adapter_bytes(&straight));
+    for junk in [".killed.tmp-99999", ".killed.old-99999"] {
+        assert!(!dir.join(junk).exists(), "{junk} left behind");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
