@@ -177,6 +177,7 @@ await check('reload_resumes_from_opfs_checkpoint', async () => {
   await button('Resume from checkpoint').click();
   await page.waitForFunction(() => document.getElementById('progress').dataset.warning || document.getElementById('error').hidden === false);
   const warning = await page.evaluate(() => document.getElementById('progress').dataset.warning || '');
+  console.log(`page: damaged the step-${damaged.newest} slot; ${warning}`);
   assert(/skipped a damaged checkpoint/.test(warning) && /optimizer\.safetensors/.test(warning) && new RegExp(`resumed at step ${resumedAt}`).test(warning), `${warning} ${await errorText()}`);
   await page.waitForFunction(() => /Resumed at step/.test(document.getElementById('progress-text').textContent) || Number(document.getElementById('progress').value) > 0);
   const first = await progressStep();

@@ -6,9 +6,11 @@
 //!   test: native (CPU and wgpu), the CUDA build check, the browser tests, and the page test.
 //! - `serve [--port N] [--dev]`: builds and serves the page (see page.rs).
 //! - `bench`: hone against PyTorch + PEFT + bitsandbytes (see bench.rs).
+//! - `fuzz [--seconds N] [--target NAME]`: the cargo-fuzz targets of fuzz/ (see fuzz.rs).
 
 mod bench;
 mod checkpoint;
+mod fuzz;
 mod page;
 mod tools;
 
@@ -53,6 +55,9 @@ enum Task {
     /// Write a random-weight checkpoint with the shapes of a config.json (sharded bf16
     /// safetensors with an index, and a tokenizer), as the Hub ships models; for scale runs.
     MakeCheckpoint(checkpoint::Args),
+    /// Fuzz every parser of untrusted files (cargo-fuzz targets in fuzz/, nightly toolchain)
+    /// for --seconds each from the committed seed corpora; prints executions and crashes.
+    Fuzz(fuzz::Args),
     /// Generate on the demo's held-out prompts and count the replies that start "Ahoy".
     DemoCheck {
         /// Flags passed on to `hone generate` (e.g. --adapter DIR --nf4).
@@ -93,6 +98,7 @@ fn main() {
         Task::DefaultModel => default_model().map(|p| println!("{}", p.display())),
         Task::DemoCheck { generate_args } => demo_check(&generate_args),
         Task::MakeCheckpoint(args) => checkpoint::make(args),
+        Task::Fuzz(args) => fuzz::fuzz(args),
     };
     if let Err(e) = result {
         eprintln!("xtask: {e}");

@@ -1,0 +1,11 @@
+//! tokenizer.json, then an encode and a decode.
+#![no_main]
+use hone::data::Tokenizer;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    if let Ok(tok) = Tokenizer::from_bytes(data, "tokenizer.json") {
+        if let Ok(ids) = tok.encode("Hello, world. <|end|>", true) {
+            let _ = tok.decode(&ids, false);
+        }
+    }
+});
