@@ -61,15 +61,10 @@ fn last_step(stderr: &str) -> Option<usize> {
     stderr.lines().filter_map(|l| l.strip_prefix("step ")?.split('/').next()?.parse().ok()).last()
 }
 
-/// A small deterministic generator for the kill times (xorshift64*).
-struct Rng(u64);
-impl Rng {
-    fn unit(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
-    }
+/// Seeded kill times: a uniform draw in [0, 1).
+fn unit(rng: &mut rand_chacha::ChaCha8Rng) -> f64 {
+    use rand_chacha::rand_core::RngCore;
+    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[test]
@@ -99,7 +94,8 @@ fn sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter() {
 
     let out = dir.join("killed");
     let ckpt = checkpoint_of(&out);
-    let (mut rng, mut kills, mut saved_step) = (Rng(0x9e37_79b9_7f4a_7c15), 0, 0usize);
+    let mut rng = <rand_chacha::ChaCha8Rng as rand_chacha::rand_core::SeedableRng>::seed_from_u64(21);
+    let (mut kills, mut saved_step) = (0, 0usize);
     let mut resumed_at = Vec::new();
     for attempt in 0.. {
         assert!(attempt < 400, "the run never finished ({kills} kills)");
@@ -113,7 +109,7 @@ fn sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter() {
         }
         let mut child = hone(&run).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         if kills < KILLS {
-            std::thread::sleep(window.mul_f64(rng.unit()));
+            std::thread::sleep(window.mul_f64(unit(&mut rng)));
             let _ = child.kill();
         }
         let Output { status, stderr, .. } = child.wait_with_output().unwrap();

@@ -20,13 +20,16 @@ use std::time::{Duration, Instant};
 /// Mutants per parser; enough to cover each header field many times in a few seconds.
 const MUTANTS: usize = 2000;
 
-struct Rng(u64);
+/// Seeded draws: ChaCha8 (hone's own generator for LoRA initialisation).
+struct Rng(rand_chacha::ChaCha8Rng);
 impl Rng {
+    fn new(seed: u64) -> Self {
+        use rand_chacha::rand_core::SeedableRng;
+        Rng(rand_chacha::ChaCha8Rng::seed_from_u64(seed))
+    }
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        use rand_chacha::rand_core::RngCore;
+        self.0.next_u64()
     }
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n.max(1) as u64) as usize
@@ -77,7 +80,7 @@ fn mutate(rng: &mut Rng, input: &[u8], hot: usize) -> Vec<u8> {
 /// Runs `parse` on `MUTANTS` mutants of `input`; fails with the seed and the panic of any
 /// mutant that panics, or one that takes over 10 s.
 fn survive(name: &str, input: &[u8], hot: usize, seed: u64, parse: impl Fn(&[u8])) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut errors = Vec::new();
     for i in 0..MUTANTS {
         let m = mutate(&mut rng, input, hot);
@@ -204,17 +207,23 @@ fn adapter_mutants_never_panic() {
 
 // Regression cases: inputs that once crashed a parser, kept by name.
 
+/// The error opening the chat fixture's tokenizer.json with `from` replaced by `to` once,
+/// after the first `after`.
+fn tokenizer_edit_err(after: &str, from: &str, to: &str) -> String {
+    let text = String::from_utf8(fixture("chat/tokenizer.json")).unwrap();
+    let at = text.find(after).unwrap();
+    let bad = format!("{}{}", &text[..at], text[at..].replacen(from, to, 1));
+    match Tokenizer::open(&MemFiles::new("m").with("tokenizer.json", bad.into_bytes())) {
+        Ok(_) => panic!("a broken tokenizer.json was accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
 /// tokenizers 0.22 panicked (`expect("Helper")`) on a syntax error inside the decoder section
 /// (found by `tokenizer_json_and_config_mutants_never_panic`).
 #[test]
 fn regression_tokenizer_json_with_a_syntax_error_in_its_decoder() {
-    let text = String::from_utf8(fixture("chat/tokenizer.json")).unwrap();
-    let at = text.find("\"decoder\"").unwrap();
-    let bad = format!("{}{}", &text[..at], text[at..].replacen("\"ByteLevel\"", "ByteLevel", 1));
-    let err = match Tokenizer::open(&MemFiles::new("m").with("tokenizer.json", bad.into_bytes())) {
-        Ok(_) => panic!("a malformed tokenizer.json was accepted"),
-        Err(e) => e.to_string(),
-    };
+    let err = tokenizer_edit_err("\"decoder\"", "\"ByteLevel\"", "ByteLevel");
     assert!(err.contains("m/tokenizer.json") && err.contains("invalid JSON"), "{err}");
 }
 
@@ -222,12 +231,6 @@ fn regression_tokenizer_json_with_a_syntax_error_in_its_decoder() {
 /// the first encode ("no entry found for key"; found by the same test).
 #[test]
 fn regression_tokenizer_json_whose_post_processor_names_an_unknown_token() {
-    let text = String::from_utf8(fixture("chat/tokenizer.json")).unwrap();
-    let at = text.find("\"special_tokens\"").unwrap();
-    let bad = format!("{}{}", &text[..at], text[at..].replacen("\"<|endoftext|>\": {", "\"<|endoftet|>\": {", 1));
-    let err = match Tokenizer::open(&MemFiles::new("m").with("tokenizer.json", bad.into_bytes())) {
-        Ok(_) => panic!("a tokenizer that cannot encode was accepted"),
-        Err(e) => e.to_string(),
-    };
+    let err = tokenizer_edit_err("\"special_tokens\"", "\"<|endoftext|>\": {", "\"<|endoftet|>\": {");
     assert!(err.contains("m/tokenizer.json") && err.contains("panicked while encoding"), "{err}");
 }
