@@ -6,6 +6,7 @@
 //! `fuzz/artifacts/<target>/` (turn it into a regression test in crates/hone/tests/mutations.rs).
 
 use crate::{root, target_dir, tools, Result};
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -75,15 +76,22 @@ pub fn fuzz(a: Args) -> Result {
             .arg("--")
             .arg(format!("-max_total_time={}", a.seconds))
             .args(["-rss_limit_mb=4096", "-timeout=20", "-print_final_stats=1"])
-            .stdout(Stdio::piped())
+            .stdout(Stdio::inherit())
             .stderr(Stdio::piped());
         eprintln!("xtask: fuzz {t}: building and running for {} s", a.seconds);
-        let out = c.output().map_err(|e| format!("{}: {e}", cargo_fuzz.display()))?;
-        let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        // The build's and libFuzzer's lines go on as they come, and are kept for the summary.
+        let mut child = c.spawn().map_err(|e| format!("{}: {e}", cargo_fuzz.display()))?;
+        let mut log = String::new();
+        for line in BufReader::new(child.stderr.take().expect("piped")).lines().map_while(|l| l.ok()) {
+            eprintln!("{line}");
+            log.push_str(&line);
+            log.push('\n');
+        }
+        let status = child.wait().map_err(|e| e.to_string())?;
         let log_path = target_dir().join(format!("fuzz-{t}.log"));
         let _ = std::fs::write(&log_path, &log);
         let (runs, new) = stats(&log);
-        if out.status.success() {
+        if status.success() {
             println!("xtask: fuzz {t}: {runs} executions, {new} new inputs, 0 crashes ({:.0} s with the build; log {})", t0.elapsed().as_secs_f64(), log_path.display());
         } else {
             let artifact = log.lines().find(|l| l.contains("Test unit written to")).unwrap_or("no artifact line").to_string();
