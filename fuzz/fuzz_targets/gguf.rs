@@ -4,6 +4,7 @@
 use hone::data::Message;
 use hone::io::gguf::Gguf;
 use hone::io::MemSource;
+use hone_fuzz::tolerate_tokenizers_panics;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     tolerate_tokenizers_panics();
@@ -21,17 +22,3 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     }
 });
 
-/// hone catches panics raised inside the tokenizers crate (`hone::data::Tokenizer` turns them
-/// into errors naming the file): those are not crashes here; every other panic still aborts,
-/// as libFuzzer's hook does.
-fn tolerate_tokenizers_panics() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let abort = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if !info.location().is_some_and(|l| l.file().contains("/tokenizers-")) {
-                abort(info);
-            }
-        }));
-    });
-}
