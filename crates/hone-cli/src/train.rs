@@ -501,8 +501,8 @@ where
     B::InnerBackend: HoneBackend,
 {
     checkpoint::save(dir, trainer, saved, best).map_err(|e| {
-        let previous = checkpoint::load(dir).map(|l| format!("the previous checkpoint (step {}) in {} is intact: free space and continue with --resume {}", l.saved.state.step, dir.display(), dir.display()));
-        anyhow::anyhow!("saving the checkpoint at step {step} failed: {e}; {}", previous.unwrap_or_else(|_| "there is no earlier checkpoint".to_string()))
+        let previous = checkpoint::newest_whole_step(dir).map(|s| format!("the previous checkpoint (step {s}) in {} is intact: free space and continue with --resume {}", dir.display(), dir.display()));
+        anyhow::anyhow!("saving the checkpoint at step {step} failed: {e}; {}", previous.unwrap_or_else(|| "there is no earlier checkpoint".to_string()))
     })
 }
 

@@ -204,6 +204,13 @@ pub fn exists(dir: &Path) -> bool {
     dir.join(STATE_FILE).is_file() || !slots_newest_first(dir).is_empty()
 }
 
+/// The step of the newest slot of `dir` whose checksums hold, without touching anything (for
+/// messages; `load` also sets a damaged slot aside).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn newest_whole_step(dir: &Path) -> Option<usize> {
+    slots_newest_first(dir).into_iter().find(|(slot, _)| verify(&crate::io::Dir(dir.join(slot))).is_ok()).map(|(_, step)| step)
+}
+
 /// The slots of `dir` that hold a `trainer_state.json`, newest step first.
 #[cfg(not(target_arch = "wasm32"))]
 fn slots_newest_first(dir: &Path) -> Vec<(&'static str, usize)> {
