@@ -1,6 +1,7 @@
 //! `hone`: the command-line fine-tuner.
 
 mod backend;
+mod export;
 mod generate;
 mod model;
 mod logits;
@@ -25,6 +26,8 @@ enum Command {
     Logits(logits::Args),
     /// Generate a reply (chat-formatted unless --raw) with a model and an optional adapter.
     Generate(generate::Args),
+    /// Write an adapter in another runtime's format: a llama.cpp LoRA adapter GGUF.
+    Export(export::Args),
     /// Merge a LoRA adapter into its base and write a standard model directory.
     Merge(merge::Args),
     /// Save a model pre-quantized to NF4 in bitsandbytes' layout.
@@ -46,6 +49,7 @@ fn main() {
     }
     let result = match cli.command {
         Command::Logits(args) => logits::run(args),
+        Command::Export(args) => export::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Quantize(args) => quantize::run(args),

@@ -1,10 +1,11 @@
 //! hone's core: model loading and the decoder, generic over burn's `Backend`; native and wasm32.
 //!
 //! Layers, bottom up: `io` (byte sources, safetensors, GGUF), `readback` and `data` (formats,
-//! templates) → `quant` (NF4) → `lora` and `model` → `train`, `generate`.
+//! templates) → `quant` (NF4) → `lora` and `model` → `train`, `generate`, `export`.
 
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod generate;
 pub mod io;
 pub mod lora;

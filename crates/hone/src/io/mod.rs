@@ -3,6 +3,7 @@
 //! source is a file; in the browser it is a `Blob` (see hone-web); in tests it is memory.
 
 pub mod gguf;
+pub mod gguf_write;
 pub mod safetensors;
 pub mod weights;
 

@@ -64,29 +64,76 @@ pub struct GgufWeights<'a> {
 
 impl GgufWeights<'_> {
     fn gguf_name(name: &str) -> Option<String> {
-        Some(match name {
-            "model.embed_tokens.weight" => "token_embd.weight".into(),
-            "model.norm.weight" => "output_norm.weight".into(),
-            "lm_head.weight" => "output.weight".into(),
-            _ => {
-                let rest = name.strip_prefix("model.layers.")?;
-                let (i, rest) = rest.split_once('.')?;
-                let part = match rest {
-                    "input_layernorm.weight" => "attn_norm.weight",
-                    "post_attention_layernorm.weight" => "ffn_norm.weight",
-                    "self_attn.q_proj.weight" => "attn_q.weight",
-                    "self_attn.k_proj.weight" => "attn_k.weight",
-                    "self_attn.v_proj.weight" => "attn_v.weight",
-                    "self_attn.o_proj.weight" => "attn_output.weight",
-                    "mlp.gate_proj.weight" => "ffn_gate.weight",
-                    "mlp.up_proj.weight" => "ffn_up.weight",
-                    "mlp.down_proj.weight" => "ffn_down.weight",
-                    _ => return None,
-                };
-                format!("blk.{i}.{part}")
-            }
-        })
+        llama_cpp_name(Arch::Llama, name)
     }
+}
+
+/// llama.cpp's name for an architecture (`general.architecture`): Mistral is converted as llama.
+pub fn llama_cpp_arch(arch: Arch) -> &'static str {
+    match arch {
+        Arch::Llama | Arch::Mistral => "llama",
+        Arch::Qwen2 => "qwen2",
+        Arch::Phi3 => "phi3",
+    }
+}
+
+/// llama.cpp's converter stores q/k rows interleaved for the architectures it converts as llama.
+pub fn llama_cpp_permutes_qk(arch: Arch) -> bool {
+    matches!(arch, Arch::Llama | Arch::Mistral)
+}
+
+/// The llama.cpp tensor name of a Hugging Face weight (or bias) name; `None` for names llama.cpp
+/// has no tensor for.
+pub fn llama_cpp_name(arch: Arch, name: &str) -> Option<String> {
+    Some(match name {
+        "model.embed_tokens.weight" => "token_embd.weight".into(),
+        "model.norm.weight" => "output_norm.weight".into(),
+        "lm_head.weight" => "output.weight".into(),
+        _ => {
+            let rest = name.strip_prefix("model.layers.")?;
+            let (i, rest) = rest.split_once('.')?;
+            i.parse::<usize>().ok()?;
+            let (module, kind) = rest.rsplit_once('.')?;
+            if !matches!(kind, "weight" | "bias") {
+                return None;
+            }
+            let part = match (module, arch) {
+                ("input_layernorm", _) => "attn_norm",
+                ("post_attention_layernorm", _) => "ffn_norm",
+                ("self_attn.q_proj", _) => "attn_q",
+                ("self_attn.k_proj", _) => "attn_k",
+                ("self_attn.v_proj", _) => "attn_v",
+                ("self_attn.qkv_proj", Arch::Phi3) => "attn_qkv",
+                ("self_attn.o_proj", _) => "attn_output",
+                ("mlp.gate_proj", _) => "ffn_gate",
+                ("mlp.up_proj", _) => "ffn_up",
+                // Phi-3 keeps gate and up fused; llama.cpp splits them in its graph.
+                ("mlp.gate_up_proj", Arch::Phi3) => "ffn_up",
+                ("mlp.down_proj", _) => "ffn_down",
+                _ => return None,
+            };
+            format!("blk.{i}.{part}.{kind}")
+        }
+    })
+}
+
+/// llama.cpp's converter's `permute` of q/k rows `[heads * head_dim, ...]`: within each head,
+/// the two rotary halves become interleaved pairs. The inverse of [`unpermute`].
+pub fn permute(w: &[f32], heads: usize, rows: usize, cols: usize) -> Vec<f32> {
+    let hd = rows / heads;
+    let half = hd / 2;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                // HF row: h*hd + j*half + i  →  stored row: h*hd + 2*i + j
+                let src = (h * hd + j * half + i) * cols;
+                let dst = (h * hd + 2 * i + j) * cols;
+                out[dst..dst + cols].copy_from_slice(&w[src..src + cols]);
+            }
+        }
+    }
+    out
 }
 
 /// Undoes llama.cpp's `permute` of a q/k weight `[heads * head_dim, cols]`: within each head,

@@ -1,0 +1,56 @@
+//! `hone export --gguf`: the command writes the llama.cpp LoRA GGUF that hone's library makes
+//! (itself checked against llama.cpp in crates/hone/tests/llamacpp.rs), and says what it wrote.
+
+use hone::export::gguf_lora::lora_to_gguf;
+use hone::io::Dir;
+use hone::lora::peft::Adapter;
+use hone::model::load::read_config;
+use std::path::PathBuf;
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+#[test]
+fn export_writes_the_llama_cpp_lora_gguf() {
+    let adapter = fixtures().join("llamacpp/qwen2_adapter");
+    let out = std::env::temp_dir().join(format!("hone-export-{}", std::process::id())).join("qwen2_adapter.gguf");
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_hone"))
+        .args(["export", "--adapter"])
+        .arg(&adapter)
+        .arg("--model")
+        .arg(fixtures().join("qwen2"))
+        .arg("--gguf")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let want = lora_to_gguf(&Adapter::read(&Dir(adapter)).unwrap(), &read_config(&Dir(fixtures().join("qwen2"))).unwrap(), "qwen2_adapter").unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), want.bytes);
+    // The rsLoRA adapter: the command says which alpha it wrote and why.
+    assert!(stderr.contains("rsLoRA") && stderr.contains("adapter.lora.alpha 16"), "{stderr}");
+    // Nothing left beside it but the file.
+    assert_eq!(std::fs::read_dir(out.parent().unwrap()).unwrap().count(), 1);
+    std::fs::remove_dir_all(out.parent().unwrap()).unwrap();
+}
+
+#[test]
+fn export_for_the_wrong_base_fails_naming_the_module_and_writes_nothing() {
+    let out = std::env::temp_dir().join(format!("hone-export-bad-{}.gguf", std::process::id()));
+    let run = Command::new(env!("CARGO_BIN_EXE_hone"))
+        .args(["export", "--adapter"])
+        .arg(fixtures().join("llamacpp/llama_adapter"))
+        .arg("--model")
+        .arg(fixtures().join("phi3"))
+        .arg("--gguf")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(stderr.contains("model.layers.0.mlp.gate_proj") && stderr.contains("another model"), "{stderr}");
+    assert!(!out.exists());
+}

@@ -1,0 +1,156 @@
+"""llama.cpp fixtures for `hone export --gguf` (tests/fixtures/llamacpp/): llama.cpp itself runs
+hone's LoRA GGUFs.
+
+For each of the tiny llama, mistral, qwen2 and phi3 bases in tests/fixtures:
+ 1. a PEFT adapter (r 4, alpha 8, all-linear; qwen2's with rsLoRA), A and B drawn from a seeded
+    generator so that B is not zero → `<arch>_adapter/`;
+ 2. llama.cpp's own `convert_lora_to_gguf.py` (f32) of that adapter → `<arch>_converter.gguf`;
+ 3. the base as an f32 GGUF by llama.cpp's `convert_hf_to_gguf.py` (not committed: hone's test
+    runs the Hugging Face base);
+ 4. `hone export --gguf` of the adapter, loaded by llama.cpp (llama-cpp-python) on top of that
+    base GGUF: its logits for fixed ids → `<arch>_logits.safetensors` ("ids", "llama_cpp"), with
+    PEFT's logits ("peft", transformers + PEFT) beside them.
+The script checks that llama.cpp's logits with hone's GGUF equal PEFT's (1e-4 relative) and,
+where the converter's alpha is right (no rsLoRA), llama.cpp's logits with the converter's GGUF.
+
+Needs, besides tests/reference/requirements.txt: llama-cpp-python 0.3.36 built from its source
+distribution and sentencepiece (the converter imports it), and that source unpacked:
+
+    pip download --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36 -d /tmp/llcpp
+    tar xzf /tmp/llcpp/llama_cpp_python-0.3.36.tar.gz -C /tmp/llcpp
+    pip install --no-binary llama-cpp-python -r tests/reference/requirements-llamacpp.txt
+    cargo build -p hone-cli
+    LLAMA_CPP_DIR=/tmp/llcpp/llama_cpp_python-0.3.36/vendor/llama.cpp HONE=target/debug/hone \\
+        python tests/reference/make_llamacpp_fixtures.py
+"""
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+ROOT = Path(__file__).resolve().parents[2]
+FIX = ROOT / "tests" / "fixtures"
+OUT = FIX / "llamacpp"
+LLAMA_CPP = Path(os.environ["LLAMA_CPP_DIR"])
+HONE = os.environ.get("HONE", str(ROOT / "target" / "debug" / "hone"))
+ARCHS = {"llama": False, "mistral": False, "qwen2": True, "phi3": False}  # arch → use_rslora
+# Mistral's fixture has a sliding window of 4, which llama.cpp's llama graph does not apply: 4 ids
+# there. Phi-3's switches to its long rope factors past 8 positions: transformers decides by the
+# sequence's length, llama.cpp by the context's (256 at least), so 12 ids put both on the long ones.
+IDS_OF = {"mistral": [5, 17, 42, 99], "phi3": [5, 17, 42, 99, 3, 250, 7, 64, 11, 300, 23, 1]}
+IDS = [5, 17, 42, 99, 3, 250, 7, 64]
+
+
+def make_adapter(arch, rslora):
+    torch.manual_seed(11)
+    base = AutoModelForCausalLM.from_pretrained(FIX / arch, dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, use_rslora=rslora, task_type="CAUSAL_LM")
+    model = get_peft_model(base, cfg)
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    out = OUT / f"{arch}_adapter"
+    shutil.rmtree(out, ignore_errors=True)
+    model.save_pretrained(out)
+    # The path PEFT records is this machine's; keep the committed file free of it.
+    cfg_file = out / "adapter_config.json"
+    cfg_file.write_text(cfg_file.read_text().replace(str(FIX), "tests/fixtures"))
+    (out / "README.md").unlink(missing_ok=True)
+    return out
+
+
+def peft_logits(arch, adapter, ids):
+    base = AutoModelForCausalLM.from_pretrained(FIX / arch, dtype=torch.float32, attn_implementation="eager")
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def run_converter(script, argv):
+    """One of llama.cpp's converters, in this process (so that the patches below apply)."""
+    old = sys.argv
+    sys.argv = [str(script)] + [str(a) for a in argv]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = old
+
+
+def patch_base_vocab():
+    # The fixtures' tiny BPE tokenizer is not one of the pre-tokenizers llama.cpp knows by hash,
+    # and Phi-3's converter wants a sentencepiece file: a plain GPT-2 style vocabulary is enough
+    # for logits of given ids (no text is tokenized).
+    sys.path.insert(0, str(LLAMA_CPP))
+    sys.path.insert(0, str(LLAMA_CPP / "gguf-py"))
+    import conversion.base as base
+    import conversion.phi as phi
+
+    base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+    phi.Phi3MiniModel.set_vocab = lambda self: self._set_vocab_gpt2()
+
+
+def llama_cpp_logits(base_gguf, lora_gguf, ids):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(base_gguf), lora_path=str(lora_gguf), n_ctx=len(ids), n_batch=len(ids), n_threads=1, logits_all=True, verbose=False, seed=0,
+                # An f16 KV cache (llama.cpp's default) alone moves the logits by ~1e-3.
+                type_k=0, type_v=0, flash_attn=False)
+    llm.eval(ids)
+    out = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    llm.close()
+    return out
+
+
+def rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def main():
+    OUT.mkdir(parents=True, exist_ok=True)
+    patch_base_vocab()
+    tmp = Path(tempfile.mkdtemp())
+    for arch, rslora in ARCHS.items():
+        adapter = make_adapter(arch, rslora)
+        converter = OUT / f"{arch}_converter.gguf"
+        run_converter(LLAMA_CPP / "convert_lora_to_gguf.py", ["--base", FIX / arch, "--outtype", "f32", "--outfile", converter, adapter])
+        base_gguf = tmp / f"{arch}_base.gguf"
+        # llama.cpp sets attributes of Phi-3's special tokens, which the tiny vocabulary lacks, when
+        # the model's name says phi3: a neutral name.
+        run_converter(LLAMA_CPP / "convert_hf_to_gguf.py", [FIX / arch, "--outtype", "f32", "--model-name", "tiny", "--outfile", base_gguf])
+        hone_gguf = tmp / f"{arch}_hone.gguf"
+        subprocess.run([HONE, "export", "--adapter", adapter, "--model", FIX / arch, "--gguf", hone_gguf], check=True)
+        ids = IDS_OF.get(arch, IDS)
+        ours = llama_cpp_logits(base_gguf, hone_gguf, ids)
+        theirs = llama_cpp_logits(base_gguf, converter, ids)
+        peft = peft_logits(arch, adapter, ids)
+        base_only = peft_logits_base(arch, ids)
+        print(f"{arch}: llama.cpp(hone GGUF) vs PEFT {rel(ours, peft):.2e}; llama.cpp(converter GGUF) vs PEFT {rel(theirs, peft):.2e}; the adapter moves the logits by {rel(peft, base_only):.2e}")
+        assert rel(ours, peft) < 1e-4, arch
+        if not rslora:
+            assert rel(theirs, peft) < 1e-4, arch
+        save_file(
+            {"ids": torch.tensor(ids, dtype=torch.int64), "llama_cpp": torch.from_numpy(ours).contiguous(), "peft": torch.from_numpy(peft).contiguous()},
+            OUT / f"{arch}_logits.safetensors",
+        )
+    shutil.rmtree(tmp)
+
+
+def peft_logits_base(arch, ids):
+    base = AutoModelForCausalLM.from_pretrained(FIX / arch, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return base(torch.tensor([ids])).logits[0].float().numpy()
+
+
+if __name__ == "__main__":
+    main()
