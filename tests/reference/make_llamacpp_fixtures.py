@@ -23,6 +23,7 @@ distribution and sentencepiece (the converter imports it), and that source unpac
     LLAMA_CPP_DIR=/tmp/llcpp/llama_cpp_python-0.3.36/vendor/llama.cpp HONE=target/debug/hone \\
         python tests/reference/make_llamacpp_fixtures.py
 """
+import json
 import os
 import runpy
 import shutil
@@ -63,9 +64,13 @@ def make_adapter(arch, rslora):
     out = OUT / f"{arch}_adapter"
     shutil.rmtree(out, ignore_errors=True)
     model.save_pretrained(out)
-    # The path PEFT records is this machine's; keep the committed file free of it.
+    # The path PEFT records is this machine's, and it writes target_modules from a set, in an
+    # order that changes from run to run: keep the committed file free of both.
     cfg_file = out / "adapter_config.json"
-    cfg_file.write_text(cfg_file.read_text().replace(str(FIX), "tests/fixtures"))
+    cfg = json.loads(cfg_file.read_text().replace(str(FIX), "tests/fixtures"))
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     (out / "README.md").unlink(missing_ok=True)
     return out
 

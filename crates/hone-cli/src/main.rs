@@ -1,6 +1,7 @@
 //! `hone`: the command-line fine-tuner.
 
 mod backend;
+mod check_adapter;
 mod export;
 mod generate;
 mod model;
@@ -26,6 +27,8 @@ enum Command {
     Logits(logits::Args),
     /// Generate a reply (chat-formatted unless --raw) with a model and an optional adapter.
     Generate(generate::Args),
+    /// What vLLM, llama.cpp or PEFT will refuse in an adapter, or read with another result.
+    CheckAdapter(check_adapter::Args),
     /// Write an adapter in another runtime's format: a llama.cpp LoRA adapter GGUF.
     Export(export::Args),
     /// Merge a LoRA adapter into its base and write a standard model directory.
@@ -50,6 +53,11 @@ fn main() {
     let result = match cli.command {
         Command::Logits(args) => logits::run(args),
         Command::Export(args) => export::run(args),
+        Command::CheckAdapter(args) => match check_adapter::run(args) {
+            Ok(true) => Ok(()),
+            Ok(false) => std::process::exit(1),
+            Err(e) => Err(e),
+        },
         Command::Merge(args) => merge::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Quantize(args) => quantize::run(args),

@@ -54,3 +54,19 @@ fn export_for_the_wrong_base_fails_naming_the_module_and_writes_nothing() {
     assert!(stderr.contains("model.layers.0.mlp.gate_proj") && stderr.contains("another model"), "{stderr}");
     assert!(!out.exists());
 }
+
+#[test]
+fn check_adapter_exits_1_only_when_a_runtime_refuses() {
+    let check = |extra: &[&str]| {
+        let run = Command::new(env!("CARGO_BIN_EXE_hone")).arg("check-adapter").arg(fixtures().join("llamacpp/qwen2_adapter")).args(extra).output().unwrap();
+        (run.status.code(), String::from_utf8_lossy(&run.stdout).into_owned())
+    };
+    // rsLoRA: llama.cpp reads it otherwise (a note), nothing refuses it.
+    let (code, out) = check(&[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("vllm: ok") && out.contains("llama.cpp: differs: rsLoRA") && out.contains("peft: ok"), "{out}");
+    // A vLLM server at --max-lora-rank 1 refuses rank 4.
+    let (code, out) = check(&["--for", "vllm", "--max-lora-rank", "1"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("vllm: refuses: rank 4") && !out.contains("llama.cpp"), "{out}");
+}

@@ -1,4 +1,6 @@
-//! Adapters in the formats other runtimes load: a llama.cpp LoRA adapter GGUF ([`gguf_lora`]).
+//! Adapters for other runtimes: a llama.cpp LoRA adapter GGUF ([`gguf_lora`]), and what vLLM,
+//! llama.cpp or PEFT will refuse or read differently in an adapter ([`check`]).
 //! Above `lora` and `model` (it needs both the adapter and the base's architecture).
 
+pub mod check;
 pub mod gguf_lora;

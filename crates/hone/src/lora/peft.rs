@@ -236,7 +236,7 @@ fn check_config(cfg: &serde_json::Value, file: &str) -> Result<()> {
 /// `target_modules` (or `exclude_modules`) as PEFT reads them: a list of names (each the whole
 /// module name or its last components), `"all-linear"`, or any other string as a regex that
 /// must match the whole name. `None` when absent.
-fn config_targets(cfg: &serde_json::Value, key: &str, file: &str) -> Result<Option<Targets>> {
+pub(crate) fn config_targets(cfg: &serde_json::Value, key: &str, file: &str) -> Result<Option<Targets>> {
     match cfg.get(key) {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::String(s)) if s == "all-linear" => Ok(Some(Targets::AllLinear)),
