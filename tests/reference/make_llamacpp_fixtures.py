@@ -13,6 +13,13 @@ For each of the tiny llama, mistral, qwen2 and phi3 bases in tests/fixtures:
 The script checks that llama.cpp's logits with hone's GGUF equal PEFT's (1e-4 relative) and,
 where the converter's alpha is right (no rsLoRA), llama.cpp's logits with the converter's GGUF.
 
+Then, on the default model (SmolLM2-135M-Instruct's Q4_1 GGUF, `cargo xtask default-model`,
+given as SMOLLM2_GGUF): a seeded adapter (r 2 on q_proj and v_proj, bf16) → `smollm2_adapter/`,
+merged by `hone merge --gguf` as f16, q8_0 and q4_0; llama.cpp's greedy tokens for the chat
+prompt of tests/fixtures/smollm2_gguf.json with each merged file, with the base alone, and with
+the base plus hone's LoRA GGUF → `smollm2_merge.json`. Finally ggml's reference Q8_0/Q4_0
+quantization of seeded values by the `gguf` package → `quants.safetensors`.
+
 Needs, besides tests/reference/requirements.txt: llama-cpp-python 0.3.36 built from its source
 distribution and sentencepiece (the converter imports it), and that source unpacked:
 
@@ -21,7 +28,7 @@ distribution and sentencepiece (the converter imports it), and that source unpac
     pip install --no-binary llama-cpp-python -r tests/reference/requirements-llamacpp.txt
     cargo build -p hone-cli
     LLAMA_CPP_DIR=/tmp/llcpp/llama_cpp_python-0.3.36/vendor/llama.cpp HONE=target/debug/hone \\
-        python tests/reference/make_llamacpp_fixtures.py
+        SMOLLM2_GGUF="$(cargo xtask default-model)" python tests/reference/make_llamacpp_fixtures.py
 """
 import json
 import os
@@ -148,7 +155,86 @@ def main():
             {"ids": torch.tensor(ids, dtype=torch.int64), "llama_cpp": torch.from_numpy(ours).contiguous(), "peft": torch.from_numpy(peft).contiguous()},
             OUT / f"{arch}_logits.safetensors",
         )
+    smollm2_merge(tmp)
+    quants()
     shutil.rmtree(tmp)
+
+
+GREEDY_TOKENS = 24
+
+
+def greedy(model_path, prompt, lora_path=None, eos=None):
+    """llama.cpp's greedy continuation (argmax of each step's logits, f32 KV cache)."""
+    from llama_cpp import Llama
+
+    kw = {"lora_path": str(lora_path)} if lora_path else {}
+    llm = Llama(model_path=str(model_path), n_ctx=len(prompt) + GREEDY_TOKENS, n_batch=len(prompt), n_threads=1, logits_all=True, verbose=False, seed=0, type_k=0, type_v=0, flash_attn=False, **kw)
+    llm.eval(prompt)
+    out = []
+    for _ in range(GREEDY_TOKENS):
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(tok)
+        if tok == eos:
+            break
+        llm.eval([tok])
+    llm.close()
+    return out
+
+
+def smollm2_merge(tmp):
+    from gguf import GGUFReader
+    from safetensors.torch import save_file as save
+
+    path = Path(os.environ["SMOLLM2_GGUF"])
+    meta = GGUFReader(path).fields
+    num = lambda k: int(meta[k].contents())
+    hidden, heads, kv, layers = num("llama.embedding_length"), num("llama.attention.head_count"), num("llama.attention.head_count_kv"), num("llama.block_count")
+    head_dim = hidden // heads
+    eos = num("tokenizer.ggml.eos_token_id")
+    out = OUT / "smollm2_adapter"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    g = torch.Generator().manual_seed(21)
+    r = 2
+    tensors = {}
+    for i in range(layers):
+        for name, rows in [("q_proj", heads * head_dim), ("v_proj", kv * head_dim)]:
+            key = f"base_model.model.model.layers.{i}.self_attn.{name}"
+            tensors[f"{key}.lora_A.weight"] = (torch.randn(r, hidden, generator=g) / hidden**0.5).to(torch.bfloat16)
+            tensors[f"{key}.lora_B.weight"] = (torch.randn(rows, r, generator=g) * 0.05).to(torch.bfloat16)
+    save(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none",
+           "target_modules": ["q_proj", "v_proj"], "use_rslora": False, "use_dora": False, "base_model_name_or_path": "SmolLM2-135M-Instruct"}
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    prompt = json.loads((FIX / "smollm2_gguf.json").read_text())["prompt_ids"]
+    result = {"prompt_ids": prompt, "tokens": GREEDY_TOKENS, "base": greedy(path, prompt, eos=eos)}
+    for ty in ["f16", "q8_0", "q4_0"]:
+        merged = tmp / f"smollm2_{ty}.gguf"
+        subprocess.run([HONE, "merge", "--model", path, "--adapter", out, "--gguf", merged, "--type", ty], check=True)
+        result[ty] = greedy(merged, prompt, eos=eos)
+    lora = tmp / "smollm2_lora.gguf"
+    subprocess.run([HONE, "export", "--model", path, "--adapter", out, "--gguf", lora], check=True)
+    result["base_with_lora_gguf"] = greedy(path, prompt, lora_path=lora, eos=eos)
+    for k in ["f16", "q8_0", "q4_0", "base_with_lora_gguf"]:
+        same = sum(a == b for a, b in zip(result[k], result["f16"]))
+        print(f"smollm2 {k}: {same}/{len(result['f16'])} greedy tokens as f16's; base differs from f16 at {next((i for i, (a, b) in enumerate(zip(result['base'], result['f16'])) if a != b), None)}")
+    assert result["base"] != result["f16"], "the adapter must change the greedy tokens"
+    (OUT / "smollm2_merge.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+def quants():
+    from gguf import GGMLQuantizationType, quants as q
+    from safetensors.numpy import save_file as save_np
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 64)).astype(np.float32)
+    x[1] = 0.0  # an all-zero row: d = 0
+    x[2, :32] = np.arange(32, dtype=np.float32) - 15.5  # ties at .5 steps
+    x[3] *= 1e-3
+    out = {"x": x}
+    for name, ty in [("q8_0", GGMLQuantizationType.Q8_0), ("q4_0", GGMLQuantizationType.Q4_0)]:
+        out[name] = np.ascontiguousarray(q.quantize(x, ty)).view(np.uint8).reshape(-1)
+    save_np(out, str(OUT / "quants.safetensors"))
 
 
 def peft_logits_base(arch, ids):

@@ -31,7 +31,7 @@ enum Command {
     CheckAdapter(check_adapter::Args),
     /// Write an adapter in another runtime's format: a llama.cpp LoRA adapter GGUF.
     Export(export::Args),
-    /// Merge a LoRA adapter into its base and write a standard model directory.
+    /// Merge a LoRA adapter into its base: a Hugging Face directory, or a GGUF for llama.cpp.
     Merge(merge::Args),
     /// Save a model pre-quantized to NF4 in bitsandbytes' layout.
     Quantize(quantize::Args),

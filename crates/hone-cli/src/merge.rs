@@ -1,34 +1,86 @@
-use hone::io::Dir;
+use anyhow::Context;
+use hone::export::gguf_merge::{merge_gguf, MergedType};
+use hone::io::gguf::Gguf;
+use hone::io::{Dir, FileSource};
 use hone::lora::merge::merge_to_dir;
 use hone::lora::peft::Adapter;
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The base model the adapter was trained on: a Hugging Face directory (a GGUF base is refused, saying so).
+    /// The base model the adapter was trained on: a Hugging Face directory (for --out) or a GGUF
+    /// file (for --gguf).
     #[arg(long)]
     model: PathBuf,
     /// The PEFT LoRA adapter directory.
     #[arg(long)]
     adapter: PathBuf,
-    /// The new model directory (must not exist).
+    /// Write the merged model as a Hugging Face directory here (must not exist) (or give --gguf).
+    #[arg(long, required_unless_present = "gguf", conflicts_with = "gguf")]
+    out: Option<PathBuf>,
+    /// Write the merged model as one GGUF file llama.cpp loads, with the base GGUF's tokenizer
+    /// and chat template (or give --out).
     #[arg(long)]
-    out: PathBuf,
+    gguf: Option<PathBuf>,
+    /// How --gguf stores the merged matrices: f16, q8_0 or q4_0 (vectors stay f32).
+    #[arg(long = "type", default_value = "f16", value_parser = ["f16", "q8_0", "q4_0"])]
+    ty: String,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    crate::model::require_dir(&args.model, "hone merge writes the merged model as safetensors beside the base's own config and tokenizer files")?;
     let adapter = Adapter::read(&Dir(args.adapter.clone()))?;
-    let report = merge_to_dir(&Dir(args.model.clone()), &adapter, &args.out)?;
+    if let Some(gguf) = &args.gguf {
+        return run_gguf(&args, &adapter, gguf);
+    }
+    let out = args.out.as_ref().expect("clap requires --out or --gguf");
+    crate::model::require_dir(&args.model, "hone merge --out writes the merged model as safetensors beside the base's own config and tokenizer files (--gguf writes a GGUF)")?;
+    let report = merge_to_dir(&Dir(args.model.clone()), &adapter, out)?;
     if report.dequantized_nf4_base {
         eprintln!("note: the base is an NF4 checkpoint; the adapter was merged into its dequantized weights and the output is a dense f32 model");
     }
     eprintln!(
         "merged {} adapted layers into {} ({} tensors; W + {}·B·A in f32, stored in the base's dtypes)",
         report.merged_layers,
-        args.out.display(),
+        out.display(),
         report.tensors,
         adapter.scaling()
+    );
+    Ok(())
+}
+
+fn run_gguf(args: &Args, adapter: &Adapter, out: &Path) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.model.is_file(),
+        "{}: --gguf merges into a GGUF base (its tokenizer and chat template go into the output); for a Hugging Face base, merge with --out and convert that directory with llama.cpp's convert_hf_to_gguf.py",
+        args.model.display()
+    );
+    let ty = MergedType::parse(&args.ty).expect("clap checks --type");
+    let base = Gguf::open(Box::new(FileSource::open(&args.model)?))?;
+    let tmp = out.with_extension(format!("tmp.{}", std::process::id()));
+    let written = (|| -> anyhow::Result<_> {
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?);
+        let report = merge_gguf(&base, adapter, ty, &mut |bytes| file.write_all(bytes).map_err(|e| hone::Error::io(tmp.display(), e)))?;
+        file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        Ok(report)
+    })();
+    let report = match written {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+    eprintln!(
+        "merged {} adapted layers into {} ({} tensors as {}, {:.1} MB; W + {}·B·A in f32, with {}'s tokenizer and chat template)",
+        report.merged_layers,
+        out.display(),
+        report.tensors,
+        args.ty,
+        report.bytes as f64 / 1e6,
+        adapter.scaling(),
+        args.model.display()
     );
     Ok(())
 }

@@ -70,3 +70,54 @@ fn check_adapter_exits_1_only_when_a_runtime_refuses() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("vllm: refuses: rank 4") && !out.contains("llama.cpp"), "{out}");
 }
+
+/// `hone merge --gguf` writes, atomically, the file hone's library streams (itself checked
+/// against llama.cpp in crates/hone/tests/gguf_merge.rs); a Hugging Face base is refused, saying
+/// what to do instead.
+#[test]
+fn merge_gguf_writes_the_merged_file_and_refuses_a_hugging_face_base() {
+    use hone::export::gguf_merge::{merge_gguf, MergedType};
+    use hone::io::gguf::Gguf;
+    use hone::io::FileSource;
+    let base_path = std::env::var_os("HONE_DEFAULT_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/hone/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(base_path.exists(), "{}: run `cargo xtask default-model`", base_path.display());
+    let adapter_dir = fixtures().join("llamacpp/smollm2_adapter");
+    let work = std::env::temp_dir().join(format!("hone-merge-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let out = work.join("merged.gguf");
+    let run = Command::new(env!("CARGO_BIN_EXE_hone"))
+        .args(["merge", "--type", "q4_0", "--model"])
+        .arg(&base_path)
+        .arg("--adapter")
+        .arg(&adapter_dir)
+        .arg("--gguf")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let base = Gguf::open(Box::new(FileSource::open(&base_path).unwrap())).unwrap();
+    let mut want = Vec::new();
+    merge_gguf(&base, &Adapter::read(&Dir(adapter_dir)).unwrap(), MergedType::Q4_0, &mut |b| {
+        want.extend_from_slice(b);
+        Ok(())
+    })
+    .unwrap();
+    assert!(std::fs::read(&out).unwrap() == want, "the command's file differs from the library's");
+    assert_eq!(std::fs::read_dir(&work).unwrap().count(), 1, "no temp file left");
+    // A Hugging Face base: refused before anything is written.
+    let hf = Command::new(env!("CARGO_BIN_EXE_hone"))
+        .args(["merge", "--model"])
+        .arg(fixtures().join("llama"))
+        .arg("--adapter")
+        .arg(fixtures().join("llamacpp/llama_adapter"))
+        .arg("--gguf")
+        .arg(work.join("hf.gguf"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&hf.stderr);
+    assert!(!hf.status.success() && stderr.contains("convert_hf_to_gguf.py"), "{stderr}");
+    assert!(!work.join("hf.gguf").exists());
+    std::fs::remove_dir_all(&work).unwrap();
+}

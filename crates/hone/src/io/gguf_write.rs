@@ -1,6 +1,8 @@
 //! Writing GGUF (version 3, little-endian): metadata in the order given, the tensor table, then
 //! each tensor's bytes at an offset aligned to `general.alignment` (32 unless the metadata says
 //! otherwise), as llama.cpp's `gguf` writer lays them out. Read back by [`super::gguf::Gguf`].
+//! [`encode`] turns f32 values into F32, F16, Q8_0 or Q4_0 blocks as ggml's reference
+//! quantizers do (bit for bit with the `gguf` Python package's `quants.quantize`).
 
 use super::gguf::{GgmlType, Value};
 
@@ -25,11 +27,35 @@ impl TensorOut {
 
 /// The whole file.
 pub fn write(metadata: &[(String, Value)], tensors: &[TensorOut]) -> Vec<u8> {
-    let alignment = metadata
+    let infos: Vec<(String, Vec<usize>, GgmlType)> = tensors.iter().map(|t| (t.name.clone(), t.shape.clone(), t.kind)).collect();
+    let alignment = alignment(metadata);
+    let mut out = header(metadata, &infos);
+    for t in tensors {
+        out.extend_from_slice(&t.bytes);
+        pad(&mut out, alignment);
+    }
+    out
+}
+
+/// The alignment of tensor data the metadata asks for.
+pub fn alignment(metadata: &[(String, Value)]) -> usize {
+    metadata
         .iter()
         .find(|(k, _)| k == "general.alignment")
         .and_then(|(_, v)| v.as_u64())
-        .map_or(DEFAULT_ALIGNMENT, |a| a.max(1) as usize);
+        .map_or(DEFAULT_ALIGNMENT, |a| a.max(1) as usize)
+}
+
+/// Bytes of a tensor of `shape` stored as `kind`.
+pub fn byte_len(shape: &[usize], kind: GgmlType) -> usize {
+    let (values, bytes) = kind.block();
+    shape.iter().product::<usize>() / values * bytes
+}
+
+/// Everything before the first tensor's bytes, padded: then each tensor's bytes follow in
+/// `tensors`' order, each padded to [`alignment`] (how a file too large for memory is streamed).
+pub fn header(metadata: &[(String, Value)], tensors: &[(String, Vec<usize>, GgmlType)]) -> Vec<u8> {
+    let alignment = alignment(metadata);
     let mut out = Vec::new();
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -41,26 +67,23 @@ pub fn write(metadata: &[(String, Value)], tensors: &[TensorOut]) -> Vec<u8> {
         put(&mut out, value);
     }
     let mut offset = 0usize;
-    for t in tensors {
-        string(&mut out, &t.name);
-        out.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
+    for (name, shape, kind) in tensors {
+        string(&mut out, name);
+        out.extend_from_slice(&(shape.len() as u32).to_le_bytes());
         // ggml's order: the row length first.
-        for &d in t.shape.iter().rev() {
+        for &d in shape.iter().rev() {
             out.extend_from_slice(&(d as u64).to_le_bytes());
         }
-        out.extend_from_slice(&kind_id(t.kind).to_le_bytes());
+        out.extend_from_slice(&kind_id(*kind).to_le_bytes());
         out.extend_from_slice(&(offset as u64).to_le_bytes());
-        offset += t.bytes.len().next_multiple_of(alignment);
+        offset += byte_len(shape, *kind).next_multiple_of(alignment);
     }
     pad(&mut out, alignment);
-    for t in tensors {
-        out.extend_from_slice(&t.bytes);
-        pad(&mut out, alignment);
-    }
     out
 }
 
-fn pad(out: &mut Vec<u8>, alignment: usize) {
+/// Zeros after `out` up to the next multiple of `alignment`.
+pub fn pad(out: &mut Vec<u8>, alignment: usize) {
     out.resize(out.len().next_multiple_of(alignment), 0);
 }
 
@@ -112,6 +135,50 @@ fn put(out: &mut Vec<u8>, v: &Value) {
         Value::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
         Value::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
     }
+}
+
+/// `values` (a whole number of blocks) as `kind`'s bytes: F32, F16 (round to nearest even), or
+/// ggml's reference Q8_0 / Q4_0 quantization. Other kinds are not written by hone.
+pub fn encode(kind: GgmlType, values: &[f32]) -> Option<Vec<u8>> {
+    let block = kind.block().0;
+    if values.len() % block != 0 {
+        return None;
+    }
+    Some(match kind {
+        GgmlType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        GgmlType::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+        GgmlType::Q8_0 => values.chunks_exact(32).flat_map(q8_0).collect(),
+        GgmlType::Q4_0 => values.chunks_exact(32).flat_map(q4_0).collect(),
+        _ => return None,
+    })
+}
+
+/// ggml's `quantize_row_q8_0_ref`: d = max|x| / 127, q = round(x / d) half away from zero.
+fn q8_0(x: &[f32]) -> Vec<u8> {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut out = half::f16::from_f32(d).to_le_bytes().to_vec();
+    out.extend(x.iter().map(|v| (v * id).round() as i8 as u8));
+    out
+}
+
+/// ggml's `quantize_row_q4_0_ref`: d = (the value of largest magnitude) / -8, q = trunc(x / d
+/// + 8.5) capped at 15; the first 16 values in the low nibbles, the last 16 in the high ones.
+fn q4_0(x: &[f32]) -> Vec<u8> {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    let d = max / -8.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let q = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
+    let mut out = half::f16::from_f32(d).to_le_bytes().to_vec();
+    out.extend((0..16).map(|j| q(x[j]) | (q(x[16 + j]) << 4)));
+    out
 }
 
 fn kind_id(kind: GgmlType) -> u32 {
