@@ -256,6 +256,7 @@ function setRunning(running, paused = false) {
   $('generate').disabled = running || !state.model;
   $('save-folder').disabled = running || !state.trained;
   $('save-zip').disabled = running || !state.trained;
+  $('save-gguf').disabled = running || !state.trained;
 }
 
 function drawChart() {
@@ -436,6 +437,19 @@ $('save-zip').addEventListener('click', () => guarded(async () => {
   const a = document.createElement('a');
   a.href = url;
   a.download = `${($('base-name').value.trim() || 'model').split('/').pop()}-lora-adapter.zip`;
+  a.click();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+  $('save-status').textContent = `Downloaded ${a.download}.`;
+}));
+
+// The name `hone export --gguf` would give it: the adapter folder's name.
+$('save-gguf').addEventListener('click', () => guarded(async () => {
+  const name = `${($('base-name').value.trim() || 'model').split('/').pop()}-lora-adapter`;
+  const bytes = await call('adapterGguf', { baseName: $('base-name').value.trim(), name });
+  const url = URL.createObjectURL(new Blob([bytes], { type: 'application/octet-stream' }));
+  const a = document.createElement('a');
+  a.href = url;
+  a.download = `${name}.gguf`;
   a.click();
   setTimeout(() => URL.revokeObjectURL(url), 10000);
   $('save-status').textContent = `Downloaded ${a.download}.`;

@@ -278,6 +278,9 @@ const commands = {
     const files = await session.adapter(baseName || null);
     return Object.fromEntries(files);
   },
+  async adapterGguf({ baseName, name }) {
+    return await session.adapter_gguf(baseName || null, name);
+  },
 };
 
 self.onmessage = async ({ data }) => {

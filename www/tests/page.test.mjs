@@ -209,6 +209,22 @@ await check('browser_adapter_equals_native_hone_train', async () => {
   assert(worst < 1e-3, `relative error ${worst} at ${worstName}`);
 });
 
+// The llama.cpp download is what `hone export --gguf` writes from the downloaded PEFT files.
+await check('gguf_download_equals_hone_export', async () => {
+  const [download] = await Promise.all([page.waitForEvent('download'), button('Download for llama.cpp (.gguf)').click()]);
+  const name = download.suggestedFilename();
+  assert(name.endsWith('-lora-adapter.gguf'), name);
+  const ggufPath = path.join(outDir, name);
+  await download.saveAs(ggufPath);
+  const adapterDir = path.join(outDir, name.replace(/\.gguf$/, ''));
+  fs.rmSync(adapterDir, { recursive: true, force: true });
+  fs.mkdirSync(adapterDir);
+  for (const [f, bytes] of Object.entries(browserFiles)) fs.writeFileSync(path.join(adapterDir, f), bytes);
+  const exported = path.join(outDir, 'exported.gguf');
+  execFileSync(hone, ['export', '--adapter', adapterDir, '--model', fixture, '--gguf', exported], { stdio: ['ignore', 'inherit', 'inherit'] });
+  assert(Buffer.compare(fs.readFileSync(exported), fs.readFileSync(ggufPath)) === 0, 'the page\'s GGUF differs from hone export\'s');
+});
+
 await check('generates_with_base_and_fine_tuned_side_by_side', async () => {
   await page.getByLabel('Prompt', { exact: true }).fill('Colour 3: ');
   await page.getByLabel('Max new tokens').fill('6');

@@ -355,6 +355,16 @@ impl Session {
         Ok(files_to_map(adapter_files(&adapter)))
     }
 
+    /// The adapter as llama.cpp's LoRA GGUF (what `hone export --gguf` writes), with `name` as
+    /// its `general.name`.
+    pub async fn adapter_gguf(&self, base_model_name_or_path: Option<String>, name: String) -> Result<js_sys::Uint8Array, JsError> {
+        let trainer = self.trainer.as_ref().ok_or_else(|| JsError::new("prepare first"))?;
+        let base = base_model_name_or_path.filter(|b| !b.is_empty()).unwrap_or_else(|| self.name.clone());
+        let adapter = trainer.adapter_async(&base).await.map_err(js_err)?;
+        let out = hone::export::gguf_lora::lora_to_gguf(&adapter, &self.config, &name).map_err(js_err)?;
+        Ok(js_sys::Uint8Array::from(out.bytes.as_slice()))
+    }
+
     /// Greedy generation for a prompt (rendered with the chat template when there is one),
     /// with the fine-tuned adapter or with the base model alone: `{text, ids}`. With
     /// `ignore_eos` it runs past the end-of-turn tokens (as llama.cpp's `--ignore-eos`).

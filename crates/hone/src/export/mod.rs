@@ -5,4 +5,5 @@
 
 pub mod check;
 pub mod gguf_lora;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod gguf_merge;

@@ -33,9 +33,20 @@ impl Targets {
         match self {
             Targets::AllLinear => true,
             Targets::List(list) => list.iter().any(|t| module == t || module.ends_with(&format!(".{t}"))),
-            Targets::Regex(re) => regex::Regex::new(&format!("^(?:{re})$")).is_ok_and(|r| r.is_match(module)),
+            Targets::Regex(re) => regex_matches(re, module),
         }
     }
+}
+
+/// Whether `re` matches the whole of `module`. Each pattern is compiled once per process: a
+/// model's every linear asks, and compiling is most of the cost.
+fn regex_matches(re: &str, module: &str) -> bool {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static COMPILED: OnceLock<Mutex<HashMap<String, Option<regex::Regex>>>> = OnceLock::new();
+    let mut compiled = COMPILED.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    let r = compiled.entry(re.to_string()).or_insert_with(|| regex::Regex::new(&format!("^(?:{re})$")).ok());
+    r.as_ref().is_some_and(|r| r.is_match(module))
 }
 
 #[derive(Debug, Clone, PartialEq)]
