@@ -1,7 +1,8 @@
 //! `hone merge --gguf` against llama.cpp (fixtures: tests/reference/make_llamacpp_fixtures.py):
 //! ggml's Q8_0/Q4_0 quantization bit for bit, and on the default model (SmolLM2-135M's Q4_1
 //! GGUF) with a seeded adapter, hone's merged GGUF (f16, q8_0, q4_0) read back by hone gives the
-//! greedy tokens llama.cpp gives with the same file.
+//! greedy tokens llama.cpp gives with the same file, and hone with the adapter unmerged gives
+//! the tokens llama.cpp gives with the base and hone's LoRA GGUF.
 
 mod common;
 
@@ -69,4 +70,9 @@ fn merged_smollm2_gguf_gives_llama_cpps_greedy_tokens() {
         assert_eq!(out, ids(ty), "{ty}: hone's greedy tokens on its merged GGUF vs llama.cpp's");
         assert_ne!(out, ids("base"), "{ty}: the adapter changes the reply");
     }
+    // Unmerged: hone with the PEFT adapter on the Q4_1 base gives the tokens llama.cpp gives with
+    // hone's LoRA GGUF (`hone export --gguf`) on that base.
+    let (mut model, _, _) = load_gguf::<NdArray>(&base, Default::default(), &device).unwrap();
+    adapter.attach(model.linears_mut()).unwrap();
+    assert_eq!(generate(&model, &ids("prompt_ids"), &cfg, &device), ids("base_with_lora_gguf"));
 }
