@@ -117,37 +117,28 @@ pub fn llama_cpp_name(arch: Arch, name: &str) -> Option<String> {
     })
 }
 
-/// llama.cpp's converter's `permute` of q/k rows `[heads * head_dim, ...]`: within each head,
+/// llama.cpp's converter's `permute` of q/k rows `[heads * head_dim, cols]`: within each head,
 /// the two rotary halves become interleaved pairs. The inverse of [`unpermute`].
 pub fn permute(w: &[f32], heads: usize, rows: usize, cols: usize) -> Vec<f32> {
-    let hd = rows / heads;
-    let half = hd / 2;
-    let mut out = vec![0f32; w.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                // HF row: h*hd + j*half + i  →  stored row: h*hd + 2*i + j
-                let src = (h * hd + j * half + i) * cols;
-                let dst = (h * hd + 2 * i + j) * cols;
-                out[dst..dst + cols].copy_from_slice(&w[src..src + cols]);
-            }
-        }
-    }
-    out
+    regroup_rotary_rows(w, heads, rows, cols, true)
 }
 
 /// Undoes llama.cpp's `permute` of a q/k weight `[heads * head_dim, cols]`: within each head,
 /// rows stored as interleaved pairs go back to the two rotary halves.
 fn unpermute(w: &[f32], heads: usize, rows: usize, cols: usize) -> Vec<f32> {
+    regroup_rotary_rows(w, heads, rows, cols, false)
+}
+
+/// Within each head, Hugging Face's row `j*half + i` is llama.cpp's row `2*i + j`.
+fn regroup_rotary_rows(w: &[f32], heads: usize, rows: usize, cols: usize, to_llama_cpp: bool) -> Vec<f32> {
     let hd = rows / heads;
     let half = hd / 2;
     let mut out = vec![0f32; w.len()];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
-                // stored row: h*hd + 2*i + j  →  HF row: h*hd + j*half + i
-                let src = (h * hd + 2 * i + j) * cols;
-                let dst = (h * hd + j * half + i) * cols;
+                let (hf, stored) = ((h * hd + j * half + i) * cols, (h * hd + 2 * i + j) * cols);
+                let (src, dst) = if to_llama_cpp { (hf, stored) } else { (stored, hf) };
                 out[dst..dst + cols].copy_from_slice(&w[src..src + cols]);
             }
         }
