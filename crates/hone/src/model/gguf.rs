@@ -1,7 +1,8 @@
 //! Llama-architecture GGUF files as hone models: the config from `llama.*` metadata, tensors
 //! renamed to Hugging Face's names and dequantized to f32 as they are read, and q/k projections
 //! un-permuted (llama.cpp's converter interleaves their rotary halves). With NF4 on, each
-//! decoder linear is then quantized to NF4 as it loads.
+//! decoder linear is then quantized to NF4 as it loads. The same naming and interleaving, per
+//! architecture, serve `export` when it writes GGUF files for llama.cpp.
 
 use super::config::{Arch, Config, Rope};
 use super::decoder::CausalLm;
