@@ -431,28 +431,28 @@ $('save-folder').addEventListener('click', () => guarded(async () => {
   $('save-status').textContent = `Saved ${files.map((f) => f[0]).join(' and ')} to ${dir.name}.`;
 }));
 
-$('save-zip').addEventListener('click', () => guarded(async () => {
-  const files = await adapterFiles();
-  const url = URL.createObjectURL(new Blob([zipStored(files)], { type: 'application/zip' }));
+// The adapter folder's name (what `hone export --gguf` puts in general.name, too).
+function adapterName() {
+  return `${($('base-name').value.trim() || 'model').split('/').pop()}-lora-adapter`;
+}
+
+function download(blob, name) {
+  const url = URL.createObjectURL(blob);
   const a = document.createElement('a');
   a.href = url;
-  a.download = `${($('base-name').value.trim() || 'model').split('/').pop()}-lora-adapter.zip`;
+  a.download = name;
   a.click();
   setTimeout(() => URL.revokeObjectURL(url), 10000);
-  $('save-status').textContent = `Downloaded ${a.download}.`;
+  $('save-status').textContent = `Downloaded ${name}.`;
+}
+
+$('save-zip').addEventListener('click', () => guarded(async () => {
+  download(new Blob([zipStored(await adapterFiles())], { type: 'application/zip' }), `${adapterName()}.zip`);
 }));
 
-// The name `hone export --gguf` would give it: the adapter folder's name.
 $('save-gguf').addEventListener('click', () => guarded(async () => {
-  const name = `${($('base-name').value.trim() || 'model').split('/').pop()}-lora-adapter`;
-  const bytes = await call('adapterGguf', { baseName: $('base-name').value.trim(), name });
-  const url = URL.createObjectURL(new Blob([bytes], { type: 'application/octet-stream' }));
-  const a = document.createElement('a');
-  a.href = url;
-  a.download = `${name}.gguf`;
-  a.click();
-  setTimeout(() => URL.revokeObjectURL(url), 10000);
-  $('save-status').textContent = `Downloaded ${a.download}.`;
+  const bytes = await call('adapterGguf', { baseName: $('base-name').value.trim(), name: adapterName() });
+  download(new Blob([bytes], { type: 'application/octet-stream' }), `${adapterName()}.gguf`);
 }));
 
 checkGpu();

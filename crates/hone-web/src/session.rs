@@ -349,18 +349,13 @@ impl Session {
     /// The adapter as PEFT's two files (adapter_config.json, adapter_model.safetensors);
     /// `base_model_name_or_path` defaults to the model's name.
     pub async fn adapter(&self, base_model_name_or_path: Option<String>) -> Result<js_sys::Map, JsError> {
-        let trainer = self.trainer.as_ref().ok_or_else(|| JsError::new("prepare first"))?;
-        let base = base_model_name_or_path.filter(|b| !b.is_empty()).unwrap_or_else(|| self.name.clone());
-        let adapter = trainer.adapter_async(&base).await.map_err(js_err)?;
-        Ok(files_to_map(adapter_files(&adapter)))
+        Ok(files_to_map(adapter_files(&self.host_adapter(base_model_name_or_path).await?)))
     }
 
     /// The adapter as llama.cpp's LoRA GGUF (what `hone export --gguf` writes), with `name` as
     /// its `general.name`.
     pub async fn adapter_gguf(&self, base_model_name_or_path: Option<String>, name: String) -> Result<js_sys::Uint8Array, JsError> {
-        let trainer = self.trainer.as_ref().ok_or_else(|| JsError::new("prepare first"))?;
-        let base = base_model_name_or_path.filter(|b| !b.is_empty()).unwrap_or_else(|| self.name.clone());
-        let adapter = trainer.adapter_async(&base).await.map_err(js_err)?;
+        let adapter = self.host_adapter(base_model_name_or_path).await?;
         let out = hone::export::gguf_lora::lora_to_gguf(&adapter, &self.config, &name).map_err(js_err)?;
         Ok(js_sys::Uint8Array::from(out.bytes.as_slice()))
     }
@@ -409,6 +404,13 @@ impl Session {
 }
 
 impl Session {
+    /// The trained adapter on the host; `base_model_name_or_path` defaults to the model's name.
+    async fn host_adapter(&self, base_model_name_or_path: Option<String>) -> Result<hone::lora::peft::Adapter, JsError> {
+        let trainer = self.trainer.as_ref().ok_or_else(|| JsError::new("prepare first"))?;
+        let base = base_model_name_or_path.filter(|b| !b.is_empty()).unwrap_or_else(|| self.name.clone());
+        trainer.adapter_async(&base).await.map_err(js_err)
+    }
+
     /// Keeps the best held-out loss and how many evaluations went without improving it.
     fn track_eval(&mut self, loss: f64, step: usize) {
         if let Some(saved) = &mut self.saved {

@@ -82,22 +82,28 @@ pub enum GgmlType {
     Q6K,
 }
 
+/// ggml's type ids of the types hone reads (and writes).
+const TYPE_IDS: [(GgmlType, u32); 11] = [
+    (GgmlType::F32, 0),
+    (GgmlType::F16, 1),
+    (GgmlType::Q4_0, 2),
+    (GgmlType::Q4_1, 3),
+    (GgmlType::Q5_0, 6),
+    (GgmlType::Q5_1, 7),
+    (GgmlType::Q8_0, 8),
+    (GgmlType::Q4K, 12),
+    (GgmlType::Q5K, 13),
+    (GgmlType::Q6K, 14),
+    (GgmlType::BF16, 30),
+];
+
 impl GgmlType {
     fn from_id(id: u32) -> Option<Self> {
-        Some(match id {
-            0 => GgmlType::F32,
-            1 => GgmlType::F16,
-            2 => GgmlType::Q4_0,
-            3 => GgmlType::Q4_1,
-            6 => GgmlType::Q5_0,
-            7 => GgmlType::Q5_1,
-            8 => GgmlType::Q8_0,
-            12 => GgmlType::Q4K,
-            13 => GgmlType::Q5K,
-            14 => GgmlType::Q6K,
-            30 => GgmlType::BF16,
-            _ => return None,
-        })
+        TYPE_IDS.iter().find(|(_, i)| *i == id).map(|(k, _)| *k)
+    }
+    /// ggml's id of the type, as a GGUF tensor table stores it.
+    pub fn id(self) -> u32 {
+        TYPE_IDS.iter().find(|(k, _)| *k == self).map(|(_, i)| *i).expect("every GgmlType has an id")
     }
     /// (values per block, bytes per block)
     pub fn block(self) -> (usize, usize) {

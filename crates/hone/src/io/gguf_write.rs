@@ -74,7 +74,7 @@ pub fn header(metadata: &[(String, Value)], tensors: &[(String, Vec<usize>, Ggml
         for &d in shape.iter().rev() {
             out.extend_from_slice(&(d as u64).to_le_bytes());
         }
-        out.extend_from_slice(&kind_id(*kind).to_le_bytes());
+        out.extend_from_slice(&kind.id().to_le_bytes());
         out.extend_from_slice(&(offset as u64).to_le_bytes());
         offset += byte_len(shape, *kind).next_multiple_of(alignment);
     }
@@ -179,22 +179,6 @@ fn q4_0(x: &[f32]) -> Vec<u8> {
     let mut out = half::f16::from_f32(d).to_le_bytes().to_vec();
     out.extend((0..16).map(|j| q(x[j]) | (q(x[16 + j]) << 4)));
     out
-}
-
-fn kind_id(kind: GgmlType) -> u32 {
-    match kind {
-        GgmlType::F32 => 0,
-        GgmlType::F16 => 1,
-        GgmlType::Q4_0 => 2,
-        GgmlType::Q4_1 => 3,
-        GgmlType::Q5_0 => 6,
-        GgmlType::Q5_1 => 7,
-        GgmlType::Q8_0 => 8,
-        GgmlType::Q4K => 12,
-        GgmlType::Q5K => 13,
-        GgmlType::Q6K => 14,
-        GgmlType::BF16 => 30,
-    }
 }
 
 #[cfg(test)]
