@@ -70,6 +70,8 @@ function settings() {
     seed: num('seed'),
     quantize: $('quantize').value,
     train_on_prompts: $('train-on-prompts').checked,
+    dora: $('dora').checked || undefined,
+    rslora: $('rslora').checked || undefined,
   };
   // Preference tuning (DPO, ORPO): pairs instead of examples; their settings only then.
   const method = $('method').value;
@@ -95,6 +97,7 @@ function applySettings(s) {
   set('max-len', s.max_len); set('seed', s.seed); set('quantize', s.quantize); set('eval-split', s.eval_split);
   if (s.steps) set('steps', s.steps); else { $('steps').value = ''; set('epochs', s.epochs); }
   $('train-on-prompts').checked = !!s.train_on_prompts;
+  $('dora').checked = !!s.dora; $('rslora').checked = !!s.rslora;
   $('method').value = s.method || 'sft';
   set('loss-type', s.loss_type); $('beta').value = s.beta ?? '';
 }

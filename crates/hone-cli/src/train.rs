@@ -458,8 +458,8 @@ where
 /// Puts the adapter a run starts from (`--adapter`) on the model; its rank, alpha and layers are
 /// the run's (and its dropout, unless `--dropout` says otherwise).
 fn start_adapter<B: HoneBackend>(dir: &Path, run: &RunSettings, model: &mut CausalLm<B>) -> anyhow::Result<LoraConfig> {
-    if run.rank.is_some() || run.alpha.is_some() || run.targets.is_some() || run.rslora {
-        bail!("--adapter {}: the adapter sets the rank, alpha and layers; drop --rank, --alpha, --targets and --rslora", dir.display());
+    if run.rank.is_some() || run.alpha.is_some() || run.targets.is_some() || run.rslora || run.dora {
+        bail!("--adapter {}: the adapter sets the rank, alpha, layers and DoRA; drop --rank, --alpha, --targets, --rslora and --dora", dir.display());
     }
     let adapter = Adapter::read(&Dir(dir.to_path_buf())).with_context(|| format!("--adapter {}", dir.display()))?;
     adapter.attach(model.linears_mut()).with_context(|| format!("--adapter {}", dir.display()))?;
@@ -471,7 +471,7 @@ fn start_adapter<B: HoneBackend>(dir: &Path, run: &RunSettings, model: &mut Caus
     }
     let targets = Targets::List(adapter.layers.iter().map(|l| l.module.clone()).collect());
     eprintln!("adapter: starting from {} (r={}, alpha {}, {} layers)", dir.display(), adapter.r, adapter.alpha, adapter.layers.len());
-    Ok(LoraConfig { r: adapter.r, alpha: adapter.alpha, dropout, targets, use_rslora: adapter.use_rslora, seed: run.seed() })
+    Ok(LoraConfig { r: adapter.r, alpha: adapter.alpha, dropout, targets, use_rslora: adapter.use_rslora, use_dora: adapter.use_dora, seed: run.seed() })
 }
 
 /// GPU backends' own accounting: what the memory pool took from the driver (it keeps it, so

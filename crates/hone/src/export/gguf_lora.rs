@@ -29,6 +29,9 @@ pub struct GgufLora {
 
 /// The adapter's GGUF for a base of `config`'s architecture; `name` goes into `general.name`.
 pub fn lora_to_gguf(adapter: &Adapter, config: &Config, name: &str) -> Result<GgufLora> {
+    if adapter.use_dora {
+        return Err(Error::unsupported(&adapter.source, "DoRA adapters: llama.cpp's LoRA adapters have no magnitude vector; merge the adapter instead (`hone merge --gguf`)"));
+    }
     let mut layers: Vec<_> = adapter.layers.iter().collect();
     layers.sort_by(|a, b| a.module.cmp(&b.module));
     let mut shapes: BTreeMap<String, [usize; 2]> = linear_shapes(config).into_iter().map(|(m, i, o)| (m, [o as usize, i as usize])).collect();

@@ -8,7 +8,7 @@
 use crate::error::{Error, Result};
 use crate::io::gguf::{GgmlType, Gguf, Value};
 use crate::io::gguf_write::{alignment, encode, header, pad};
-use crate::lora::merge::delta;
+use crate::lora::merge::{delta, dora_rescale};
 use crate::lora::peft::Adapter;
 use crate::model::config::Arch;
 use crate::model::gguf::{config_from_gguf, llama_cpp_name, permute};
@@ -94,15 +94,23 @@ pub fn merge_gguf(base: &Gguf, adapter: &Adapter, ty: MergedType, sink: &mut dyn
         let (_, mut w) = base.read_f32(name)?;
         if let Some(l) = layers.get(name) {
             let mut d = delta(l, adapter.scaling());
+            let mut magnitude = l.magnitude.clone();
             let cols = shape[1];
             // The base GGUF stores q/k rows interleaved; the adapter's rows are Hugging Face's.
-            if name.ends_with("attn_q.weight") {
-                d = permute(&d, config.num_attention_heads, shape[0], cols);
-            } else if name.ends_with("attn_k.weight") {
-                d = permute(&d, config.num_key_value_heads, shape[0], cols);
+            let heads = match name {
+                n if n.ends_with("attn_q.weight") => Some(config.num_attention_heads),
+                n if n.ends_with("attn_k.weight") => Some(config.num_key_value_heads),
+                _ => None,
+            };
+            if let Some(heads) = heads {
+                d = permute(&d, heads, shape[0], cols);
+                magnitude = magnitude.map(|m| permute(&m, heads, shape[0], 1));
             }
             for (x, y) in w.iter_mut().zip(&d) {
                 *x += y;
+            }
+            if let Some(m) = &magnitude {
+                dora_rescale(&mut w, m);
             }
         }
         let mut bytes = encode(*kind, &w).ok_or_else(|| Error::tensor(base.name(), name, format!("cannot be stored as {kind:?}")))?;

@@ -56,12 +56,14 @@ pub struct LoraConfig {
     pub dropout: f64,
     pub targets: Targets,
     pub use_rslora: bool,
+    /// DoRA (PEFT's `use_dora`): a trained magnitude per output row besides A and B.
+    pub use_dora: bool,
     pub seed: u64,
 }
 
 impl Default for LoraConfig {
     fn default() -> Self {
-        LoraConfig { r: 16, alpha: 32.0, dropout: 0.05, targets: Targets::AllLinear, use_rslora: false, seed: 42 }
+        LoraConfig { r: 16, alpha: 32.0, dropout: 0.05, targets: Targets::AllLinear, use_rslora: false, use_dora: false, seed: 42 }
     }
 }
 
@@ -91,6 +93,7 @@ impl LoraConfig {
             lora_b: Param::from_tensor(Tensor::zeros([out_features, self.r], device)),
             scaling: self.scaling(),
             dropout: self.dropout,
+            dora: None,
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Merging an adapter into its base: `W + s·B·A`, as PEFT's `merge_and_unload` computes it in
-//! f32, written out as a standard model directory (same keys, config and tokenizer as the
+//! f32 (DoRA: each row then scaled by `m_i / ‖(W + s·B·A)_i‖`), written out as a standard model directory (same keys, config and tokenizer as the
 //! base, no LoRA keys), streamed tensor by tensor.
 
 use super::peft::{Adapter, HostLora};
@@ -29,6 +29,17 @@ pub fn delta(layer: &HostLora, scaling: f64) -> Vec<f32> {
         }
     }
     d
+}
+
+/// DoRA's merge, after `s·B·A` was added to `w` (`[out, in]`): each row scaled to the length
+/// the magnitude gives it, as PEFT's `merge_and_unload` does.
+pub fn dora_rescale(w: &mut [f32], magnitude: &[f32]) {
+    let cols = w.len() / magnitude.len().max(1);
+    for (row, m) in w.chunks_exact_mut(cols).zip(magnitude) {
+        let norm = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt() as f32;
+        let factor = m / norm;
+        row.iter_mut().for_each(|v| *v *= factor);
+    }
 }
 
 /// Files copied unchanged from the base directory when present.
@@ -148,6 +159,9 @@ fn write_merged(
                 }
                 for (w, d) in w.iter_mut().zip(delta(layer, adapter.scaling())) {
                     *w += d;
+                }
+                if let Some(m) = &layer.magnitude {
+                    dora_rescale(&mut w, m);
                 }
                 merged_layers += 1;
                 from_f32(info.dtype, &w).expect("float dtype")

@@ -1,10 +1,11 @@
 //! PEFT's adapter files: `adapter_config.json` and `adapter_model.safetensors` with keys
-//! `base_model.model.<module>.lora_A.weight` `[r, in]` and `.lora_B.weight` `[out, r]`.
+//! `base_model.model.<module>.lora_A.weight` `[r, in]` and `.lora_B.weight` `[out, r]`, and for
+//! DoRA (`use_dora`) `.lora_magnitude_vector` `[out]`.
 //! Writing is deterministic (sorted keys and fields), so the same tensors give the same bytes
 //! on every target; reading accepts F32 and BF16 adapters trained elsewhere.
 
 use super::config::{LoraConfig, Targets};
-use super::linear::{Lora, LoraLinear};
+use super::linear::{Lora, LoraLinear, MAGNITUDE};
 use crate::error::{Error, Result};
 use crate::io::safetensors::{write_f32, SafeTensors};
 use crate::io::FileSet;
@@ -17,6 +18,11 @@ pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const PREFIX: &str = "base_model.model.";
 
+/// PEFT saves DoRA's magnitude without its module's `.weight`.
+fn magnitude_key(module: &str) -> String {
+    format!("{PREFIX}{module}.{MAGNITUDE}")
+}
+
 /// One adapted layer's tensors on the host.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostLora {
@@ -25,6 +31,8 @@ pub struct HostLora {
     pub a_shape: [usize; 2],
     pub b: Vec<f32>,
     pub b_shape: [usize; 2],
+    /// DoRA's magnitude `[out]`.
+    pub magnitude: Option<Vec<f32>>,
 }
 
 /// An adapter as read from (or about to be written to) PEFT's files.
@@ -34,6 +42,8 @@ pub struct Adapter {
     pub alpha: f64,
     pub dropout: f64,
     pub use_rslora: bool,
+    /// DoRA: every layer has a magnitude.
+    pub use_dora: bool,
     pub base_model_name_or_path: String,
     pub layers: Vec<HostLora>,
     /// Where the tensors came from, for messages.
@@ -80,7 +90,7 @@ impl Adapter {
             "target_parameters": null,
             "task_type": "CAUSAL_LM",
             "trainable_token_indices": null,
-            "use_dora": false,
+            "use_dora": self.use_dora,
             "use_qalora": false,
             "use_rslora": self.use_rslora,
         });
@@ -91,15 +101,19 @@ impl Adapter {
 
     /// `adapter_model.safetensors` bytes (F32, metadata {"format": "pt"}).
     pub fn weights_bytes(&self) -> Vec<u8> {
-        let names: Vec<(String, String)> = self
+        let names: Vec<[String; 3]> = self
             .layers
             .iter()
-            .map(|l| (format!("{PREFIX}{}.lora_A.weight", l.module), format!("{PREFIX}{}.lora_B.weight", l.module)))
+            .map(|l| [format!("{PREFIX}{}.lora_A.weight", l.module), format!("{PREFIX}{}.lora_B.weight", l.module), magnitude_key(&l.module)])
             .collect();
+        let out_shapes: Vec<[usize; 1]> = self.layers.iter().map(|l| [l.b_shape[0]]).collect();
         let mut tensors: Vec<(&str, &[usize], &[f32])> = Vec::new();
-        for (l, (a, b)) in self.layers.iter().zip(&names) {
+        for ((l, [a, b, m]), out) in self.layers.iter().zip(&names).zip(&out_shapes) {
             tensors.push((a, &l.a_shape, &l.a));
             tensors.push((b, &l.b_shape, &l.b));
+            if let Some(mag) = &l.magnitude {
+                tensors.push((m, out, mag));
+            }
         }
         let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
         write_f32(&tensors, &meta)
@@ -114,11 +128,10 @@ impl Adapter {
         if cfg.get("peft_type").and_then(|v| v.as_str()) != Some("LORA") {
             return Err(Error::unsupported(&file, "not a LoRA adapter (peft_type must be \"LORA\")"));
         }
-        for (key, unsupported) in [("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out")] {
-            if cfg.get(key).and_then(|v| v.as_bool()) == Some(true) {
-                return Err(Error::unsupported(&file, format!("{unsupported} adapters")));
-            }
+        if cfg.get("fan_in_fan_out").and_then(|v| v.as_bool()) == Some(true) {
+            return Err(Error::unsupported(&file, "fan_in_fan_out adapters"));
         }
+        let use_dora = cfg.get("use_dora").and_then(|v| v.as_bool()) == Some(true);
         check_config(&cfg, &file)?;
         let r = match cfg.get("r").map(|v| v.as_u64()) {
             Some(Some(r)) if r > 0 => r as usize,
@@ -137,7 +150,11 @@ impl Adapter {
             let module = key
                 .strip_prefix(PREFIX)
                 .and_then(|k| k.strip_suffix(".lora_A.weight").or_else(|| k.strip_suffix(".lora_B.weight")))
-                .ok_or_else(|| Error::tensor(st.name(), key, "not a LoRA A/B weight of a causal LM"))?;
+                .or_else(|| key.strip_prefix(PREFIX).and_then(|k| k.strip_suffix(&format!(".{MAGNITUDE}"))).filter(|_| use_dora))
+                .ok_or_else(|| match key.ends_with(MAGNITUDE) {
+                    true => Error::tensor(st.name(), key, format!("a DoRA magnitude, but {file} does not set `use_dora`")),
+                    false => Error::tensor(st.name(), key, "not a LoRA A/B weight of a causal LM"),
+                })?;
             modules.insert(module.to_string());
         }
         let mut layers = Vec::new();
@@ -164,13 +181,24 @@ impl Adapter {
             if !targeted {
                 return Err(Error::tensor(st.name(), &a_key, format!("its module is not one {file} targets (target_modules / exclude_modules): PEFT would ignore it")));
             }
-            layers.push(HostLora { a: st.read_f32(&a_key)?.1, a_shape, b: st.read_f32(&b_key)?.1, b_shape, module });
+            let magnitude = if use_dora {
+                let key = magnitude_key(&module);
+                match st.info(&key).map(|i| i.shape.as_slice()) {
+                    Some([n]) if *n == b_shape[0] => Some(st.read_f32(&key)?.1),
+                    Some(other) => return Err(Error::tensor(st.name(), &key, format!("shape {other:?}, but lora_B has {} output rows", b_shape[0]))),
+                    None => return Err(Error::tensor(st.name(), &key, format!("missing: {file} sets `use_dora`, and every DoRA layer has a magnitude"))),
+                }
+            } else {
+                None
+            };
+            layers.push(HostLora { a: st.read_f32(&a_key)?.1, a_shape, b: st.read_f32(&b_key)?.1, b_shape, module, magnitude });
         }
         Ok(Adapter {
             r,
             alpha,
             dropout: cfg.get("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0),
             use_rslora: cfg.get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false),
+            use_dora,
             base_model_name_or_path: cfg.get("base_model_name_or_path").and_then(|v| v.as_str()).unwrap_or("").to_string(),
             layers,
             source: st.name().to_string(),
@@ -200,7 +228,11 @@ impl Adapter {
                 lora_b: Param::from_tensor(Tensor::from_data(TensorData::new(l.b.clone(), l.b_shape), &device)),
                 scaling: self.scaling(),
                 dropout: self.dropout,
+                dora: None,
             });
+            if let Some(m) = &l.magnitude {
+                lin.enable_dora(Some(m.clone()));
+            }
         }
         Ok(())
     }
@@ -265,6 +297,9 @@ pub fn add_adapters<B: HoneBackend>(linears: Vec<(String, &mut LoraLinear<B>)>, 
         if selected {
             let [out, inp] = lin.weight.dims();
             lin.lora = Some(config.init(index as u64, out, inp, &lin.weight.device()));
+            if config.use_dora {
+                lin.enable_dora(None);
+            }
             n += 1;
         }
     }
@@ -280,7 +315,8 @@ pub fn to_host<B: HoneBackend>(linears: Vec<(String, &LoraLinear<B>)>, config: &
         .filter_map(|(module, lin)| {
             let l = lin.lora.as_ref()?;
             let (a, b) = (l.lora_a.val(), l.lora_b.val());
-            Some(HostLora { module, a_shape: a.dims(), b_shape: b.dims(), a: read(a), b: read(b) })
+            let magnitude = l.dora.as_ref().map(|d| read(d.magnitude.val()));
+            Some(HostLora { module, a_shape: a.dims(), b_shape: b.dims(), a: read(a), b: read(b), magnitude })
         })
         .collect();
     Adapter::in_memory(config, base, layers)
@@ -294,7 +330,11 @@ pub async fn to_host_async<B: HoneBackend>(linears: Vec<(String, &LoraLinear<B>)
         let Some(l) = lin.lora.as_ref() else { continue };
         let (a, b) = (l.lora_a.val(), l.lora_b.val());
         let (a_shape, b_shape) = (a.dims(), b.dims());
-        layers.push(HostLora { module, a_shape, b_shape, a: read_f32(a).await?, b: read_f32(b).await? });
+        let magnitude = match &l.dora {
+            Some(d) => Some(read_f32(d.magnitude.val()).await?),
+            None => None,
+        };
+        layers.push(HostLora { module, a_shape, b_shape, a: read_f32(a).await?, b: read_f32(b).await?, magnitude });
     }
     Ok(Adapter::in_memory(config, base, layers))
 }
@@ -307,6 +347,7 @@ impl Adapter {
             alpha: config.alpha,
             dropout: config.dropout,
             use_rslora: config.use_rslora,
+            use_dora: layers.iter().any(|l| l.magnitude.is_some()),
             base_model_name_or_path: base.to_string(),
             layers,
             source: "(in memory)".to_string(),

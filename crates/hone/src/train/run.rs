@@ -44,6 +44,9 @@ pub struct RunSettings {
     /// Rank-stabilised LoRA: scale by alpha / √r instead of alpha / r.
     #[cfg_attr(feature = "cli", arg(long))]
     pub rslora: bool,
+    /// DoRA (PEFT's use_dora): also train a magnitude per output row of each adapted linear.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub dora: bool,
     /// Peak learning rate of AdamW [default: 0.0002].
     #[cfg_attr(feature = "cli", arg(long))]
     pub lr: Option<f64>,
@@ -136,7 +139,7 @@ impl RunSettings {
         let base = self;
         overlay!(base, top; format, rank, alpha, dropout, targets, lr, schedule, warmup_steps, weight_decay, adam_epsilon, optim, min_8bit_size, max_grad_norm, epochs, steps,
             batch_size, grad_accum, max_len, seed, quantize, eval_split, eval_every, patience, checkpointing, max_batch_tokens, method, beta, loss_type;
-            train_on_prompts, rslora, packing);
+            train_on_prompts, rslora, dora, packing);
         if top.epochs.is_some() && top.steps.is_none() {
             base.steps = None;
         }
@@ -177,6 +180,7 @@ impl RunSettings {
             dropout: self.dropout.unwrap_or(0.05),
             targets: Targets::parse(self.targets.as_deref().unwrap_or("all-linear")),
             use_rslora: self.rslora,
+            use_dora: self.dora,
             seed: self.seed(),
         }
     }

@@ -319,7 +319,7 @@ fn lora_grads<'a, B: AutodiffBackend + HoneBackend>(
     let mut out = Vec::new();
     for (name, lin) in linears {
         let Some(l) = &lin.lora else { continue };
-        for (which, p) in [("lora_A", &l.lora_a), ("lora_B", &l.lora_b)] {
+        for (which, p) in l.params() {
             let value = p.val();
             out.push((format!("{name}.{which}"), value.grad(g).unwrap_or_else(|| value.inner().zeros_like())));
         }
@@ -596,9 +596,8 @@ where
         let (optim, min_8bit) = (self.cfg.optim, self.cfg.min_8bit_size);
         for (name, lin) in self.model.linears_mut() {
             let Some(l) = &mut lin.lora else { continue };
-            for which in ["lora_A", "lora_B"] {
+            for (which, param) in l.params_mut() {
                 let key = format!("{name}.{which}");
-                let param = if which == "lora_A" { &mut l.lora_a } else { &mut l.lora_b };
                 let value = param.val().inner();
                 let device = value.device();
                 let m = self.moments.entry(key.clone()).or_insert_with(|| {
@@ -904,8 +903,9 @@ where
         let mut devices: BTreeMap<String, B::Device> = BTreeMap::new();
         for (name, lin) in self.model.linears() {
             if let Some(l) = &lin.lora {
-                devices.insert(format!("{name}.lora_A"), l.lora_a.val().device().into());
-                devices.insert(format!("{name}.lora_B"), l.lora_b.val().device().into());
+                for (which, p) in l.params() {
+                    devices.insert(format!("{name}.{which}"), p.val().device().into());
+                }
             }
         }
         let inner = self.model.model.embed_tokens.device();
