@@ -285,6 +285,8 @@ async function preferenceRun(method) {
   await page.getByLabel('Optimizer').selectOption('adamw');
   await page.getByLabel('Checkpoint every N steps').fill(resumes ? '2' : '0');
   await page.getByLabel('Base model name (in adapter_config.json)').fill(BASE_NAME);
+  // ORPO runs with DoRA: the page's setting, DoRA on WebGPU, and its files, against native.
+  await page.getByLabel(/^DoRA/).setChecked(method === 'orpo');
   await button('Start').click();
   if (resumes) {
     await page.waitForFunction(() => Number(document.getElementById('progress').dataset.checkpoint || 0) >= 2);
@@ -315,8 +317,10 @@ async function preferenceRun(method) {
 function nativeMatches(method, files) {
   const nativeOut = path.join(outDir, `native-${method}-adapter`);
   fs.rmSync(nativeOut, { recursive: true, force: true });
-  execFileSync(hone, ['train', '--model', dpoModel, '--data', prefsPath, '--method', method, '--beta', String(DPO.beta), '--out', nativeOut, '--quiet', '--rank', String(DPO.rank), '--alpha', String(DPO.alpha), '--dropout', String(DPO.dropout), '--lr', String(DPO.lr), '--steps', String(STEPS[method]), '--batch-size', String(DPO.batchSize), '--max-len', String(DPO.maxLen), '--seed', String(DPO.seed), '--base-model-name', BASE_NAME], { stdio: ['ignore', 'inherit', 'inherit'] });
+  execFileSync(hone, ['train', '--model', dpoModel, '--data', prefsPath, '--method', method, '--beta', String(DPO.beta), '--out', nativeOut, '--quiet', '--rank', String(DPO.rank), '--alpha', String(DPO.alpha), '--dropout', String(DPO.dropout), '--lr', String(DPO.lr), '--steps', String(STEPS[method]), '--batch-size', String(DPO.batchSize), '--max-len', String(DPO.maxLen), '--seed', String(DPO.seed), '--base-model-name', BASE_NAME, ...(method === 'orpo' ? ['--dora'] : [])], { stdio: ['ignore', 'inherit', 'inherit'] });
   const native = readSafetensors(fs.readFileSync(path.join(nativeOut, 'adapter_model.safetensors')));
+  const magnitudes = Object.keys(native.tensors).filter((k) => k.endsWith('.lora_magnitude_vector')).length;
+  assert(JSON.parse(Buffer.from(files['adapter_config.json']).toString('utf8')).use_dora === (method === 'orpo') && (magnitudes > 0) === (method === 'orpo'), `${method}: use_dora / ${magnitudes} magnitudes`);
   const web = readSafetensors(Buffer.from(files['adapter_model.safetensors']));
   assert(Buffer.compare(fs.readFileSync(path.join(nativeOut, 'adapter_config.json')), files['adapter_config.json']) === 0, 'adapter_config.json differs from the native one');
   const { worst, worstName } = worstRelativeError(native, web);

@@ -106,8 +106,8 @@ fn plans_meet_the_headline_goals() {
     }
 }
 
-fn peak_and_plan(model: &str, batch: &str, len: &str, optim: &str) -> (f64, f64) {
-    let dir = std::env::temp_dir().join(format!("hone-plan-{}-{batch}-{len}-{optim}", std::process::id()));
+fn peak_and_plan(model: &str, batch: &str, len: &str, optim: &str, extra: &[&str]) -> (f64, f64) {
+    let dir = std::env::temp_dir().join(format!("hone-plan-{}-{batch}-{len}-{optim}-{}", std::process::id(), extra.join("")));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     // Long texts, so that every sample is cut to exactly --max-len tokens.
@@ -119,6 +119,7 @@ fn peak_and_plan(model: &str, batch: &str, len: &str, optim: &str) -> (f64, f64)
         // Two steps: the optimizer's moments exist from the first update on, so the second
         // step's peak is the one every later step reaches.
         .args(["--steps", "2", "--batch-size", batch, "--max-len", len, "--backend", "cpu", "--optim", optim, "--quiet"])
+        .args(extra)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
@@ -133,17 +134,20 @@ fn peak_and_plan(model: &str, batch: &str, len: &str, optim: &str) -> (f64, f64)
 
 /// What `hone train` plans before it starts is within 10% of the peak RSS it then reaches, on
 /// the runs this machine can measure: the tiny fixture and SmolLM2 on the CPU backend, SmolLM2
-/// also with 8-bit AdamW.
+/// also with 8-bit AdamW and with DoRA.
 #[test]
 fn plan_is_within_ten_percent_of_measured_peak_memory() {
     let tiny = fixtures().join("llama");
     let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_else(|| "/tmp".into());
     let smollm2 = std::env::var_os("HONE_DEFAULT_MODEL").map(std::path::PathBuf::from).unwrap_or_else(|| home.join(".cache/hone/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
     assert!(smollm2.exists(), "{} is missing: run `cargo xtask default-model` (cargo xtask test does)", smollm2.display());
-    for (model, batch, len, optim) in [(tiny.to_str().unwrap(), "4", "64", "adamw"), (smollm2.to_str().unwrap(), "2", "128", "adamw"), (smollm2.to_str().unwrap(), "2", "128", "adamw_8bit")] {
-        let (peak, plan) = peak_and_plan(model, batch, len, optim);
+    let (tiny, smollm2) = (tiny.to_str().unwrap(), smollm2.to_str().unwrap());
+    for (model, batch, len, optim, extra) in
+        [(tiny, "4", "64", "adamw", &[][..]), (smollm2, "2", "128", "adamw", &[]), (smollm2, "2", "128", "adamw_8bit", &[]), (smollm2, "2", "128", "adamw", &["--dora"])]
+    {
+        let (peak, plan) = peak_and_plan(model, batch, len, optim, extra);
         let err = (plan - peak) / peak;
-        println!("{model} batch {batch} × {len}, {optim}: planned {:.1} MB, measured peak RSS {:.1} MB ({:+.1}%)", plan / 1e6, peak / 1e6, 100.0 * err);
+        println!("{model} batch {batch} × {len}, {optim} {extra:?}: planned {:.1} MB, measured peak RSS {:.1} MB ({:+.1}%)", plan / 1e6, peak / 1e6, 100.0 * err);
         assert!(err.abs() < 0.10, "plan {plan} vs peak {peak}");
     }
 }

@@ -89,6 +89,8 @@ pub struct Generator<'a, B: HoneBackend> {
     next: Vec<u32>,
     pub out: Vec<u32>,
     done: bool,
+    /// The adapters stay as they are while generating: DoRA's norms are computed once.
+    _fixed: crate::lora::linear::FixedAdapters,
 }
 
 impl<'a, B: HoneBackend> Generator<'a, B> {
@@ -103,6 +105,7 @@ impl<'a, B: HoneBackend> Generator<'a, B> {
             next: prompt.to_vec(),
             out: Vec::new(),
             done: cfg.max_new_tokens == 0 || prompt.is_empty(),
+            _fixed: crate::lora::linear::FixedAdapters::begin(),
         }
     }
 

@@ -86,6 +86,15 @@ fn dora_loss_and_gradients_match_peft_on_nf4_base() {
     }
 }
 
+#[test]
+fn dora_gradients_match_peft_on_wgpu() {
+    // What GPU adapters run (lavapipe here, SwiftShader in the browser): the fused NF4 kernels.
+    let device = burn::backend::wgpu::WgpuDevice::default();
+    for (arch, qlora) in [("llama", true), ("phi3", false)] {
+        check_grads::<Autodiff<burn::backend::Wgpu>>(arch, qlora, &device);
+    }
+}
+
 fn train_cfg(checkpointing: bool) -> TrainConfig {
     TrainConfig {
         lr: 1e-2,
@@ -286,4 +295,25 @@ fn a_dora_config_without_magnitudes_is_refused_by_tensor() {
     files.insert(ADAPTER_WEIGHTS_FILE, std::fs::read(dir.join(ADAPTER_WEIGHTS_FILE)).unwrap());
     let err = Adapter::read(&files).unwrap_err().to_string();
     assert!(err.contains("use_dora"), "{err}");
+}
+
+#[test]
+fn generation_reuses_dora_norms_and_gives_the_tokens_of_full_forwards() {
+    // Greedy tokens from the generator (norms computed once, KV cache) are the argmax of full
+    // forwards without either, token by token.
+    let device = Default::default();
+    let mut model = load_model::<NdArray>(&Dir(common::fixtures().join("phi3")), &device).unwrap();
+    peft_adapter("phi3").attach(model.linears_mut()).unwrap();
+    let cfg = hone::generate::GenerateConfig { max_new_tokens: 8, temperature: 0.0, stop_ids: vec![], ..Default::default() };
+    let prompt = [3u32, 50, 7, 200];
+    let tokens = hone::generate::generate(&model, &prompt, &cfg, &device);
+    assert_eq!(tokens.len(), 8);
+    let mut context = prompt.to_vec();
+    for &t in &tokens {
+        let logits = model.logits(&context, &device).into_data().to_vec::<f32>().unwrap();
+        let last = &logits[logits.len() - logits.len() / context.len()..];
+        let argmax = last.iter().enumerate().fold(0, |best, (i, v)| if *v > last[best] { i } else { best });
+        assert_eq!(t as usize, argmax, "after {context:?}");
+        context.push(t);
+    }
 }

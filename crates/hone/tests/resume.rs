@@ -26,10 +26,10 @@ fn samples() -> Vec<Sample> {
     examples.iter().map(|e| encode(e, &tok, Some(&template), template.eos_token.as_deref(), EncodeOptions::default()).unwrap()).collect()
 }
 
-fn trainer(optim: Optim) -> Trainer<B> {
+fn trainer(optim: Optim, use_dora: bool) -> Trainer<B> {
     let device = Default::default();
     let mut model = load_model::<B>(&Dir(common::fixtures().join("smollm2")), &device).unwrap();
-    let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, targets: Targets::AllLinear, use_rslora: false, use_dora: false, seed: 5 };
+    let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, targets: Targets::AllLinear, use_rslora: false, use_dora, seed: 5 };
     add_adapters(model.linears_mut(), &lora);
     // min_8bit_size 64: every r=4 A and B of this SmolLM2-shaped fixture (64 values and up) takes 8-bit moments.
     let cfg = TrainConfig { lr: 5e-3, schedule: Schedule::Cosine, warmup_steps: 2, batch_size: 2, grad_accum: 2, epochs: 3, seed: 11, optim, min_8bit_size: 64, ..Default::default() };
@@ -38,28 +38,34 @@ fn trainer(optim: Optim) -> Trainer<B> {
 
 #[test]
 fn resumed_run_equals_uninterrupted_run() {
-    resume(Optim::AdamW);
+    resume(Optim::AdamW, false);
+}
+
+#[test]
+fn resumed_dora_run_equals_uninterrupted_run() {
+    // The magnitudes and their moments are saved and restored as well.
+    resume(Optim::AdamW, true);
 }
 
 #[test]
 fn resumed_run_with_8bit_adamw_equals_uninterrupted_run() {
-    resume(Optim::AdamW8bit);
+    resume(Optim::AdamW8bit, false);
 }
 
 /// The backend's dropout RNG is one per process: runs must not interleave.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn resume(optim: Optim) {
+fn resume(optim: Optim, dora: bool) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut straight = trainer(optim);
+    let mut straight = trainer(optim, dora);
     let mut straight_losses = Vec::new();
     while !straight.done() {
         straight_losses.push(straight.step().loss);
     }
     assert_eq!(straight.state.total_steps, 6);
 
-    let dir = std::env::temp_dir().join(format!("hone-ckpt-{}-{}", std::process::id(), optim.name()));
-    let mut first = trainer(optim);
+    let dir = std::env::temp_dir().join(format!("hone-ckpt-{}-{}-{dora}", std::process::id(), optim.name()));
+    let mut first = trainer(optim, dora);
     let mut losses = Vec::new();
     for _ in 0..3 {
         losses.push(first.step().loss);
@@ -71,16 +77,23 @@ fn resume(optim: Optim) {
     let loaded = checkpoint::load(&dir).unwrap();
     let eight = loaded.moments.iter().filter(|s| matches!(s.moments, HostMoments::Int8(_))).count();
     assert_eq!(eight, if optim == Optim::AdamW8bit { loaded.moments.len() } else { 0 }, "8-bit moments in the checkpoint");
-    let mut resumed = trainer(optim);
+    let mut resumed = trainer(optim, dora);
     resumed.restore(&loaded.adapter, loaded.moments, loaded.saved.state).unwrap();
     while !resumed.done() {
         losses.push(resumed.step().loss);
     }
     assert_eq!(losses, straight_losses);
+    assert_eq!(resumed.adapter("x").use_dora, dora);
+    assert_eq!(loaded_moments_named_magnitude(&dir), dora);
     assert_eq!(resumed.adapter("x").weights_bytes(), straight.adapter("x").weights_bytes(), "adapters differ");
     // Training moved the adapter.
     assert!(straight_losses.last().unwrap() < straight_losses.first().unwrap());
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Whether the checkpoint holds moments for DoRA's magnitudes.
+fn loaded_moments_named_magnitude(dir: &std::path::Path) -> bool {
+    checkpoint::load(dir).unwrap().moments.iter().any(|s| s.name.ends_with(".lora_magnitude_vector"))
 }
 
 #[test]
@@ -88,7 +101,7 @@ fn damaged_checkpoints_are_refused_by_name_and_the_other_slot_resumes() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = std::env::temp_dir().join(format!("hone-ckpt-damaged-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut t = trainer(Optim::AdamW);
+    let mut t = trainer(Optim::AdamW, false);
     let saved = |t: &Trainer<B>| SavedState { state: t.state.clone(), config: t.cfg.clone(), base_model: "smollm2".into(), best_eval_loss: None, best_step: None, evals_without_improvement: 0, reference_logps: Vec::new() };
     let step_of = |dir: &std::path::Path| checkpoint::load(dir).map(|l| l.saved.state.step);
     assert!(!checkpoint::exists(&dir));

@@ -89,6 +89,36 @@ thread_local! {
     static ADAPTERS_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+thread_local! {
+    /// DoRA's row norms memoized while a [`FixedAdapters`] guard lives, by the address of the
+    /// adapter (stable: the model is borrowed for the guard's life), and how many guards live.
+    static DORA_NORMS: std::cell::RefCell<(usize, std::collections::HashMap<usize, Box<dyn std::any::Any>>)> = Default::default();
+}
+
+/// While one lives, the adapters are not trained (generation borrows the model), so each DoRA
+/// layer's `‖W + s·B·A‖` is computed once and reused: otherwise every decoded token would pay
+/// `A·Wᵀ`, r times the token's own product with W.
+pub struct FixedAdapters(());
+
+impl FixedAdapters {
+    pub fn begin() -> Self {
+        DORA_NORMS.with(|c| c.borrow_mut().0 += 1);
+        FixedAdapters(())
+    }
+}
+
+impl Drop for FixedAdapters {
+    fn drop(&mut self) {
+        DORA_NORMS.with(|c| {
+            let mut c = c.borrow_mut();
+            c.0 -= 1;
+            if c.0 == 0 {
+                c.1.clear();
+            }
+        });
+    }
+}
+
 /// Runs `f` with every LoRA adapter switched off: the frozen base alone, as PEFT's
 /// `disable_adapter()` (DPO's reference model, with no second copy of the weights).
 pub fn without_adapters<R>(f: impl FnOnce() -> R) -> R {
@@ -135,7 +165,7 @@ impl<B: HoneBackend> LoraLinear<B> {
         lora.dora = Some(Dora { magnitude: Param::from_tensor(base_norm_sq.clone()), base_norm_sq });
         let magnitude = match magnitude {
             Some(m) => Tensor::from_data(burn::tensor::TensorData::new(m, [1, self.out_features()]), &self.weight.device()),
-            None => self.dora_norm(self.lora.as_ref().expect("set above")),
+            None => self.dora_norm_now(self.lora.as_ref().expect("set above")),
         };
         self.lora.as_mut().expect("set above").dora.as_mut().expect("set above").magnitude = Param::from_tensor(magnitude);
     }
@@ -144,6 +174,21 @@ impl<B: HoneBackend> LoraLinear<B> {
     /// not flow through the norm). Expanded as `‖W_i‖² + 2s·(B ⊙ (A·Wᵀ)ᵀ)_i + s²·(B·A·Aᵀ ⊙ B)_i`,
     /// so W enters only through `A·Wᵀ`, the frozen matmul of r rows (NF4 stays NF4).
     fn dora_norm(&self, lora: &Lora<B>) -> Tensor<B, 2> {
+        let key = lora as *const Lora<B> as usize;
+        let fixed = DORA_NORMS.with(|c| c.borrow().0 > 0) && !B::ad_enabled(&self.weight.device());
+        if fixed {
+            if let Some(n) = DORA_NORMS.with(|c| c.borrow().1.get(&key).and_then(|n| n.downcast_ref::<Tensor<B, 2>>().cloned())) {
+                return n;
+            }
+        }
+        let norm = self.dora_norm_now(lora);
+        if fixed {
+            DORA_NORMS.with(|c| c.borrow_mut().1.insert(key, Box::new(norm.clone())));
+        }
+        norm
+    }
+
+    fn dora_norm_now(&self, lora: &Lora<B>) -> Tensor<B, 2> {
         let dora = lora.dora.as_ref().expect("a DoRA adapter");
         let (a, b, s) = (lora.lora_a.val().detach(), lora.lora_b.val().detach(), lora.scaling);
         let aw = B::frozen_matmul(a.clone(), &self.weight); // [r, out]

@@ -180,7 +180,10 @@ pub fn plan(c: &Config, lora: &LoraConfig, o: &PlanOptions) -> MemoryPlan {
     let base_bytes = nf4_codes_bytes + nf4_stats_bytes + dense_bytes;
 
     let adapted: Vec<(u64, u64)> = linears.iter().filter(|(n, _, _)| lora.targets.matches(n)).map(|(_, i, o_)| (*i, *o_)).collect();
-    let lora_params: u64 = adapted.iter().map(|(i, o_)| lora.r as u64 * (i + o_)).sum();
+    // DoRA: a magnitude per output row of each adapted linear (trained), and the base's squared
+    // row norms beside it (frozen).
+    let dora_rows: u64 = if lora.use_dora { adapted.iter().map(|(_, o_)| o_).sum() } else { 0 };
+    let lora_params: u64 = adapted.iter().map(|(i, o_)| lora.r as u64 * (i + o_)).sum::<u64>() + dora_rows;
     let moments = |n: u64| match o.optim {
         Optim::AdamW8bit if n >= o.min_8bit_size as u64 => {
             let blocks = n.div_ceil(crate::train::adamw8bit::BLOCK as u64);
@@ -188,8 +191,11 @@ pub fn plan(c: &Config, lora: &LoraConfig, o: &PlanOptions) -> MemoryPlan {
         }
         _ => 8 * n,
     };
-    let optimizer_bytes: u64 = adapted.iter().map(|(i, o_)| moments(lora.r as u64 * i) + moments(lora.r as u64 * o_)).sum();
-    let (lora_weight_bytes, lora_grad_bytes) = (lora_params * 4, lora_params * 4);
+    let optimizer_bytes: u64 = adapted
+        .iter()
+        .map(|(i, o_)| moments(lora.r as u64 * i) + moments(lora.r as u64 * o_) + if lora.use_dora { moments(*o_) } else { 0 })
+        .sum();
+    let (lora_weight_bytes, lora_grad_bytes) = (lora_params * 4 + dora_rows * 4, lora_params * 4);
     let lora_bytes = lora_weight_bytes + lora_grad_bytes + optimizer_bytes;
 
     let (rows, seq) = (o.batch as u64, o.seq as u64);
@@ -210,7 +216,9 @@ pub fn plan(c: &Config, lora: &LoraConfig, o: &PlanOptions) -> MemoryPlan {
         Device::Gpu => 4 * (7 * h + 8 * q + 6 * i) + 8 * c.num_attention_heads as u64 * seq,
         Device::Cpu => 4 * (5 * h + 6 * q + 5 * i) + 8 * c.num_attention_heads as u64 * seq,
     };
-    let layer_graph = tokens * per_token;
+    // DoRA keeps each adapted linear's output before the magnitude scales it (for the
+    // magnitude's gradient): one more value per token and adapted output row in the layer.
+    let layer_graph = tokens * (per_token + 4 * dora_rows / layers.max(1));
     let all_logits = tokens * v * 4;
     // Logits-sized buffers alive at once: the logits, their gradient, and on GPU backends the
     // head product's transposed copy (the CPU backend writes it contiguous since its frozen
