@@ -22,6 +22,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from make_lora_fixtures import merged
 from make_train_fixtures import batch, train
 
 FIX = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
@@ -74,13 +75,6 @@ def logits(arch, adapter_dir, ids):
         return model(ids).logits[0].contiguous()
 
 
-def merged(arch, adapter_dir):
-    model = PeftModel.from_pretrained(base(arch), adapter_dir)
-    adapted = {n.rsplit(".lora_A", 1)[0].replace("base_model.model.", "") for n, _ in model.named_parameters() if ".lora_A." in n}
-    state = model.merge_and_unload().state_dict()
-    return {f"{m}.weight": state[f"{m}.weight"].contiguous() for m in sorted(adapted)}
-
-
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     for arch in ["llama", "phi3"]:
@@ -104,7 +98,7 @@ def main():
         t["qlora.loss"] = qloss.reshape(1)
         t.update({f"qlora.{k}.grad": v for k, v in qgrads.items()})
         save_file(t, str(OUT / f"{arch}_grads.safetensors"))
-        save_file(merged(arch, adapter_dir), str(OUT / f"{arch}_merged.safetensors"))
+        save_file(merged(FIX / arch, adapter_dir), str(OUT / f"{arch}_merged.safetensors"))
         out = {"ids": ids[0], "peft_adapter.logits": logits(arch, adapter_dir, ids)}
         hone_dir = OUT / f"{arch}_hone_adapter"
         if hone_dir.exists():

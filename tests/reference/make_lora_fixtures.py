@@ -49,11 +49,10 @@ def adapter_logits(arch, base_dir, ids):
 MERGE_ADAPTER = {"llama": "peft", "phi3": "hone"}
 
 
-def merged(arch, base_dir):
+def merged(base_dir, adapter_dir):
     """PEFT's merge_and_unload in f32: the merged weights of the adapted layers."""
-    which = MERGE_ADAPTER[arch]
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, OUT / f"{arch}_{which}_adapter")
+    model = PeftModel.from_pretrained(base, adapter_dir)
     adapted = {n.rsplit(".lora_A", 1)[0].replace("base_model.model.", "") for n, _ in model.named_parameters() if ".lora_A." in n}
     state = model.merge_and_unload().state_dict()
     return {f"{m}.weight": state[f"{m}.weight"].contiguous() for m in sorted(adapted)}
@@ -101,7 +100,7 @@ def main():
         t.update({f"qlora.{k}.grad": v for k, v in qgrads.items()})
         save_file(t, str(OUT / f"{arch}_grads.safetensors"))
         save_file(adapter_logits(arch, base_dir, ids), str(OUT / f"{arch}_adapter_logits.safetensors"))
-        save_file(merged(arch, base_dir), str(OUT / f"{arch}_merged.safetensors"))
+        save_file(merged(base_dir, OUT / f"{arch}_{MERGE_ADAPTER[arch]}_adapter"), str(OUT / f"{arch}_merged.safetensors"))
         print(arch, "loss", loss.item(), "qlora loss", qloss.item(), len(grads), "lora tensors")
 
 

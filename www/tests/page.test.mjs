@@ -325,7 +325,12 @@ function nativeMatches(method, files) {
   assert(Buffer.compare(fs.readFileSync(path.join(nativeOut, 'adapter_config.json')), files['adapter_config.json']) === 0, 'adapter_config.json differs from the native one');
   const { worst, worstName } = worstRelativeError(native, web);
   console.log(`page: browser vs native ${method} adapter, worst relative error ${worst.toExponential(2)} (${worstName})`);
-  assert(worst < 1e-4, `relative error ${worst} at ${worstName}`);
+  // DoRA (the ORPO run): 3 AdamW steps move single values whose gradients sit at rounding
+  // level by up to lr-sized fractions; natively, wgpu (lavapipe) and the CPU differ by 2.2e-4 on
+  // this run (one value of 256 in layers.1.mlp.up_proj.lora_A; 8e-7 without DoRA), while one
+  // DoRA step's gradients match PEFT's within 1.5e-6 on both (crates/hone/tests/dora.rs).
+  const tolerance = method === 'orpo' ? 5e-4 : 1e-4;
+  assert(worst < tolerance, `relative error ${worst} at ${worstName}`);
 }
 
 for (const method of ['dpo', 'orpo']) {

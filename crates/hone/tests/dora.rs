@@ -17,8 +17,7 @@ use hone::model::{load_model, load_model_with, LoadOptions, Nf4Options};
 use hone::ops::HoneBackend;
 use hone::parity::{read_ids, rel_error};
 use hone::train::loss::causal_lm_loss;
-use hone::train::optim::AdamWConfig;
-use hone::train::{Schedule, TrainConfig, Trainer};
+use hone::train::Trainer;
 use std::path::PathBuf;
 
 fn dora_dir() -> PathBuf {
@@ -95,25 +94,6 @@ fn dora_gradients_match_peft_on_wgpu() {
     }
 }
 
-fn train_cfg(checkpointing: bool) -> TrainConfig {
-    TrainConfig {
-        lr: 1e-2,
-        schedule: Schedule::Linear,
-        warmup_steps: 0,
-        adamw: AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
-        max_grad_norm: Some(1.0),
-        batch_size: 2,
-        grad_accum: 1,
-        max_steps: Some(3),
-        epochs: 1,
-        seed: 0,
-        shuffle: false,
-        pad_id: 0,
-        checkpointing,
-        ..Default::default()
-    }
-}
-
 fn check_training(qlora: bool, checkpointing: bool) {
     type B = Autodiff<NdArray>;
     let expected = open(dora_dir().join("llama_adamw.safetensors"));
@@ -122,7 +102,7 @@ fn check_training(qlora: bool, checkpointing: bool) {
     let adapter = peft_adapter("llama");
     adapter.attach(model.linears_mut()).unwrap();
     let lora = LoraConfig { r: adapter.r, alpha: adapter.alpha, dropout: 0.0, use_dora: true, ..Default::default() };
-    let mut trainer = Trainer::new(model, lora, common::llama_training_samples(), train_cfg(checkpointing), device);
+    let mut trainer = Trainer::new(model, lora, common::llama_training_samples(), common::three_adamw_steps(checkpointing), device);
     let prefix = if qlora { "qlora." } else { "" };
     let (_, want) = expected.read_f32(&format!("{prefix}losses")).unwrap();
     let mut losses = Vec::new();

@@ -76,3 +76,45 @@ fn merged_smollm2_gguf_gives_llama_cpps_greedy_tokens() {
     adapter.attach(model.linears_mut()).unwrap();
     assert_eq!(generate(&model, &ids("prompt_ids"), &cfg, &device), ids("base_with_lora_gguf"));
 }
+
+/// `s·B·A` added to the base's (dequantized) rows, then each row scaled to the DoRA magnitude:
+/// q/k rows, which the GGUF stores interleaved, take their magnitudes in the same order.
+#[test]
+fn dora_merged_gguf_gives_the_adapted_models_logits() {
+    use hone::lora::peft::{add_adapters, to_host};
+    use hone::lora::{LoraConfig, Targets};
+    let base = Gguf::open(Box::new(FileSource::open(&smollm2_gguf()).unwrap())).unwrap();
+    let device = Default::default();
+    let (mut model, _, _) = load_gguf::<NdArray>(&base, Default::default(), &device).unwrap();
+    let config = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::parse("q_proj,k_proj,v_proj,down_proj"), use_dora: true, seed: 3, ..Default::default() };
+    add_adapters(model.linears_mut(), &config);
+    let mut adapter = to_host(model.linears(), &config, "smollm2");
+    for (i, l) in adapter.layers.iter_mut().enumerate() {
+        l.b = (0..l.b.len()).map(|k| 0.01 * (((k * 5 + i) % 9) as f32 - 4.0)).collect();
+        for (k, m) in l.magnitude.as_mut().unwrap().iter_mut().enumerate() {
+            *m *= 1.0 + 0.2 * (((k * 3 + i) % 7) as f32 - 3.0) / 3.0;
+        }
+    }
+    adapter.attach(model.linears_mut()).unwrap();
+    let ids = [1u32, 504, 3458, 314, 260, 1789, 30, 216];
+    let want = model.logits(&ids, &device).into_data().to_vec::<f32>().unwrap();
+    let merged_logits = |adapter: &Adapter| {
+        let mut bytes = Vec::new();
+        merge_gguf(&base, adapter, MergedType::parse("f16").unwrap(), &mut |b| {
+            bytes.extend_from_slice(b);
+            Ok(())
+        })
+        .unwrap();
+        let merged = Gguf::open(Box::new(MemSource::new("merged.gguf", bytes))).unwrap();
+        let (m, _, _) = load_gguf::<NdArray>(&merged, Default::default(), &device).unwrap();
+        m.logits(&ids, &device).into_data().to_vec::<f32>().unwrap()
+    };
+    let err = hone::parity::rel_error(&merged_logits(&adapter), &want);
+    // The same A and B merged without the magnitudes: far off, so the test sees them.
+    let mut plain = adapter.clone();
+    plain.use_dora = false;
+    plain.layers.iter_mut().for_each(|l| l.magnitude = None);
+    let without = hone::parity::rel_error(&merged_logits(&plain), &want);
+    println!("DoRA merged f16 GGUF vs the adapted model: {err:.2e} (without the magnitudes {without:.2e})");
+    assert!(err < 2e-3 && without > 20.0 * err, "{err:.3e} / {without:.3e}");
+}

@@ -11,8 +11,7 @@ use hone::lora::peft::Adapter;
 use hone::lora::LoraConfig;
 use hone::model::{load_model_with, LoadOptions, Nf4Options};
 use hone::parity::rel_error;
-use hone::train::optim::AdamWConfig;
-use hone::train::{Schedule, TrainConfig, Trainer};
+use hone::train::Trainer;
 
 type B = Autodiff<NdArray>;
 
@@ -24,26 +23,7 @@ fn check(qlora: bool, checkpointing: bool) {
     let mut model = load_model_with::<B>(&Dir(fixtures.join("llama")), LoadOptions { nf4: qlora.then(Nf4Options::default) }, &device).unwrap();
     let adapter = Adapter::read(&Dir(fixtures.join("lora/llama_peft_adapter"))).unwrap();
     adapter.attach(model.linears_mut()).unwrap();
-    let cfg = TrainConfig {
-        lr: 1e-2,
-        schedule: Schedule::Linear,
-        warmup_steps: 0,
-        adamw: AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
-        max_grad_norm: Some(1.0),
-        batch_size: 2,
-        grad_accum: 1,
-        max_steps: Some(3),
-        epochs: 1,
-        seed: 0,
-        shuffle: false,
-        pad_id: 0,
-        checkpointing,
-        pack_len: None,
-        max_batch_tokens: None,
-        // Checkpointed runs also take the loss a few positions at a time (chunked cross-entropy).
-        logits_chunk: if checkpointing { 3000 } else { hone::train::trainer::LOGITS_CHUNK },
-        ..Default::default()
-    };
+    let cfg = common::three_adamw_steps(checkpointing);
     let lora = LoraConfig { r: adapter.r, alpha: adapter.alpha, dropout: 0.0, ..Default::default() };
     let mut trainer = Trainer::new(model, lora, samples, cfg, device);
     let prefix = if qlora { "qlora." } else { "" };

@@ -108,6 +108,31 @@ pub fn llama_training_samples() -> Vec<hone::data::Sample> {
         .collect()
 }
 
+/// The settings of tests/reference/make_train_fixtures.py's three AdamW steps (linear schedule,
+/// clipping, weight decay, the padded batch of two in order). Checkpointed runs also take the
+/// loss a few positions at a time (chunked cross-entropy).
+pub fn three_adamw_steps(checkpointing: bool) -> hone::train::TrainConfig {
+    hone::train::TrainConfig {
+        lr: 1e-2,
+        schedule: hone::train::Schedule::Linear,
+        warmup_steps: 0,
+        adamw: hone::train::optim::AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
+        max_grad_norm: Some(1.0),
+        batch_size: 2,
+        grad_accum: 1,
+        max_steps: Some(3),
+        epochs: 1,
+        seed: 0,
+        shuffle: false,
+        pad_id: 0,
+        checkpointing,
+        pack_len: None,
+        max_batch_tokens: None,
+        logits_chunk: if checkpointing { 3000 } else { hone::train::trainer::LOGITS_CHUNK },
+        ..Default::default()
+    }
+}
+
 /// The tiny Llama with the given PEFT adapter (tests/fixtures/lora/llama_peft_adapter) attached,
 /// and a LoRA config like it without dropout: where the preference fixtures' runs start.
 pub fn llama_with_given_adapter<B: HoneBackend>(device: &B::Device) -> (hone::model::CausalLm<B>, hone::lora::LoraConfig) {
