@@ -60,7 +60,34 @@ pub fn weights<B: HoneBackend>(path: &Path, options: LoadOptions, device: &B::De
 /// As [`weights`], each part on the device `place` gives it (called with the model's layer
 /// count once the config is read).
 pub fn weights_placed<B: HoneBackend>(path: &Path, options: LoadOptions, place: impl FnOnce(usize) -> anyhow::Result<Placement<B::Device>>) -> anyhow::Result<CausalLm<B>> {
-    let (model, report) = if is_gguf(path) {
+    Ok(weights_with_init(path, options, place, None)?.0)
+}
+
+/// As [`weights_placed`]; with `pissa` (the adapter's settings) the base is PiSSA's residual of
+/// the checkpoint's weights, and the initial adapter comes back with it.
+pub fn weights_with_init<B: HoneBackend>(
+    path: &Path,
+    options: LoadOptions,
+    place: impl FnOnce(usize) -> anyhow::Result<Placement<B::Device>>,
+    pissa: Option<&hone::lora::LoraConfig>,
+) -> anyhow::Result<(CausalLm<B>, Option<hone::lora::peft::Adapter>)> {
+    let mut initial = None;
+    let (model, report) = if let Some(lora) = pissa {
+        anyhow::ensure!(
+            !is_gguf(path),
+            "{}: --init pissa needs the original 16/32-bit weights, and a GGUF file holds llama.cpp's (mostly quantized) ones: give the Hugging Face directory",
+            path.display()
+        );
+        let dir = Dir(path.to_path_buf());
+        let config = hone::model::load::read_config(&dir)?;
+        anyhow::ensure!(!config.bnb_nf4, "{}: --init pissa needs the original weights, and this checkpoint is already quantized", path.display());
+        let placement = place(config.num_hidden_layers)?;
+        let progress = Progress::new(Weights::open(&dir)?, &config);
+        let source = hone::model::pissa_source::PissaSource::new(&progress, lora);
+        let built = build_placed::<B>(config, &source, options, &placement)?;
+        initial = Some(source.initial(&path.display().to_string()));
+        built
+    } else if is_gguf(path) {
         let g = open_gguf(path)?;
         let config = hone::model::gguf::config_from_gguf(&g)?;
         let placement = place(config.num_hidden_layers)?;
@@ -76,7 +103,7 @@ pub fn weights_placed<B: HoneBackend>(path: &Path, options: LoadOptions, place: 
     if let Some(e) = report.nf4_rel_error {
         eprintln!("NF4 adds {e:.2e} relative error over the stored weights (‖deq(NF4(W)) − W‖ / ‖W‖, decoder linears)");
     }
-    Ok(model)
+    Ok((model, initial))
 }
 
 /// A tensor source that moves a progress bar as weights are read (and quantized), one step per

@@ -5,6 +5,7 @@ use anyhow::{bail, Context};
 use hone::data::dataset::EncodeOptions;
 use hone::data::{ChatTemplate, Format, Sample, Tokenizer};
 use hone::io::Dir;
+use hone::lora::init::Init;
 use hone::lora::peft::{add_adapters, Adapter};
 use hone::lora::{LoraConfig, Targets};
 use hone::model::CausalLm;
@@ -287,18 +288,34 @@ where
         }
     }
     let loading = std::time::Instant::now();
-    let mut model = crate::model::weights_placed::<B>(model_dir, LoadOptions { nf4 }, |layers| match &map {
-        Some(m) => crate::backend::placement::<B>(&device, m),
-        None => Ok(Placement::single(device.clone(), layers)),
-    })?;
+    let init = settings.init()?;
+    let pissa = init == Init::Pissa;
+    if pissa {
+        anyhow::ensure!(a.adapter.is_none(), "--init pissa starts a new adapter; --adapter continues a given one: use one of them");
+        anyhow::ensure!(!settings.dora, "--init pissa with --dora is not supported yet");
+    }
+    let fresh = settings.lora();
+    let (mut model, initial) = crate::model::weights_with_init::<B>(
+        model_dir,
+        LoadOptions { nf4 },
+        |layers| match &map {
+            Some(m) => crate::backend::placement::<B>(&device, m),
+            None => Ok(Placement::single(device.clone(), layers)),
+        },
+        pissa.then_some(&fresh),
+    )?;
     let device = model.model.embed_tokens.device();
     eprintln!("model: {} loaded in {:.1}s ({})", model_dir.display(), loading.elapsed().as_secs_f64(), if nf4.is_some() { "NF4 base, QLoRA" } else { "f32 base, LoRA" });
     let lora = match &a.adapter {
         Some(dir) => start_adapter(dir, &a.run, &mut model)?,
         None => {
-            let lora = settings.lora();
+            let lora = fresh;
             if add_adapters(model.linears_mut(), &lora) == 0 {
                 bail!("--targets {:?} matches no layer of this model", a.run.targets.as_deref().unwrap_or("all-linear"));
+            }
+            if let Some(initial) = &initial {
+                initial.attach(model.linears_mut())?;
+                eprintln!("PiSSA: {} layers start from their weights' top {} singular directions; the base is the residual", initial.layers.len(), lora.r);
             }
             lora
         }
@@ -430,6 +447,11 @@ where
             b
         }
         _ => trainer.adapter(&base_name),
+    };
+    // Trained on PiSSA's residual: saved as PEFT converts it, a LoRA of the original base.
+    let adapter = match &initial {
+        Some(initial) => adapter.with_initial_subtracted(initial)?,
+        None => adapter,
     };
     if let Err(e) = write_dir_atomic(out, &adapter_files(&adapter)) {
         let kept = if ckpt_dir.exists() { format!("the checkpoint in {} is kept: continue with --resume {} once there is room", ckpt_dir.display(), ckpt_dir.display()) } else { "no checkpoint was kept (--save-every N keeps one)".to_string() };

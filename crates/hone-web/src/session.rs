@@ -538,7 +538,11 @@ fn parse_settings(v: JsValue) -> Result<RunSettings, JsError> {
     if v.is_undefined() || v.is_null() {
         return Ok(RunSettings::default());
     }
-    serde_wasm_bindgen::from_value(v).map_err(|e| JsError::new(&format!("settings: {e}")))
+    let s: RunSettings = serde_wasm_bindgen::from_value(v).map_err(|e| JsError::new(&format!("settings: {e}")))?;
+    if s.init().map_err(|e| JsError::new(&e.to_string()))? != hone::lora::init::Init::Default {
+        return Err(JsError::new("settings: PiSSA (init = pissa) is not in the page yet; `hone train --init pissa` has it"));
+    }
+    Ok(s)
 }
 
 fn map_to_files(location: &str, files: js_sys::Map) -> Result<MemFiles, JsError> {

@@ -8,7 +8,7 @@
 use crate::error::{Error, Result};
 use crate::io::gguf::{GgmlType, Gguf, Value};
 use crate::io::gguf_write::{alignment, encode, header, pad};
-use crate::lora::merge::{delta, dora_rescale};
+use crate::lora::merge::dora_rescale;
 use crate::lora::peft::Adapter;
 use crate::model::config::Arch;
 use crate::model::gguf::{config_from_gguf, llama_cpp_name, permute};
@@ -93,7 +93,7 @@ pub fn merge_gguf(base: &Gguf, adapter: &Adapter, ty: MergedType, sink: &mut dyn
     for (name, shape, kind) in &infos {
         let (_, mut w) = base.read_f32(name)?;
         if let Some(l) = layers.get(name) {
-            let mut d = delta(l, adapter.scaling());
+            let mut d = l.delta(adapter.scaling());
             let mut magnitude = l.magnitude.clone();
             let cols = shape[1];
             // The base GGUF stores q/k rows interleaved; the adapter's rows are Hugging Face's.

@@ -11,26 +11,6 @@ use crate::io::FileSet;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// `s·(B·A)` `[out, in]` in f32. The product accumulates over the rank with one fused
-/// multiply-add per step, in rank order, as the f32 GEMM kernels PyTorch calls do, and is then
-/// scaled: PEFT's `(B @ A) * scaling`.
-pub fn delta(layer: &HostLora, scaling: f64) -> Vec<f32> {
-    let [out, r] = layer.b_shape;
-    let inp = layer.a_shape[1];
-    let s = scaling as f32;
-    let mut d = vec![0f32; out * inp];
-    for i in 0..out {
-        for j in 0..inp {
-            let mut acc = 0f32;
-            for k in 0..r {
-                acc = layer.b[i * r + k].mul_add(layer.a[k * inp + j], acc);
-            }
-            d[i * inp + j] = acc * s;
-        }
-    }
-    d
-}
-
 /// DoRA's merge, after `s·B·A` was added to `w` (`[out, in]`): each row scaled to the length
 /// the magnitude gives it, as PEFT's `merge_and_unload` does.
 pub fn dora_rescale(w: &mut [f32], magnitude: &[f32]) {
@@ -157,7 +137,7 @@ fn write_merged(
                 if info.shape != [layer.b_shape[0], layer.a_shape[1]] {
                     return Err(Error::tensor(&adapter.source, &name, format!("adapter does not fit the base's shape {:?}", info.shape)));
                 }
-                for (w, d) in w.iter_mut().zip(delta(layer, adapter.scaling())) {
+                for (w, d) in w.iter_mut().zip(layer.delta(adapter.scaling())) {
                     *w += d;
                 }
                 if let Some(m) = &layer.magnitude {

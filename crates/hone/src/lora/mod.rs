@@ -2,6 +2,7 @@
 //! files, and merging.
 
 pub mod config;
+pub mod init;
 pub mod linear;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod merge;

@@ -35,6 +35,28 @@ pub struct HostLora {
     pub magnitude: Option<Vec<f32>>,
 }
 
+impl HostLora {
+    /// `s·(B·A)` `[out, in]` in f32. The product accumulates over the rank with one fused
+    /// multiply-add per step, in rank order, as the f32 GEMM kernels PyTorch calls do, and is then
+    /// scaled: PEFT's `(B @ A) * scaling`.
+    pub fn delta(&self, scaling: f64) -> Vec<f32> {
+        let [out, r] = self.b_shape;
+        let inp = self.a_shape[1];
+        let s = scaling as f32;
+        let mut d = vec![0f32; out * inp];
+        for i in 0..out {
+            for j in 0..inp {
+                let mut acc = 0f32;
+                for k in 0..r {
+                    acc = self.b[i * r + k].mul_add(self.a[k * inp + j], acc);
+                }
+                d[i * inp + j] = acc * s;
+            }
+        }
+        d
+    }
+}
+
 /// An adapter as read from (or about to be written to) PEFT's files.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Adapter {
@@ -341,7 +363,7 @@ pub async fn to_host_async<B: HoneBackend>(linears: Vec<(String, &LoraLinear<B>)
 
 impl Adapter {
     /// An adapter of `config`'s settings made from tensors read back from a model.
-    fn in_memory(config: &LoraConfig, base: &str, layers: Vec<HostLora>) -> Adapter {
+    pub fn in_memory(config: &LoraConfig, base: &str, layers: Vec<HostLora>) -> Adapter {
         Adapter {
             r: config.r,
             alpha: config.alpha,

@@ -4,6 +4,7 @@ pub mod config;
 pub mod decoder;
 pub mod gguf;
 pub mod load;
+pub mod pissa_source;
 pub mod placement;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod quantize;

@@ -47,6 +47,11 @@ pub struct RunSettings {
     /// DoRA (PEFT's use_dora): also train a magnitude per output row of each adapted linear.
     #[cfg_attr(feature = "cli", arg(long))]
     pub dora: bool,
+    /// How new adapters start: default (PEFT's: A random, B zero) | pissa (PEFT's PiSSA: A and B
+    /// from the SVD of each weight, the base becomes W − s·B·A while loading; the adapter is saved
+    /// converted to a rank-2r LoRA of the original base) [default: default].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub init: Option<String>,
     /// Peak learning rate of AdamW [default: 0.0002].
     #[cfg_attr(feature = "cli", arg(long))]
     pub lr: Option<f64>,
@@ -137,7 +142,7 @@ impl RunSettings {
     /// These settings with every one that `top` sets put over them (flags over a config file).
     pub fn overlay(&mut self, top: &RunSettings) {
         let base = self;
-        overlay!(base, top; format, rank, alpha, dropout, targets, lr, schedule, warmup_steps, weight_decay, adam_epsilon, optim, min_8bit_size, max_grad_norm, epochs, steps,
+        overlay!(base, top; format, init, rank, alpha, dropout, targets, lr, schedule, warmup_steps, weight_decay, adam_epsilon, optim, min_8bit_size, max_grad_norm, epochs, steps,
             batch_size, grad_accum, max_len, seed, quantize, eval_split, eval_every, patience, checkpointing, max_batch_tokens, method, beta, loss_type;
             train_on_prompts, rslora, dora, packing);
         if top.epochs.is_some() && top.steps.is_none() {
@@ -167,6 +172,11 @@ impl RunSettings {
             "none" => Ok(None),
             other => Err(Error::format("quantize", format!("{other}: expected nf4 or none"))),
         }
+    }
+
+    pub fn init(&self) -> Result<crate::lora::init::Init> {
+        let s = self.init.as_deref().unwrap_or("default");
+        crate::lora::init::Init::parse(s).ok_or_else(|| Error::format("init", format!("{s}: expected default or pissa")))
     }
 
     pub fn optim(&self) -> Result<Optim> {
