@@ -192,6 +192,11 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         Some(f) => Some(Format::parse(f).with_context(|| format!("--format {f}: expected text, completion, chat or alpaca"))?),
         None => None,
     };
+    if a.run.init()? == Init::Pissa {
+        crate::model::require_dir(&model_dir, "--init pissa needs the original 16/32-bit weights, which a GGUF file does not hold")?;
+        anyhow::ensure!(a.adapter.is_none(), "--init pissa starts a new adapter; --adapter continues a given one: use one of them");
+        anyhow::ensure!(!a.run.dora, "--init pissa with --dora is not supported yet");
+    }
     let text = crate::model::text(&model_dir)?;
     let (tok, template) = (text.tokenizer, text.template);
     let backend = a.backend.unwrap_or(BackendKind::Cpu);
@@ -288,12 +293,7 @@ where
         }
     }
     let loading = std::time::Instant::now();
-    let init = settings.init()?;
-    let pissa = init == Init::Pissa;
-    if pissa {
-        anyhow::ensure!(a.adapter.is_none(), "--init pissa starts a new adapter; --adapter continues a given one: use one of them");
-        anyhow::ensure!(!settings.dora, "--init pissa with --dora is not supported yet");
-    }
+    let pissa = settings.init()? == Init::Pissa;
     let fresh = settings.lora();
     let (mut model, initial) = crate::model::weights_with_init::<B>(
         model_dir,
@@ -356,6 +356,10 @@ where
     if let (Some(dir), Some(loaded)) = (&a.resume, loaded) {
         if loaded.saved.config != trainer.cfg {
             bail!("{}: the checkpoint was made with other training settings; resume with the same ones", dir.display());
+        }
+        // A PiSSA run's adapter belongs on the residual base: resume it only onto that one.
+        if loaded.adapter.pissa != pissa {
+            bail!("{}: the checkpoint was made {} --init pissa; resume with the same settings", dir.display(), if loaded.adapter.pissa { "with" } else { "without" });
         }
         trainer.restore(&loaded.adapter, loaded.moments, loaded.saved.state.clone())?;
         saved = loaded.saved;
@@ -493,7 +497,7 @@ fn start_adapter<B: HoneBackend>(dir: &Path, run: &RunSettings, model: &mut Caus
     }
     let targets = Targets::List(adapter.layers.iter().map(|l| l.module.clone()).collect());
     eprintln!("adapter: starting from {} (r={}, alpha {}, {} layers)", dir.display(), adapter.r, adapter.alpha, adapter.layers.len());
-    Ok(LoraConfig { r: adapter.r, alpha: adapter.alpha, dropout, targets, use_rslora: adapter.use_rslora, use_dora: adapter.use_dora, seed: run.seed() })
+    Ok(LoraConfig { r: adapter.r, alpha: adapter.alpha, dropout, targets, use_rslora: adapter.use_rslora, use_dora: adapter.use_dora, init: Default::default(), seed: run.seed() })
 }
 
 /// GPU backends' own accounting: what the memory pool took from the driver (it keeps it, so

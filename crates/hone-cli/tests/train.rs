@@ -257,3 +257,37 @@ fn data_whose_completions_are_all_cut_away_is_refused_not_scored_as_zero() {
     let v: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
     assert!(v["tokens"].as_u64().unwrap() > 0 && v["perplexity"].as_f64().unwrap() > 1.0, "{v}");
 }
+
+#[test]
+fn pissa_init_trains_on_the_residual_and_saves_a_rank_2r_lora_of_the_original_base() {
+    let dir = tmp("pissa");
+    let data = write_data(&dir, false);
+    let out = dir.join("adapter");
+    let model = fixtures().join("llama");
+    // QLoRA (the default): the residual is what gets quantized.
+    let r = hone(&["train", "--model", s(&model), "--data", s(&data), "--out", s(&out), "--steps", "2", "--quiet", "--rank", "2", "--alpha", "4", "--init", "pissa"]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{stderr}");
+    assert!(stderr.contains("PiSSA: 14 layers"), "{stderr}");
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64(), cfg["init_lora_weights"].as_bool()), (Some(4), Some(8.0), Some(true)), "{cfg}");
+    let a = hone::lora::peft::Adapter::read(&hone::io::Dir(out.clone())).unwrap();
+    assert!(a.layers.iter().all(|l| l.a_shape[0] == 4 && l.b_shape[1] == 4));
+
+    // What PiSSA cannot start from, and what it does not combine with, by name.
+    let gguf = dir.join("m.gguf");
+    std::fs::write(&gguf, b"GGUF").unwrap();
+    for (args, said) in [
+        (vec!["--model", s(&gguf)], "original 16/32-bit weights"),
+        (vec!["--model", s(&model), "--adapter", s(&out)], "--adapter"),
+        (vec!["--model", s(&model), "--dora"], "--dora"),
+    ] {
+        let r = hone(&[&["train", "--data", s(&data), "--out", s(&dir.join("no")), "--quiet", "--init", "pissa"][..], &args].concat());
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success() && stderr.contains(said), "{args:?}: {stderr}");
+    }
+    let r = hone(&["train", "--model", s(&model), "--data", s(&data), "--out", s(&dir.join("no")), "--quiet", "--init", "loft"]);
+    assert!(String::from_utf8_lossy(&r.stderr).contains("expected default or pissa"));
+    assert!(!dir.join("no").exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -28,7 +28,7 @@ fn expected(arch: &str) -> SafeTensors {
 fn hone_adapter(arch: &str) -> Adapter {
     let device = Default::default();
     let mut model = load_model::<B>(&Dir(common::fixtures().join(arch)), &device).unwrap();
-    let config = LoraConfig { r: 8, alpha: 16.0, dropout: 0.05, targets: Targets::parse("q_proj,v_proj,down_proj,qkv_proj"), use_rslora: true, use_dora: false, seed: 7 };
+    let config = LoraConfig { r: 8, alpha: 16.0, dropout: 0.05, targets: Targets::parse("q_proj,v_proj,down_proj,qkv_proj"), use_rslora: true, use_dora: false, init: Default::default(), seed: 7 };
     add_adapters(model.linears_mut(), &config);
     let b_source = LoraConfig { seed: 8, ..config.clone() };
     let mut adapter = to_host(model.linears(), &config, &format!("tests/fixtures/{arch}"));

@@ -64,7 +64,7 @@ fn checkpointing_lowers_peak_memory_and_keeps_gradients() {
     let model_shape = common::Synthetic { hidden: 64, inter: 256, layers: LAYERS, vocab: 96, heads: 4, max_positions: SEQ };
     let device = Default::default();
     let mut model = load_model_with::<B>(&model_shape.files(), LoadOptions { nf4: Some(Nf4Options::default()) }, &device).unwrap();
-    let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false, seed: 3 };
+    let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false, init: Default::default(), seed: 3 };
     add_adapters(model.linears_mut(), &lora);
     common::randomize_lora_b(&mut model, 0.1, &device);
     let samples: Vec<Sample> = (0..ROWS)

@@ -164,7 +164,7 @@ fn peft_dora_adapter_in_hone_gives_pefts_logits() {
 fn hone_adapter(arch: &str) -> Adapter {
     let device = Default::default();
     let mut model = load_model::<NdArray>(&Dir(common::fixtures().join(arch)), &device).unwrap();
-    let config = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::parse("q_proj,v_proj,down_proj,qkv_proj"), use_dora: true, seed: 11, ..Default::default() };
+    let config = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::parse("q_proj,v_proj,down_proj,qkv_proj"), use_dora: true, init: Default::default(), seed: 11, ..Default::default() };
     add_adapters(model.linears_mut(), &config);
     let mut adapter = to_host(model.linears(), &config, &format!("tests/fixtures/{arch}"));
     for (i, layer) in adapter.layers.iter_mut().enumerate() {

@@ -86,7 +86,7 @@ fn dora_merged_gguf_gives_the_adapted_models_logits() {
     let base = Gguf::open(Box::new(FileSource::open(&smollm2_gguf()).unwrap())).unwrap();
     let device = Default::default();
     let (mut model, _, _) = load_gguf::<NdArray>(&base, Default::default(), &device).unwrap();
-    let config = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::parse("q_proj,k_proj,v_proj,down_proj"), use_dora: true, seed: 3, ..Default::default() };
+    let config = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::parse("q_proj,k_proj,v_proj,down_proj"), use_dora: true, init: Default::default(), seed: 3, ..Default::default() };
     add_adapters(model.linears_mut(), &config);
     let mut adapter = to_host(model.linears(), &config, "smollm2");
     for (i, l) in adapter.layers.iter_mut().enumerate() {

@@ -23,7 +23,7 @@ fn targets_match_like_peft() {
 #[test]
 fn init_is_kaiming_uniform_and_zero_b_and_seeded() {
     let device = Default::default();
-    let cfg = LoraConfig { r: 8, alpha: 16.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false, seed: 3 };
+    let cfg = LoraConfig { r: 8, alpha: 16.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false, init: Default::default(), seed: 3 };
     let lora = cfg.init::<NdArray>(5, 48, 300, &device);
     let a = lora.lora_a.val().into_data().to_vec::<f32>().unwrap();
     let b = lora.lora_b.val().into_data().to_vec::<f32>().unwrap();

@@ -43,7 +43,7 @@ fn bytes_in_use(device: &burn::backend::wgpu::WgpuDevice) -> u64 {
 fn held_by_graph() -> (u64, u64) {
     let device = burn::backend::wgpu::WgpuDevice::default();
     let mut model = load_model_with::<B>(&model_files(), LoadOptions { nf4: Some(Nf4Options::default()) }, &device).unwrap();
-    let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false, seed: 1 };
+    let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false, init: Default::default(), seed: 1 };
     add_adapters(model.linears_mut(), &lora);
     let ids: Vec<i64> = (0..TOKENS as i64).map(|i| (i * 7) % VOCAB as i64).collect();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, TOKENS]), &device);

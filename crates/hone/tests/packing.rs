@@ -27,7 +27,7 @@ fn trainer(checkpointing: bool, sliding_window: bool) -> Trainer<B> {
     let shape = common::Synthetic { hidden: 32, inter: 64, layers: 2, vocab: 50, heads: 4, max_positions: 64 }.files_with(extra);
     let device = Default::default();
     let mut model = load_model_with::<B>(&shape, LoadOptions { nf4: None }, &device).unwrap();
-    let lora = LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false, seed: 5 };
+    let lora = LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false, init: Default::default(), seed: 5 };
     add_adapters(model.linears_mut(), &lora);
     common::randomize_lora_b(&mut model, 0.2, &device);
     Trainer::new(model, lora, Vec::new(), TrainConfig { checkpointing, ..Default::default() }, device)

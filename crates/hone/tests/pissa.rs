@@ -74,7 +74,8 @@ fn pissa_init_and_residual_equal_pefts() {
 /// PEFT's moved adapter (trained on the residual) converted with hone's own initial A/B.
 fn hone_converted(arch: &str) -> Adapter {
     let (_, initial) = pissa_model(arch);
-    let moved = Adapter::read(&Dir(dir().join(format!("{arch}_moved_adapter")))).unwrap();
+    let moved = Adapter::read_unconverted(&Dir(dir().join(format!("{arch}_moved_adapter")))).unwrap();
+    assert!(moved.pissa);
     moved.with_initial_subtracted(&initial).unwrap()
 }
 
@@ -83,6 +84,12 @@ fn logits_on_original_base(arch: &str, adapter: &Adapter, ids: &[u32]) -> Vec<f3
     let mut model = hone::model::load_model::<NdArray>(&Dir(common::fixtures().join(arch)), &device).unwrap();
     adapter.attach(model.linears_mut()).unwrap();
     model.logits(ids, &device).into_data().to_vec::<f32>().unwrap()
+}
+
+#[test]
+fn an_unconverted_pissa_adapter_is_refused_for_the_base() {
+    let err = Adapter::read(&Dir(dir().join("llama_moved_adapter"))).unwrap_err().to_string();
+    assert!(err.contains("unconverted PiSSA") && err.contains("convert"), "{err}");
 }
 
 #[test]

@@ -33,7 +33,7 @@ fn load(files: &hone::io::MemFiles, placement: &Placement<WgpuDevice>) -> Causal
     let config = read_config(files).unwrap();
     let weights = Weights::open(files).unwrap();
     let (mut model, _) = build_placed::<B>(config, &weights, LoadOptions { nf4: Some(Nf4Options::default()) }, placement).unwrap();
-    let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false, seed: 5 };
+    let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false, init: Default::default(), seed: 5 };
     add_adapters(model.linears_mut(), &lora);
     // A non-zero B (seeded on the host), so that every LoRA tensor gets a gradient at once.
     for (k, (_, lin)) in model.linears_mut().into_iter().enumerate() {
@@ -62,7 +62,7 @@ fn adapter(model: &CausalLm<B>) -> Vec<(String, Vec<f32>)> {
 
 fn train(model: CausalLm<B>, checkpointing: bool) -> (Vec<f64>, Vec<(String, Vec<f32>)>) {
     let device = model.model.embed_tokens.device();
-    let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false, seed: 5 };
+    let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false, init: Default::default(), seed: 5 };
     let cfg = TrainConfig { batch_size: 2, lr: 1e-2, checkpointing, max_grad_norm: Some(1.0), ..Default::default() };
     let mut trainer = Trainer::new(model, lora, samples(), cfg, device);
     let losses = (0..3).map(|_| trainer.step().loss).collect();
@@ -140,7 +140,7 @@ fn untied(s: &common::Synthetic) -> hone::io::MemFiles {
 #[test]
 fn plan_splits_70b_layers_by_memory() {
     let config = hone::model::Config::from_json(&std::fs::read(common::fixtures().join("configs/Meta-Llama-3-70B.json")).unwrap(), "Meta-Llama-3-70B.json").unwrap();
-    let lora = LoraConfig { r: 16, alpha: 32.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false, seed: 0 };
+    let lora = LoraConfig { r: 16, alpha: 32.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false, init: Default::default(), seed: 0 };
     let o = PlanOptions::new(1, 512, true);
     let gb = 1_000_000_000u64;
     let one = split_layers(&config, &lora, &o, &[80 * gb]).unwrap();

@@ -40,7 +40,7 @@ fn lora_parameters_and_nf4_bytes_match_the_built_model() {
     let device = Default::default();
     let dir = Dir(common::fixtures().join("llama"));
     let config = hone::model::load::read_config(&dir).unwrap();
-    let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::parse("q_proj,v_proj"), use_rslora: false, use_dora: false, seed: 1 };
+    let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::parse("q_proj,v_proj"), use_rslora: false, use_dora: false, init: Default::default(), seed: 1 };
     let mut model = hone::model::load_model_with::<B>(&dir, LoadOptions { nf4: Some(Nf4Options::default()) }, &device).unwrap();
     hone::lora::peft::add_adapters(model.linears_mut(), &lora);
     let lora_params: u64 = model

@@ -29,7 +29,7 @@ fn samples() -> Vec<Sample> {
 fn trainer(optim: Optim, use_dora: bool) -> Trainer<B> {
     let device = Default::default();
     let mut model = load_model::<B>(&Dir(common::fixtures().join("smollm2")), &device).unwrap();
-    let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, targets: Targets::AllLinear, use_rslora: false, use_dora, seed: 5 };
+    let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, targets: Targets::AllLinear, use_rslora: false, use_dora, init: Default::default(), seed: 5 };
     add_adapters(model.linears_mut(), &lora);
     // min_8bit_size 64: every r=4 A and B of this SmolLM2-shaped fixture (64 values and up) takes 8-bit moments.
     let cfg = TrainConfig { lr: 5e-3, schedule: Schedule::Cosine, warmup_steps: 2, batch_size: 2, grad_accum: 2, epochs: 3, seed: 11, optim, min_8bit_size: 64, ..Default::default() };

@@ -58,12 +58,14 @@ pub struct LoraConfig {
     pub use_rslora: bool,
     /// DoRA (PEFT's `use_dora`): a trained magnitude per output row besides A and B.
     pub use_dora: bool,
+    /// How fresh adapters start (PiSSA's A and B are set while loading; see lora::init).
+    pub init: super::init::Init,
     pub seed: u64,
 }
 
 impl Default for LoraConfig {
     fn default() -> Self {
-        LoraConfig { r: 16, alpha: 32.0, dropout: 0.05, targets: Targets::AllLinear, use_rslora: false, use_dora: false, seed: 42 }
+        LoraConfig { r: 16, alpha: 32.0, dropout: 0.05, targets: Targets::AllLinear, use_rslora: false, use_dora: false, init: super::init::Init::Default, seed: 42 }
     }
 }
 

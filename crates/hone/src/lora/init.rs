@@ -75,6 +75,7 @@ impl Adapter {
             r: 2 * self.r,
             alpha: if self.use_rslora { self.alpha * std::f64::consts::SQRT_2 } else { 2.0 * self.alpha },
             layers,
+            pissa: false,
             ..self.clone()
         })
     }

@@ -66,6 +66,9 @@ pub struct Adapter {
     pub use_rslora: bool,
     /// DoRA: every layer has a magnitude.
     pub use_dora: bool,
+    /// An unconverted PiSSA adapter (`init_lora_weights = "pissa"`): it applies to PiSSA's
+    /// residual base, not to the checkpoint's weights.
+    pub pissa: bool,
     pub base_model_name_or_path: String,
     pub layers: Vec<HostLora>,
     /// Where the tensors came from, for messages.
@@ -92,7 +95,7 @@ impl Adapter {
             "exclude_modules": null,
             "fan_in_fan_out": false,
             "inference_mode": true,
-            "init_lora_weights": true,
+            "init_lora_weights": if self.pissa { serde_json::json!("pissa") } else { serde_json::json!(true) },
             "layer_replication": null,
             "layers_pattern": null,
             "layers_to_transform": null,
@@ -141,8 +144,22 @@ impl Adapter {
         write_f32(&tensors, &meta)
     }
 
-    /// Reads PEFT's two files.
+    /// Reads PEFT's two files, for the base they name: an unconverted PiSSA adapter is refused
+    /// (it belongs on PiSSA's residual of the base; PEFT recomputes that, hone converts instead).
     pub fn read(files: &dyn FileSet) -> Result<Self> {
+        let adapter = Self::read_unconverted(files)?;
+        if adapter.pissa {
+            return Err(Error::unsupported(
+                ADAPTER_CONFIG_FILE,
+                "an unconverted PiSSA adapter (`init_lora_weights` = \"pissa\"): it applies to PiSSA's residual of the base, not to the base; convert it first (PEFT's `save_pretrained(path_initial_model_for_weight_conversion=...)`; `hone train --init pissa` saves it converted)",
+            ));
+        }
+        Ok(adapter)
+    }
+
+    /// As [`Adapter::read`], PiSSA's unconverted adapters included (a checkpoint of a PiSSA run,
+    /// or one to convert).
+    pub fn read_unconverted(files: &dyn FileSet) -> Result<Self> {
         let cfg_src = files.open_required(ADAPTER_CONFIG_FILE)?;
         let file = cfg_src.name().to_string();
         let cfg: serde_json::Value =
@@ -154,6 +171,7 @@ impl Adapter {
             return Err(Error::unsupported(&file, "fan_in_fan_out adapters"));
         }
         let use_dora = cfg.get("use_dora").and_then(|v| v.as_bool()) == Some(true);
+        let pissa = cfg.get("init_lora_weights").and_then(|v| v.as_str()).is_some_and(|s| s.starts_with("pissa"));
         check_config(&cfg, &file)?;
         let r = match cfg.get("r").map(|v| v.as_u64()) {
             Some(Some(r)) if r > 0 => r as usize,
@@ -221,6 +239,7 @@ impl Adapter {
             dropout: cfg.get("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0),
             use_rslora: cfg.get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false),
             use_dora,
+            pissa,
             base_model_name_or_path: cfg.get("base_model_name_or_path").and_then(|v| v.as_str()).unwrap_or("").to_string(),
             layers,
             source: st.name().to_string(),
@@ -370,6 +389,7 @@ impl Adapter {
             dropout: config.dropout,
             use_rslora: config.use_rslora,
             use_dora: layers.iter().any(|l| l.magnitude.is_some()),
+            pissa: config.init == super::init::Init::Pissa,
             base_model_name_or_path: base.to_string(),
             layers,
             source: "(in memory)".to_string(),

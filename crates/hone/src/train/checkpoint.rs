@@ -289,9 +289,9 @@ pub fn read(files: &dyn FileSet) -> Result<Loaded> {
 }
 
 fn read_unverified(files: &dyn FileSet) -> Result<Loaded> {
-    let adapter = Adapter::read(files)?;
+    let adapter = Adapter::read_unconverted(files)?;
     let best = match files.open(BEST_WEIGHTS_FILE)? {
-        Some(_) => Some(Adapter::read(&Renamed { files, name: BEST_WEIGHTS_FILE, as_name: ADAPTER_WEIGHTS_FILE })?),
+        Some(_) => Some(Adapter::read_unconverted(&Renamed { files, name: BEST_WEIGHTS_FILE, as_name: ADAPTER_WEIGHTS_FILE })?),
         None => None,
     };
     let state_src = files.open_required(STATE_FILE)?;

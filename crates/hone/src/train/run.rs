@@ -191,6 +191,7 @@ impl RunSettings {
             targets: Targets::parse(self.targets.as_deref().unwrap_or("all-linear")),
             use_rslora: self.rslora,
             use_dora: self.dora,
+            init: self.init().unwrap_or_default(),
             seed: self.seed(),
         }
     }
