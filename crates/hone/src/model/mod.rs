@@ -1,4 +1,5 @@
-//! Decoder-only transformers: config, RoPE, the decoder, and loading weights into it.
+//! Decoder-only transformers: config, RoPE, the decoder, and loading weights into it (PiSSA's
+//! residual base is made by a source wrapped around the loader's, `pissa_source`).
 
 pub mod config;
 pub mod decoder;
