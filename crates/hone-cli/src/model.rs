@@ -63,28 +63,33 @@ pub fn weights_placed<B: HoneBackend>(path: &Path, options: LoadOptions, place: 
     Ok(weights_with_init(path, options, place, None)?.0)
 }
 
-/// As [`weights_placed`]; with `pissa` (the adapter's settings) the base is PiSSA's residual of
-/// the checkpoint's weights, and the initial adapter comes back with it.
+/// As [`weights_placed`]; with `init` (the adapter's settings, PiSSA or LoftQ) the adapter's
+/// start is computed from the checkpoint's weights while loading (for PiSSA the base is the
+/// residual) and comes back with the model.
 pub fn weights_with_init<B: HoneBackend>(
     path: &Path,
     options: LoadOptions,
     place: impl FnOnce(usize) -> anyhow::Result<Placement<B::Device>>,
-    pissa: Option<&hone::lora::LoraConfig>,
+    init: Option<&hone::lora::LoraConfig>,
 ) -> anyhow::Result<(CausalLm<B>, Option<hone::lora::peft::Adapter>)> {
     let mut initial = None;
-    let (model, report) = if let Some(lora) = pissa {
+    let (model, report) = if let Some(lora) = init {
+        let name = format!("--init {}", lora.init.name());
         anyhow::ensure!(
             !is_gguf(path),
-            "{}: --init pissa needs the original 16/32-bit weights, and a GGUF file holds llama.cpp's (mostly quantized) ones: give the Hugging Face directory",
+            "{}: {name} needs the original 16/32-bit weights, and a GGUF file holds llama.cpp's (mostly quantized) ones: give the Hugging Face directory",
             path.display()
         );
         let dir = Dir(path.to_path_buf());
         let config = hone::model::load::read_config(&dir)?;
-        anyhow::ensure!(!config.bnb_nf4, "{}: --init pissa needs the original weights, and this checkpoint is already quantized", path.display());
+        anyhow::ensure!(!config.bnb_nf4, "{}: {name} needs the original weights, and this checkpoint is already quantized", path.display());
         let placement = place(config.num_hidden_layers)?;
         let progress = Progress::new(Weights::open(&dir)?, &config);
-        let source = hone::model::pissa_source::PissaSource::new(&progress, lora);
+        let source = hone::model::init_source::InitSource::new(&progress, lora, options.nf4)?;
         let built = build_placed::<B>(config, &source, options, &placement)?;
+        if let Some((before, after)) = source.loftq_errors() {
+            eprintln!("LoftQ: NF4's error on the adapted weights is {before:.3e} of ‖W‖; with the initial adapter {after:.3e}");
+        }
         initial = Some(source.initial(&path.display().to_string()));
         built
     } else if is_gguf(path) {

@@ -192,10 +192,15 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         Some(f) => Some(Format::parse(f).with_context(|| format!("--format {f}: expected text, completion, chat or alpaca"))?),
         None => None,
     };
-    if a.run.init()? == Init::Pissa {
-        crate::model::require_dir(&model_dir, "--init pissa needs the original 16/32-bit weights, which a GGUF file does not hold")?;
-        anyhow::ensure!(a.adapter.is_none(), "--init pissa starts a new adapter; --adapter continues a given one: use one of them");
-        anyhow::ensure!(!a.run.dora, "--init pissa with --dora is not supported yet");
+    let init = a.run.init()?;
+    if init != Init::Default {
+        let name = init.name();
+        crate::model::require_dir(&model_dir, &format!("--init {name} needs the original 16/32-bit weights, which a GGUF file does not hold"))?;
+        anyhow::ensure!(a.adapter.is_none(), "--init {name} starts a new adapter; --adapter continues a given one: use one of them");
+        anyhow::ensure!(!a.run.dora, "--init {name} with --dora is not supported yet");
+    }
+    if init == Init::Loftq {
+        anyhow::ensure!(a.run.nf4()?.is_some(), "--init loftq starts the adapter from NF4's quantization error: it is for QLoRA (--quantize nf4), and --quantize none leaves no error");
     }
     let text = crate::model::text(&model_dir)?;
     let (tok, template) = (text.tokenizer, text.template);
@@ -293,8 +298,15 @@ where
         }
     }
     let loading = std::time::Instant::now();
-    let pissa = settings.init()? == Init::Pissa;
+    let init = settings.init()?;
+    let pissa = init == Init::Pissa;
     let fresh = settings.lora();
+    // LoftQ leaves the base as it is: a resumed run takes its adapter from the checkpoint.
+    let computed_init = match init {
+        Init::Pissa => true,
+        Init::Loftq => a.resume.is_none(),
+        Init::Default => false,
+    };
     let (mut model, initial) = crate::model::weights_with_init::<B>(
         model_dir,
         LoadOptions { nf4 },
@@ -302,7 +314,7 @@ where
             Some(m) => crate::backend::placement::<B>(&device, m),
             None => Ok(Placement::single(device.clone(), layers)),
         },
-        pissa.then_some(&fresh),
+        computed_init.then_some(&fresh),
     )?;
     let device = model.model.embed_tokens.device();
     eprintln!("model: {} loaded in {:.1}s ({})", model_dir.display(), loading.elapsed().as_secs_f64(), if nf4.is_some() { "NF4 base, QLoRA" } else { "f32 base, LoRA" });
@@ -315,7 +327,15 @@ where
             }
             if let Some(initial) = &initial {
                 initial.attach(model.linears_mut())?;
-                eprintln!("PiSSA: {} layers start from their weights' top {} singular directions; the base is the residual", initial.layers.len(), lora.r);
+                match init {
+                    Init::Pissa => eprintln!("PiSSA: {} layers start from their weights' top {} singular directions; the base is the residual", initial.layers.len(), lora.r),
+                    _ => {
+                        eprintln!("LoftQ: {} layers start from the top {} singular directions of their NF4 error", initial.layers.len(), lora.r);
+                        if (lora.scaling() - 1.0).abs() > 1e-12 {
+                            eprintln!("LoftQ: as in PEFT, A and B are not divided by the scale alpha/r = {}, so the model starts at NF4(W) + {}·(its error's rank-{} part); --alpha equal to --rank starts nearest W", lora.scaling(), lora.scaling(), lora.r);
+                        }
+                    }
+                }
             }
             lora
         }
@@ -454,8 +474,8 @@ where
     };
     // Trained on PiSSA's residual: saved as PEFT converts it, a LoRA of the original base.
     let adapter = match &initial {
-        Some(initial) => adapter.with_initial_subtracted(initial)?,
-        None => adapter,
+        Some(initial) if pissa => adapter.with_initial_subtracted(initial)?,
+        _ => adapter,
     };
     if let Err(e) = write_dir_atomic(out, &adapter_files(&adapter)) {
         let kept = if ckpt_dir.exists() { format!("the checkpoint in {} is kept: continue with --resume {} once there is room", ckpt_dir.display(), ckpt_dir.display()) } else { "no checkpoint was kept (--save-every N keeps one)".to_string() };

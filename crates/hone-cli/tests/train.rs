@@ -287,7 +287,28 @@ fn pissa_init_trains_on_the_residual_and_saves_a_rank_2r_lora_of_the_original_ba
         assert!(!r.status.success() && stderr.contains(said), "{args:?}: {stderr}");
     }
     let r = hone(&["train", "--model", s(&model), "--data", s(&data), "--out", s(&dir.join("no")), "--quiet", "--init", "loft"]);
-    assert!(String::from_utf8_lossy(&r.stderr).contains("expected default or pissa"));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("expected default, pissa or loftq"));
+    assert!(!dir.join("no").exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn loftq_init_starts_from_the_nf4_error_and_saves_a_plain_lora() {
+    let dir = tmp("loftq");
+    let data = write_data(&dir, false);
+    let out = dir.join("adapter");
+    let model = fixtures().join("llama");
+    let r = hone(&["train", "--model", s(&model), "--data", s(&data), "--out", s(&out), "--steps", "2", "--quiet", "--rank", "2", "--alpha", "4", "--init", "loftq"]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{stderr}");
+    assert!(stderr.contains("LoftQ: 14 layers") && stderr.contains("with the initial adapter"), "{stderr}");
+    assert!(stderr.contains("not divided by the scale alpha/r = 2"), "alpha 4 over rank 2 is told: {stderr}");
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64(), cfg["init_lora_weights"].as_bool()), (Some(2), Some(4.0), Some(true)), "{cfg}");
+    // No quantization leaves no error to start from.
+    let r = hone(&["train", "--model", s(&model), "--data", s(&data), "--out", s(&dir.join("no")), "--quiet", "--init", "loftq", "--quantize", "none"]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && stderr.contains("--quantize nf4"), "{stderr}");
     assert!(!dir.join("no").exists());
     std::fs::remove_dir_all(dir).unwrap();
 }

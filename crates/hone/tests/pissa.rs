@@ -11,7 +11,7 @@ use hone::io::{Dir, FileSource};
 use hone::lora::peft::{Adapter, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
 use hone::lora::LoraConfig;
 use hone::model::load::{build, read_config};
-use hone::model::pissa_source::PissaSource;
+use hone::model::init_source::InitSource;
 use hone::model::{CausalLm, LoadOptions};
 use hone::parity::{read_ids, rel_error};
 use std::path::PathBuf;
@@ -25,14 +25,14 @@ fn open(path: PathBuf) -> SafeTensors {
 }
 
 fn lora() -> LoraConfig {
-    LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, ..Default::default() }
+    LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, init: hone::lora::init::Init::Pissa, ..Default::default() }
 }
 
 /// The fixture model loaded as PiSSA's residual, and PiSSA's initial adapter.
 fn pissa_model(arch: &str) -> (CausalLm<NdArray>, Adapter) {
     let files = Dir(common::fixtures().join(arch));
     let weights = Weights::open(&files).unwrap();
-    let source = PissaSource::new(&weights, &lora());
+    let source = InitSource::new(&weights, &lora(), None).unwrap();
     let model = build::<NdArray>(read_config(&files).unwrap(), &source, LoadOptions::default(), &Default::default()).unwrap();
     (model, source.initial(&format!("tests/fixtures/{arch}")))
 }
@@ -144,7 +144,7 @@ fn a_trained_pissa_adapter_converted_gives_the_trained_models_logits_on_the_orig
     type B = burn::backend::Autodiff<NdArray>;
     let files = Dir(common::fixtures().join("llama"));
     let weights = Weights::open(&files).unwrap();
-    let source = PissaSource::new(&weights, &lora());
+    let source = InitSource::new(&weights, &lora(), None).unwrap();
     let device = Default::default();
     let mut model = build::<B>(read_config(&files).unwrap(), &source, LoadOptions::default(), &device).unwrap();
     let initial = source.initial("llama");

@@ -5,6 +5,11 @@
 //! original base, as PEFT's `save_pretrained(path_initial_model_for_weight_conversion=…)`:
 //! `ΔW = s·(B·A − B₀·A₀) = s·[B | −B₀]·[A ; A₀]`, alpha doubled (√2·alpha with rsLoRA) so the
 //! scale stays.
+//!
+//! And LoftQ for QLoRA, as PEFT's `replace_lora_weights_loftq`: A and B from the SVD of the
+//! NF4 quantization error `W − deq(NF4(W))`, `A = √S_r·V_rᵀ`, `B = U_r·√S_r` (PEFT does not
+//! divide by the scale here, so the start is `deq(NF4(W)) + s·(error)_r`: nearest W at s = 1),
+//! the base left as `NF4(W)`.
 
 use super::peft::{Adapter, HostLora};
 use crate::error::{Error, Result};
@@ -16,19 +21,32 @@ pub enum Init {
     #[default]
     Default,
     Pissa,
+    /// LoftQ, one alternation (PEFT's `replace_lora_weights_loftq`); QLoRA only.
+    Loftq,
 }
 
 impl Init {
+    /// The name `--init` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Init::Default => "default",
+            Init::Pissa => "pissa",
+            Init::Loftq => "loftq",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "default" | "lora" => Some(Init::Default),
             "pissa" => Some(Init::Pissa),
+            "loftq" => Some(Init::Loftq),
             _ => None,
         }
     }
 }
 
-/// PiSSA's A `[r, in]` and B `[out, r]` of `w` (`[out, in]`, row-major); the SVD in f64.
+/// PiSSA's A `[r, in]` and B `[out, r]` of `w` (`[out, in]`, row-major): the r principal
+/// singular triplets, `A = √(S_r/scaling)·V_rᵀ`, `B = U_r·√(S_r/scaling)`; the SVD in f64.
 pub fn pissa(w: &[f32], out: usize, inp: usize, r: usize, scaling: f64) -> std::result::Result<(Vec<f32>, Vec<f32>), String> {
     let k = out.min(inp);
     if r > k {
@@ -41,6 +59,14 @@ pub fn pissa(w: &[f32], out: usize, inp: usize, r: usize, scaling: f64) -> std::
     let a = (0..r).flat_map(|c| (0..inp).map(move |j| (c, j))).map(|(c, j)| (root[c] * v[(j, c)]) as f32).collect();
     let b = (0..out).flat_map(|i| (0..r).map(move |c| (i, c))).map(|(i, c)| (u[(i, c)] * root[c]) as f32).collect();
     Ok((a, b))
+}
+
+/// LoftQ's A `[r, in]` and B `[out, r]` for `w` (`[out, in]`) and the quantization error they
+/// are made from, `w − deq(NF4(w))`, NF4 as the loader quantizes (bitsandbytes' bits).
+pub fn loftq(w: &[f32], shape: &[usize], r: usize, blocksize: usize, double_quant: bool) -> std::result::Result<((Vec<f32>, Vec<f32>), Vec<f32>), String> {
+    let q = crate::quant::nf4::Nf4Tensor::quantize(w, shape, blocksize, double_quant)?;
+    let error: Vec<f32> = w.iter().zip(q.dequantize()).map(|(w, d)| w - d).collect();
+    Ok((pissa(&error, shape[0], shape[1], r, 1.0)?, error))
 }
 
 /// `w − s·B·A` in place: the residual PiSSA leaves as the base (f32, as PEFT computes it).

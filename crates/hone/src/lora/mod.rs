@@ -1,5 +1,5 @@
 //! LoRA and DoRA: adapters on any frozen linear, their configuration and initialisation (PEFT's
-//! default and PiSSA, `init`), PEFT's files, and merging.
+//! default, PiSSA and LoftQ, `init`), PEFT's files, and merging.
 
 pub mod config;
 pub mod init;

@@ -1,11 +1,11 @@
 //! Decoder-only transformers: config, RoPE, the decoder, and loading weights into it (PiSSA's
-//! residual base is made by a source wrapped around the loader's, `pissa_source`).
+//! residual base and LoftQ's start are made by a source wrapped around the loader's, `init_source`).
 
 pub mod config;
 pub mod decoder;
 pub mod gguf;
+pub mod init_source;
 pub mod load;
-pub mod pissa_source;
 pub mod placement;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod quantize;

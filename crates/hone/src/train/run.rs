@@ -49,7 +49,9 @@ pub struct RunSettings {
     pub dora: bool,
     /// How new adapters start: default (PEFT's: A random, B zero) | pissa (PEFT's PiSSA: A and B
     /// from the SVD of each weight, the base becomes W − s·B·A while loading; the adapter is saved
-    /// converted to a rank-2r LoRA of the original base) [default: default].
+    /// converted to a rank-2r LoRA of the original base) | loftq (LoftQ for QLoRA, PEFT's
+    /// replace_lora_weights_loftq: A and B from the SVD of the NF4 quantization error, the base
+    /// stays NF4(W)) [default: default].
     #[cfg_attr(feature = "cli", arg(long))]
     pub init: Option<String>,
     /// Peak learning rate of AdamW [default: 0.0002].
@@ -176,7 +178,7 @@ impl RunSettings {
 
     pub fn init(&self) -> Result<crate::lora::init::Init> {
         let s = self.init.as_deref().unwrap_or("default");
-        crate::lora::init::Init::parse(s).ok_or_else(|| Error::format("init", format!("{s}: expected default or pissa")))
+        crate::lora::init::Init::parse(s).ok_or_else(|| Error::format("init", format!("{s}: expected default, pissa or loftq")))
     }
 
     pub fn optim(&self) -> Result<Optim> {
