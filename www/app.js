@@ -72,6 +72,7 @@ function settings() {
     train_on_prompts: $('train-on-prompts').checked,
     dora: $('dora').checked || undefined,
     rslora: $('rslora').checked || undefined,
+    init: $('init').value === 'default' ? undefined : $('init').value,
   };
   // Preference tuning (DPO, ORPO): pairs instead of examples; their settings only then.
   const method = $('method').value;
@@ -97,7 +98,7 @@ function applySettings(s) {
   set('max-len', s.max_len); set('seed', s.seed); set('quantize', s.quantize); set('eval-split', s.eval_split);
   if (s.steps) set('steps', s.steps); else { $('steps').value = ''; set('epochs', s.epochs); }
   $('train-on-prompts').checked = !!s.train_on_prompts;
-  $('dora').checked = !!s.dora; $('rslora').checked = !!s.rslora;
+  $('dora').checked = !!s.dora; $('rslora').checked = !!s.rslora; $('init').value = s.init || 'default';
   $('method').value = s.method || 'sft';
   set('loss-type', s.loss_type); $('beta').value = s.beta ?? '';
 }

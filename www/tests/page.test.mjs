@@ -4,7 +4,7 @@
 // and resumes from OPFS, downloads the adapter, and compares it with what `hone train` writes
 // natively for the same model, data, settings and seed. Also: zero network requests while
 // training, and errors shown (not thrown) for bad inputs. Then DPO and ORPO runs, each against
-// `hone train --method dpo|orpo`. Prints "test result: ok. N passed; M failed".
+// `hone train --method dpo|orpo`. The SFT run starts from LoftQ, DPO from PiSSA, ORPO uses DoRA. Prints "test result: ok. N passed; M failed".
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -38,7 +38,8 @@ fs.copyFileSync(path.join(fixture, 'tokenizer.json'), path.join(bigDir, 'tokeniz
 
 // 8-bit AdamW from 64 values: every r=4 A and B of the fixture keeps 8-bit moments, so the
 // OPFS checkpoint and the resume carry bitsandbytes' state, and native must agree.
-const SETTINGS = { rank: 4, alpha: 8, dropout: 0, lr: 0.01, steps: 8, batchSize: 4, maxLen: 48, seed: 7, saveEvery: 2, optim: 'adamw_8bit', min8bit: 64 };
+// LoftQ's start (A and B from the NF4 error, computed in the worker), resumed like any other.
+const SETTINGS = { rank: 4, alpha: 8, dropout: 0, lr: 0.01, steps: 8, batchSize: 4, maxLen: 48, seed: 7, saveEvery: 2, optim: 'adamw_8bit', min8bit: 64, init: 'loftq' };
 const BASE_NAME = 'tiny-smollm2';
 
 const browser = await launch();
@@ -72,6 +73,7 @@ async function fillSettings() {
   await page.getByLabel('Optimizer').selectOption(SETTINGS.optim);
   await page.getByLabel('8-bit moments from (values per tensor)').fill(String(SETTINGS.min8bit));
   await page.getByLabel('Checkpoint every N steps').fill(String(SETTINGS.saveEvery));
+  await page.getByLabel('Initialisation').selectOption(SETTINGS.init);
   await page.getByLabel('Base model name (in adapter_config.json)').fill(BASE_NAME);
 }
 const progressStep = () => page.locator('#progress').evaluate((p) => Number(p.value));
@@ -197,7 +199,7 @@ await check('saves_adapter_as_zip', async () => {
 await check('browser_adapter_equals_native_hone_train', async () => {
   const nativeOut = path.join(outDir, 'native-adapter');
   fs.rmSync(nativeOut, { recursive: true, force: true });
-  execFileSync(hone, ['train', '--model', fixture, '--data', dataPath, '--out', nativeOut, '--quiet', '--rank', String(SETTINGS.rank), '--alpha', String(SETTINGS.alpha), '--dropout', String(SETTINGS.dropout), '--lr', String(SETTINGS.lr), '--steps', String(SETTINGS.steps), '--batch-size', String(SETTINGS.batchSize), '--max-len', String(SETTINGS.maxLen), '--seed', String(SETTINGS.seed), '--optim', SETTINGS.optim, '--min-8bit-size', String(SETTINGS.min8bit), '--base-model-name', BASE_NAME], { stdio: ['ignore', 'inherit', 'inherit'] });
+  execFileSync(hone, ['train', '--model', fixture, '--data', dataPath, '--out', nativeOut, '--quiet', '--rank', String(SETTINGS.rank), '--alpha', String(SETTINGS.alpha), '--dropout', String(SETTINGS.dropout), '--lr', String(SETTINGS.lr), '--steps', String(SETTINGS.steps), '--batch-size', String(SETTINGS.batchSize), '--max-len', String(SETTINGS.maxLen), '--seed', String(SETTINGS.seed), '--optim', SETTINGS.optim, '--min-8bit-size', String(SETTINGS.min8bit), '--init', SETTINGS.init, '--base-model-name', BASE_NAME], { stdio: ['ignore', 'inherit', 'inherit'] });
   const nativeConfig = fs.readFileSync(path.join(nativeOut, 'adapter_config.json'));
   assert(Buffer.compare(nativeConfig, browserFiles['adapter_config.json']) === 0, 'adapter_config.json differs from the native one');
   const native = readSafetensors(fs.readFileSync(path.join(nativeOut, 'adapter_model.safetensors')));
@@ -257,8 +259,10 @@ const prefsPath = path.join(outDir, 'prefs.jsonl');
 fs.writeFileSync(prefsPath, [...prefs.text, ...prefs.conversational].map((r) => JSON.stringify(r)).join('\n') + '\n');
 const DPO = { rank: 4, alpha: 8, dropout: 0, lr: 0.01, batchSize: 2, maxLen: 64, seed: 7, beta: 0.2 };
 // DPO also pauses at a checkpoint, reloads and resumes from OPFS (its reference log-probs are
-// in the checkpoint); ORPO runs straight through.
+// in the checkpoint); ORPO runs straight through. DPO starts from PiSSA (the base is the
+// residual, the adapter saved converted to rank 2r), ORPO runs with DoRA.
 const STEPS = { dpo: 8, orpo: 3 };
+const INIT = { dpo: 'pissa', orpo: 'default' };
 
 // Each preference method in the page, then `hone train` with the same settings natively.
 async function preferenceRun(method) {
@@ -287,6 +291,7 @@ async function preferenceRun(method) {
   await page.getByLabel('Base model name (in adapter_config.json)').fill(BASE_NAME);
   // ORPO runs with DoRA: the page's setting, DoRA on WebGPU, and its files, against native.
   await page.getByLabel(/^DoRA/).setChecked(method === 'orpo');
+  await page.getByLabel('Initialisation').selectOption(INIT[method]);
   await button('Start').click();
   if (resumes) {
     await page.waitForFunction(() => Number(document.getElementById('progress').dataset.checkpoint || 0) >= 2);
@@ -317,12 +322,16 @@ async function preferenceRun(method) {
 function nativeMatches(method, files) {
   const nativeOut = path.join(outDir, `native-${method}-adapter`);
   fs.rmSync(nativeOut, { recursive: true, force: true });
-  execFileSync(hone, ['train', '--model', dpoModel, '--data', prefsPath, '--method', method, '--beta', String(DPO.beta), '--out', nativeOut, '--quiet', '--rank', String(DPO.rank), '--alpha', String(DPO.alpha), '--dropout', String(DPO.dropout), '--lr', String(DPO.lr), '--steps', String(STEPS[method]), '--batch-size', String(DPO.batchSize), '--max-len', String(DPO.maxLen), '--seed', String(DPO.seed), '--base-model-name', BASE_NAME, ...(method === 'orpo' ? ['--dora'] : [])], { stdio: ['ignore', 'inherit', 'inherit'] });
+  execFileSync(hone, ['train', '--model', dpoModel, '--data', prefsPath, '--method', method, '--beta', String(DPO.beta), '--out', nativeOut, '--quiet', '--rank', String(DPO.rank), '--alpha', String(DPO.alpha), '--dropout', String(DPO.dropout), '--lr', String(DPO.lr), '--steps', String(STEPS[method]), '--batch-size', String(DPO.batchSize), '--max-len', String(DPO.maxLen), '--seed', String(DPO.seed), '--base-model-name', BASE_NAME, ...(method === 'orpo' ? ['--dora'] : []), '--init', INIT[method]], { stdio: ['ignore', 'inherit', 'inherit'] });
   const native = readSafetensors(fs.readFileSync(path.join(nativeOut, 'adapter_model.safetensors')));
   const magnitudes = Object.keys(native.tensors).filter((k) => k.endsWith('.lora_magnitude_vector')).length;
   assert(JSON.parse(Buffer.from(files['adapter_config.json']).toString('utf8')).use_dora === (method === 'orpo') && (magnitudes > 0) === (method === 'orpo'), `${method}: use_dora / ${magnitudes} magnitudes`);
   const web = readSafetensors(Buffer.from(files['adapter_model.safetensors']));
   assert(Buffer.compare(fs.readFileSync(path.join(nativeOut, 'adapter_config.json')), files['adapter_config.json']) === 0, 'adapter_config.json differs from the native one');
+  // PiSSA's adapter arrives converted for the original base: rank 2r, alpha doubled.
+  const cfg = JSON.parse(Buffer.from(files['adapter_config.json']).toString('utf8'));
+  const rank = INIT[method] === 'pissa' ? 2 * DPO.rank : DPO.rank;
+  assert(cfg.r === rank && cfg.init_lora_weights === true, `${method}: r ${cfg.r}, init_lora_weights ${cfg.init_lora_weights}`);
   const { worst, worstName } = worstRelativeError(native, web);
   console.log(`page: browser vs native ${method} adapter, worst relative error ${worst.toExponential(2)} (${worstName})`);
   // DoRA (the ORPO run): 3 AdamW steps move single values whose gradients sit at rounding

@@ -10,7 +10,8 @@ use hone::data::{Message, Sample};
 use hone::generate::{generate_async, GenerateConfig};
 use hone::io::gguf::Gguf;
 use hone::io::{FileSet, MemFiles};
-use hone::lora::peft::add_adapters;
+use hone::lora::init::Init;
+use hone::lora::peft::{add_adapters, Adapter};
 use hone::model::{CausalLm, Config, LoadOptions, ModelText};
 use hone::ops::HoneBackend;
 use hone::readback::read_f32;
@@ -93,6 +94,8 @@ pub struct Session {
     eval_pairs: Vec<[Sequence; 2]>,
     eval_reference: Vec<PairLogps>,
     saved: Option<SavedState>,
+    /// The adapter a PiSSA or LoftQ run started from (PiSSA's is subtracted when saving).
+    initial: Option<Adapter>,
 }
 
 #[wasm_bindgen]
@@ -140,6 +143,7 @@ impl Session {
             eval_pairs: Vec::new(),
             eval_reference: Vec::new(),
             saved: None,
+            initial: None,
         })
     }
 
@@ -340,6 +344,10 @@ impl Session {
         if loaded.saved.config != trainer.cfg {
             return Err(JsError::new("the checkpoint was made with other training settings; resume with the same ones"));
         }
+        // A PiSSA run's adapter belongs on the residual base: resume it only onto that one.
+        if loaded.adapter.pissa != self.initial.as_ref().is_some_and(|i| i.pissa) {
+            return Err(JsError::new("the checkpoint was made with another initialisation (PiSSA or not); resume with the same settings"));
+        }
         trainer.restore(&loaded.adapter, loaded.moments, loaded.saved.state.clone()).map_err(js_err)?;
         let step = trainer.state.step;
         self.saved = Some(loaded.saved);
@@ -382,6 +390,10 @@ impl Session {
             for (_, l) in model.linears_mut() {
                 l.lora = None;
             }
+            // PiSSA trains on a residual base: its start adds the rest of the original back.
+            if let Some(initial) = self.initial.as_ref().filter(|i| i.pissa && self.trainer.is_some()) {
+                initial.attach(model.linears_mut()).map_err(js_err)?;
+            }
         }
         let tok = &self.text.tokenizer;
         let ids = match &self.text.template {
@@ -408,7 +420,12 @@ impl Session {
     async fn host_adapter(&self, base_model_name_or_path: Option<String>) -> Result<hone::lora::peft::Adapter, JsError> {
         let trainer = self.trainer.as_ref().ok_or_else(|| JsError::new("prepare first"))?;
         let base = base_model_name_or_path.filter(|b| !b.is_empty()).unwrap_or_else(|| self.name.clone());
-        trainer.adapter_async(&base).await.map_err(js_err)
+        let adapter = trainer.adapter_async(&base).await.map_err(js_err)?;
+        // Trained on PiSSA's residual: saved as PEFT converts it, a LoRA of the original base.
+        match self.initial.as_ref().filter(|i| i.pissa) {
+            Some(initial) => adapter.with_initial_subtracted(initial).map_err(js_err),
+            None => Ok(adapter),
+        }
     }
 
     /// Keeps the best held-out loss and how many evaluations went without improving it.
@@ -467,12 +484,37 @@ impl Session {
     /// generation-only model goes: training brings its own copy of the base).
     fn adapted_model(&mut self, s: &RunSettings) -> Result<(CausalLm<Train>, hone::lora::LoraConfig, usize), JsError> {
         self.model = None;
-        let mut model = self.load_weights::<Train>(s)?;
+        self.initial = None;
         let lora = s.lora();
+        let (mut model, initial) = match (lora.init, &self.weights) {
+            (Init::Default, _) => (self.load_weights::<Train>(s)?, None),
+            (init, Weights::Dir(files)) => {
+                let name = init.name();
+                if lora.use_dora {
+                    return Err(JsError::new(&format!("settings: init = {name} with DoRA is not supported yet")));
+                }
+                let options = LoadOptions { nf4: s.nf4().map_err(js_err)? };
+                if init == Init::Loftq && options.nf4.is_none() {
+                    return Err(JsError::new("settings: LoftQ starts the adapter from NF4's quantization error: it is for NF4 (QLoRA) base weights"));
+                }
+                let (model, initial) = hone::model::init_source::load_with_init::<Train>(files, options, &lora, &self.name, &self.device).map_err(js_err)?;
+                (model, Some(initial))
+            }
+            (init, Weights::Gguf(_)) => {
+                return Err(JsError::new(&format!(
+                    "settings: init = {} needs the original 16/32-bit weights, and a GGUF file holds llama.cpp's (mostly quantized) ones: pick the Hugging Face model folder",
+                    init.name()
+                )))
+            }
+        };
         let adapted = add_adapters(model.linears_mut(), &lora);
         if adapted == 0 {
             return Err(JsError::new(&format!("targets {:?} match no layer of this model", s.targets.as_deref().unwrap_or("all-linear"))));
         }
+        if let Some(initial) = &initial {
+            initial.attach(model.linears_mut()).map_err(js_err)?;
+        }
+        self.initial = initial;
         Ok((model, lora, adapted))
     }
 
@@ -539,9 +581,7 @@ fn parse_settings(v: JsValue) -> Result<RunSettings, JsError> {
         return Ok(RunSettings::default());
     }
     let s: RunSettings = serde_wasm_bindgen::from_value(v).map_err(|e| JsError::new(&format!("settings: {e}")))?;
-    if s.init().map_err(|e| JsError::new(&e.to_string()))? != hone::lora::init::Init::Default {
-        return Err(JsError::new("settings: PiSSA (init = pissa) is not in the page yet; `hone train --init pissa` has it"));
-    }
+    s.init().map_err(|e| JsError::new(&e.to_string()))?;
     Ok(s)
 }
 
