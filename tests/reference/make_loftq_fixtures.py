@@ -4,7 +4,9 @@ and phi3 fixtures, r=4, alpha 4 (scale 1), all-linear, NF4 with double quantizat
 
 - `<arch>.safetensors`: PEFT's lora_A / lora_B of every layer after LoftQ, and on `ids` the
   logits of the NF4 model with them (`loftq.logits`), with PEFT's default start (B = 0, so
-  the NF4 base: `nf4.logits`) and of the original f32 model (`full.logits`).
+  the NF4 base: `nf4.logits`) and of the original f32 model (`full.logits`);
+- `hone_adapter.logits` there when hone's own LoftQ start (`<arch>_hone_adapter/`, committed by
+  hone's `write_hone_loftq_fixtures` test) exists: PEFT's logits with it on the NF4 base.
 
 PEFT's `_loftq_init_new` moves the original weight to "cuda" for the SVD; this machine has none,
 so the weight it is handed answers `.to(device=...)` on the CPU (nothing else is changed).
@@ -14,7 +16,7 @@ so the weight it is handed answers `.to(device=...)` on the CPU (nothing else is
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import loftq_utils
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -54,6 +56,11 @@ def main():
         for n, p in model.named_parameters():
             if "lora_" in n:
                 t[n.replace(".default", "")] = p.detach().contiguous().clone()
+        hone_dir = OUT / f"{arch}_hone_adapter"
+        if hone_dir.exists():
+            nf4 = AutoModelForCausalLM.from_pretrained(FIX / arch, dtype=torch.float32, attn_implementation="eager", quantization_config=BitsAndBytesConfig(**BNB), device_map="cpu")
+            with torch.no_grad():
+                t["hone_adapter.logits"] = PeftModel.from_pretrained(nf4, hone_dir).eval()(ids).logits[0].contiguous()
         save_file(t, str(OUT / f"{arch}.safetensors"))
         err = lambda k: ((t[k] - t["full.logits"]).norm() / t["full.logits"].norm()).item()
         print(arch, f"logits vs the f32 model: NF4 {err('nf4.logits'):.3e}, NF4 + LoftQ {err('loftq.logits'):.3e}")

@@ -1,7 +1,7 @@
 //! LoftQ for QLoRA (PEFT's `replace_lora_weights_loftq`) against PEFT
 //! (tests/reference/make_loftq_fixtures.py): A and B from the SVD of the NF4 error (signs of
 //! singular vectors normalised), the QLoRA model's logits with them, and LoftQ bringing the NF4
-//! model nearer the original one.
+//! model nearer the original one; PEFT loads hone's LoftQ adapter and gives hone's logits.
 
 mod common;
 
@@ -10,7 +10,7 @@ use hone::io::safetensors::SafeTensors;
 use hone::io::weights::Weights;
 use hone::io::{Dir, FileSource};
 use hone::lora::init::Init;
-use hone::lora::peft::Adapter;
+use hone::lora::peft::{Adapter, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
 use hone::lora::LoraConfig;
 use hone::model::init_source::InitSource;
 use hone::model::load::{build, read_config};
@@ -93,4 +93,31 @@ fn loftq_needs_an_nf4_base_and_writes_a_plain_lora() {
     // on NF4(W), the base every QLoRA user loads.
     let cfg: serde_json::Value = serde_json::from_slice(&initial.config_json()).unwrap();
     assert_eq!(cfg["init_lora_weights"], serde_json::json!(true), "{cfg}");
+}
+
+#[test]
+#[ignore = "writes the committed fixture; run with --ignored, then tests/reference/make_loftq_fixtures.py"]
+fn write_hone_loftq_fixtures() {
+    for arch in ["llama", "phi3"] {
+        let (_, initial, _) = loftq_model(arch);
+        let out = common::fixtures().join("loftq").join(format!("{arch}_hone_adapter"));
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join(ADAPTER_CONFIG_FILE), initial.config_json()).unwrap();
+        std::fs::write(out.join(ADAPTER_WEIGHTS_FILE), initial.weights_bytes()).unwrap();
+    }
+}
+
+#[test]
+fn hones_loftq_adapter_in_peft_gives_hones_logits() {
+    for arch in ["llama", "phi3"] {
+        let dir = common::fixtures().join("loftq").join(format!("{arch}_hone_adapter"));
+        let committed = Adapter::read(&Dir(dir)).unwrap();
+        let (mut model, _, _) = loftq_model(arch);
+        committed.attach(model.linears_mut()).unwrap();
+        let e = expected(arch);
+        let ids = read_ids(&e, "ids").unwrap();
+        let err = rel_error(&logits(&model, &ids), &e.read_f32("hone_adapter.logits").unwrap().1);
+        println!("{arch}: hone's LoftQ adapter on the NF4 base, hone vs PEFT: {err:.2e}");
+        assert!(err < 1e-5, "{arch}: {err:.3e}");
+    }
 }
