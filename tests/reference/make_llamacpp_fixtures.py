@@ -20,6 +20,9 @@ prompt of tests/fixtures/smollm2_gguf.json with each merged file, with the base 
 the base plus hone's LoRA GGUF → `smollm2_merge.json`. Finally ggml's reference Q8_0/Q4_0
 quantization of seeded values by the `gguf` package → `quants.safetensors`.
 
+With the argument `hf-gguf` it makes only the fixtures of `hone merge --model DIR --gguf` (a
+Hugging Face base; crates/hone/tests/gguf_hf.rs): see `hf_gguf` below.
+
 Needs, besides tests/reference/requirements.txt: llama-cpp-python 0.3.36 built from its source
 distribution and sentencepiece (the converter imports it), and that source unpacked:
 
@@ -115,7 +118,8 @@ def patch_base_vocab():
 def llama_cpp_logits(base_gguf, lora_gguf, ids):
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(base_gguf), lora_path=str(lora_gguf), n_ctx=len(ids), n_batch=len(ids), n_threads=1, logits_all=True, verbose=False, seed=0,
+    kw = {"lora_path": str(lora_gguf)} if lora_gguf else {}
+    llm = Llama(model_path=str(base_gguf), **kw, n_ctx=len(ids), n_batch=len(ids), n_threads=1, logits_all=True, verbose=False, seed=0,
                 # An f16 KV cache (llama.cpp's default) alone moves the logits by ~1e-3.
                 type_k=0, type_v=0, flash_attn=False)
     llm.eval(ids)
@@ -243,5 +247,74 @@ def peft_logits_base(arch, ids):
         return base(torch.tensor([ids])).logits[0].float().numpy()
 
 
+# Hugging Face bases written as GGUF by `hone merge --gguf` (export::gguf_hf), against llama.cpp's
+# convert_hf_to_gguf.py. `llama_chat` is the llama fixture with the chat fixture's tokenizer files
+# (tokenizer_config.json: special tokens, chat template); `llama3` has Llama 3.1's rope scaling
+# (rope_freqs) and bf16 weights.
+HF_GGUF_BASES = ["llama", "mistral", "qwen2", "phi3", "llama3", "smollm2", "llama_chat"]
+
+
+def hf_base_dir(name, tmp):
+    if name != "llama_chat":
+        return FIX / name
+    d = tmp / "llama_chat"
+    d.mkdir(exist_ok=True)
+    for src, f in [("llama", "config.json"), ("llama", "model.safetensors"), ("chat", "tokenizer.json"), ("chat", "tokenizer_config.json")]:
+        shutil.copyfile(FIX / src / f, d / f)
+    return d
+
+
+def describe(path):
+    """A GGUF's metadata (type and value per key) and tensor table (name, shape as PyTorch
+    orders it, type, SHA-256 of the bytes): small enough to commit, exact enough to compare."""
+    import hashlib
+
+    from gguf import GGUFReader
+
+    r = GGUFReader(path)
+    meta = {}
+    for k, f in r.fields.items():
+        if k.startswith("GGUF."):
+            continue
+        types = [t.name for t in f.types]
+        meta[k] = {"type": "/".join(types), "value": f.contents()}
+    tensors = [{"name": t.name, "shape": [int(d) for d in reversed(t.shape.tolist())], "type": t.tensor_type.name, "sha256": hashlib.sha256(bytes(t.data.tobytes())).hexdigest()} for t in r.tensors]
+    return {"metadata": meta, "tensors": tensors}
+
+
+def hf_gguf():
+    """For each base in HF_GGUF_BASES: the converter's f32 GGUF described → `hf_<base>.json`. For
+    the bases with an adapter (`<arch>_adapter/`): `hone merge --gguf --type f32` of base and
+    adapter, llama.cpp's logits with it (they must equal PEFT's) and the SHA-256 of the file
+    they were computed on → `hf_<arch>_merged.safetensors` and the JSON's `hone_merged_sha256`."""
+    import hashlib
+
+    tmp = Path(tempfile.mkdtemp())
+    for name in HF_GGUF_BASES:
+        base = hf_base_dir(name, tmp)
+        conv = tmp / f"{name}.gguf"
+        run_converter(LLAMA_CPP / "convert_hf_to_gguf.py", [base, "--outtype", "f32", "--model-name", "tiny", "--outfile", conv])
+        desc = describe(conv)
+        adapter = OUT / f"{name}_adapter"
+        if name in ARCHS and adapter.exists():
+            merged = tmp / f"{name}_merged.gguf"
+            subprocess.run([HONE, "merge", "--model", base, "--adapter", adapter, "--gguf", merged, "--type", "f32", "--name", "tiny"], check=True)
+            ids = IDS_OF.get(name, IDS)
+            # llama.cpp runs the merged model without an adapter: a LoRA-free call.
+            ours = llama_cpp_logits(merged, None, ids)
+            peft = peft_logits(name, adapter, ids)
+            print(f"hf {name}: llama.cpp on hone's merged GGUF vs PEFT {rel(ours, peft):.2e}")
+            assert rel(ours, peft) < 1e-4, name
+            desc["hone_merged_sha256"] = hashlib.sha256(merged.read_bytes()).hexdigest()
+            save_file({"ids": torch.tensor(ids, dtype=torch.int64), "llama_cpp": torch.from_numpy(ours).contiguous()}, OUT / f"hf_{name}_merged.safetensors")
+        (OUT / f"hf_{name}.json").write_text(json.dumps(desc, indent=0, sort_keys=True, ensure_ascii=False) + "\n")
+        print(f"hf {name}: {len(desc['metadata'])} keys, {len(desc['tensors'])} tensors")
+    shutil.rmtree(tmp)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["hf-gguf"]:
+        patch_base_vocab()
+        hf_gguf()
+    else:
+        main()

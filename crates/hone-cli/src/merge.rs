@@ -1,4 +1,5 @@
 use anyhow::Context;
+use hone::export::gguf_hf::hf_to_gguf;
 use hone::export::gguf_merge::{merge_gguf, MergedType};
 use hone::io::gguf::Gguf;
 use hone::io::{Dir, FileSource};
@@ -9,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The base model the adapter was trained on: a Hugging Face directory (for --out) or a GGUF
-    /// file (for --gguf).
+    /// The base model the adapter was trained on: a Hugging Face directory, or a GGUF file (for
+    /// --gguf).
     #[arg(long)]
     model: PathBuf,
     /// The PEFT LoRA adapter directory.
@@ -19,13 +20,18 @@ pub struct Args {
     /// Write the merged model as a Hugging Face directory here (must not exist) (or give --gguf).
     #[arg(long, required_unless_present = "gguf", conflicts_with = "gguf")]
     out: Option<PathBuf>,
-    /// Write the merged model as one GGUF file llama.cpp loads, with the base GGUF's tokenizer
-    /// and chat template (or give --out).
+    /// Write the merged model as one GGUF file llama.cpp loads, with the base's tokenizer and chat
+    /// template (a GGUF base's metadata kept; a Hugging Face base's written as llama.cpp's
+    /// convert_hf_to_gguf.py writes it) (or give --out).
     #[arg(long)]
     gguf: Option<PathBuf>,
-    /// How --gguf stores the merged matrices: f16, q8_0 or q4_0 (vectors stay f32).
-    #[arg(long = "type", default_value = "f16", value_parser = ["f16", "q8_0", "q4_0"])]
+    /// How --gguf stores the merged matrices: f32, f16, q8_0 or q4_0 (vectors stay f32).
+    #[arg(long = "type", default_value = "f16", value_parser = ["f32", "f16", "q8_0", "q4_0"])]
     ty: String,
+    /// `general.name` of a GGUF written from a Hugging Face base (llama.cpp's converter's
+    /// --model-name) [default: the directory's name].
+    #[arg(long)]
+    name: Option<String>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -50,17 +56,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn run_gguf(args: &Args, adapter: &Adapter, out: &Path) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.model.is_file(),
-        "{}: --gguf merges into a GGUF base (its tokenizer and chat template go into the output); for a Hugging Face base, merge with --out and convert that directory with llama.cpp's convert_hf_to_gguf.py",
-        args.model.display()
-    );
     let ty = MergedType::parse(&args.ty).expect("clap checks --type");
-    let base = Gguf::open(Box::new(FileSource::open(&args.model)?))?;
+    let hf = args.model.is_dir();
+    let base = if hf { None } else { Some(Gguf::open(Box::new(FileSource::open(&args.model)?))?) };
+    let name = args.name.clone().unwrap_or_else(|| args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
     let tmp = out.with_extension(format!("tmp.{}", std::process::id()));
     let written = (|| -> anyhow::Result<_> {
         let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?);
-        let report = merge_gguf(&base, adapter, ty, &mut |bytes| file.write_all(bytes).map_err(|e| hone::Error::io(tmp.display(), e)))?;
+        let mut sink = |bytes: &[u8]| file.write_all(bytes).map_err(|e| hone::Error::io(tmp.display(), e));
+        let report = match &base {
+            Some(base) => merge_gguf(base, adapter, ty, &mut sink)?,
+            None => hf_to_gguf(&Dir(args.model.clone()), Some(adapter), ty, &name, &mut sink)?,
+        };
         file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         Ok(report)
     })();

@@ -72,10 +72,10 @@ fn check_adapter_exits_1_only_when_a_runtime_refuses() {
 }
 
 /// `hone merge --gguf` writes, atomically, the file hone's library streams (itself checked
-/// against llama.cpp in crates/hone/tests/gguf_merge.rs); a Hugging Face base is refused, saying
-/// what to do instead.
+/// against llama.cpp in crates/hone/tests/gguf_merge.rs and gguf_hf.rs), from a GGUF base and
+/// from a Hugging Face one.
 #[test]
-fn merge_gguf_writes_the_merged_file_and_refuses_a_hugging_face_base() {
+fn merge_gguf_writes_the_merged_file_from_a_gguf_or_a_hugging_face_base() {
     use hone::export::gguf_merge::{merge_gguf, MergedType};
     use hone::io::gguf::Gguf;
     use hone::io::FileSource;
@@ -106,18 +106,24 @@ fn merge_gguf_writes_the_merged_file_and_refuses_a_hugging_face_base() {
     .unwrap();
     assert!(std::fs::read(&out).unwrap() == want, "the command's file differs from the library's");
     assert_eq!(std::fs::read_dir(&work).unwrap().count(), 1, "no temp file left");
-    // A Hugging Face base: refused before anything is written.
+    // A Hugging Face base: written as llama.cpp's converter writes one (crates/hone/tests/gguf_hf.rs).
     let hf = Command::new(env!("CARGO_BIN_EXE_hone"))
         .args(["merge", "--model"])
         .arg(fixtures().join("llama"))
         .arg("--adapter")
         .arg(fixtures().join("llamacpp/llama_adapter"))
-        .arg("--gguf")
+        .args(["--type", "q8_0", "--name", "tiny", "--gguf"])
         .arg(work.join("hf.gguf"))
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&hf.stderr);
-    assert!(!hf.status.success() && stderr.contains("convert_hf_to_gguf.py"), "{stderr}");
-    assert!(!work.join("hf.gguf").exists());
+    assert!(hf.status.success(), "{}", String::from_utf8_lossy(&hf.stderr));
+    let mut want = Vec::new();
+    hone::export::gguf_hf::hf_to_gguf(&Dir(fixtures().join("llama")), Some(&Adapter::read(&Dir(fixtures().join("llamacpp/llama_adapter"))).unwrap()), MergedType::Q8_0, "tiny", &mut |b| {
+        want.extend_from_slice(b);
+        Ok(())
+    })
+    .unwrap();
+    assert!(std::fs::read(work.join("hf.gguf")).unwrap() == want, "the command's file differs from the library's");
+    assert_eq!(std::fs::read_dir(&work).unwrap().count(), 2, "no temp file left");
     std::fs::remove_dir_all(&work).unwrap();
 }

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 /// What a merged GGUF's matrices are stored as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MergedType {
+    F32,
     F16,
     Q8_0,
     Q4_0,
@@ -25,22 +26,25 @@ pub enum MergedType {
 impl MergedType {
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
+            "f32" => MergedType::F32,
             "f16" => MergedType::F16,
             "q8_0" => MergedType::Q8_0,
             "q4_0" => MergedType::Q4_0,
             _ => return None,
         })
     }
-    fn kind(self) -> GgmlType {
+    pub(crate) fn kind(self) -> GgmlType {
         match self {
+            MergedType::F32 => GgmlType::F32,
             MergedType::F16 => GgmlType::F16,
             MergedType::Q8_0 => GgmlType::Q8_0,
             MergedType::Q4_0 => GgmlType::Q4_0,
         }
     }
     /// llama.cpp's `LlamaFileType` (`general.file_type`).
-    fn file_type(self) -> u32 {
+    pub(crate) fn file_type(self) -> u32 {
         match self {
+            MergedType::F32 => 0,
             MergedType::F16 => 1,
             MergedType::Q8_0 => 7,
             MergedType::Q4_0 => 2,

@@ -1,0 +1,166 @@
+//! Hugging Face bases written as GGUF (`hone merge --model DIR --gguf`, export::gguf_hf) against
+//! llama.cpp (fixtures: `make_llamacpp_fixtures.py hf-gguf`, llama-cpp-python 0.3.36 from source):
+//! - without an adapter, hone's f32 GGUF has the metadata llama.cpp's `convert_hf_to_gguf.py`
+//!   writes, key by key and value by value (`general.size_label` aside), and the same tensors,
+//!   byte for byte (SHA-256), for llama, mistral, qwen2, phi3 (LongRoPE factors), a Llama 3.1
+//!   (bf16, `rope_freqs`), SmolLM2's shapes and a tokenizer with tokenizer_config.json (special
+//!   tokens, chat template);
+//! - merged with the PEFT adapters of tests/fixtures/llamacpp, the file llama.cpp ran is the one
+//!   hone writes today (SHA-256), and llama.cpp's logits with it equal hone's with the adapter.
+
+mod common;
+
+use burn::backend::NdArray;
+use hone::export::gguf_hf::hf_to_gguf;
+use hone::export::gguf_merge::MergedType;
+use hone::io::gguf::{Gguf, Value};
+use hone::io::safetensors::SafeTensors;
+use hone::io::{Dir, FileSet, FileSource, MemSource};
+use hone::lora::peft::Adapter;
+use hone::model::load_model;
+use hone::parity::read_ids;
+use serde_json::Value as Json;
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+
+const BASES: [&str; 7] = ["llama", "mistral", "qwen2", "phi3", "llama3", "smollm2", "llama_chat"];
+const MERGED: [&str; 4] = ["llama", "mistral", "qwen2", "phi3"];
+
+fn dir() -> PathBuf {
+    common::fixtures().join("llamacpp")
+}
+
+/// The base's directory; `llama_chat` is the llama fixture with the chat fixture's tokenizer.
+fn base_dir(name: &str) -> PathBuf {
+    if name != "llama_chat" {
+        return common::fixtures().join(name);
+    }
+    let d = std::env::temp_dir().join(format!("hone-gguf-hf-chat-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    for (src, f) in [("llama", "config.json"), ("llama", "model.safetensors"), ("chat", "tokenizer.json"), ("chat", "tokenizer_config.json")] {
+        std::fs::copy(common::fixtures().join(src).join(f), d.join(f)).unwrap();
+    }
+    d
+}
+
+fn write(files: &dyn FileSet, adapter: Option<&Adapter>) -> Vec<u8> {
+    let mut out = Vec::new();
+    hf_to_gguf(files, adapter, MergedType::F32, "tiny", &mut |b| {
+        out.extend_from_slice(b);
+        Ok(())
+    })
+    .unwrap();
+    out
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A GGUF value as the fixture describes it: gguf-py's type name(s) and the value as JSON.
+fn describe(v: &Value) -> (String, Json) {
+    match v {
+        Value::Array(items) => {
+            let inner = items.first().map_or("?".to_string(), |i| describe(i).0);
+            (format!("ARRAY/{inner}"), Json::Array(items.iter().map(|i| describe(i).1).collect()))
+        }
+        Value::String(s) => ("STRING".into(), Json::String(s.clone())),
+        Value::Bool(b) => ("BOOL".into(), Json::Bool(*b)),
+        Value::U32(x) => ("UINT32".into(), (*x).into()),
+        Value::I32(x) => ("INT32".into(), (*x).into()),
+        Value::U64(x) => ("UINT64".into(), (*x).into()),
+        Value::I64(x) => ("INT64".into(), (*x).into()),
+        Value::F32(x) => ("FLOAT32".into(), Json::from(f64::from(*x))),
+        other => (format!("{other:?}"), Json::Null),
+    }
+}
+
+/// The same value: floats compared as the f32 they were written as.
+fn same(ours: &Json, theirs: &Json) -> bool {
+    match (ours, theirs) {
+        (Json::Number(a), Json::Number(b)) if a.is_f64() || b.is_f64() => a.as_f64().map(|x| x as f32) == b.as_f64().map(|x| x as f32),
+        (Json::Array(a), Json::Array(b)) => a.len() == b.len() && a.iter().zip(b).all(|(x, y)| same(x, y)),
+        _ => ours == theirs,
+    }
+}
+
+#[test]
+fn hone_writes_the_gguf_llama_cpps_converter_writes() {
+    for name in BASES {
+        let want: Json = serde_json::from_slice(&std::fs::read(dir().join(format!("hf_{name}.json"))).unwrap()).unwrap();
+        let bytes = write(&Dir(base_dir(name)), None);
+        let ours = Gguf::open(Box::new(MemSource::new(format!("{name}.gguf"), bytes))).unwrap();
+        let meta = want["metadata"].as_object().unwrap();
+        for (key, entry) in meta {
+            if key == "general.size_label" {
+                assert!(ours.get(key).is_none(), "{name}: hone does not write {key}");
+                continue;
+            }
+            let v = ours.get(key).unwrap_or_else(|| panic!("{name}: {key} missing"));
+            let (ty, value) = describe(v);
+            assert_eq!(ty, entry["type"].as_str().unwrap(), "{name} {key}: type");
+            assert!(same(&value, &entry["value"]), "{name} {key}: {value} vs {}", entry["value"]);
+        }
+        let extra: Vec<_> = ours.metadata.keys().filter(|k| !meta.contains_key(*k)).collect();
+        assert!(extra.is_empty(), "{name}: keys the converter does not write: {extra:?}");
+        let tensors = want["tensors"].as_array().unwrap();
+        assert_eq!(ours.tensors.len(), tensors.len(), "{name}: tensor count");
+        for t in tensors {
+            let tn = t["name"].as_str().unwrap();
+            let o = ours.tensors.get(tn).unwrap_or_else(|| panic!("{name}: {tn} missing"));
+            let shape: Vec<usize> = t["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+            assert_eq!((o.shape(), format!("{:?}", o.kind)), (shape, t["type"].as_str().unwrap().to_string()), "{name} {tn}: shape and type");
+            let values = ours.read_f32(tn).unwrap().1;
+            let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            assert_eq!(sha256(&raw), t["sha256"].as_str().unwrap(), "{name} {tn}: values differ from the converter's");
+        }
+        println!("{name}: {} keys and {} tensors as the converter writes them", meta.len(), tensors.len());
+    }
+}
+
+#[test]
+fn llama_cpp_running_hones_merged_gguf_gives_hones_logits() {
+    let device = Default::default();
+    for arch in MERGED {
+        let want: Json = serde_json::from_slice(&std::fs::read(dir().join(format!("hf_{arch}.json"))).unwrap()).unwrap();
+        let adapter = Adapter::read(&Dir(dir().join(format!("{arch}_adapter")))).unwrap();
+        let bytes = write(&Dir(base_dir(arch)), Some(&adapter));
+        assert_eq!(
+            sha256(&bytes),
+            want["hone_merged_sha256"].as_str().unwrap(),
+            "{arch}: hone's merged GGUF is not the file llama.cpp ran; rerun `make_llamacpp_fixtures.py hf-gguf`"
+        );
+        let st = SafeTensors::open(Box::new(FileSource::open(&dir().join(format!("hf_{arch}_merged.safetensors"))).unwrap())).unwrap();
+        let ids = read_ids(&st, "ids").unwrap();
+        let mut model = load_model::<NdArray>(&Dir(common::fixtures().join(arch)), &device).unwrap();
+        adapter.attach(model.linears_mut()).unwrap();
+        let ours = model.logits(&ids, &device).into_data().to_vec::<f32>().unwrap();
+        let llama_cpp = st.read_f32("llama_cpp").unwrap().1;
+        let diff = ours.iter().zip(&llama_cpp).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let rel = diff / llama_cpp.iter().map(|v| v.abs()).fold(0f32, f32::max);
+        println!("{arch}: llama.cpp on hone's merged GGUF vs hone with the adapter: {rel:.2e} (max |Δ| / max |ref|)");
+        assert!(rel < 1e-4, "{arch}: {rel:.2e}");
+    }
+}
+
+#[test]
+fn tokenizers_hone_cannot_write_for_llama_cpp_are_refused_with_the_way_round() {
+    let d = std::env::temp_dir().join(format!("hone-gguf-hf-spm-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(common::fixtures().join("llama").join(f), d.join(f)).unwrap();
+    }
+    let mut tok: Json = serde_json::from_slice(&std::fs::read(common::fixtures().join("llama/tokenizer.json")).unwrap()).unwrap();
+    let fail = |d: &PathBuf| hf_to_gguf(&Dir(d.clone()), None, MergedType::F16, "x", &mut |_| Ok(())).unwrap_err().to_string();
+    // A pre-tokenizer llama.cpp has no name for here.
+    tok["pre_tokenizer"] = serde_json::json!({"type": "Whitespace"});
+    std::fs::write(d.join("tokenizer.json"), serde_json::to_vec(&tok).unwrap()).unwrap();
+    let e = fail(&d);
+    assert!(e.contains("pre-tokenizer") && e.contains("convert_hf_to_gguf.py") && e.contains("tokenizer.json"), "{e}");
+    // SentencePiece-style (byte fallback): llama.cpp's converter reads tokenizer.model.
+    tok["model"]["byte_fallback"] = Json::Bool(true);
+    std::fs::write(d.join("tokenizer.json"), serde_json::to_vec(&tok).unwrap()).unwrap();
+    let e = fail(&d);
+    assert!(e.contains("SentencePiece") && e.contains("--out"), "{e}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
