@@ -111,6 +111,8 @@ def patch_base_vocab():
     import conversion.base as base
     import conversion.phi as phi
 
+    global ORIGINAL_PHI3_SET_VOCAB
+    ORIGINAL_PHI3_SET_VOCAB = phi.Phi3MiniModel.set_vocab
     base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
     phi.Phi3MiniModel.set_vocab = lambda self: self._set_vocab_gpt2()
 
@@ -251,15 +253,52 @@ def peft_logits_base(arch, ids):
 # convert_hf_to_gguf.py. `llama_chat` is the llama fixture with the chat fixture's tokenizer files
 # (tokenizer_config.json: special tokens, chat template); `llama3` has Llama 3.1's rope scaling
 # (rope_freqs) and bf16 weights.
-HF_GGUF_BASES = ["llama", "mistral", "qwen2", "phi3", "llama3", "smollm2", "llama_chat"]
+# `llama_spm` and `phi3_spm` are the llama and phi3 fixtures with tests/fixtures/spm's
+# SentencePiece tokenizer (tokenizer.model and a tokenizer_config.json with added tokens).
+HF_GGUF_BASES = ["llama", "mistral", "qwen2", "phi3", "llama3", "smollm2", "llama_chat", "llama_spm", "phi3_spm"]
+MERGED_OF = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "phi3": "phi3", "llama_spm": "llama", "phi3_spm": "phi3"}
+SPM = FIX / "spm"
+
+
+def make_spm():
+    """A tiny SentencePiece BPE model (byte fallback, a control and a user-defined symbol; 320
+    pieces, so ids 322-383 of the fixtures' 384 are padding) and a tokenizer_config.json that adds
+    tokens over it, as Llama 2 / Mistral / Phi-3 repositories hold them."""
+    import io
+    import random
+
+    import sentencepiece as spm
+
+    SPM.mkdir(exist_ok=True)
+    rnd = random.Random(3)
+    words = "the a red blue green gold cat dog runs jumps over under quickly slowly tiny model learns data text token".split()
+    lines = [" ".join(rnd.choice(words) for _ in range(8)) for _ in range(400)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=320, model_type="bpe", byte_fallback=True, num_threads=1,
+                                   character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, normalization_rule_name="identity", minloglevel=2,
+                                   user_defined_symbols=["<|user|>"], control_symbols=["<|end|>"])
+    (SPM / "tokenizer.model").write_bytes(buf.getvalue())
+    tok = lambda content, special: {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": special}
+    cfg = {
+        "add_bos_token": True, "add_eos_token": False, "add_prefix_space": True, "bos_token": "<s>", "eos_token": "<|end|>", "unk_token": "<unk>", "pad_token": "<unk>",
+        "tokenizer_class": "LlamaTokenizer", "added_tokens_decoder": {"0": tok("<unk>", True), "1": tok("<s>", True), "2": tok("</s>", True), "3": tok("<|end|>", True),
+                                                                    "4": tok("<|user|>", False), "320": tok("<|assistant|>", True), "321": tok("▁custom", False)},
+        "chat_template": "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}",
+    }
+    (SPM / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 def hf_base_dir(name, tmp):
-    if name != "llama_chat":
+    parts = {
+        "llama_chat": [("llama", "config.json"), ("llama", "model.safetensors"), ("chat", "tokenizer.json"), ("chat", "tokenizer_config.json")],
+        "llama_spm": [("llama", "config.json"), ("llama", "model.safetensors"), ("spm", "tokenizer.model"), ("spm", "tokenizer_config.json")],
+        "phi3_spm": [("phi3", "config.json"), ("phi3", "model.safetensors"), ("spm", "tokenizer.model"), ("spm", "tokenizer_config.json")],
+    }
+    if name not in parts:
         return FIX / name
-    d = tmp / "llama_chat"
+    d = tmp / name
     d.mkdir(exist_ok=True)
-    for src, f in [("llama", "config.json"), ("llama", "model.safetensors"), ("chat", "tokenizer.json"), ("chat", "tokenizer_config.json")]:
+    for src, f in parts[name]:
         shutil.copyfile(FIX / src / f, d / f)
     return d
 
@@ -289,20 +328,27 @@ def hf_gguf():
     they were computed on → `hf_<arch>_merged.safetensors` and the JSON's `hone_merged_sha256`."""
     import hashlib
 
+    import conversion.phi as phi
+
+    make_spm()
     tmp = Path(tempfile.mkdtemp())
+    patched = phi.Phi3MiniModel.set_vocab
     for name in HF_GGUF_BASES:
         base = hf_base_dir(name, tmp)
         conv = tmp / f"{name}.gguf"
+        # The SentencePiece bases take the converter's own Phi-3 vocabulary code.
+        phi.Phi3MiniModel.set_vocab = ORIGINAL_PHI3_SET_VOCAB if name.endswith("_spm") else patched
         run_converter(LLAMA_CPP / "convert_hf_to_gguf.py", [base, "--outtype", "f32", "--model-name", "tiny", "--outfile", conv])
         desc = describe(conv)
-        adapter = OUT / f"{name}_adapter"
-        if name in ARCHS and adapter.exists():
+        arch = MERGED_OF.get(name)
+        adapter = OUT / f"{arch}_adapter"
+        if arch:
             merged = tmp / f"{name}_merged.gguf"
             subprocess.run([HONE, "merge", "--model", base, "--adapter", adapter, "--gguf", merged, "--type", "f32", "--name", "tiny"], check=True)
-            ids = IDS_OF.get(name, IDS)
+            ids = IDS_OF.get(arch, IDS)
             # llama.cpp runs the merged model without an adapter: a LoRA-free call.
             ours = llama_cpp_logits(merged, None, ids)
-            peft = peft_logits(name, adapter, ids)
+            peft = peft_logits(arch, adapter, ids)
             print(f"hf {name}: llama.cpp on hone's merged GGUF vs PEFT {rel(ours, peft):.2e}")
             assert rel(ours, peft) < 1e-4, name
             desc["hone_merged_sha256"] = hashlib.sha256(merged.read_bytes()).hexdigest()

@@ -3,8 +3,9 @@
 //! - without an adapter, hone's f32 GGUF has the metadata llama.cpp's `convert_hf_to_gguf.py`
 //!   writes, key by key and value by value (`general.size_label` aside), and the same tensors,
 //!   byte for byte (SHA-256), for llama, mistral, qwen2, phi3 (LongRoPE factors), a Llama 3.1
-//!   (bf16, `rope_freqs`), SmolLM2's shapes and a tokenizer with tokenizer_config.json (special
-//!   tokens, chat template);
+//!   (bf16, `rope_freqs`), SmolLM2's shapes, a tokenizer with tokenizer_config.json (special
+//!   tokens, chat template) and a SentencePiece tokenizer.model under llama and phi3 (each
+//!   class lays the added tokens over it its own way);
 //! - merged with the PEFT adapters of tests/fixtures/llamacpp, the file llama.cpp ran is the one
 //!   hone writes today (SHA-256), and llama.cpp's logits with it equal hone's with the adapter.
 
@@ -23,21 +24,29 @@ use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 
-const BASES: [&str; 7] = ["llama", "mistral", "qwen2", "phi3", "llama3", "smollm2", "llama_chat"];
-const MERGED: [&str; 4] = ["llama", "mistral", "qwen2", "phi3"];
+const BASES: [&str; 9] = ["llama", "mistral", "qwen2", "phi3", "llama3", "smollm2", "llama_chat", "llama_spm", "phi3_spm"];
+/// Merged bases and whose adapter they take.
+const MERGED: [(&str, &str); 6] = [("llama", "llama"), ("mistral", "mistral"), ("qwen2", "qwen2"), ("phi3", "phi3"), ("llama_spm", "llama"), ("phi3_spm", "phi3")];
 
 fn dir() -> PathBuf {
     common::fixtures().join("llamacpp")
 }
 
-/// The base's directory; `llama_chat` is the llama fixture with the chat fixture's tokenizer.
+/// The base's directory: `llama_chat` is the llama fixture with the chat fixture's tokenizer,
+/// `<arch>_spm` a fixture with tests/fixtures/spm's SentencePiece tokenizer.
 fn base_dir(name: &str) -> PathBuf {
-    if name != "llama_chat" {
-        return common::fixtures().join(name);
-    }
-    let d = std::env::temp_dir().join(format!("hone-gguf-hf-chat-{}", std::process::id()));
+    let parts: &[(&str, &str)] = match name {
+        "llama_chat" => &[("llama", "config.json"), ("llama", "model.safetensors"), ("chat", "tokenizer.json"), ("chat", "tokenizer_config.json")],
+        "llama_spm" => &[("llama", "config.json"), ("llama", "model.safetensors"), ("spm", "tokenizer.model"), ("spm", "tokenizer_config.json")],
+        "phi3_spm" => &[("phi3", "config.json"), ("phi3", "model.safetensors"), ("spm", "tokenizer.model"), ("spm", "tokenizer_config.json")],
+        _ => return common::fixtures().join(name),
+    };
+    // One directory per call: the tests run in parallel.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("hone-gguf-hf-{name}-{}-{call}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
-    for (src, f) in [("llama", "config.json"), ("llama", "model.safetensors"), ("chat", "tokenizer.json"), ("chat", "tokenizer_config.json")] {
+    for (src, f) in parts {
         std::fs::copy(common::fixtures().join(src).join(f), d.join(f)).unwrap();
     }
     d
@@ -121,16 +130,16 @@ fn hone_writes_the_gguf_llama_cpps_converter_writes() {
 #[test]
 fn llama_cpp_running_hones_merged_gguf_gives_hones_logits() {
     let device = Default::default();
-    for arch in MERGED {
-        let want: Json = serde_json::from_slice(&std::fs::read(dir().join(format!("hf_{arch}.json"))).unwrap()).unwrap();
+    for (name, arch) in MERGED {
+        let want: Json = serde_json::from_slice(&std::fs::read(dir().join(format!("hf_{name}.json"))).unwrap()).unwrap();
         let adapter = Adapter::read(&Dir(dir().join(format!("{arch}_adapter")))).unwrap();
-        let bytes = write(&Dir(base_dir(arch)), Some(&adapter));
+        let bytes = write(&Dir(base_dir(name)), Some(&adapter));
         assert_eq!(
             sha256(&bytes),
             want["hone_merged_sha256"].as_str().unwrap(),
-            "{arch}: hone's merged GGUF is not the file llama.cpp ran; rerun `make_llamacpp_fixtures.py hf-gguf`"
+            "{name}: hone's merged GGUF is not the file llama.cpp ran; rerun `make_llamacpp_fixtures.py hf-gguf`"
         );
-        let st = SafeTensors::open(Box::new(FileSource::open(&dir().join(format!("hf_{arch}_merged.safetensors"))).unwrap())).unwrap();
+        let st = SafeTensors::open(Box::new(FileSource::open(&dir().join(format!("hf_{name}_merged.safetensors"))).unwrap())).unwrap();
         let ids = read_ids(&st, "ids").unwrap();
         let mut model = load_model::<NdArray>(&Dir(common::fixtures().join(arch)), &device).unwrap();
         adapter.attach(model.linears_mut()).unwrap();
@@ -138,8 +147,8 @@ fn llama_cpp_running_hones_merged_gguf_gives_hones_logits() {
         let llama_cpp = st.read_f32("llama_cpp").unwrap().1;
         let diff = ours.iter().zip(&llama_cpp).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         let rel = diff / llama_cpp.iter().map(|v| v.abs()).fold(0f32, f32::max);
-        println!("{arch}: llama.cpp on hone's merged GGUF vs hone with the adapter: {rel:.2e} (max |Δ| / max |ref|)");
-        assert!(rel < 1e-4, "{arch}: {rel:.2e}");
+        println!("{name}: llama.cpp on hone's merged GGUF vs hone with the adapter: {rel:.2e} (max |Δ| / max |ref|)");
+        assert!(rel < 1e-4, "{name}: {rel:.2e}");
     }
 }
 
@@ -157,7 +166,7 @@ fn tokenizers_hone_cannot_write_for_llama_cpp_are_refused_with_the_way_round() {
     std::fs::write(d.join("tokenizer.json"), serde_json::to_vec(&tok).unwrap()).unwrap();
     let e = fail(&d);
     assert!(e.contains("pre-tokenizer") && e.contains("convert_hf_to_gguf.py") && e.contains("tokenizer.json"), "{e}");
-    // SentencePiece-style (byte fallback): llama.cpp's converter reads tokenizer.model.
+    // SentencePiece-style (byte fallback) without tokenizer.model, which the converter reads.
     tok["model"]["byte_fallback"] = Json::Bool(true);
     std::fs::write(d.join("tokenizer.json"), serde_json::to_vec(&tok).unwrap()).unwrap();
     let e = fail(&d);

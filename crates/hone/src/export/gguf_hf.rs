@@ -41,7 +41,7 @@ pub fn hf_to_gguf(files: &dyn FileSet, adapter: Option<&Adapter>, ty: MergedType
     };
     let weights = Weights::open(files)?;
     let mut metadata = model_metadata(&config, &raw, ty, name);
-    metadata.extend(vocab_metadata(files, config.vocab_size)?);
+    metadata.extend(vocab_metadata(files, config.arch, config.vocab_size)?);
 
     let layers: BTreeMap<String, &HostLora> = adapter.map(|a| a.layers.iter().map(|l| (format!("{}.weight", l.module), l)).collect()).unwrap_or_default();
     for key in layers.keys() {

@@ -1,17 +1,20 @@
-//! A Hugging Face tokenizer (tokenizer.json, tokenizer_config.json, config.json) as the
-//! `tokenizer.*` metadata llama.cpp's `convert_hf_to_gguf.py` writes for byte-level BPE
-//! vocabularies (Llama 3, Qwen2, SmolLM2, GPT-2 style): the tokens in id order with their types,
-//! the merges, the pre-tokenizer by llama.cpp's name, the special token ids, whether BOS/EOS are
-//! added, and the chat template.
+//! A Hugging Face tokenizer as the `tokenizer.*` metadata llama.cpp's `convert_hf_to_gguf.py`
+//! writes, in its two forms:
+//! - byte-level BPE from tokenizer.json (Llama 3, Qwen2, SmolLM2, GPT-2 style): the tokens in id
+//!   order with their types, the merges, and the pre-tokenizer by llama.cpp's name, which hone
+//!   reads from tokenizer.json's own description (the converter hashes the tokenization of a
+//!   probe text instead; one hone cannot name is refused);
+//! - SentencePiece from tokenizer.model (Llama 2, Mistral, Phi-3): pieces, scores and types read
+//!   from the model file (a small protobuf reader), with the added tokens laid over them as the
+//!   converter's Llama and Phi-3 classes each do;
 //!
-//! The pre-tokenizer is named from tokenizer.json's own description (the converter hashes the
-//! tokenization of a probe text instead); one hone cannot name is refused, as is a
-//! SentencePiece-style vocabulary (Llama 2, Mistral, Phi-3), which the converter reads from
-//! tokenizer.model.
+//! and for both the special token ids, whether BOS/EOS/SEP are added (`SpecialVocab`'s rules:
+//! tokenizer.json's post-processor, tokenizer_config.json, config.json) and the chat template.
 
 use crate::error::{Error, Result};
 use crate::io::gguf::Value;
 use crate::io::FileSet;
+use crate::model::config::Arch;
 use serde_json::Value as Json;
 
 /// llama.cpp's token types (`tokenizer.ggml.token_type`).
@@ -66,16 +69,60 @@ fn looks_special(t: &str) -> bool {
         || (t.starts_with("<unused") && t.ends_with('>'))
 }
 
-/// The `tokenizer.*` metadata for the tokenizer files in `files`; `vocab_size` is config.json's.
-pub fn vocab_metadata(files: &dyn FileSet, vocab_size: usize) -> Result<Vec<(String, Value)>> {
-    let here = |name: &str| format!("{}/{name}", files.location());
-    let tok = read_json(files, "tokenizer.json")?.ok_or_else(|| Error::io(here("tokenizer.json"), "not found (a GGUF needs the tokenizer)"))?;
+/// The `tokenizer.*` metadata for the tokenizer files in `files`, for a model of `arch` whose
+/// config.json says `vocab_size`.
+pub fn vocab_metadata(files: &dyn FileSet, arch: Arch, vocab_size: usize) -> Result<Vec<(String, Value)>> {
+    let tok = read_json(files, "tokenizer.json")?;
     let tok_config = read_json(files, "tokenizer_config.json")?;
     let config = read_json(files, "config.json")?.unwrap_or(Json::Null);
+    let gpt2_class = tok_config.as_ref().and_then(|c| c.get("tokenizer_class")).and_then(Json::as_str) == Some("GPT2Tokenizer");
+    let spm = match files.open("tokenizer.model")? {
+        Some(src) if arch != Arch::Qwen2 && !(arch == Arch::Phi3 && gpt2_class) => Some(src.read_all()?),
+        _ => None,
+    };
+    let mut out = match spm {
+        Some(model) => sentencepiece(files, arch, &model, tok.as_ref(), tok_config.as_ref(), vocab_size)?,
+        None => {
+            let tok = tok.as_ref().ok_or_else(|| Error::io(format!("{}/tokenizer.json", files.location()), "not found (a GGUF needs the tokenizer)"))?;
+            byte_level_bpe(files, tok, vocab_size)?
+        }
+    };
+    let n_vocab = match out.iter().find(|(k, _)| k == "tokenizer.ggml.tokens") {
+        Some((_, Value::Array(t))) => t.len(),
+        _ => vocab_size,
+    };
+    let added: Vec<&Json> = tok.as_ref().and_then(|t| t.get("added_tokens")).and_then(Json::as_array).map(|a| a.iter().collect()).unwrap_or_default();
+    let (ids, add) = special_tokens(tok.as_ref(), tok_config.as_ref(), &config, &added, n_vocab);
+    // The converter's writer has keys for these (spelled as llama.cpp spells them); others are
+    // dropped with a warning there, and here.
+    let key = |typ: &'static str| match typ {
+        "unk" => Some("unknown"),
+        "sep" => Some("seperator"),
+        "pad" => Some("padding"),
+        "bos" | "eos" | "mask" | "eot" | "eom" => Some(typ),
+        _ => None,
+    };
+    out.extend(ids.into_iter().filter_map(|(typ, id)| Some((format!("tokenizer.ggml.{}_token_id", key(typ)?), Value::U32(id)))));
+    out.extend(add.into_iter().filter(|(typ, _)| matches!(*typ, "bos" | "eos" | "sep")).map(|(typ, on)| (format!("tokenizer.ggml.add_{typ}_token"), Value::Bool(on))));
+    if let Some(t) = chat_template(files, tok_config.as_ref())? {
+        out.push(("tokenizer.chat_template".into(), Value::String(t)));
+    }
+    // The converter's Llama class (Mistral's too) also passes on add_prefix_space.
+    if matches!(arch, Arch::Llama | Arch::Mistral) {
+        if let Some(on) = tok_config.as_ref().and_then(|c| c.get("add_prefix_space")).and_then(Json::as_bool) {
+            out.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(on)));
+        }
+    }
+    Ok(out)
+}
+
+/// Byte-level BPE ("gpt2") from tokenizer.json.
+fn byte_level_bpe(files: &dyn FileSet, tok: &Json, vocab_size: usize) -> Result<Vec<(String, Value)>> {
+    let here = |name: &str| format!("{}/{name}", files.location());
     let model = tok.get("model").ok_or_else(|| Error::format(here("tokenizer.json"), "no `model`"))?;
     let refuse = |why: String| Error::unsupported(here("tokenizer.json"), format!("{why}; merge with --out and convert the directory with llama.cpp's convert_hf_to_gguf.py"));
     if model.get("type").and_then(Json::as_str) != Some("BPE") || model.get("byte_fallback").and_then(Json::as_bool) == Some(true) {
-        return Err(refuse("a SentencePiece-style vocabulary (llama.cpp's converter reads tokenizer.model for it); hone writes byte-level BPE vocabularies".into()));
+        return Err(refuse("a SentencePiece-style vocabulary without its tokenizer.model (llama.cpp's converter reads that file for it, and so does hone)".into()));
     }
     let pre = tok.get("pre_tokenizer").and_then(pre_tokenizer_name).ok_or_else(|| refuse("a pre-tokenizer hone cannot name for llama.cpp (it knows GPT-2's, SmolLM's, Llama 3's and Qwen2's)".into()))?;
 
@@ -93,7 +140,7 @@ pub fn vocab_metadata(files: &dyn FileSet, vocab_size: usize) -> Result<Vec<(Str
         tokens[slot(id.as_u64(), t)?] = Some((t.clone(), NORMAL));
     }
     let added: Vec<&Json> = tok.get("added_tokens").and_then(Json::as_array).map(|a| a.iter().collect()).unwrap_or_default();
-    for a in &added {
+    for a in added {
         let t = a.get("content").and_then(Json::as_str).unwrap_or_default();
         let special = a.get("special").and_then(Json::as_bool).unwrap_or(false);
         let entry = if special || looks_special(t) { (t.to_string(), CONTROL) } else { (t.replace('\u{2581}', " "), USER_DEFINED) };
@@ -124,7 +171,6 @@ pub fn vocab_metadata(files: &dyn FileSet, vocab_size: usize) -> Result<Vec<(Str
         None => Vec::new(),
     };
 
-    let (ids, add) = special_tokens(&tok, tok_config.as_ref(), &config, &added, vocab_size);
     let mut out = vec![
         ("tokenizer.ggml.model".to_string(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String(pre.into())),
@@ -134,21 +180,123 @@ pub fn vocab_metadata(files: &dyn FileSet, vocab_size: usize) -> Result<Vec<(Str
     if !merges.is_empty() {
         out.push(("tokenizer.ggml.merges".into(), Value::Array(merges)));
     }
-    // The converter's writer has keys for these (spelled as llama.cpp spells them); others are
-    // dropped with a warning there, and here.
-    let key = |typ: &'static str| match typ {
-        "unk" => Some("unknown"),
-        "sep" => Some("seperator"),
-        "pad" => Some("padding"),
-        "bos" | "eos" | "mask" | "eot" | "eom" => Some(typ),
-        _ => None,
-    };
-    out.extend(ids.into_iter().filter_map(|(typ, id)| Some((format!("tokenizer.ggml.{}_token_id", key(typ)?), Value::U32(id)))));
-    out.extend(add.into_iter().filter(|(typ, _)| matches!(*typ, "bos" | "eos" | "sep")).map(|(typ, on)| (format!("tokenizer.ggml.add_{typ}_token"), Value::Bool(on))));
-    if let Some(t) = chat_template(files, tok_config.as_ref())? {
-        out.push(("tokenizer.chat_template".into(), Value::String(t)));
-    }
     Ok(out)
+}
+
+/// SentencePiece ("llama") from tokenizer.model, with the added tokens over it.
+fn sentencepiece(files: &dyn FileSet, arch: Arch, model: &[u8], tok: Option<&Json>, tok_config: Option<&Json>, vocab_size: usize) -> Result<Vec<(String, Value)>> {
+    let here = |name: &str| format!("{}/{name}", files.location());
+    let pieces = sentencepiece_pieces(model).map_err(|m| Error::format(here("tokenizer.model"), m))?;
+    let mut tokens: Vec<String> = (0..vocab_size).map(|i| format!("[PAD{i}]")).collect();
+    let mut scores = vec![-10000f32; vocab_size];
+    let mut types = vec![UNUSED; vocab_size];
+    for (i, (piece, score, ty)) in pieces.into_iter().enumerate().take(vocab_size) {
+        tokens[i] = piece;
+        scores[i] = score;
+        // The converter asks is-unknown / control / unused / byte; anything else is normal.
+        types[i] = if matches!(ty, 2 | 3 | 5 | 6) { ty } else { NORMAL };
+    }
+    let mut set = |id: usize, text: String, ty: i32| {
+        if id < vocab_size {
+            tokens[id] = text;
+            scores[id] = -1000.0;
+            types[id] = ty;
+        }
+    };
+    if let Some(added) = read_json(files, "added_tokens.json")?.as_ref().and_then(Json::as_object) {
+        for (text, id) in added {
+            set(id.as_u64().unwrap_or(u64::MAX) as usize, text.clone(), USER_DEFINED);
+        }
+    }
+    let decoder = tok_config.and_then(|c| c.get("added_tokens_decoder")).and_then(Json::as_object);
+    let entries: Vec<(usize, &Json)> = decoder.into_iter().flatten().filter_map(|(id, d)| Some((id.parse().ok()?, d))).collect();
+    let content = |d: &Json| d.get("content").and_then(Json::as_str).unwrap_or_default().to_string();
+    let special = |d: &Json| d.get("special").and_then(Json::as_bool).unwrap_or(false);
+    if arch == Arch::Phi3 {
+        // Phi-3's class: the config's added tokens, then tokenizer.json's, each user-defined or,
+        // when marked special, control.
+        let from_json: Vec<(usize, &Json)> = tok.and_then(|t| t.get("added_tokens")).and_then(Json::as_array).into_iter().flatten().filter_map(|d| Some((d.get("id")?.as_u64()? as usize, d))).collect();
+        for (id, d) in entries.into_iter().chain(from_json) {
+            set(id, content(d), if special(d) { CONTROL } else { USER_DEFINED });
+        }
+    } else {
+        for (id, d) in entries {
+            let text = content(d);
+            if special(d) || looks_special(&text) {
+                set(id, text, CONTROL);
+            } else {
+                set(id, text.replace('\u{2581}', " "), USER_DEFINED);
+            }
+        }
+    }
+    Ok(vec![
+        ("tokenizer.ggml.model".to_string(), Value::String("llama".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("default".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect())),
+        ("tokenizer.ggml.scores".into(), Value::Array(scores.into_iter().map(Value::F32).collect())),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect())),
+    ])
+}
+
+/// The pieces of a SentencePiece model file (`ModelProto.pieces`: piece, score, type; type 1,
+/// normal, when absent), read with the few protobuf rules they need.
+fn sentencepiece_pieces(bytes: &[u8]) -> std::result::Result<Vec<(String, f32, i32)>, String> {
+    fn varint(b: &[u8], at: &mut usize) -> std::result::Result<u64, String> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *b.get(*at).ok_or("the file ends inside a number")?;
+            *at += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("a number longer than 10 bytes".into())
+    }
+    /// (field, wire type, the field's bytes) of each field of a message.
+    fn fields(b: &[u8]) -> std::result::Result<Vec<(u64, u64, &[u8])>, String> {
+        let mut at = 0;
+        let mut out = Vec::new();
+        while at < b.len() {
+            let tag = varint(b, &mut at)?;
+            let start = at;
+            let len = match tag & 7 {
+                0 => {
+                    varint(b, &mut at)?;
+                    0
+                }
+                1 => 8,
+                2 => varint(b, &mut at)? as usize,
+                5 => 4,
+                w => return Err(format!("protobuf wire type {w} (not a SentencePiece model?)")),
+            };
+            let begin = if tag & 7 == 0 { start } else { at };
+            let end = if tag & 7 == 0 { at } else { at.checked_add(len).filter(|&e| e <= b.len()).ok_or("a field runs past the end of the file")? };
+            out.push((tag >> 3, tag & 7, &b[begin..end]));
+            at = end;
+        }
+        Ok(out)
+    }
+    let mut pieces = Vec::new();
+    for (field, wire, body) in fields(bytes)? {
+        if field != 1 || wire != 2 {
+            continue;
+        }
+        let (mut piece, mut score, mut ty) = (None, 0f32, 1i32);
+        for (f, w, v) in fields(body)? {
+            match (f, w) {
+                (1, 2) => piece = Some(String::from_utf8(v.to_vec()).map_err(|_| "a piece that is not UTF-8")?),
+                (2, 5) => score = f32::from_le_bytes(v.try_into().expect("4 bytes")),
+                (3, 0) => ty = varint(v, &mut 0)? as i32,
+                _ => {}
+            }
+        }
+        pieces.push((piece.ok_or("a piece without its text")?, score, ty));
+    }
+    if pieces.is_empty() {
+        return Err("no pieces (not a SentencePiece model?)".into());
+    }
+    Ok(pieces)
 }
 
 /// The chat template: tokenizer_config.json's, else chat_template.jinja or chat_template.json.
@@ -171,7 +319,7 @@ fn chat_template(files: &dyn FileSet, tok_config: Option<&Json>) -> Result<Optio
 /// the post-processor of tokenizer.json, then tokenizer_config.json, then config.json's ids.
 /// Kept in the order found (insertion order, as the converter writes them).
 #[allow(clippy::type_complexity)]
-fn special_tokens(tok: &Json, tok_config: Option<&Json>, config: &Json, added: &[&Json], n_vocab: usize) -> (Vec<(&'static str, u32)>, Vec<(&'static str, bool)>) {
+fn special_tokens(tok: Option<&Json>, tok_config: Option<&Json>, config: &Json, added: &[&Json], n_vocab: usize) -> (Vec<(&'static str, u32)>, Vec<(&'static str, bool)>) {
     let mut cfg: serde_json::Map<String, Json> = tok_config.and_then(Json::as_object).cloned().unwrap_or_default();
     let has_cfg = tok_config.is_some_and(|c| c.as_object().is_some_and(|o| !o.is_empty()));
     let mut add: Vec<(&'static str, bool)> = Vec::new();
@@ -192,19 +340,19 @@ fn special_tokens(tok: &Json, tok_config: Option<&Json>, config: &Json, added: &
     let mut cls = content(cfg.get("cls_token"));
     let mut eos = content(cfg.get("eos_token"));
     let sep = content(cfg.get("sep_token"));
-    if bos.is_none() && has_cfg {
+    if bos.is_none() && has_cfg && tok.is_some() {
         if let Some(c) = &cls {
             cfg.insert("bos_token".into(), Json::String(c.clone()));
             bos = Some(c.clone());
         }
     }
-    if eos.is_none() && has_cfg {
+    if eos.is_none() && has_cfg && tok.is_some() {
         if let Some(s) = &sep {
             cfg.insert("eos_token".into(), Json::String(s.clone()));
             eos = Some(s.clone());
         }
     }
-    if let Some(post) = tok.get("post_processor").filter(|p| !p.is_null()) {
+    if let Some(post) = tok.and_then(|t| t.get("post_processor")).filter(|p| !p.is_null()) {
         let list: Vec<&Json> = match post.get("processors").and_then(Json::as_array) {
             Some(ps) => ps.iter().collect(),
             None => vec![post],
