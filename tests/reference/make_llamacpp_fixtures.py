@@ -355,6 +355,14 @@ def hf_gguf():
             save_file({"ids": torch.tensor(ids, dtype=torch.int64), "llama_cpp": torch.from_numpy(ours).contiguous()}, OUT / f"hf_{name}_merged.safetensors")
         (OUT / f"hf_{name}.json").write_text(json.dumps(desc, indent=0, sort_keys=True, ensure_ascii=False) + "\n")
         print(f"hf {name}: {len(desc['metadata'])} keys, {len(desc['tensors'])} tensors")
+        # The converter's f16 and q8_0 files (which tensors stay f32, the fallback to f16, the
+        # quantizers): their tensor tables.
+        if name in ("llama", "qwen2"):
+            for ty in ["f16", "q8_0"]:
+                conv = tmp / f"{name}_{ty}.gguf"
+                run_converter(LLAMA_CPP / "convert_hf_to_gguf.py", [base, "--outtype", ty, "--model-name", "tiny", "--outfile", conv])
+                d = describe(conv)
+                (OUT / f"hf_{name}_{ty}.json").write_text(json.dumps({"file_type": d["metadata"]["general.file_type"], "tensors": d["tensors"]}, indent=0, sort_keys=True) + "\n")
     shutil.rmtree(tmp)
 
 

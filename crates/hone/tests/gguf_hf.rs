@@ -53,8 +53,12 @@ fn base_dir(name: &str) -> PathBuf {
 }
 
 fn write(files: &dyn FileSet, adapter: Option<&Adapter>) -> Vec<u8> {
+    write_as(files, adapter, MergedType::F32)
+}
+
+fn write_as(files: &dyn FileSet, adapter: Option<&Adapter>, ty: MergedType) -> Vec<u8> {
     let mut out = Vec::new();
-    hf_to_gguf(files, adapter, MergedType::F32, "tiny", &mut |b| {
+    hf_to_gguf(files, adapter, ty, "tiny", &mut |b| {
         out.extend_from_slice(b);
         Ok(())
     })
@@ -124,6 +128,28 @@ fn hone_writes_the_gguf_llama_cpps_converter_writes() {
             assert_eq!(sha256(&raw), t["sha256"].as_str().unwrap(), "{name} {tn}: values differ from the converter's");
         }
         println!("{name}: {} keys and {} tensors as the converter writes them", meta.len(), tensors.len());
+    }
+}
+
+/// Which tensors stay f32, which fall back to f16, and the F16 / Q8_0 bytes: as the converter's
+/// `--outtype f16` and `q8_0` files (qwen2's biases included).
+#[test]
+fn f16_and_q8_0_files_store_each_tensor_as_the_converter_does() {
+    for (name, ty, label) in [("llama", MergedType::F16, "f16"), ("llama", MergedType::Q8_0, "q8_0"), ("qwen2", MergedType::F16, "f16"), ("qwen2", MergedType::Q8_0, "q8_0")] {
+        let want: Json = serde_json::from_slice(&std::fs::read(dir().join(format!("hf_{name}_{label}.json"))).unwrap()).unwrap();
+        let bytes = write_as(&Dir(base_dir(name)), None, ty);
+        let ours = Gguf::open(Box::new(MemSource::new(format!("{name}.gguf"), bytes.clone()))).unwrap();
+        assert_eq!(ours.get("general.file_type").and_then(Value::as_u64), want["file_type"]["value"].as_u64(), "{name} {label}: file type");
+        let tensors = want["tensors"].as_array().unwrap();
+        assert_eq!(ours.tensors.len(), tensors.len());
+        for t in tensors {
+            let tn = t["name"].as_str().unwrap();
+            let o = &ours.tensors[tn];
+            assert_eq!(format!("{:?}", o.kind).to_uppercase(), t["type"].as_str().unwrap(), "{name} {label} {tn}: type");
+            let raw = &bytes[o.offset as usize..o.offset as usize + o.byte_len()];
+            assert_eq!(sha256(raw), t["sha256"].as_str().unwrap(), "{name} {label} {tn}: bytes differ from the converter's");
+        }
+        println!("{name} {label}: {} tensors stored as the converter stores them", tensors.len());
     }
 }
 
