@@ -7,6 +7,7 @@ mod generate;
 mod model;
 mod logits;
 mod merge;
+mod metrics;
 mod plan;
 mod quantize;
 mod train;

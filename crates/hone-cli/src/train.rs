@@ -66,6 +66,10 @@ pub struct TrainArgs {
     /// Save a checkpoint every N steps, and on Ctrl-C [default: only on Ctrl-C].
     #[arg(long)]
     pub save_every: Option<usize>,
+    /// Write the run's series here: TensorBoard event files (`tensorboard --logdir DIR`) and
+    /// metrics.jsonl (loss, lr, grad norm, tokens/s; eval loss) [default: none].
+    #[arg(long)]
+    pub log_dir: Option<PathBuf>,
     /// Skip (and count) malformed or incomplete lines instead of stopping.
     #[arg(long)]
     #[serde(default)]
@@ -105,7 +109,7 @@ impl TrainArgs {
         let mut base: TrainArgs = table.try_into().with_context(invalid)?;
         base.run = run_table.try_into().with_context(invalid)?;
         let top = self;
-        overlay!(base, top, model, data, out, eval_data, backend, save_every, base_model_name, devices, max_memory, adapter);
+        overlay!(base, top, model, data, out, eval_data, backend, save_every, log_dir, base_model_name, devices, max_memory, adapter);
         base.run.overlay(&top.run);
         base.skip_bad_lines |= top.skip_bad_lines;
         base.quiet |= top.quiet;
@@ -402,6 +406,14 @@ where
     let mut best: Option<Adapter> = resumed_best;
     let save_every = a.save_every.unwrap_or(0);
     let eval_every = run::eval_every(&settings, trainer.state.total_steps, has_eval);
+    let mut metrics = match &a.log_dir {
+        Some(dir) => {
+            let m = crate::metrics::MetricsLog::create(dir)?;
+            say(&bar, a.quiet, format!("metrics: {} and {} (tensorboard --logdir {})", m.events_path.display(), dir.join("metrics.jsonl").display(), dir.display()));
+            Some(m)
+        }
+        None => None,
+    };
     while !trainer.done() {
         let r = trainer.step();
         tokens += r.tokens;
@@ -421,6 +433,15 @@ where
         if a.quiet {
             eprintln!("step {}/{}  {msg}", r.step, r.total_steps);
         }
+        if let Some(m) = &mut metrics {
+            let mut values = vec![("loss", r.loss), ("lr", r.lr), ("tokens_per_s", tps), ("epoch", r.epoch as f64)];
+            values.extend(r.grad_norm.map(|g| ("grad_norm", g)));
+            if let Some(p) = &r.preference {
+                values.extend([("rewards_margin", p.rewards_margins), ("rewards_accuracy", p.rewards_accuracies)]);
+                values.extend(p.nll_loss.map(|n| ("nll_loss", n)));
+            }
+            m.log(r.step, "train", &values)?;
+        }
         if r.trained_tokens == 0 && r.preference.is_none() {
             say(&bar, a.quiet, format!("warning: step {} had no token the loss counts (its examples' completions are masked or cut by --max-len): its loss 0 means nothing", r.step));
         }
@@ -432,11 +453,17 @@ where
                 Some(reference) => {
                     let m = evaluate_preference(&trainer.eval_model(), &data.eval_pairs, reference, cfg.dpo.expect("a DPO run"), cfg.batch_size, cfg.pad_id, &device);
                     say(&bar, a.quiet, format!("step {}: eval loss {:.4}{}, margin {:.4}, accuracy {:.3}", r.step, m.loss, nll_part(&m), m.rewards_margins, m.rewards_accuracies));
+                    if let Some(log) = &mut metrics {
+                        log.log(r.step, "eval", &[("loss", m.loss), ("rewards_margin", m.rewards_margins), ("rewards_accuracy", m.rewards_accuracies)])?;
+                    }
                     m.loss
                 }
                 None => {
                     let e = trainer.evaluate(&eval_samples);
                     say(&bar, a.quiet, format!("step {}: eval loss {:.4}, perplexity {:.2}", r.step, e.loss, e.perplexity));
+                    if let Some(log) = &mut metrics {
+                        log.log(r.step, "eval", &[("loss", e.loss), ("perplexity", e.perplexity)])?;
+                    }
                     e.loss
                 }
             };
