@@ -3,6 +3,7 @@
 use crate::backend::{with_backend, BackendKind};
 use anyhow::{bail, Context};
 use hone::data::dataset::EncodeOptions;
+use hone::data::table::{csv_to_jsonl, rename_jsonl, Columns, TableKind};
 use hone::data::{ChatTemplate, Format, Sample, Tokenizer};
 use hone::io::Dir;
 use hone::lora::init::Init;
@@ -138,17 +139,29 @@ impl Data {
     }
 }
 
-fn load_pairs(path: &Path, skip_bad: bool, tok: &Tokenizer, template: Option<&ChatTemplate>, max_len: Option<usize>, loss: LossType) -> anyhow::Result<run::Pairs> {
-    let text = hone::io::read_text_lines(path, hone::io::MAX_LINE_BYTES)?;
+/// A dataset file's rows as the JSONL the parsers read: JSONL, CSV or Parquet by the file's
+/// extension, with `columns` renamed.
+fn read_dataset(path: &Path, columns: &Columns) -> anyhow::Result<String> {
+    let file = path.display().to_string();
+    Ok(match TableKind::of(&file) {
+        TableKind::Jsonl => rename_jsonl(&hone::io::read_text_lines(path, hone::io::MAX_LINE_BYTES)?, &file, columns)?,
+        TableKind::Csv => csv_to_jsonl(&std::fs::read(path).with_context(|| format!("reading {file}"))?, &file, columns)?,
+        TableKind::Parquet => hone::data::table::parquet_to_jsonl(path, columns)?,
+    })
+}
+
+fn load_pairs(path: &Path, columns: &Columns, skip_bad: bool, tok: &Tokenizer, template: Option<&ChatTemplate>, max_len: Option<usize>, loss: LossType) -> anyhow::Result<run::Pairs> {
+    let text = read_dataset(path, columns)?;
     Ok(pairs_from_jsonl(&text, &path.display().to_string(), skip_bad, tok, template, max_len, loss)?)
 }
 
 /// Preference pairs for `--method dpo|orpo`, held out as `--eval-data` or `--eval-split` say.
 fn load_preference_data(a: &TrainArgs, path: &Path, tok: &Tokenizer, template: Option<&ChatTemplate>, loss: LossType) -> anyhow::Result<Data> {
-    let train = load_pairs(path, a.skip_bad_lines, tok, template, a.run.max_len, loss)?;
+    let columns = a.run.columns()?;
+    let train = load_pairs(path, &columns, a.skip_bad_lines, tok, template, a.run.max_len, loss)?;
     let (pairs, eval_pairs, dropped) = match (&a.eval_data, a.run.eval_split) {
         (Some(p), _) => {
-            let e = load_pairs(p, a.skip_bad_lines, tok, template, a.run.max_len, loss)?;
+            let e = load_pairs(p, &columns, a.skip_bad_lines, tok, template, a.run.max_len, loss)?;
             (train.pairs, e.pairs, train.dropped + e.dropped)
         }
         (None, Some(f)) if f > 0.0 && f < 1.0 => {
@@ -169,8 +182,8 @@ fn load_preference_data(a: &TrainArgs, path: &Path, tok: &Tokenizer, template: O
 
 /// Samples from a JSONL file; refused when no example keeps a token the loss counts, with a
 /// warning when some do not.
-fn load_samples(path: &Path, format: Option<Format>, skip_bad: bool, tok: &Tokenizer, template: Option<&ChatTemplate>, opts: EncodeOptions) -> anyhow::Result<(Vec<Sample>, usize, usize)> {
-    let text = hone::io::read_text_lines(path, hone::io::MAX_LINE_BYTES)?;
+fn load_samples(path: &Path, columns: &Columns, format: Option<Format>, skip_bad: bool, tok: &Tokenizer, template: Option<&ChatTemplate>, opts: EncodeOptions) -> anyhow::Result<(Vec<Sample>, usize, usize)> {
+    let text = read_dataset(path, columns)?;
     let file = path.display().to_string();
     let s = samples_from_jsonl(&text, &file, format, skip_bad, tok, template, opts)?;
     s.require_targets(&file, opts.max_len)?;
@@ -218,11 +231,12 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         return with_backend!(backend, |Inner, device| train_with::<burn::backend::Autodiff<Inner>>(&a, data, &model_dir, &out, &tok, device, map));
     }
     let opts = EncodeOptions { train_on_completions_only: !a.run.train_on_prompts, max_len: a.run.max_len };
-    let (train, truncated, skipped) = load_samples(&data_path, format, a.skip_bad_lines, &tok, template.as_ref(), opts)?;
+    let columns = a.run.columns()?;
+    let (train, truncated, skipped) = load_samples(&data_path, &columns, format, a.skip_bad_lines, &tok, template.as_ref(), opts)?;
     let seed = a.run.seed.unwrap_or(42);
     let (train, eval, eval_truncated) = match (&a.eval_data, a.run.eval_split) {
         (Some(p), _) => {
-            let (e, t, _) = load_samples(p, format, a.skip_bad_lines, &tok, template.as_ref(), opts)?;
+            let (e, t, _) = load_samples(p, &columns, format, a.skip_bad_lines, &tok, template.as_ref(), opts)?;
             (train, e, t)
         }
         (None, Some(f)) if f > 0.0 && f < 1.0 => {
@@ -632,6 +646,9 @@ pub struct EvalArgs {
     /// With --method dpo: sigmoid, ipo or hinge [default: sigmoid].
     #[arg(long)]
     loss_type: Option<String>,
+    /// Rename the data's columns: `prompt=question,completion=answer` [default: as they are].
+    #[arg(long)]
+    columns: Option<String>,
 }
 
 pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
@@ -639,8 +656,9 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     let text = crate::model::text(&path)?;
     let (tok, template) = (text.tokenizer, text.template);
     let settings = RunSettings { method: a.method.clone(), beta: a.beta, loss_type: a.loss_type.clone(), ..Default::default() };
+    let columns = Columns::parse(a.columns.as_deref().unwrap_or("")).map_err(|e| anyhow::anyhow!("--columns: {e}"))?;
     if let Some(dpo) = settings.dpo()? {
-        let pairs = load_pairs(&a.data, false, &tok, template.as_ref(), a.max_len, dpo.loss_type)?.pairs;
+        let pairs = load_pairs(&a.data, &columns, false, &tok, template.as_ref(), a.max_len, dpo.loss_type)?.pairs;
         let metrics = with_backend!(a.backend, |B, device| {
             let mut model = crate::model::weights::<B>(&path, LoadOptions { nf4: a.nf4.then(Nf4Options::default) }, &device)?;
             if let Some(dir) = &a.adapter {
@@ -667,7 +685,7 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         None => None,
     };
     let opts = EncodeOptions { train_on_completions_only: !a.train_on_prompts, max_len: a.max_len };
-    let (samples, _, _) = load_samples(&a.data, format, false, &tok, template.as_ref(), opts)?;
+    let (samples, _, _) = load_samples(&a.data, &columns, format, false, &tok, template.as_ref(), opts)?;
     let report = with_backend!(a.backend, |B, device| {
         let mut model = crate::model::weights::<B>(&path, LoadOptions { nf4: a.nf4.then(Nf4Options::default) }, &device)?;
         if let Some(dir) = &a.adapter {

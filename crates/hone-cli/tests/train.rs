@@ -312,3 +312,20 @@ fn loftq_init_starts_from_the_nf4_error_and_saves_a_plain_lora() {
     assert!(!dir.join("no").exists());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn csv_and_parquet_datasets_train_with_columns_renamed() {
+    let dir = tmp("tables");
+    let model = fixtures().join("llama");
+    let csv = fixtures().join("tables/renamed.csv");
+    let r = hone(&["train", "--model", s(&model), "--data", s(&csv), "--columns", "prompt=question,completion=answer", "--out", s(&dir.join("a")), "--steps", "1", "--rank", "2", "--quiet"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    // Without the mapping the rows have no format hone knows: named by file and line.
+    let r = hone(&["train", "--model", s(&model), "--data", s(&csv), "--out", s(&dir.join("b")), "--steps", "1", "--quiet"]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && stderr.contains("renamed.csv:2"), "{stderr}");
+    let parquet = fixtures().join("tables/completion.parquet");
+    let r = hone(&["train", "--model", s(&model), "--data", s(&parquet), "--out", s(&dir.join("c")), "--steps", "1", "--rank", "2", "--quiet"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    std::fs::remove_dir_all(dir).unwrap();
+}

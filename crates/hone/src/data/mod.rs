@@ -1,8 +1,10 @@
-//! Text in: tokenizers, chat templates, datasets (SFT examples and preference pairs).
+//! Text in: tokenizers, chat templates, datasets (SFT examples and preference pairs; JSONL, CSV
+//! and Parquet files through `table`).
 
 pub mod dataset;
 pub mod gguf_tokenizer;
 pub mod preference;
+pub mod table;
 pub mod template;
 pub mod tokenizer;
 

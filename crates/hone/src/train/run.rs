@@ -26,6 +26,10 @@ pub struct RunSettings {
     /// Dataset format: text | completion | chat | alpaca [default: detected per line].
     #[cfg_attr(feature = "cli", arg(long))]
     pub format: Option<String>,
+    /// Rename the dataset's columns to the names hone reads: `prompt=question,completion=answer`
+    /// (JSONL, CSV and Parquet alike) [default: as they are].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub columns: Option<String>,
     /// Put loss on every token, not only on completions / assistant turns.
     #[cfg_attr(feature = "cli", arg(long))]
     pub train_on_prompts: bool,
@@ -144,7 +148,7 @@ impl RunSettings {
     /// These settings with every one that `top` sets put over them (flags over a config file).
     pub fn overlay(&mut self, top: &RunSettings) {
         let base = self;
-        overlay!(base, top; format, init, rank, alpha, dropout, targets, lr, schedule, warmup_steps, weight_decay, adam_epsilon, optim, min_8bit_size, max_grad_norm, epochs, steps,
+        overlay!(base, top; format, columns, init, rank, alpha, dropout, targets, lr, schedule, warmup_steps, weight_decay, adam_epsilon, optim, min_8bit_size, max_grad_norm, epochs, steps,
             batch_size, grad_accum, max_len, seed, quantize, eval_split, eval_every, patience, checkpointing, max_batch_tokens, method, beta, loss_type;
             train_on_prompts, rslora, dora, packing);
         if top.epochs.is_some() && top.steps.is_none() {
@@ -174,6 +178,10 @@ impl RunSettings {
             "none" => Ok(None),
             other => Err(Error::format("quantize", format!("{other}: expected nf4 or none"))),
         }
+    }
+
+    pub fn columns(&self) -> Result<crate::data::table::Columns> {
+        crate::data::table::Columns::parse(self.columns.as_deref().unwrap_or("")).map_err(|e| Error::format("columns", e))
     }
 
     pub fn init(&self) -> Result<crate::lora::init::Init> {
