@@ -51,17 +51,7 @@ fn loftq_init_and_logits_equal_pefts() {
         for l in &initial.layers {
             let (_, a) = e.read_f32(&format!("base_model.model.{}.lora_A.weight", l.module)).unwrap();
             let (_, b) = e.read_f32(&format!("base_model.model.{}.lora_B.weight", l.module)).unwrap();
-            let ([r, inp], out) = (l.a_shape, l.b_shape[0]);
-            // A singular pair is defined up to a common sign: take PEFT's.
-            let (mut a_ours, mut b_ours) = (l.a.clone(), l.b.clone());
-            for c in 0..r {
-                let dot: f32 = (0..inp).map(|j| a_ours[c * inp + j] * a[c * inp + j]).sum();
-                if dot < 0.0 {
-                    (0..inp).for_each(|j| a_ours[c * inp + j] *= -1.0);
-                    (0..out).for_each(|i| b_ours[i * r + c] *= -1.0);
-                }
-            }
-            let err = rel_error(&a_ours, &a).max(rel_error(&b_ours, &b));
+            let err = common::svd_pair_error(l, &a, &b);
             assert!(err < 5e-4, "{arch} {}: A/B {err:.3e}", l.module);
             worst = worst.max(err);
         }

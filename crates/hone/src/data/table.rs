@@ -156,22 +156,37 @@ pub fn csv_to_jsonl(bytes: &[u8], file: &str, columns: &Columns) -> Result<Strin
 /// out as JSON arrays and objects.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn parquet_to_jsonl(path: &std::path::Path, columns: &Columns) -> Result<String> {
-    use parquet::file::reader::{FileReader, SerializedFileReader};
     let file = path.display().to_string();
     let f = std::fs::File::open(path).map_err(|e| Error::io(&file, e))?;
-    let reader = SerializedFileReader::new(f).map_err(|e| Error::format(&file, format!("not a Parquet file hone can read: {e}")))?;
-    let rows = reader.get_row_iter(None).map_err(|e| Error::format(&file, e))?;
-    let mut out = String::new();
-    let mut lines = 0;
-    for (i, row) in rows.enumerate() {
-        let at = format!("{file}:{}", i + 1);
-        // Snappy (pyarrow's and datasets' default) and uncompressed pages are read; another
-        // codec is named in the error.
-        let row = row.map_err(|e| Error::format(&at, e))?;
-        let Value::Object(obj) = row.to_json_value() else { return Err(Error::format(&at, "a row that is not a record")) };
-        put_at(&mut out, &mut lines, i + 1, columns.apply(obj, &at)?);
-    }
-    Ok(out)
+    parquet_rows(f, &file, columns)
+}
+
+/// As [`parquet_to_jsonl`], from bytes in memory.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn parquet_bytes_to_jsonl(bytes: Vec<u8>, file: &str, columns: &Columns) -> Result<String> {
+    parquet_rows(bytes::Bytes::from(bytes), file, columns)
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn parquet_rows<R: parquet::file::reader::ChunkReader + 'static>(source: R, file: &str, columns: &Columns) -> Result<String> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    // The parquet crate can panic on a damaged file: that is a bad file, not a crash.
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<String> {
+        let reader = SerializedFileReader::new(source).map_err(|e| Error::format(file, format!("not a Parquet file hone can read: {e}")))?;
+        let rows = reader.get_row_iter(None).map_err(|e| Error::format(file, e))?;
+        let mut out = String::new();
+        let mut lines = 0;
+        for (i, row) in rows.enumerate() {
+            let at = format!("{file}:{}", i + 1);
+            // Snappy (pyarrow's and datasets' default) and uncompressed pages are read; another
+            // codec is named in the error.
+            let row = row.map_err(|e| Error::format(&at, e))?;
+            let Value::Object(obj) = row.to_json_value() else { return Err(Error::format(&at, "a row that is not a record")) };
+            put_at(&mut out, &mut lines, i + 1, columns.apply(obj, &at)?);
+        }
+        Ok(out)
+    }));
+    read.unwrap_or_else(|_| Err(Error::format(file, "a damaged Parquet file (its reader gave up)")))
 }
 
 #[cfg(test)]

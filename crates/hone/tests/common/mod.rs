@@ -176,3 +176,18 @@ pub fn assert_adapter_equals(trained: &hone::lora::peft::Adapter, file: &str, la
     assert_eq!(trained.layers.len(), expected.tensors().len() / 2, "{label}: one A and one B per adapted layer");
     worst
 }
+
+/// A layer's A and B against a reference's (PiSSA's, LoftQ's), each singular pair's sign taken
+/// from the reference's A (a pair is defined up to a common sign): the worse relative error.
+pub fn svd_pair_error(layer: &hone::lora::peft::HostLora, ref_a: &[f32], ref_b: &[f32]) -> f64 {
+    let ([r, inp], out) = (layer.a_shape, layer.b_shape[0]);
+    let (mut a, mut b) = (layer.a.clone(), layer.b.clone());
+    for c in 0..r {
+        let dot: f32 = (0..inp).map(|j| a[c * inp + j] * ref_a[c * inp + j]).sum();
+        if dot < 0.0 {
+            (0..inp).for_each(|j| a[c * inp + j] *= -1.0);
+            (0..out).for_each(|i| b[i * r + c] *= -1.0);
+        }
+    }
+    hone::parity::rel_error(&a, ref_a).max(hone::parity::rel_error(&b, ref_b))
+}
