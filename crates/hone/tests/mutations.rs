@@ -205,7 +205,34 @@ fn adapter_mutants_never_panic() {
     });
 }
 
+#[test]
+fn table_and_tokenizer_model_mutants_never_panic() {
+    use hone::data::table::{csv_to_jsonl, parquet_bytes_to_jsonl, Columns};
+    let csv = fixture("tables/chat.csv");
+    survive("csv", &csv, csv.len(), 12, |m| {
+        let _ = csv_to_jsonl(m, "m.csv", &Columns::default());
+    });
+    let parquet = fixture("tables/chat.parquet");
+    survive("parquet", &parquet, parquet.len(), 13, |m| {
+        let _ = parquet_bytes_to_jsonl(m.to_vec(), "m.parquet", &Columns::default());
+    });
+    let model = fixture("spm/tokenizer.model");
+    let config = br#"{"vocab_size": 384}"#.to_vec();
+    survive("tokenizer.model", &model, 256, 14, |m| {
+        let files = MemFiles::new("m").with("config.json", config.clone()).with("tokenizer.model", m.to_vec());
+        let _ = hone::export::gguf_vocab::vocab_metadata(&files, hone::model::config::Arch::Llama, 384);
+    });
+}
+
 // Regression cases: inputs that once crashed a parser, kept by name.
+
+/// A Parquet file on which parquet 60.2's reader panics (bit_util.rs, found by the `table` fuzz
+/// target): an error naming the file.
+#[test]
+fn regression_parquet_file_that_panics_the_parquet_reader() {
+    let err = hone::data::table::parquet_bytes_to_jsonl(fixture("tables/damaged.parquet"), "damaged.parquet", &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("damaged.parquet") && err.contains("damaged Parquet file"), "{err}");
+}
 
 /// The error opening the chat fixture's tokenizer.json with `from` replaced by `to` once,
 /// after the first `after`.
