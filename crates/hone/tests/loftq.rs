@@ -111,3 +111,18 @@ fn hones_loftq_adapter_in_peft_gives_hones_logits() {
         assert!(err < 1e-5, "{arch}: {err:.3e}");
     }
 }
+
+/// PEFT's LoftQ starts only the linears bitsandbytes quantized: an lm_head among the targets
+/// (kept in the checkpoint's precision) keeps the default start.
+#[test]
+fn loftq_leaves_an_unquantized_lm_head_at_the_default_start() {
+    let files = Dir(common::fixtures().join("llama"));
+    let weights = Weights::open(&files).unwrap();
+    let lora = LoraConfig { targets: hone::lora::Targets::parse("q_proj,lm_head"), ..lora() };
+    let nf4 = Some(Nf4Options::default());
+    let source = InitSource::new(&weights, &lora, nf4).unwrap();
+    build::<NdArray>(read_config(&files).unwrap(), &source, LoadOptions { nf4 }, &Default::default()).unwrap();
+    let initial = source.initial("llama");
+    assert_eq!(initial.layers.len(), 2, "the two layers' q_proj: {:?}", initial.layers.iter().map(|l| &l.module).collect::<Vec<_>>());
+    assert!(initial.layers.iter().all(|l| l.module.ends_with("self_attn.q_proj")), "{:?}", initial.layers.iter().map(|l| &l.module).collect::<Vec<_>>());
+}

@@ -50,10 +50,13 @@ impl<'a> InitSource<'a> {
     }
 
     /// The module of `name` when it is the weight of a linear the adapter targets (as
-    /// `add_adapters` selects them: `all-linear` is every decoder linear, not lm_head).
+    /// `add_adapters` selects them: `all-linear` is every decoder linear, not lm_head). LoftQ
+    /// starts only the linears the loader quantizes (PEFT's, only its `Linear4bit`s): a
+    /// targeted lm_head keeps PEFT's default start.
     fn targeted<'n>(&self, name: &'n str, shape: &[usize]) -> Option<&'n str> {
         let module = name.strip_suffix(".weight")?;
-        let linear = shape.len() == 2 && (is_decoder_linear(name) || module == "lm_head");
+        let quantized_only = self.lora.init == Init::Loftq;
+        let linear = shape.len() == 2 && (is_decoder_linear(name) || (module == "lm_head" && !quantized_only));
         let selected = match &self.lora.targets {
             Targets::AllLinear => module != "lm_head",
             t => t.matches(module),
