@@ -73,6 +73,7 @@ function settings() {
     dora: $('dora').checked || undefined,
     rslora: $('rslora').checked || undefined,
     init: $('init').value === 'default' ? undefined : $('init').value,
+    columns: $('columns').value.trim() || undefined,
   };
   // Preference tuning (DPO, ORPO): pairs instead of examples; their settings only then.
   const method = $('method').value;
@@ -98,7 +99,7 @@ function applySettings(s) {
   set('max-len', s.max_len); set('seed', s.seed); set('quantize', s.quantize); set('eval-split', s.eval_split);
   if (s.steps) set('steps', s.steps); else { $('steps').value = ''; set('epochs', s.epochs); }
   $('train-on-prompts').checked = !!s.train_on_prompts;
-  $('dora').checked = !!s.dora; $('rslora').checked = !!s.rslora; $('init').value = s.init || 'default';
+  $('dora').checked = !!s.dora; $('rslora').checked = !!s.rslora; $('init').value = s.init || 'default'; $('columns').value = s.columns || '';
   $('method').value = s.method || 'sft';
   set('loss-type', s.loss_type); $('beta').value = s.beta ?? '';
 }
@@ -183,7 +184,10 @@ $('default-model').addEventListener('click', async () => {
 // ---- data ----
 async function readFileText(input) {
   const f = input.files[0];
-  return f ? f.text() : '';
+  if (!f) return '';
+  const text = await f.text();
+  // CSV (a header row, then one example per row) becomes the JSONL the page trains on.
+  return /\.csv$/i.test(f.name) ? call('csv', { text, name: f.name }) : text;
 }
 
 // Re-rendered only when what it shows changes, and swapped in one piece, so the page does not
@@ -192,7 +196,7 @@ let previewKey = '';
 async function refreshPreview() {
   const el = $('preview');
   const s = settings();
-  const key = JSON.stringify([state.model && state.model.name, state.data.slice(0, 20000), s.max_len, s.train_on_prompts, s.method]);
+  const key = JSON.stringify([state.model && state.model.name, state.data.slice(0, 20000), s.max_len, s.train_on_prompts, s.method, s.columns]);
   if (key === previewKey) return;
   previewKey = key;
   if (!state.model || !state.data.trim()) {

@@ -3,7 +3,7 @@
 // Checkpoints go to the origin-private file system (OPFS), in two slots written alternately:
 // a slot's meta.json is removed first and written last, so a kill mid-write leaves the other
 // slot as the latest whole checkpoint.
-import init, { Session, deviceLost } from './pkg/hone_web.js';
+import init, { Session, deviceLost, csvToJsonl } from './pkg/hone_web.js';
 
 const ready = init();
 let session = null;
@@ -221,6 +221,11 @@ const commands = {
   },
   async estimate({ settings }) {
     return session.estimate(settings);
+  },
+  // A CSV dataset as JSONL (the page trains on and checkpoints JSONL).
+  async csv({ text, name }) {
+    await ready;
+    return csvToJsonl(text, name);
   },
   async preview({ data, settings }) {
     return session.preview(data, settings, 3);

@@ -116,6 +116,22 @@ await check('malformed_dataset_line_is_an_error_on_the_page', async () => {
   assert(/dataset:3/.test(e), e);
 });
 
+// A CSV dataset under other column names: converted in the worker, renamed by the settings'
+// "Dataset columns", previewed with the completions marked.
+await check('csv_dataset_with_renamed_columns_is_previewed', async () => {
+  const csvPath = path.join(outDir, 'colours.csv');
+  const rows = data.map((l) => JSON.parse(l)).map((r) => `"${r.prompt.replace(/"/g, '""')}","${r.completion.replace(/"/g, '""')}"`);
+  fs.writeFileSync(csvPath, ['question,answer', ...rows].join('\n') + '\n');
+  await page.getByLabel(/^Dataset columns/).fill('prompt=question,completion=answer');
+  await byLabel('Dataset file').setInputFiles(csvPath);
+  await page.waitForSelector('#preview pre.example');
+  const trained = await page.locator('#preview .trained').count();
+  assert(trained > 0, 'the CSV rows are previewed with their completions marked');
+  const text = await page.locator('#dataset-text').inputValue();
+  assert(text.split('\n')[1].startsWith('{') && text.split('\n')[0] === '', `the CSV became JSONL, row 1 on line 2: ${text.slice(0, 80)}`);
+  await page.getByLabel(/^Dataset columns/).fill('');
+});
+
 let requestsDuringTraining = -1;
 let lossesBefore = [];
 await check('trains_shows_progress_and_checkpoints', async () => {

@@ -66,6 +66,13 @@ pub fn device_lost() -> Option<String> {
     LOST.with(|x| x.borrow().clone())
 }
 
+/// A CSV dataset (header row first) as the JSONL the page trains on, each row on its own line
+/// number (hone::data::table); a bad row names `name:line`.
+#[wasm_bindgen(js_name = csvToJsonl)]
+pub fn csv_to_jsonl(text: String, name: String) -> Result<String, JsError> {
+    hone::data::table::csv_to_jsonl(text.as_bytes(), &name, &Default::default()).map_err(js_err)
+}
+
 pub(crate) fn js_err(e: impl std::fmt::Display) -> JsError {
     JsError::new(&e.to_string())
 }

@@ -181,6 +181,7 @@ impl Session {
     /// trained on (has a label).
     pub fn preview(&self, data: String, settings: JsValue, n: usize) -> Result<JsValue, JsError> {
         let s = parse_settings(settings)?;
+        let data = renamed(data, "dataset", &s)?;
         let head: String = data.lines().filter(|l| !l.trim().is_empty()).take(n).collect::<Vec<_>>().join("\n");
         if let Some(dpo) = s.dpo().map_err(js_err)? {
             // Each pair as its chosen and its rejected sequence, the completions marked.
@@ -214,6 +215,8 @@ impl Session {
     /// adapters, and sets up the trainer on `data` (JSONL) with `eval_data` or a split held out.
     pub async fn prepare(&mut self, data: String, eval_data: Option<String>, settings: JsValue) -> Result<JsValue, JsError> {
         let s = parse_settings(settings)?;
+        let data = renamed(data, "dataset", &s)?;
+        let eval_data = eval_data.map(|e| renamed(e, "eval dataset", &s)).transpose()?;
         let est = self.plan(&s)?;
         if est.largest_buffer_bytes > self.max_buffer_size {
             return Err(JsError::new(&format!(
@@ -583,6 +586,15 @@ fn parse_settings(v: JsValue) -> Result<RunSettings, JsError> {
     let s: RunSettings = serde_wasm_bindgen::from_value(v).map_err(|e| JsError::new(&format!("settings: {e}")))?;
     s.init().map_err(|e| JsError::new(&e.to_string()))?;
     Ok(s)
+}
+
+/// The dataset with the settings' column renames (`columns`) applied.
+fn renamed(data: String, file: &str, s: &RunSettings) -> Result<String, JsError> {
+    let columns = s.columns().map_err(js_err)?;
+    if columns.is_empty() {
+        return Ok(data);
+    }
+    hone::data::table::rename_jsonl(&data, file, &columns).map_err(js_err)
 }
 
 fn map_to_files(location: &str, files: js_sys::Map) -> Result<MemFiles, JsError> {
