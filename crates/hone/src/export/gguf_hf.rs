@@ -7,17 +7,17 @@
 //!
 //! Not written: `general.size_label` and the converter's other descriptive `general.*` keys.
 
-use super::gguf_merge::{MergedGguf, MergedType};
+use super::gguf_merge::{stored_kind, MergedGguf, MergedType};
 use super::gguf_vocab::vocab_metadata;
 use crate::error::{Error, Result};
 use crate::io::gguf::{GgmlType, Value};
 use crate::io::gguf_write::{alignment, encode, header, pad};
 use crate::io::weights::Weights;
 use crate::io::FileSet;
-use crate::lora::merge::dora_rescale;
+use crate::lora::merge::merge_layer;
 use crate::lora::peft::{Adapter, HostLora};
 use crate::model::config::{Arch, Config, Rope};
-use crate::model::gguf::{llama_cpp_arch, llama_cpp_name, llama_cpp_permutes_qk, permute};
+use crate::model::gguf::{llama_cpp_arch, llama_cpp_name, llama_cpp_qk_heads, permute};
 use std::collections::BTreeMap;
 
 /// A tensor to write and where its values come from.
@@ -57,13 +57,7 @@ pub fn hf_to_gguf(files: &dyn FileSet, adapter: Option<&Adapter>, ty: MergedType
         let gguf = llama_cpp_name(config.arch, hf).ok_or_else(|| Error::tensor(weights.location(), hf, "llama.cpp has no tensor of this name for this architecture"))?;
         let (_, info) = weights.info(hf).expect("listed");
         let shape = info.shape.clone();
-        let kind = if shape.len() < 2 || gguf.ends_with("_norm.weight") {
-            GgmlType::F32
-        } else if shape[shape.len() - 1] % ty.kind().block().0 != 0 {
-            GgmlType::F16
-        } else {
-            ty.kind()
-        };
+        let kind = stored_kind(&shape, ty);
         tensors.push((gguf, shape, kind, Source::Weight(hf.clone())));
     }
 
@@ -78,22 +72,19 @@ pub fn hf_to_gguf(files: &dyn FileSet, adapter: Option<&Adapter>, ty: MergedType
             Source::Made(v) => v,
             Source::Weight(hf) => {
                 let mut w = weights.read(&hf, &shape)?;
-                let mut magnitude = None;
                 if let Some(l) = layers.get(&hf) {
                     let a = adapter.expect("layers come from it");
                     if shape != [l.b_shape[0], l.a_shape[1]] {
                         return Err(Error::tensor(&a.source, &hf, format!("A {:?} / B {:?} do not fit the base's {shape:?}", l.a_shape, l.b_shape)));
                     }
-                    for (x, d) in w.iter_mut().zip(l.delta(a.scaling())) {
-                        *x += d;
-                    }
-                    magnitude = l.magnitude.as_ref();
+                    merge_layer(&mut w, l, a.scaling());
                     merged_layers += 1;
                 }
-                if let Some(m) = magnitude {
-                    dora_rescale(&mut w, m);
+                // q/k rows in the order the converter stores them.
+                match llama_cpp_qk_heads(&config, &hf) {
+                    Some(heads) => permute(&w, heads, shape[0], shape.get(1).copied().unwrap_or(1)),
+                    None => w,
                 }
-                interleave_qk(&config, &hf, w, &shape)
             }
         };
         let mut bytes = encode(kind, &values).ok_or_else(|| Error::tensor(files.location(), &gguf, format!("cannot be stored as {kind:?}")))?;
@@ -102,22 +93,6 @@ pub fn hf_to_gguf(files: &dyn FileSet, adapter: Option<&Adapter>, ty: MergedType
         sink(&bytes)?;
     }
     Ok(MergedGguf { tensors: infos.len(), merged_layers, bytes: written })
-}
-
-/// q/k weights and biases in the row order the converter stores them (rotary halves
-/// interleaved) for the architectures it converts as llama.
-fn interleave_qk(config: &Config, hf: &str, w: Vec<f32>, shape: &[usize]) -> Vec<f32> {
-    if !llama_cpp_permutes_qk(config.arch) {
-        return w;
-    }
-    let heads = if hf.ends_with("self_attn.q_proj.weight") || hf.ends_with("self_attn.q_proj.bias") {
-        config.num_attention_heads
-    } else if hf.ends_with("self_attn.k_proj.weight") || hf.ends_with("self_attn.k_proj.bias") {
-        config.num_key_value_heads
-    } else {
-        return w;
-    };
-    permute(&w, heads, shape[0], shape.get(1).copied().unwrap_or(1))
 }
 
 /// The architecture's keys, as the converter writes them for each model class.

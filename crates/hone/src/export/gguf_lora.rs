@@ -14,7 +14,7 @@ use crate::io::gguf::Value;
 use crate::io::gguf_write::{write, TensorOut};
 use crate::lora::peft::Adapter;
 use crate::model::config::Config;
-use crate::model::gguf::{llama_cpp_arch, llama_cpp_name, llama_cpp_permutes_qk, permute};
+use crate::model::gguf::{llama_cpp_arch, llama_cpp_name, llama_cpp_qk_heads, permute};
 use crate::train::plan::linear_shapes;
 use std::collections::BTreeMap;
 
@@ -52,10 +52,9 @@ pub fn lora_to_gguf(adapter: &Adapter, config: &Config, name: &str) -> Result<Gg
             Error::tensor(&adapter.source, &l.module, "llama.cpp has no linear weight of this name to adapt: merge the adapter instead (`hone merge`)")
         })?;
         let r = l.b_shape[1];
-        let b = match l.module.rsplit('.').next() {
-            Some("q_proj") if llama_cpp_permutes_qk(config.arch) => permute(&l.b, config.num_attention_heads, out, r),
-            Some("k_proj") if llama_cpp_permutes_qk(config.arch) => permute(&l.b, config.num_key_value_heads, out, r),
-            _ => l.b.clone(),
+        let b = match llama_cpp_qk_heads(config, &l.module) {
+            Some(heads) => permute(&l.b, heads, out, r),
+            None => l.b.clone(),
         };
         tensors.push(TensorOut::f32(format!("{gguf}.lora_a"), l.a_shape.to_vec(), &l.a));
         tensors.push(TensorOut::f32(format!("{gguf}.lora_b"), l.b_shape.to_vec(), &b));

@@ -52,6 +52,18 @@ impl MergedType {
     }
 }
 
+/// How a tensor of `shape` is stored in a file of type `ty`, as llama.cpp's converter stores it:
+/// vectors (biases, norms, rope factors) F32, rows that are not whole 32-value blocks F16.
+pub(crate) fn stored_kind(shape: &[usize], ty: MergedType) -> GgmlType {
+    if shape.len() < 2 {
+        GgmlType::F32
+    } else if shape[shape.len() - 1] % ty.kind().block().0 != 0 {
+        GgmlType::F16
+    } else {
+        ty.kind()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct MergedGguf {
     pub tensors: usize,
@@ -80,13 +92,7 @@ pub fn merge_gguf(base: &Gguf, adapter: &Adapter, ty: MergedType, sink: &mut dyn
         .values()
         .map(|t| {
             let shape = t.shape();
-            let kind = if shape.len() < 2 {
-                GgmlType::F32
-            } else if shape[shape.len() - 1] % ty.kind().block().0 != 0 {
-                GgmlType::F16
-            } else {
-                ty.kind()
-            };
+            let kind = stored_kind(&shape, ty);
             (t.name.clone(), shape, kind)
         })
         .collect();

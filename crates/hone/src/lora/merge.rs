@@ -22,6 +22,16 @@ pub fn dora_rescale(w: &mut [f32], magnitude: &[f32]) {
     }
 }
 
+/// One adapted weight merged in place: `w += s·B·A` in f32, then DoRA's row rescale.
+pub fn merge_layer(w: &mut [f32], layer: &HostLora, scaling: f64) {
+    for (w, d) in w.iter_mut().zip(layer.delta(scaling)) {
+        *w += d;
+    }
+    if let Some(m) = &layer.magnitude {
+        dora_rescale(w, m);
+    }
+}
+
 /// Files copied unchanged from the base directory when present.
 pub const COPIED_FILES: &[&str] = &[
     "config.json",
@@ -137,12 +147,7 @@ fn write_merged(
                 if info.shape != [layer.b_shape[0], layer.a_shape[1]] {
                     return Err(Error::tensor(&adapter.source, &name, format!("adapter does not fit the base's shape {:?}", info.shape)));
                 }
-                for (w, d) in w.iter_mut().zip(layer.delta(adapter.scaling())) {
-                    *w += d;
-                }
-                if let Some(m) = &layer.magnitude {
-                    dora_rescale(&mut w, m);
-                }
+                merge_layer(&mut w, layer, adapter.scaling());
                 merged_layers += 1;
                 from_f32(info.dtype, &w).expect("float dtype")
             }

@@ -118,6 +118,21 @@ pub fn llama_cpp_name(arch: Arch, name: &str) -> Option<String> {
     })
 }
 
+/// The head count whose rotary halves llama.cpp's converter interleaves in this Hugging Face
+/// weight, bias or module (q_proj: attention heads, k_proj: key/value heads); `None` for any
+/// other, and for architectures it does not interleave.
+pub fn llama_cpp_qk_heads(config: &Config, hf: &str) -> Option<usize> {
+    if !llama_cpp_permutes_qk(config.arch) {
+        return None;
+    }
+    let module = hf.strip_suffix(".weight").or_else(|| hf.strip_suffix(".bias")).unwrap_or(hf);
+    match module.rsplit('.').next()? {
+        "q_proj" => Some(config.num_attention_heads),
+        "k_proj" => Some(config.num_key_value_heads),
+        _ => None,
+    }
+}
+
 /// llama.cpp's converter's `permute` of q/k rows `[heads * head_dim, cols]`: within each head,
 /// the two rotary halves become interleaved pairs. The inverse of [`unpermute`].
 pub fn permute(w: &[f32], heads: usize, rows: usize, cols: usize) -> Vec<f32> {
