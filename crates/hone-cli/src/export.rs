@@ -12,7 +12,7 @@ pub struct Args {
     /// The PEFT LoRA adapter directory.
     #[arg(long)]
     adapter: PathBuf,
-    /// The base model the adapter was trained on (a Hugging Face directory or a GGUF file): its
+    /// The base model the adapter was trained on (a Hugging Face directory, a GGUF file or a Hub id): its
     /// architecture decides llama.cpp's tensor names and layout. Only its config is read.
     #[arg(long)]
     model: PathBuf,
@@ -21,7 +21,8 @@ pub struct Args {
     gguf: PathBuf,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run(mut args: Args) -> anyhow::Result<()> {
+    args.model = crate::hub::model_path(&args.model)?;
     let adapter = Adapter::read(&Dir(args.adapter.clone()))?;
     let config = if args.model.is_file() {
         hone::model::gguf::config_from_gguf(&Gguf::open(Box::new(FileSource::open(&args.model)?))?)?

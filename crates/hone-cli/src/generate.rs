@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A Hugging Face model directory or a GGUF file [default: SmolLM2-135M-Instruct].
+    /// A Hugging Face model directory, a GGUF file or a Hub id [default: SmolLM2-135M-Instruct].
     #[arg(long)]
     model: Option<PathBuf>,
     /// A PEFT LoRA adapter to apply [default: none, the base alone].

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A Hugging Face model directory or a GGUF file.
+    /// A Hugging Face model directory, a GGUF file or a Hub id (org/name[@revision][:FILE]).
     #[arg(long)]
     model: PathBuf,
     /// Token ids, comma-separated (or give --text).
@@ -31,7 +31,8 @@ pub struct Args {
     nf4: bool,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run(mut args: Args) -> anyhow::Result<()> {
+    args.model = crate::hub::model_path(&args.model)?;
     let ids = match (&args.input_ids, &args.text) {
         (Some(ids), _) => ids.clone(),
         (None, Some(text)) => crate::model::text(&args.model)?.tokenizer.encode(text, true)?,

@@ -4,6 +4,7 @@ mod backend;
 mod check_adapter;
 mod export;
 mod generate;
+mod hub;
 mod model;
 mod logits;
 mod merge;

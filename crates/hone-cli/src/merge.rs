@@ -34,7 +34,12 @@ pub struct Args {
     name: Option<String>,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run(mut args: Args) -> anyhow::Result<()> {
+    if let Some(id) = args.model.to_str().filter(|_| !args.model.exists()).and_then(crate::hub::HubId::parse) {
+        // A Hub id's snapshot directory is named by its commit: name the GGUF for the model.
+        args.name = args.name.or_else(|| id.repo.rsplit('/').next().map(str::to_string));
+    }
+    args.model = crate::hub::model_path(&args.model)?;
     let adapter = Adapter::read(&Dir(args.adapter.clone()))?;
     if let Some(gguf) = &args.gguf {
         return run_gguf(&args, &adapter, gguf);

@@ -1,4 +1,4 @@
-//! Opening a model the way every command does: a Hugging Face directory or a GGUF file, and
+//! Opening a model the way every command does: a Hugging Face directory, a GGUF file or a Hub id, and
 //! the default model (SmolLM2-135M-Instruct) when none is given.
 
 use hone::io::gguf::Gguf;
@@ -12,10 +12,11 @@ use std::path::{Path, PathBuf};
 
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// `--model`, or the default model that `cargo xtask default-model` caches.
+/// `--model` (a path, or a Hub id resolved in the Hugging Face cache and downloaded when
+/// missing), or the default model that `cargo xtask default-model` caches.
 pub fn resolve(model: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(m) = model {
-        return Ok(m.to_path_buf());
+        return crate::hub::model_path(m);
     }
     let path = std::env::var_os("HONE_DEFAULT_MODEL").map(PathBuf::from).unwrap_or_else(|| {
         let cache = std::env::var_os("HONE_CACHE").map(PathBuf::from).unwrap_or_else(|| {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A Hugging Face directory (only config.json is read), a config.json file, or a GGUF file (only its header) [default: SmolLM2-135M-Instruct].
+    /// A Hugging Face directory (only config.json is read), a config.json file, a GGUF file (only its header), or a Hub id (only its config.json is downloaded) [default: SmolLM2-135M-Instruct].
     #[arg(long)]
     model: Option<PathBuf>,
     /// LoRA rank r.
@@ -109,7 +109,10 @@ pub fn print(p: &MemoryPlan) {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let path = crate::model::resolve(a.model.as_deref())?;
+    let path = match a.model.as_deref() {
+        Some(m) => crate::hub::config_path(m)?,
+        None => crate::model::resolve(None)?,
+    };
     let config = read_config(&path)?;
     let settings = RunSettings {
         rank: Some(a.rank),

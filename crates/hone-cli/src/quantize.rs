@@ -19,7 +19,8 @@ pub struct Args {
     no_double_quant: bool,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run(mut args: Args) -> anyhow::Result<()> {
+    args.model = crate::hub::model_path(&args.model)?;
     crate::model::require_dir(&args.model, "hone quantize writes bitsandbytes' layout beside the model's own config and tokenizer files")?;
     let options = Nf4Options { blocksize: args.blocksize, double_quant: !args.no_double_quant };
     let r = quantize_to_dir(&Dir(args.model.clone()), &args.out, options)?;

@@ -31,18 +31,24 @@ use std::sync::Arc;
 #[derive(clap::Args, Deserialize, Default, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct TrainArgs {
-    /// Base model: a Hugging Face directory or a GGUF file [default: SmolLM2-135M-Instruct, fetched by `cargo xtask default-model`].
+    /// Base model: a Hugging Face directory, a GGUF file, or a Hub id (org/name[@revision][:FILE],
+    /// from the Hugging Face cache, downloaded when missing) [default: SmolLM2-135M-Instruct, fetched by `cargo xtask default-model`].
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Training data, JSONL (required, here or in --config).
+    /// Training data: JSONL, CSV or Parquet, or a Hub dataset id (org/name[@revision], its
+    /// --split from the Hugging Face cache, downloaded when missing) (required, here or in --config).
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Where the PEFT adapter is written, created atomically; must not exist unless resuming (required, here or in --config).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Held-out data, JSONL [default: none; --eval-split of the training data if set].
+    /// Held-out data, as --data [default: none; --eval-split of the training data if set].
+    /// A Hub dataset id here reads its validation split (else its test split).
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
+    /// With a Hub dataset id as --data: the split to train on [default: train].
+    #[arg(long)]
+    pub split: Option<String>,
     #[command(flatten)]
     #[serde(skip)]
     pub run: RunSettings,
@@ -91,6 +97,16 @@ pub struct TrainArgs {
     pub max_memory: Option<String>,
 }
 
+impl TrainArgs {
+    fn train_data<'a>(&self, path: &'a Path) -> DataArg<'a> {
+        DataArg { arg: path, splits: vec![self.split.clone().unwrap_or_else(|| "train".into())] }
+    }
+}
+
+fn held_out(path: &Path) -> DataArg<'_> {
+    DataArg { arg: path, splits: vec!["validation".into(), "test".into()] }
+}
+
 macro_rules! overlay {
     ($base:ident, $top:ident, $($f:ident),*) => { $( if $top.$f.is_some() { $base.$f = $top.$f.clone(); } )* };
 }
@@ -110,7 +126,7 @@ impl TrainArgs {
         let mut base: TrainArgs = table.try_into().with_context(invalid)?;
         base.run = run_table.try_into().with_context(invalid)?;
         let top = self;
-        overlay!(base, top, model, data, out, eval_data, backend, save_every, log_dir, base_model_name, devices, max_memory, adapter);
+        overlay!(base, top, model, data, out, eval_data, split, backend, save_every, log_dir, base_model_name, devices, max_memory, adapter);
         base.run.overlay(&top.run);
         base.skip_bad_lines |= top.skip_bad_lines;
         base.quiet |= top.quiet;
@@ -150,18 +166,50 @@ fn read_dataset(path: &Path, columns: &Columns) -> anyhow::Result<String> {
     })
 }
 
-fn load_pairs(path: &Path, columns: &Columns, skip_bad: bool, tok: &Tokenizer, template: Option<&ChatTemplate>, max_len: Option<usize>, loss: LossType) -> anyhow::Result<run::Pairs> {
-    let text = read_dataset(path, columns)?;
-    Ok(pairs_from_jsonl(&text, &path.display().to_string(), skip_bad, tok, template, max_len, loss)?)
+fn load_pairs(data: &DataArg, columns: &Columns, skip_bad: bool, tok: &Tokenizer, template: Option<&ChatTemplate>, max_len: Option<usize>, loss: LossType) -> anyhow::Result<run::Pairs> {
+    let mut all = run::Pairs { pairs: Vec::new(), dropped: 0, skipped: 0 };
+    for path in data.files()? {
+        let text = read_dataset(&path, columns)?;
+        let p = pairs_from_jsonl(&text, &path.display().to_string(), skip_bad, tok, template, max_len, loss)?;
+        all.pairs.extend(p.pairs);
+        all.dropped += p.dropped;
+        all.skipped += p.skipped;
+    }
+    Ok(all)
+}
+
+/// A dataset argument: a file, or a Hub dataset id whose split's files are read in turn.
+pub struct DataArg<'a> {
+    pub arg: &'a Path,
+    /// Splits to try in order for a Hub id (the first one the repository has).
+    pub splits: Vec<String>,
+}
+
+impl DataArg<'_> {
+    fn files(&self) -> anyhow::Result<Vec<PathBuf>> {
+        let mut last = None;
+        for split in &self.splits {
+            match crate::hub::dataset_files(self.arg, split) {
+                Ok(f) => {
+                    if f.len() > 1 || !self.arg.exists() {
+                        eprintln!("data: {} split {split}: {} file{}", self.arg.display(), f.len(), if f.len() == 1 { "" } else { "s" });
+                    }
+                    return Ok(f);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("{}: no split to read", self.arg.display())))
+    }
 }
 
 /// Preference pairs for `--method dpo|orpo`, held out as `--eval-data` or `--eval-split` say.
 fn load_preference_data(a: &TrainArgs, path: &Path, tok: &Tokenizer, template: Option<&ChatTemplate>, loss: LossType) -> anyhow::Result<Data> {
     let columns = a.run.columns()?;
-    let train = load_pairs(path, &columns, a.skip_bad_lines, tok, template, a.run.max_len, loss)?;
+    let train = load_pairs(&a.train_data(path), &columns, a.skip_bad_lines, tok, template, a.run.max_len, loss)?;
     let (pairs, eval_pairs, dropped) = match (&a.eval_data, a.run.eval_split) {
         (Some(p), _) => {
-            let e = load_pairs(p, &columns, a.skip_bad_lines, tok, template, a.run.max_len, loss)?;
+            let e = load_pairs(&held_out(p), &columns, a.skip_bad_lines, tok, template, a.run.max_len, loss)?;
             (train.pairs, e.pairs, train.dropped + e.dropped)
         }
         (None, Some(f)) if f > 0.0 && f < 1.0 => {
@@ -182,10 +230,18 @@ fn load_preference_data(a: &TrainArgs, path: &Path, tok: &Tokenizer, template: O
 
 /// Samples from a JSONL file; refused when no example keeps a token the loss counts, with a
 /// warning when some do not.
-fn load_samples(path: &Path, columns: &Columns, format: Option<Format>, skip_bad: bool, tok: &Tokenizer, template: Option<&ChatTemplate>, opts: EncodeOptions) -> anyhow::Result<(Vec<Sample>, usize, usize)> {
-    let text = read_dataset(path, columns)?;
-    let file = path.display().to_string();
-    let s = samples_from_jsonl(&text, &file, format, skip_bad, tok, template, opts)?;
+fn load_samples(data: &DataArg, columns: &Columns, format: Option<Format>, skip_bad: bool, tok: &Tokenizer, template: Option<&ChatTemplate>, opts: EncodeOptions) -> anyhow::Result<(Vec<Sample>, usize, usize)> {
+    let mut s = run::Samples { samples: Vec::new(), truncated: 0, skipped: 0, without_targets: 0, lost_to_max_len: 0 };
+    for path in data.files()? {
+        let text = read_dataset(&path, columns)?;
+        let one = samples_from_jsonl(&text, &path.display().to_string(), format, skip_bad, tok, template, opts)?;
+        s.samples.extend(one.samples);
+        s.truncated += one.truncated;
+        s.skipped += one.skipped;
+        s.without_targets += one.without_targets;
+        s.lost_to_max_len += one.lost_to_max_len;
+    }
+    let file = data.arg.display().to_string();
     s.require_targets(&file, opts.max_len)?;
     if let Some(w) = s.warning(&file) {
         eprintln!("warning: {w}");
@@ -232,11 +288,11 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     }
     let opts = EncodeOptions { train_on_completions_only: !a.run.train_on_prompts, max_len: a.run.max_len };
     let columns = a.run.columns()?;
-    let (train, truncated, skipped) = load_samples(&data_path, &columns, format, a.skip_bad_lines, &tok, template.as_ref(), opts)?;
+    let (train, truncated, skipped) = load_samples(&a.train_data(&data_path), &columns, format, a.skip_bad_lines, &tok, template.as_ref(), opts)?;
     let seed = a.run.seed.unwrap_or(42);
     let (train, eval, eval_truncated) = match (&a.eval_data, a.run.eval_split) {
         (Some(p), _) => {
-            let (e, t, _) = load_samples(p, &columns, format, a.skip_bad_lines, &tok, template.as_ref(), opts)?;
+            let (e, t, _) = load_samples(&held_out(p), &columns, format, a.skip_bad_lines, &tok, template.as_ref(), opts)?;
             (train, e, t)
         }
         (None, Some(f)) if f > 0.0 && f < 1.0 => {
@@ -387,7 +443,9 @@ where
     let eval_reference = (dpo && !data.eval_pairs.is_empty())
         .then(|| if needs_reference { pair_logps(&trainer.eval_model(), &data.eval_pairs, cfg.batch_size, cfg.pad_id, &device) } else { Vec::new() });
     let has_eval = !eval_samples.is_empty() || !data.eval_pairs.is_empty();
-    let base_name = a.base_model_name.clone().unwrap_or_else(|| model_dir.display().to_string());
+    // A Hub id names the base as PEFT would (org/name), not by the cache path it resolved to.
+    let hub_name = a.model.as_ref().filter(|m| !m.exists()).and_then(|m| crate::hub::HubId::parse(m.to_str()?)).map(|id| id.repo);
+    let base_name = a.base_model_name.clone().or(hub_name).unwrap_or_else(|| model_dir.display().to_string());
     let ckpt_dir = checkpoint_dir(out);
     let mut saved = SavedState { state: trainer.state.clone(), config: cfg.clone(), base_model: base_name.clone(), best_eval_loss: None, best_step: None, evals_without_improvement: 0, reference_logps: trainer.reference_logps().to_vec() };
     let mut resumed_best = None;
@@ -604,15 +662,18 @@ fn say(bar: &ProgressBar, quiet: bool, msg: String) {
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// A Hugging Face model directory or a GGUF file [default: SmolLM2-135M-Instruct].
+    /// A Hugging Face model directory, a GGUF file or a Hub id [default: SmolLM2-135M-Instruct].
     #[arg(long)]
     model: Option<PathBuf>,
     /// A PEFT LoRA adapter directory to apply [default: none, the base alone].
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// The data to evaluate on, JSONL.
+    /// The data to evaluate on: JSONL, CSV or Parquet, or a Hub dataset id.
     #[arg(long)]
     data: PathBuf,
+    /// With a Hub dataset id as --data: the split [default: test, else validation].
+    #[arg(long)]
+    split: Option<String>,
     /// Dataset format: text | completion | chat | alpaca [default: detected per line].
     #[arg(long)]
     format: Option<String>,
@@ -651,6 +712,16 @@ pub struct EvalArgs {
     columns: Option<String>,
 }
 
+impl EvalArgs {
+    fn data(&self) -> DataArg<'_> {
+        let splits = match &self.split {
+            Some(s) => vec![s.clone()],
+            None => vec!["test".into(), "validation".into()],
+        };
+        DataArg { arg: &self.data, splits }
+    }
+}
+
 pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     let path = crate::model::resolve(a.model.as_deref())?;
     let text = crate::model::text(&path)?;
@@ -658,7 +729,7 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     let settings = RunSettings { method: a.method.clone(), beta: a.beta, loss_type: a.loss_type.clone(), ..Default::default() };
     let columns = Columns::parse(a.columns.as_deref().unwrap_or("")).map_err(|e| anyhow::anyhow!("--columns: {e}"))?;
     if let Some(dpo) = settings.dpo()? {
-        let pairs = load_pairs(&a.data, &columns, false, &tok, template.as_ref(), a.max_len, dpo.loss_type)?.pairs;
+        let pairs = load_pairs(&a.data(), &columns, false, &tok, template.as_ref(), a.max_len, dpo.loss_type)?.pairs;
         let metrics = with_backend!(a.backend, |B, device| {
             let mut model = crate::model::weights::<B>(&path, LoadOptions { nf4: a.nf4.then(Nf4Options::default) }, &device)?;
             if let Some(dir) = &a.adapter {
@@ -685,7 +756,7 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         None => None,
     };
     let opts = EncodeOptions { train_on_completions_only: !a.train_on_prompts, max_len: a.max_len };
-    let (samples, _, _) = load_samples(&a.data, &columns, format, false, &tok, template.as_ref(), opts)?;
+    let (samples, _, _) = load_samples(&a.data(), &columns, format, false, &tok, template.as_ref(), opts)?;
     let report = with_backend!(a.backend, |B, device| {
         let mut model = crate::model::weights::<B>(&path, LoadOptions { nf4: a.nf4.then(Nf4Options::default) }, &device)?;
         if let Some(dir) = &a.adapter {
