@@ -172,6 +172,68 @@ $('load-url').addEventListener('click', () => {
   if (url) openUrl(url);
 });
 
+// ---- Hub models, cached in OPFS ----
+const HUB_ENDPOINT = ['https:/', 'huggingface.co'].join('/');
+$('hub-endpoint').value = localStorage.getItem('hone-hub-endpoint') || HUB_ENDPOINT;
+const gb = (n) => (n >= 2 ** 30 ? `${(n / 2 ** 30).toFixed(2)} GiB` : `${(n / 2 ** 20).toFixed(1)} MiB`);
+
+async function refreshCache() {
+  const models = await call('hubList').catch(() => []);
+  const ul = $('model-cache');
+  ul.replaceChildren(...models.map((m) => {
+    const li = document.createElement('li');
+    li.textContent = `${m.repo} · ${gb(m.bytes)} `;
+    li.dataset.repo = m.repo;
+    li.dataset.bytes = String(m.bytes);
+    const del = document.createElement('button');
+    del.type = 'button';
+    del.textContent = `Delete ${m.repo}`;
+    del.addEventListener('click', () => guarded(async () => {
+      await call('hubDelete', { folder: m.folder });
+      await refreshCache();
+    }));
+    li.append(del);
+    return li;
+  }));
+  if (!models.length) ul.replaceChildren(Object.assign(document.createElement('li'), { textContent: 'none' }));
+  const est = navigator.storage && navigator.storage.estimate ? await navigator.storage.estimate() : null;
+  $('storage-status').textContent = est ? `This page's storage: ${gb(est.usage || 0)} used of ${gb(est.quota || 0)} the browser grants.` : '';
+}
+
+// Refuses a download the browser's storage quota cannot hold, before any byte is fetched.
+async function checkQuota(plan) {
+  if (!plan.missing) return;
+  const est = await navigator.storage.estimate();
+  const free = (est.quota || 0) - (est.usage || 0);
+  if (plan.missing > free) {
+    throw new Error(`${plan.repo} needs ${gb(plan.missing)} more of this browser's storage, but only ${gb(Math.max(0, free))} is free (quota ${gb(est.quota || 0)}, used ${gb(est.usage || 0)}): delete downloaded models below, free disk space, or train it with the hone CLI.`);
+  }
+  // Ask that the cache not be evicted under storage pressure (the browser may say no).
+  if (navigator.storage.persist) await navigator.storage.persist().catch(() => false);
+}
+
+$('load-hub').addEventListener('click', async () => {
+  const id = $('hub-id').value.trim();
+  const endpoint = $('hub-endpoint').value.trim().replace(/\/+$/, '') || HUB_ENDPOINT;
+  if (!id) return;
+  localStorage.setItem('hone-hub-endpoint', endpoint);
+  $('model-status').textContent = `Looking up ${id}…`;
+  const info = await guarded(async () => {
+    const plan = await call('hubPlan', { endpoint, hubId: id });
+    await checkQuota(plan);
+    $('model-status').textContent = plan.missing ? `Downloading ${plan.repo} (${gb(plan.missing)})…` : `Opening ${plan.repo} from this browser's storage…`;
+    return call('hubOpen', { endpoint, hubId: id });
+  });
+  if (info) {
+    await modelOpened(info);
+    $('model-status').dataset.downloaded = String(info.downloaded_bytes);
+  } else {
+    $('model-status').textContent = 'No model yet.';
+  }
+  await refreshCache();
+});
+refreshCache();
+
 $('default-model').addEventListener('click', async () => {
   const index = await guarded(async () => {
     const r = await fetch('models/index.json');
@@ -304,6 +366,8 @@ async function start(resume) {
   }
   state.trainPoints = [];
   state.evalPoints = [];
+  state.metrics = [];
+  $('metrics-csv').disabled = true;
   state.marginPoints = [];
   $('train-line').setAttribute('points', '');
   $('eval-line').setAttribute('points', '');
@@ -342,6 +406,7 @@ worker.onmessage = ({ data }) => {
       const pref = data.preference ? ` · margin ${data.preference['rewards/margins'].toFixed(4)} · accuracy ${data.preference['rewards/accuracies'].toFixed(2)}` : data.trained_tokens === 0 ? ' (no token counted: this step\'s completions are masked or cut by the max length)' : '';
       $('progress-text').textContent = `step ${data.step}/${data.total_steps} · epoch ${data.epoch + 1} · loss ${data.loss.toFixed(4)}${pref} · lr ${data.lr.toExponential(2)} · ${data.tokens_per_second < 10 ? data.tokens_per_second.toFixed(data.tokens_per_second < 1 ? 3 : 1) : Math.round(data.tokens_per_second)} tokens/s · ETA ${fmtTime(data.eta_seconds)} · wasm heap ${Math.round(data.wasm_heap_bytes / 2 ** 20)} MiB`;
       state.trainPoints.push({ step: data.step, loss: data.loss });
+      addMetrics({ step: data.step, split: 'train', loss: data.loss, lr: data.lr, grad_norm: data.grad_norm, tokens_per_s: data.tokens_per_second, epoch: data.epoch, rewards_margin: data.preference && data.preference['rewards/margins'], rewards_accuracy: data.preference && data.preference['rewards/accuracies'] });
       if (data.preference) state.marginPoints.push({ step: data.step, loss: data.preference['rewards/margins'] });
       state.trained = true;
       drawChart();
@@ -349,6 +414,7 @@ worker.onmessage = ({ data }) => {
     }
     case 'eval':
       state.evalPoints.push({ step: data.step, loss: data.loss });
+      addMetrics({ step: data.step, split: 'eval', loss: data.loss, perplexity: data.perplexity, rewards_margin: data['rewards/margins'], rewards_accuracy: data['rewards/accuracies'] });
       drawChart();
       break;
     case 'checkpoint':
@@ -368,6 +434,11 @@ worker.onmessage = ({ data }) => {
     case 'error':
       showError(data.error);
       break;
+    case 'download': {
+      const left = data.rate > 0 && data.total ? (data.total - data.done) / data.rate : null;
+      $('model-status').textContent = `Downloading ${data.file}: ${gb(data.done)} of ${gb(data.total)} · ${gb(data.rate)}/s${left != null ? ` · ${fmtTime(left)} left` : ''}`;
+      break;
+    }
     case 'warning':
       $('progress-text').textContent = `Warning: ${data.message}`;
       $('progress').dataset.warning = data.message;
@@ -453,6 +524,21 @@ function download(blob, name) {
   setTimeout(() => URL.revokeObjectURL(url), 10000);
   $('save-status').textContent = `Downloaded ${name}.`;
 }
+
+// ---- the run's series as CSV (the columns of `hone train --log-dir`'s metrics.jsonl) ----
+const METRIC_COLUMNS = ['step', 'split', 'loss', 'lr', 'grad_norm', 'tokens_per_s', 'epoch', 'perplexity', 'rewards_margin', 'rewards_accuracy'];
+state.metrics = [];
+function addMetrics(row) {
+  state.metrics.push(row);
+  $('metrics-csv').disabled = false;
+}
+function metricsCsv(rows) {
+  const cell = (v) => (v === undefined || v === null || (typeof v === 'number' && !Number.isFinite(v)) ? '' : String(v));
+  return [METRIC_COLUMNS.join(','), ...rows.map((r) => METRIC_COLUMNS.map((c) => cell(r[c])).join(','))].join('\n') + '\n';
+}
+$('metrics-csv').addEventListener('click', () => {
+  download(new Blob([metricsCsv(state.metrics)], { type: 'text/csv' }), `${adapterName()}-metrics.csv`);
+});
 
 $('save-zip').addEventListener('click', () => guarded(async () => {
   download(new Blob([zipStored(await adapterFiles())], { type: 'application/zip' }), `${adapterName()}.zip`);

@@ -4,6 +4,7 @@
 // a slot's meta.json is removed first and written last, so a kill mid-write leaves the other
 // slot as the latest whole checkpoint.
 import init, { Session, deviceLost, csvToJsonl } from './pkg/hone_web.js';
+import * as hub from './hub.js';
 
 const ready = init();
 let session = null;
@@ -219,6 +220,26 @@ const commands = {
     modelName = url.replace(/\/+$/, '').split('/').pop();
     return session.info();
   },
+  // A Hub id: what it takes (files, sizes, bytes still to download) before anything downloads,
+  // so the page can check the storage quota first.
+  async hubPlan({ endpoint, hubId }) {
+    const p = await hub.plan(endpoint, hubId);
+    return { repo: p.id.repo, sha: p.sha, files: p.files, missing: p.missing, offline: p.offline };
+  },
+  async hubOpen({ endpoint, hubId }) {
+    const p = await hub.plan(endpoint, hubId);
+    const got = await hub.fetchSnapshot(endpoint, p, (f) => event('download', f));
+    session = await Session.open(p.id.repo, got.names, got.blobs);
+    modelName = p.id.repo;
+    return { ...session.info(), downloaded_bytes: got.fetched, wasm_heap_bytes: await heapBytes() };
+  },
+  async hubList() {
+    return hub.list();
+  },
+  async hubDelete({ folder }) {
+    await hub.remove(folder);
+    return hub.list();
+  },
   async estimate({ settings }) {
     return session.estimate(settings);
   },
@@ -293,7 +314,7 @@ self.onmessage = async ({ data }) => {
   try {
     await ready;
     if (!commands[cmd]) throw new Error(`unknown command ${cmd}`);
-    if (cmd !== 'open' && cmd !== 'openUrl' && !cmd.startsWith('checkpoint') && cmd !== 'discardCheckpoint' && !session) {
+    if (cmd !== 'open' && cmd !== 'openUrl' && !cmd.startsWith('hub') && !cmd.startsWith('checkpoint') && cmd !== 'discardCheckpoint' && !session) {
       throw new Error('open a model first');
     }
     post({ id, ok: true, result: await commands[cmd](args) });

@@ -4,8 +4,13 @@
 // and resumes from OPFS, downloads the adapter, and compares it with what `hone train` writes
 // natively for the same model, data, settings and seed. Also: zero network requests while
 // training, and errors shown (not thrown) for bad inputs. Then DPO and ORPO runs, each against
-// `hone train --method dpo|orpo`. The SFT run starts from LoftQ, DPO from PiSSA, ORPO uses DoRA. Prints "test result: ok. N passed; M failed".
+// `hone train --method dpo|orpo`. The SFT run starts from LoftQ, DPO from PiSSA, ORPO uses DoRA.
+// Last, a model by Hub id from a local server that answers as the Hub does: ranged downloads into
+// OPFS, a cut download resumed, a reload opening it with no request for model files, the cache
+// list's delete, and the storage-quota check. Prints "test result: ok. N passed; M failed".
 import { execFileSync } from 'node:child_process';
+import crypto from 'node:crypto';
+import http from 'node:http';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -263,6 +268,19 @@ await check('loss_falls', async () => {
   assert(y(pts[pts.length - 1]) > y(pts[0]), `loss did not fall: ${pts.join(' ')} (before reload: ${lossesBefore})`);
 });
 
+await check('metrics_download_as_csv_holds_the_loss_series', async () => {
+  const [download] = await Promise.all([page.waitForEvent('download'), button('Download metrics (.csv)').click()]);
+  const csvPath = path.join(outDir, 'metrics.csv');
+  await download.saveAs(csvPath);
+  const [header, ...lines] = fs.readFileSync(csvPath, 'utf8').trim().split('\n');
+  assert(header === 'step,split,loss,lr,grad_norm,tokens_per_s,epoch,perplexity,rewards_margin,rewards_accuracy', header);
+  const rows = lines.map((l) => l.split(',')).filter((r) => r[1] === 'train');
+  const pts = (await page.evaluate(() => document.getElementById('train-line').getAttribute('points'))).trim().split(' ');
+  assert(rows.length === pts.length, `${rows.length} train rows for ${pts.length} chart points`);
+  assert(Number(rows[rows.length - 1][0]) === SETTINGS.steps, `last step ${rows[rows.length - 1][0]}`);
+  assert(rows.every((r) => Number.isFinite(Number(r[2])) && Number(r[3]) > 0 && Number(r[5]) > 0), lines.join(' | '));
+});
+
 // DPO and ORPO in the page: the tiny Llama fixture with a chat template, preference pairs in
 // text and conversational form, three steps; the adapter equals `hone train --method …`'s.
 const dpoModel = path.join(outDir, 'dpo-model');
@@ -366,5 +384,110 @@ for (const method of ['dpo', 'orpo']) {
   await check(`browser_${method}_adapter_equals_native_hone_train`, async () => nativeMatches(method, files));
 }
 
+// ---- a model by Hub id, from a local server that answers as the Hub does ----
+const HUB_SHA = 'fedcba9876543210fedcba9876543210fedcba98';
+const HUB_REPO = 'hone-test/tiny-smollm2';
+const hubFiles = Object.fromEntries(['config.json', 'model.safetensors', 'tokenizer.json'].map((f) => [f, fs.readFileSync(path.join(fixture, f))]));
+hubFiles['README.md'] = Buffer.from('# tiny');
+const hubSeen = [];
+let hubCuts = 1; // the first full answer for model.safetensors hangs up halfway
+const hubServer = http.createServer((req, res) => {
+  hubSeen.push({ url: req.url, method: req.method, range: req.headers.range || null });
+  res.setHeader('Access-Control-Allow-Origin', '*');
+  res.setHeader('Access-Control-Expose-Headers', 'Content-Range, Content-Length, X-Repo-Commit, ETag, X-Linked-Etag');
+  if (req.method === 'OPTIONS') {
+    res.setHeader('Access-Control-Allow-Headers', 'Range');
+    res.writeHead(204);
+    res.end();
+    return;
+  }
+  const u = new URL(req.url, 'http://hub');
+  const api = /^\/api\/models\/(.+)\/revision\/([^/]+)$/.exec(u.pathname);
+  if (api) {
+    if (api[1] !== HUB_REPO) {
+      res.writeHead(404, { 'Content-Type': 'application/json' });
+      res.end('{"error":"Repository not found"}');
+      return;
+    }
+    res.writeHead(200, { 'Content-Type': 'application/json' });
+    res.end(JSON.stringify({ id: HUB_REPO, sha: HUB_SHA, siblings: Object.entries(hubFiles).map(([n, b]) => ({ rfilename: n, size: b.length })) }));
+    return;
+  }
+  const file = /^\/(.+?)\/resolve\/([^/]+)\/(.+)$/.exec(u.pathname);
+  const body = file && file[1] === HUB_REPO ? hubFiles[decodeURIComponent(file[3])] : null;
+  if (!body) {
+    res.writeHead(404);
+    res.end('Entry not found');
+    return;
+  }
+  const r = /^bytes=(\d+)-(\d*)$/.exec(req.headers.range || '');
+  const start = r ? Number(r[1]) : 0;
+  const end = r && r[2] ? Math.min(Number(r[2]), body.length - 1) : body.length - 1;
+  const part = body.subarray(start, end + 1);
+  res.writeHead(r ? 206 : 200, { 'Content-Length': part.length, 'Content-Range': `bytes ${start}-${end}/${body.length}`, 'X-Repo-Commit': HUB_SHA });
+  if (file[3] === 'model.safetensors' && hubCuts > 0 && part.length > 1) {
+    hubCuts--;
+    // Half the body, a pause for the browser to take it, then the connection drops.
+    res.write(part.subarray(0, part.length >> 1), () => setTimeout(() => res.destroy(), 500));
+    return;
+  }
+  res.end(part);
+});
+await new Promise((resolve) => hubServer.listen(0, '127.0.0.1', resolve));
+const hubUrl = `http://127.0.0.1:${hubServer.address().port}`;
+const modelGets = (from = 0) => hubSeen.slice(from).filter((s) => s.url.includes('/resolve/') && s.method === 'GET');
+async function loadFromHub(id) {
+  await page.getByLabel('Hub model id').fill(id);
+  await page.getByLabel('Hub endpoint').fill(hubUrl);
+  await button('Load from Hub').click();
+  await page.waitForFunction(() => /^(Opened|No model yet)/.test(document.getElementById('model-status').textContent));
+}
+
+await check('hub_model_downloads_in_ranges_into_opfs_and_resumes_a_cut', async () => {
+  await loadFromHub(HUB_REPO);
+  assert((await page.locator('#model-status').textContent()).startsWith('Opened'), await errorText());
+  const gets = modelGets();
+  assert(gets.length >= 4 && gets.every((g) => /^bytes=\d+-\d+$/.test(g.range)), `model files not fetched by ranges: ${JSON.stringify(gets)}`);
+  assert(!gets.some((g) => g.url.includes('README')), 'fetched a file hone does not read');
+  // The cut answer's bytes were kept: the retry asked for the rest only.
+  const weights = gets.filter((g) => g.url.endsWith('model.safetensors')).map((g) => Number(/^bytes=(\d+)-/.exec(g.range)[1]));
+  const total = hubFiles['model.safetensors'].length;
+  assert(weights.length === 2 && weights[0] === 0 && weights[1] > 0 && weights[1] < total, `ranges of the cut file: ${weights}`);
+  console.log(`page: the cut download went on from byte ${weights[1]} of ${total}`);
+  const digest = await page.evaluate(async ([repo, sha]) => {
+    const dir = await (await (await (await navigator.storage.getDirectory()).getDirectoryHandle('hone-models')).getDirectoryHandle(`models--${repo.replace('/', '--')}`)).getDirectoryHandle(sha);
+    const bytes = await (await (await dir.getFileHandle('model.safetensors')).getFile()).arrayBuffer();
+    return [...new Uint8Array(await crypto.subtle.digest('SHA-256', bytes))].map((b) => b.toString(16).padStart(2, '0')).join('');
+  }, [HUB_REPO, HUB_SHA]);
+  assert(digest === crypto.createHash('sha256').update(hubFiles['model.safetensors']).digest('hex'), 'the OPFS copy differs from the served file');
+});
+
+await check('hub_model_opens_from_opfs_after_reload_with_no_model_request', async () => {
+  await page.reload();
+  await page.waitForFunction(() => !document.getElementById('gpu-status').textContent.startsWith('Starting'));
+  const before = hubSeen.length;
+  const seenBefore = requests.length;
+  await loadFromHub(HUB_REPO);
+  assert((await page.locator('#model-status').textContent()).startsWith('Opened'), await errorText());
+  assert(modelGets(before).length === 0, `requests for model files after the reload: ${JSON.stringify(modelGets(before))}`);
+  assert(!requests.slice(seenBefore).some((u) => u.includes('/resolve/')), 'the browser fetched a model file');
+  assert((await page.locator('#model-status').getAttribute('data-downloaded')) === '0', 'bytes were downloaded');
+  const listed = await page.locator('#model-cache li').allTextContents();
+  assert(listed.some((t) => t.startsWith(HUB_REPO)), `cache list: ${listed}`);
+});
+
+await check('quota_check_refuses_a_download_larger_than_the_quota', async () => {
+  await page.evaluate(() => { document.getElementById('cache-box').open = true; });
+  await button(`Delete ${HUB_REPO}`).click();
+  await page.waitForFunction(() => document.getElementById('model-cache').textContent.trim() === 'none');
+  await page.evaluate(() => { navigator.storage.estimate = async () => ({ quota: 4096, usage: 1024 }); });
+  const before = hubSeen.length;
+  await loadFromHub(HUB_REPO);
+  const e = await errorText();
+  assert(/needs .* more of this browser's storage/.test(e) && /quota/.test(e), `no quota error: ${e}`);
+  assert(modelGets(before).length === 0, 'downloaded despite the quota');
+});
+
+hubServer.close();
 await browser.close();
 process.exit(finish());

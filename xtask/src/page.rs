@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Instant;
 
 /// The same policy as the page's meta tag, sent as a header too.
-pub const CSP: &str = "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self'; connect-src 'self' https:; style-src 'self'; img-src 'self' data: blob:; base-uri 'none'; form-action 'none'";
+pub const CSP: &str = "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self'; connect-src 'self' https: http://127.0.0.1:* http://localhost:*; style-src 'self'; img-src 'self' data: blob:; base-uri 'none'; form-action 'none'";
 
 /// Builds the page into `<target>/www/<profile>` and returns that folder. Each step says how
 /// long it took; wasm-bindgen and wasm-opt (minutes on a release module) run only when cargo's
@@ -59,7 +59,7 @@ pub fn build(release: bool) -> Result<PathBuf> {
         // Written last: an interrupted run leaves no stamp, and the next one starts over.
         std::fs::write(&stamp_path, stamp).map_err(|e| format!("{}: {e}", stamp_path.display()))?;
     }
-    for f in ["index.html", "app.js", "worker.js", "zip.js", "style.css"] {
+    for f in ["index.html", "app.js", "worker.js", "hub.js", "zip.js", "style.css"] {
         std::fs::copy(root().join("www").join(f), out.join(f)).map_err(|e| format!("www/{f}: {e}"))?;
     }
     eprintln!("xtask: page built in {:.1} s: {}", t0.elapsed().as_secs_f64(), out.display());
