@@ -14,6 +14,7 @@ pub mod ops;
 pub mod parity;
 pub mod quant;
 pub mod readback;
+pub mod score;
 pub mod train;
 
 pub use error::{Error, Result};
