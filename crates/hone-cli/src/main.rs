@@ -2,6 +2,7 @@
 
 mod backend;
 mod check_adapter;
+mod compare;
 mod export;
 mod generate;
 mod hub;
@@ -43,6 +44,9 @@ enum Command {
     Eval(train::EvalArgs),
     /// The memory a fine-tune needs, from the model's config alone.
     Plan(plan::Args),
+    /// The base and each adapter on held-out data: loss, replies scored against the references,
+    /// forgetting on general text; a report as HTML, Markdown and JSON.
+    Compare(compare::Args),
 }
 
 fn main() {
@@ -66,6 +70,7 @@ fn main() {
         Command::Train(args) => train::run_train(args),
         Command::Eval(args) => train::run_eval(args),
         Command::Plan(args) => plan::run(args),
+        Command::Compare(args) => compare::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

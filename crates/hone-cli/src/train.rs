@@ -157,7 +157,7 @@ impl Data {
 
 /// A dataset file's rows as the JSONL the parsers read: JSONL, CSV or Parquet by the file's
 /// extension, with `columns` renamed.
-fn read_dataset(path: &Path, columns: &Columns) -> anyhow::Result<String> {
+pub(crate) fn read_dataset(path: &Path, columns: &Columns) -> anyhow::Result<String> {
     let file = path.display().to_string();
     Ok(match TableKind::of(&file) {
         TableKind::Jsonl => rename_jsonl(&hone::io::read_text_lines(path, hone::io::MAX_LINE_BYTES)?, &file, columns)?,
@@ -186,7 +186,7 @@ pub struct DataArg<'a> {
 }
 
 impl DataArg<'_> {
-    fn files(&self) -> anyhow::Result<Vec<PathBuf>> {
+    pub(crate) fn files(&self) -> anyhow::Result<Vec<PathBuf>> {
         let mut last = None;
         for split in &self.splits {
             match crate::hub::dataset_files(self.arg, split) {

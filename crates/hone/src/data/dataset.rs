@@ -227,6 +227,26 @@ pub fn encode(example: &Example, tok: &Tokenizer, template: Option<&ChatTemplate
     Ok(sample)
 }
 
+/// What a model is asked and what it should answer, for generating from held-out data as the
+/// example was trained: a completion example's prompt (special tokens added, as `encode` does)
+/// and its completion; a chat's turns before its last assistant turn, rendered with the
+/// generation prompt, and that turn's content. None for plain text, or a chat that does not end
+/// with an assistant turn.
+pub fn prompt_and_reference(example: &Example, tok: &Tokenizer, template: Option<&ChatTemplate>) -> Result<Option<(Vec<u32>, String)>> {
+    Ok(match example {
+        Example::Text(_) => None,
+        Example::Completion { prompt, completion } => Some((tok.encode(prompt, true)?, completion.clone())),
+        Example::Chat(messages) => match messages.split_last() {
+            Some((last, before)) if last.role == "assistant" && !before.is_empty() => {
+                let template = template.ok_or_else(|| Error::format("tokenizer_config.json", "chat data needs a chat template, and the model has none"))?;
+                let rendered = template.render(before, true)?;
+                Some((tok.encode(&rendered.text, false)?, last.content.clone()))
+            }
+            _ => None,
+        },
+    })
+}
+
 /// For templates without generation markers: each assistant turn's span is what rendering it
 /// adds after the prompt that precedes it (rendered with the generation prompt).
 fn assistant_spans(template: &ChatTemplate, messages: &[Message]) -> Result<Vec<(usize, usize)>> {
