@@ -5,7 +5,7 @@
 // natively for the same model, data, settings and seed. Also: zero network requests while
 // training, and errors shown (not thrown) for bad inputs. Then DPO and ORPO runs, each against
 // `hone train --method dpo|orpo`. The SFT run starts from LoftQ, DPO from PiSSA, ORPO uses DoRA.
-// Last, a model by Hub id from a local server that answers as the Hub does: ranged downloads into
+// hone compare's HTML report opened with no console error or request. Last, a model by Hub id from a local server that answers as the Hub does: ranged downloads into
 // OPFS, a cut download resumed, a reload opening it with no request for model files, the cache
 // list's delete, and the storage-quota check. Prints "test result: ok. N passed; M failed".
 import { execFileSync } from 'node:child_process';
@@ -383,6 +383,31 @@ for (const method of ['dpo', 'orpo']) {
   });
   await check(`browser_${method}_adapter_equals_native_hone_train`, async () => nativeMatches(method, files));
 }
+
+// ---- hone compare's report: opens with no console error and no request ----
+await check('compare_report_opens_with_no_error_and_no_request', async () => {
+  const heldOut = path.join(outDir, 'compare-heldout.jsonl');
+  const qa = [['Say hi', 'Hi there.'], ['Name a colour', 'Red.'], ['What is 2+2?', '4.']];
+  fs.writeFileSync(heldOut, qa.map(([q, a]) => JSON.stringify({ messages: [{ role: 'user', content: q }, { role: 'assistant', content: a }] })).join('\n') + '\n');
+  const reportDir = path.join(outDir, 'compare-report');
+  fs.rmSync(reportDir, { recursive: true, force: true });
+  execFileSync(hone, ['compare', '--model', dpoModel, '--adapter', path.join(outDir, 'native-dpo-adapter'), '--data', heldOut, '--out', reportDir, '--max-new-tokens', '6', '--check', 'regex:^Hi', '--blind'], { stdio: ['ignore', 'ignore', 'inherit'] });
+  for (const file of ['report.html', 'review.html']) {
+    const viewer = await context.newPage();
+    const errors = [];
+    const fetched = [];
+    viewer.on('console', (m) => { if (m.type() === 'error') errors.push(m.text()); });
+    viewer.on('pageerror', (e) => errors.push(e.message));
+    viewer.on('request', (r) => fetched.push(r.url()));
+    await viewer.goto(`file://${path.join(reportDir, file)}`);
+    await viewer.waitForLoadState('load');
+    const rows = await viewer.locator('table.samples tbody tr').count();
+    await viewer.close();
+    assert(errors.length === 0, `${file}: console errors ${errors}`);
+    assert(fetched.length === 1 && fetched[0].startsWith('file://'), `${file}: requests ${fetched}`);
+    assert(rows === qa.length, `${file}: ${rows} sample rows`);
+  }
+});
 
 // ---- a model by Hub id, from a local server that answers as the Hub does ----
 const HUB_SHA = 'fedcba9876543210fedcba9876543210fedcba98';
