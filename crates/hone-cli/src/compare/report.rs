@@ -152,7 +152,7 @@ impl Report {
         let metrics = self.metrics();
         let (bar, gap, group_gap, height) = (18.0, 2.0, 24.0, 160.0);
         let group = self.variants.len() as f64 * (bar + gap) + group_gap;
-        let width = 40.0 + metrics.len() as f64 * group;
+        let width = 120.0 + metrics.len() as f64 * group;
         let mut svg = format!("<svg viewBox=\"0 0 {width} {}\" role=\"img\" aria-label=\"Metrics by model\" class=\"chart\">", height + 60.0);
         for (m, (name, values)) in metrics.iter().enumerate() {
             let x0 = 30.0 + m as f64 * group;
@@ -276,6 +276,6 @@ fn page_head(title: &str) -> String {
 }
 
 const CSS: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:12px 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}\
-.samples td{max-width:28em;white-space:pre-wrap}.scores{color:#666;font-size:12px;margin-top:4px}.chart{max-width:900px;width:100%}.label{font-size:10px}.axis{stroke:#888}\
+.samples td{max-width:28em;white-space:pre-wrap}.scores{color:#666;font-size:12px;margin-top:4px}.chart{max-width:560px;width:100%;display:block}.label{font-size:10px}.axis{stroke:#888}\
 .c0{fill:#4e79a7;background:#4e79a7}.c1{fill:#f28e2b;background:#f28e2b}.c2{fill:#59a14f;background:#59a14f}.c3{fill:#e15759;background:#e15759}.c4{fill:#76b7b2;background:#76b7b2}.c5{fill:#edc948;background:#edc948}\
 .key{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px}";
