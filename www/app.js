@@ -247,6 +247,7 @@ $('default-model').addEventListener('click', async () => {
 async function readFileText(input) {
   const f = input.files[0];
   if (!f) return '';
+  if (/\.parquet$/i.test(f.name)) return call('parquet', { bytes: await f.arrayBuffer(), name: f.name });
   const text = await f.text();
   // CSV (a header row, then one example per row) becomes the JSONL the page trains on.
   return /\.csv$/i.test(f.name) ? call('csv', { text, name: f.name }) : text;

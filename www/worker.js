@@ -3,7 +3,7 @@
 // Checkpoints go to the origin-private file system (OPFS), in two slots written alternately:
 // a slot's meta.json is removed first and written last, so a kill mid-write leaves the other
 // slot as the latest whole checkpoint.
-import init, { Session, deviceLost, csvToJsonl } from './pkg/hone_web.js';
+import init, { Session, deviceLost, csvToJsonl, parquetToJsonl } from './pkg/hone_web.js';
 import * as hub from './hub.js';
 
 const ready = init();
@@ -248,6 +248,11 @@ const commands = {
     await ready;
     return csvToJsonl(text, name);
   },
+  // A Parquet dataset as JSONL (nested columns, such as messages, as JSON).
+  async parquet({ bytes, name }) {
+    await ready;
+    return parquetToJsonl(new Uint8Array(bytes), name);
+  },
   async preview({ data, settings }) {
     return session.preview(data, settings, 3);
   },
@@ -314,7 +319,7 @@ self.onmessage = async ({ data }) => {
   try {
     await ready;
     if (!commands[cmd]) throw new Error(`unknown command ${cmd}`);
-    if (cmd !== 'open' && cmd !== 'openUrl' && !cmd.startsWith('hub') && !cmd.startsWith('checkpoint') && cmd !== 'discardCheckpoint' && !session) {
+    if (cmd !== 'open' && cmd !== 'openUrl' && !cmd.startsWith('hub') && cmd !== 'csv' && cmd !== 'parquet' && !cmd.startsWith('checkpoint') && cmd !== 'discardCheckpoint' && !session) {
       throw new Error('open a model first');
     }
     post({ id, ok: true, result: await commands[cmd](args) });

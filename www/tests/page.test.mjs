@@ -137,6 +137,14 @@ await check('csv_dataset_with_renamed_columns_is_previewed', async () => {
   await page.getByLabel(/^Dataset columns/).fill('');
 });
 
+await check('parquet_dataset_is_previewed', async () => {
+  await byLabel('Dataset file').setInputFiles(path.join(root, 'tests/fixtures/tables/completion.parquet'));
+  await page.waitForFunction(() => document.getElementById('dataset-text').value.includes('"completion"'));
+  await page.waitForSelector('#preview pre.example');
+  const trained = await page.locator('#preview .trained').count();
+  assert(trained > 0, 'the Parquet rows are previewed with their completions marked');
+});
+
 let requestsDuringTraining = -1;
 let lossesBefore = [];
 await check('trains_shows_progress_and_checkpoints', async () => {

@@ -73,6 +73,14 @@ pub fn csv_to_jsonl(text: String, name: String) -> Result<String, JsError> {
     hone::data::table::csv_to_jsonl(text.as_bytes(), &name, &Default::default()).map_err(js_err)
 }
 
+/// A Parquet dataset's rows as JSONL, row N on line N (hone::data::table); a bad row names
+/// `name:row`. A file damaged badly enough to make the parquet crate panic stops the worker
+/// (wasm has no unwinding); natively it is a named error.
+#[wasm_bindgen(js_name = parquetToJsonl)]
+pub fn parquet_to_jsonl(bytes: Vec<u8>, name: String) -> Result<String, JsError> {
+    hone::data::table::parquet_bytes_to_jsonl(bytes, &name, &Default::default()).map_err(js_err)
+}
+
 pub(crate) fn js_err(e: impl std::fmt::Display) -> JsError {
     JsError::new(&e.to_string())
 }

@@ -161,13 +161,11 @@ pub fn parquet_to_jsonl(path: &std::path::Path, columns: &Columns) -> Result<Str
     parquet_rows(f, &file, columns)
 }
 
-/// As [`parquet_to_jsonl`], from bytes in memory.
-#[cfg(not(target_arch = "wasm32"))]
+/// As [`parquet_to_jsonl`], from bytes in memory (the page's way).
 pub fn parquet_bytes_to_jsonl(bytes: Vec<u8>, file: &str, columns: &Columns) -> Result<String> {
     parquet_rows(bytes::Bytes::from(bytes), file, columns)
 }
 
-#[cfg(not(target_arch = "wasm32"))]
 fn parquet_rows<R: parquet::file::reader::ChunkReader + 'static>(source: R, file: &str, columns: &Columns) -> Result<String> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     // The parquet crate can panic on a damaged file: that is a bad file, not a crash.
