@@ -12,7 +12,7 @@ use anyhow::Context;
 use hone::data::dataset::{encode, parse_jsonl, prompt_and_reference, EncodeOptions, Example};
 use hone::data::table::Columns;
 use hone::data::Sample;
-use hone::generate::{generate, GenerateConfig};
+use hone::generate::generate;
 use hone::io::Dir;
 use hone::lora::peft::Adapter;
 use hone::model::{LoadOptions, Nf4Options};
@@ -58,21 +58,8 @@ pub struct Args {
     /// Most tokens per reply.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f64,
-    /// Sample only from the k most likely tokens [default: all].
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// Sample only from the smallest set of tokens whose probability reaches p [default: 1, all].
-    #[arg(long)]
-    top_p: Option<f64>,
-    /// transformers' repetition_penalty (1 is off).
-    #[arg(long, default_value_t = 1.0)]
-    repetition_penalty: f64,
-    /// Seed of the sampler and of the blind sheet's shuffle.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: crate::generate::Sampling,
     /// Tokens per held-out sample for the loss; longer ones are truncated [default: no limit].
     #[arg(long)]
     max_len: Option<usize>,
@@ -133,15 +120,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .map(|l| encode(&Example::Text(l.to_string()), tok, template, None, general_opts))
         .collect::<hone::Result<Vec<_>>>()?;
 
-    let cfg = GenerateConfig {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        repetition_penalty: a.repetition_penalty,
-        seed: a.seed,
-        stop_ids: text.stop_ids.clone(),
-    };
+    let cfg = a.sampling.config(a.max_new_tokens, text.stop_ids.clone());
     let names: Vec<(String, Option<PathBuf>)> = std::iter::once(("base".to_string(), None))
         .chain(a.adapter.iter().map(|p| (p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string()), Some(p.clone()))))
         .collect();
@@ -176,12 +155,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         data: a.data.display().to_string(),
         general: a.general.as_ref().map(|g| g.display().to_string()).unwrap_or_else(|| "bundled public-domain sample".into()),
         checks: checks.iter().map(Check::name).collect(),
-        decoding: if a.temperature == 0.0 { "greedy".into() } else { format!("temperature {}, top-k {:?}, top-p {:?}, seed {}", a.temperature, a.top_k, a.top_p, a.seed) },
+        decoding: a.sampling.describe(),
         max_new_tokens: a.max_new_tokens,
         variants,
         rows,
     };
-    report.write(&a.out, a.blind.then_some(a.seed))?;
+    report.write(&a.out, a.blind.then_some(a.sampling.seed))?;
     print!("{}", report.summary());
     eprintln!("wrote {}", a.out.join("report.html").display());
     Ok(())

@@ -8,6 +8,41 @@ use hone::lora::peft::Adapter;
 use hone::model::{LoadOptions, Nf4Options};
 use std::path::PathBuf;
 
+/// The decoding flags `hone generate` and `hone compare` share.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Sampling {
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Sample only from the k most likely tokens [default: all].
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample only from the smallest set of tokens whose probability reaches p [default: 1, all].
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Divide the logits of tokens already present by this (transformers' repetition_penalty; 1 is off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f64,
+    /// Seed of the sampler (and of compare's blind shuffle).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl Sampling {
+    pub fn config(&self, max_new_tokens: usize, stop_ids: Vec<u32>) -> GenerateConfig {
+        GenerateConfig { max_new_tokens, temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, repetition_penalty: self.repetition_penalty, seed: self.seed, stop_ids }
+    }
+
+    /// How the replies were decoded, for a report.
+    pub fn describe(&self) -> String {
+        if self.temperature == 0.0 {
+            "greedy".into()
+        } else {
+            format!("temperature {}, top-k {:?}, top-p {:?}, repetition penalty {}, seed {}", self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.seed)
+        }
+    }
+}
+
 #[derive(clap::Args)]
 pub struct Args {
     /// A Hugging Face model directory, a GGUF file or a Hub id [default: SmolLM2-135M-Instruct].
@@ -26,21 +61,8 @@ pub struct Args {
     /// Most tokens to generate per reply.
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f64,
-    /// Sample only from the k most likely tokens [default: all].
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// Sample only from the smallest set of tokens whose probability reaches p [default: 1, all].
-    #[arg(long)]
-    top_p: Option<f64>,
-    /// Divide the logits of tokens already present by this (transformers' repetition_penalty; 1 is off).
-    #[arg(long, default_value_t = 1.0)]
-    repetition_penalty: f64,
-    /// Seed of the sampler.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: Sampling,
     /// Use the prompt as it is, not as a user turn of the chat template.
     #[arg(long)]
     raw: bool,
@@ -93,15 +115,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         })
     };
     let encoded = prompts.iter().map(|p| encode(p)).collect::<anyhow::Result<Vec<_>>>()?;
-    let cfg = GenerateConfig {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        repetition_penalty: a.repetition_penalty,
-        seed: a.seed,
-        stop_ids: if a.ignore_eos { Vec::new() } else { text.stop_ids.clone() },
-    };
+    let cfg = a.sampling.config(a.max_new_tokens, if a.ignore_eos { Vec::new() } else { text.stop_ids.clone() });
     let new = with_backend!(a.backend, |B, device| {
         let mut m = model::weights::<B>(&path, LoadOptions { nf4: a.nf4.then(Nf4Options::default) }, &device)?;
         if let Some(dir) = &a.adapter {
