@@ -66,7 +66,7 @@ fn bad_model_dir_is_a_clear_error() {
         .unwrap();
     assert!(!result.status.success());
     let stderr = String::from_utf8_lossy(&result.stderr);
-    assert!(stderr.contains("/nonexistent/model/config.json"), "{stderr}");
+    assert!(stderr.contains("/nonexistent/model: no such file or directory"), "{stderr}");
     assert!(!out.exists());
 }
 
