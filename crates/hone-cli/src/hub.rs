@@ -62,26 +62,29 @@ impl std::fmt::Display for HubId {
     }
 }
 
+/// The Hub id a model or data argument is, when it is not an existing path.
+pub fn id_of(arg: &Path) -> Option<HubId> {
+    (!arg.exists()).then(|| arg.to_str().and_then(HubId::parse)).flatten()
+}
+
 /// What a model argument names: an existing path as it is, else a Hub id resolved to its
 /// snapshot directory (or the GGUF file in it).
 pub fn model_path(arg: &Path) -> anyhow::Result<PathBuf> {
-    if arg.exists() {
-        return Ok(arg.to_path_buf());
-    }
-    match arg.to_str().and_then(HubId::parse) {
-        Some(id) => Hub::from_env()?.model(&id, false),
-        None => bail!("{}: no such file or directory (nor a Hub id, org/name[@revision])", arg.display()),
-    }
+    resolve_model(arg, false)
 }
 
 /// As [`model_path`] for what reads only the config (`hone plan`): of a Hub id, only its
 /// config.json is downloaded (a GGUF file whole, its header being its config).
 pub fn config_path(arg: &Path) -> anyhow::Result<PathBuf> {
+    resolve_model(arg, true)
+}
+
+fn resolve_model(arg: &Path, config_only: bool) -> anyhow::Result<PathBuf> {
     if arg.exists() {
         return Ok(arg.to_path_buf());
     }
-    match arg.to_str().and_then(HubId::parse) {
-        Some(id) => Hub::from_env()?.model(&id, true),
+    match id_of(arg) {
+        Some(id) => Hub::from_env()?.model(&id, config_only),
         None => bail!("{}: no such file or directory (nor a Hub id, org/name[@revision])", arg.display()),
     }
 }

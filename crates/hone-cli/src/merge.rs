@@ -35,7 +35,7 @@ pub struct Args {
 }
 
 pub fn run(mut args: Args) -> anyhow::Result<()> {
-    if let Some(id) = args.model.to_str().filter(|_| !args.model.exists()).and_then(crate::hub::HubId::parse) {
+    if let Some(id) = crate::hub::id_of(&args.model) {
         // A Hub id's snapshot directory is named by its commit: name the GGUF for the model.
         args.name = args.name.or_else(|| id.repo.rsplit('/').next().map(str::to_string));
     }

@@ -444,7 +444,7 @@ where
         .then(|| if needs_reference { pair_logps(&trainer.eval_model(), &data.eval_pairs, cfg.batch_size, cfg.pad_id, &device) } else { Vec::new() });
     let has_eval = !eval_samples.is_empty() || !data.eval_pairs.is_empty();
     // A Hub id names the base as PEFT would (org/name), not by the cache path it resolved to.
-    let hub_name = a.model.as_ref().filter(|m| !m.exists()).and_then(|m| crate::hub::HubId::parse(m.to_str()?)).map(|id| id.repo);
+    let hub_name = a.model.as_deref().and_then(crate::hub::id_of).map(|id| id.repo);
     let base_name = a.base_model_name.clone().or(hub_name).unwrap_or_else(|| model_dir.display().to_string());
     let ckpt_dir = checkpoint_dir(out);
     let mut saved = SavedState { state: trainer.state.clone(), config: cfg.clone(), base_model: base_name.clone(), best_eval_loss: None, best_step: None, evals_without_improvement: 0, reference_logps: trainer.reference_logps().to_vec() };
