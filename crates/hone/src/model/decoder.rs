@@ -74,6 +74,45 @@ impl<B: Backend> Positions<B> {
         Positions { cos: table(rows(cos)), sin: table(rows(sin)), mask }
     }
 
+    /// [`Self::with_past`] for rows left-padded by `pads[r]` tokens (batched generation): row r's
+    /// token at cache index `i` has position `i - pads[r]`, and no real token attends to padding.
+    /// A padding token attends to itself alone, so that its keys stay finite. Tables and mask
+    /// are per row, `[B, 1, seq_len, ·]`.
+    pub fn with_past_padded(cfg: &Config, pads: &[usize], past: usize, seq_len: usize, device: &B::Device) -> Self {
+        let rot = cfg.rotary_dim();
+        let (b, total) = (pads.len(), past + seq_len);
+        let (mut cos_rows, mut sin_rows) = (Vec::with_capacity(b * seq_len * rot), Vec::with_capacity(b * seq_len * rot));
+        let mut mask = vec![f32::NEG_INFINITY; b * seq_len * total];
+        for (r, &pad) in pads.iter().enumerate() {
+            // LongRoPE picks its factors by the row's own length, as one-row generation does.
+            let first = past.max(pad);
+            let (cos, sin) = rope::cos_sin_range(cfg, total - pad, first - pad..total - pad);
+            for i in past..total {
+                if i < pad {
+                    cos_rows.extend(std::iter::repeat(1.0).take(rot));
+                    sin_rows.extend(std::iter::repeat(0.0).take(rot));
+                } else {
+                    let at = (i - first) * rot;
+                    cos_rows.extend_from_slice(&cos[at..at + rot]);
+                    sin_rows.extend_from_slice(&sin[at..at + rot]);
+                }
+                let row = &mut mask[(r * seq_len + i - past) * total..][..total];
+                if i < pad {
+                    row[i] = 0.0;
+                    continue;
+                }
+                for j in pad..=i {
+                    if !cfg.sliding_window.is_some_and(|w| i - j >= w) {
+                        row[j] = 0.0;
+                    }
+                }
+            }
+        }
+        let table = |v: Vec<f32>| Tensor::<B, 3>::from_data(TensorData::new(v, [b, seq_len, rot]), device).unsqueeze_dim::<4>(1);
+        let mask = Tensor::<B, 3>::from_data(TensorData::new(mask, [b, seq_len, total]), device).unsqueeze_dim::<4>(1);
+        Positions { cos: table(cos_rows), sin: table(sin_rows), mask }
+    }
+
     /// For rows of `t` tokens, each made of samples (packing) of the given lengths: positions
     /// restart at every sample and no token attends across samples. Tokens past a row's samples
     /// (padding) form one more sample of their own. Tables and mask are per row, `[B, 1, T, ·]`.
@@ -99,7 +138,7 @@ impl<B: Backend> Positions<B> {
                 cos_rows.extend_from_slice(&cos[..len * rot]);
                 sin_rows.extend_from_slice(&sin[..len * rot]);
                 for i in 0..len {
-                    for j in 0..=i {
+                    for j in pad..=i {
                         let outside_window = cfg.sliding_window.is_some_and(|w| i - j >= w);
                         if !outside_window {
                             mask[r * t * t + (start + i) * t + start + j] = 0.0;
@@ -168,11 +207,31 @@ impl<'a, B: HoneBackend> PositionsOn<'a, B> {
 pub struct KvCache<B: Backend> {
     pub layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     pub len: usize,
+    /// Left padding of each row (batched generation); empty when no row is padded.
+    pub pads: Vec<usize>,
 }
 
 impl<B: Backend> KvCache<B> {
     pub fn new(layers: usize) -> Self {
-        KvCache { layers: vec![None; layers], len: 0 }
+        KvCache { layers: vec![None; layers], len: 0, pads: Vec::new() }
+    }
+
+    /// For rows left-padded by `pads` tokens.
+    pub fn padded(layers: usize, pads: Vec<usize>) -> Self {
+        let pads = if pads.iter().all(|&p| p == 0) { Vec::new() } else { pads };
+        KvCache { layers: vec![None; layers], len: 0, pads }
+    }
+
+    /// Keeps only the given rows (in this order), dropping the others' keys and values.
+    pub fn keep_rows(&mut self, rows: &[usize]) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let index = Tensor::<B, 1, Int>::from_data(TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [rows.len()]), &k.device());
+            *k = k.clone().select(0, index.clone());
+            *v = v.clone().select(0, index);
+        }
+        if !self.pads.is_empty() {
+            self.pads = rows.iter().map(|&r| self.pads[r]).collect();
+        }
     }
 }
 
@@ -359,8 +418,28 @@ impl<B: HoneBackend> CausalLm<B> {
 
     /// Logits for new tokens `ids` after those in `cache`, which is extended with them.
     pub fn forward_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+        let h = self.hidden_cached(ids, cache);
+        self.head(h)
+    }
+
+    /// [`Self::forward_cached`]'s logits at the last new position alone, `[B, vocab]`: the head
+    /// runs on one token per row, however long the prompt.
+    pub fn forward_cached_last(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 2> {
+        let h = self.hidden_cached(ids, cache);
+        let [b, t, _] = h.dims();
+        let logits = self.head(h.narrow(1, t - 1, 1));
+        let v = logits.dims()[2];
+        logits.reshape([b, v])
+    }
+
+    /// Final (normed) hidden states of new tokens `ids` after those in `cache`, which is extended.
+    fn hidden_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
         let t = ids.dims()[1];
-        let pos = Positions::with_past(&self.config, cache.len, t, &ids.device());
+        let pos = if cache.pads.is_empty() {
+            Positions::with_past(&self.config, cache.len, t, &ids.device())
+        } else {
+            Positions::with_past_padded(&self.config, &cache.pads, cache.len, t, &ids.device())
+        };
         let mut x = self.embed(ids);
         let mut pos = PositionsOn::new(&pos);
         for (layer, slot) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
@@ -368,7 +447,7 @@ impl<B: HoneBackend> CausalLm<B> {
             x = layer.forward_cached(onto(x, &device), pos.on(&device), Some(slot));
         }
         cache.len += t;
-        self.head(self.final_norm(x))
+        self.final_norm(x)
     }
 
     /// Logits from final (normed) hidden states, computed on the head's device.

@@ -45,11 +45,16 @@ pub fn inv_freq(cfg: &Config, seq_len: usize) -> (Vec<f32>, f32) {
 /// cos and sin tables, each `[seq_len, rotary_dim]` row-major, for positions `0..seq_len`.
 /// As in transformers, the two halves of a row repeat the same frequencies.
 pub fn cos_sin(cfg: &Config, seq_len: usize) -> (Vec<f32>, Vec<f32>) {
+    cos_sin_range(cfg, seq_len, 0..seq_len)
+}
+
+/// The rows `positions` of [`cos_sin`]`(cfg, seq_len)`, computed alone.
+pub fn cos_sin_range(cfg: &Config, seq_len: usize, positions: std::ops::Range<usize>) -> (Vec<f32>, Vec<f32>) {
     let (freqs, scale) = inv_freq(cfg, seq_len);
     let half = freqs.len();
-    let mut cos = Vec::with_capacity(seq_len * half * 2);
-    let mut sin = Vec::with_capacity(seq_len * half * 2);
-    for pos in 0..seq_len {
+    let mut cos = Vec::with_capacity(positions.len() * half * 2);
+    let mut sin = Vec::with_capacity(positions.len() * half * 2);
+    for pos in positions {
         for _ in 0..2 {
             for f in &freqs {
                 let angle = pos as f32 * f;
