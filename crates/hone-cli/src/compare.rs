@@ -4,25 +4,19 @@
 //! (forgetting), and a report as JSON, Markdown and one self-contained HTML file, with an
 //! optional blind review sheet.
 
-mod report;
-
 use crate::backend::{with_backend, BackendKind};
 use crate::model;
 use anyhow::Context;
-use hone::data::dataset::{encode, parse_jsonl, prompt_and_reference, EncodeOptions, Example};
+use hone::compare::{general_samples, Comparison, HeldOut, Measured, GENERAL};
+use hone::data::dataset::parse_jsonl;
 use hone::data::table::Columns;
-use hone::data::Sample;
-use hone::generate::generate;
+use hone::generate::generate_batch;
 use hone::io::Dir;
 use hone::lora::peft::Adapter;
 use hone::model::{LoadOptions, Nf4Options};
-use hone::score::{score, Check};
+use hone::score::Check;
 use hone::train::trainer::evaluate;
-use report::{Report, Row, Variant};
 use std::path::PathBuf;
-
-/// Bundled general text (public-domain prose) for the forgetting figure.
-const GENERAL: &str = include_str!("../../../data/general/public_domain.txt");
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -55,6 +49,9 @@ pub struct Args {
     /// Generate for at most this many held-out prompts [default: all].
     #[arg(long)]
     limit: Option<usize>,
+    /// Prompts decoded together, one token each per step (batched decoding).
+    #[arg(long, default_value_t = 8)]
+    gen_batch_size: usize,
     /// Most tokens per reply.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
@@ -96,81 +93,50 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let jsonl = crate::train::read_dataset(&file, &columns)?;
         examples.extend(parse_jsonl(&jsonl, &file.display().to_string(), None, false)?.0);
     }
-    let eos = template.and_then(|t| t.eos_token.clone());
-    let opts = EncodeOptions { train_on_completions_only: true, max_len: a.max_len };
-    let samples = examples.iter().map(|e| encode(e, tok, template, eos.as_deref(), opts)).collect::<hone::Result<Vec<Sample>>>()?;
-    hone::train::run::require_eval_targets(&samples, &a.data.display().to_string())?;
-    let mut prompts = Vec::new();
-    for e in &examples {
-        if let Some((ids, reference)) = prompt_and_reference(e, tok, template)? {
-            prompts.push((ids, prompt_text(e), reference));
-        }
-    }
-    anyhow::ensure!(!prompts.is_empty(), "{}: no row has a prompt and a reference (prompt/completion rows, or chats ending with an assistant turn)", a.data.display());
-    prompts.truncate(a.limit.unwrap_or(usize::MAX));
-
+    let held = HeldOut::new(&examples, &a.data.display().to_string(), tok, template, a.max_len, a.limit)?;
     let general_text = match &a.general {
         Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
         None => GENERAL.to_string(),
     };
-    let general_opts = EncodeOptions { train_on_completions_only: false, max_len: Some(a.max_len.unwrap_or(256)) };
-    let general = general_text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| encode(&Example::Text(l.to_string()), tok, template, None, general_opts))
-        .collect::<hone::Result<Vec<_>>>()?;
+    let general = general_samples(&general_text, tok, template, a.max_len.unwrap_or(256))?;
 
     let cfg = a.sampling.config(a.max_new_tokens, text.stop_ids.clone());
     let names: Vec<(String, Option<PathBuf>)> = std::iter::once(("base".to_string(), None))
         .chain(a.adapter.iter().map(|p| (p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string()), Some(p.clone()))))
         .collect();
-    let mut variants = Vec::new();
-    let mut replies: Vec<Vec<String>> = vec![Vec::new(); prompts.len()];
+    let mut comparison = Comparison::new(&held, checks);
+    let prompt_ids = held.prompt_ids();
     for (name, adapter) in &names {
-        eprintln!("compare: {name}: loss on {} held-out samples, {} replies, general text", samples.len(), prompts.len());
-        let (held_out, general_report, new, secs) = with_backend!(a.backend, |B, device| {
+        eprintln!("compare: {name}: loss on {} held-out samples, {} replies, general text", held.samples.len(), prompt_ids.len());
+        let measured = with_backend!(a.backend, |B, device| {
             // One load per variant: attaching a second adapter over a first is not undone cleanly.
             let mut m = model::weights::<B>(&path, LoadOptions { nf4: a.nf4.then(Nf4Options::default) }, &device)?;
             if let Some(dir) = adapter {
                 Adapter::read(&Dir(dir.clone()))?.attach(m.linears_mut())?;
             }
-            let held_out = evaluate(&m, &samples, a.batch_size, 0, &device);
-            let general_report = evaluate(&m, &general, a.batch_size, 0, &device);
+            let held_out = evaluate(&m, &held.samples, a.batch_size, 0, &device);
+            let general = evaluate(&m, &general, a.batch_size, 0, &device);
             let started = std::time::Instant::now();
-            let new: Vec<Vec<u32>> = prompts.iter().map(|(ids, _, _)| generate(&m, ids, &cfg, &device)).collect();
-            (held_out, general_report, new, started.elapsed().as_secs_f64())
+            let replies = generate_batch(&m, &prompt_ids, &cfg, &device, a.gen_batch_size);
+            Measured { held_out, general, replies, seconds: started.elapsed().as_secs_f64() }
         });
-        let generated: usize = new.iter().map(Vec::len).sum();
-        let mut scores = Vec::new();
-        for (i, ids) in new.iter().enumerate() {
-            let reply = tok.decode(ids, true)?.trim().to_string();
-            scores.push(score(&reply, &prompts[i].2, &checks));
-            replies[i].push(reply);
-        }
-        variants.push(Variant::new(name, adapter.as_deref(), &held_out, &general_report, &scores, generated as f64 / secs.max(1e-9)));
+        let generated: usize = measured.replies.iter().map(Vec::len).sum();
+        let speed = comparison.add(name, adapter.as_ref().map(|p| p.display().to_string()), &measured, tok)?;
+        eprintln!("compare: {name}: {generated} tokens generated in {:.1}s, {speed:.1} tokens/s ({} prompts per batch)", measured.seconds, a.gen_batch_size);
     }
-    let rows = prompts.iter().zip(replies).map(|((_, prompt, reference), replies)| Row { prompt: prompt.clone(), reference: reference.clone(), replies }).collect();
-    let report = Report {
-        model: a.model.as_ref().map(|m| m.display().to_string()).unwrap_or_else(|| path.display().to_string()),
-        data: a.data.display().to_string(),
-        general: a.general.as_ref().map(|g| g.display().to_string()).unwrap_or_else(|| "bundled public-domain sample".into()),
-        checks: checks.iter().map(Check::name).collect(),
-        decoding: a.sampling.describe(),
-        max_new_tokens: a.max_new_tokens,
-        variants,
-        rows,
-    };
-    report.write(&a.out, a.blind.then_some(a.sampling.seed))?;
+    let report = comparison.report(
+        a.model.as_ref().map(|m| m.display().to_string()).unwrap_or_else(|| path.display().to_string()),
+        a.data.display().to_string(),
+        a.general.as_ref().map(|g| g.display().to_string()).unwrap_or_else(|| "bundled public-domain sample".into()),
+        a.sampling.describe(),
+        a.max_new_tokens,
+    );
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    for (name, bytes) in report.files(a.blind.then_some(a.sampling.seed)) {
+        let file = a.out.join(name);
+        crate::logits::write_atomic(&file, &bytes).with_context(|| format!("writing {}", file.display()))?;
+    }
     print!("{}", report.summary());
     eprintln!("wrote {}", a.out.join("report.html").display());
     Ok(())
-}
-
-/// The prompt as a person reads it in the report: the user's last turn, or the prompt text.
-fn prompt_text(e: &Example) -> String {
-    match e {
-        Example::Text(t) => t.clone(),
-        Example::Completion { prompt, .. } => prompt.clone(),
-        Example::Chat(m) => m.iter().rev().find(|m| m.role == "user").map(|m| m.content.clone()).unwrap_or_default(),
-    }
 }

@@ -2,7 +2,7 @@ use crate::backend::{with_backend, BackendKind};
 use crate::model;
 use anyhow::Context;
 use hone::data::Message;
-use hone::generate::{generate, GenerateConfig};
+use hone::generate::{generate_batch, GenerateConfig};
 use hone::io::Dir;
 use hone::lora::peft::Adapter;
 use hone::model::{LoadOptions, Nf4Options};
@@ -58,6 +58,9 @@ pub struct Args {
     /// printing one JSON line `{"prompt", "reply"}` each; the model is loaded once.
     #[arg(long, conflicts_with = "prompt")]
     prompts: Option<PathBuf>,
+    /// With --prompts: prompts decoded together, one token each per step (batched decoding).
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
     /// Most tokens to generate per reply.
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
@@ -122,7 +125,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Adapter::read(&Dir(dir.clone()))?.attach(m.linears_mut())?;
         }
         let started = std::time::Instant::now();
-        let new = encoded.iter().map(|ids| generate(&m, ids, &cfg, &device)).collect::<Vec<_>>();
+        let new = generate_batch(&m, &encoded, &cfg, &device, a.batch_size);
         let (count, secs) = (new.iter().map(Vec::len).sum::<usize>(), started.elapsed().as_secs_f64());
         eprintln!("generated {count} tokens in {secs:.2}s: {:.1} tokens/s (prompt processing included)", count as f64 / secs);
         new

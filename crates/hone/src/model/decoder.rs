@@ -138,7 +138,7 @@ impl<B: Backend> Positions<B> {
                 cos_rows.extend_from_slice(&cos[..len * rot]);
                 sin_rows.extend_from_slice(&sin[..len * rot]);
                 for i in 0..len {
-                    for j in pad..=i {
+                    for j in 0..=i {
                         let outside_window = cfg.sliding_window.is_some_and(|w| i - j >= w);
                         if !outside_window {
                             mask[r * t * t + (start + i) * t + start + j] = 0.0;

@@ -1,11 +1,10 @@
 //! The comparison's report: the same numbers as JSON, Markdown and one self-contained HTML file
 //! (inline CSS and SVG, no script, no request), and the blind review sheet.
 
-use hone::score::Scores;
-use hone::train::trainer::EvalReport;
+use crate::score::Scores;
+use crate::train::trainer::EvalReport;
 use serde::Serialize;
 use std::fmt::Write as _;
-use std::path::Path;
 
 #[derive(Serialize)]
 pub struct Variant {
@@ -31,13 +30,13 @@ pub struct Variant {
 }
 
 impl Variant {
-    pub fn new(name: &str, adapter: Option<&Path>, held_out: &EvalReport, general: &EvalReport, scores: &[Scores], tokens_per_s: f64) -> Variant {
+    pub fn new(name: &str, adapter: Option<String>, held_out: &EvalReport, general: &EvalReport, scores: &[Scores], tokens_per_s: f64) -> Variant {
         let n = scores.len().max(1) as f64;
         let mean = |f: &dyn Fn(&Scores) -> f64| scores.iter().map(f).sum::<f64>() / n;
         let checks = (0..scores.first().map_or(0, |s| s.checks.len())).map(|i| mean(&|s| s.checks[i])).collect();
         Variant {
             name: name.into(),
-            adapter: adapter.map(|p| p.display().to_string()),
+            adapter,
             loss: held_out.loss,
             perplexity: held_out.perplexity,
             tokens: held_out.tokens,
@@ -252,19 +251,17 @@ impl Report {
         (s, serde_json::Value::Array(key))
     }
 
-    /// Writes report.{json,md,html} (and the blind sheet) into `dir`, each file atomically.
-    pub fn write(&self, dir: &Path, blind_seed: Option<u64>) -> anyhow::Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
-        let put = |name: &str, bytes: &[u8]| crate::logits::write_atomic(&dir.join(name), bytes).map_err(|e| anyhow::anyhow!("writing {}: {e}", dir.join(name).display()));
-        put("report.json", serde_json::to_string_pretty(self)?.as_bytes())?;
-        put("report.md", self.markdown().as_bytes())?;
-        put("report.html", self.html().as_bytes())?;
+    /// The report's files by name: report.json, report.md, report.html and, with a seed, the
+    /// blind sheet review.html and its key review-key.json.
+    pub fn files(&self, blind_seed: Option<u64>) -> Vec<(&'static str, Vec<u8>)> {
+        // serde_json writes non-finite numbers as null: serializing these cannot fail.
+        let mut out = vec![("report.json", serde_json::to_vec_pretty(self).expect("serializable")), ("report.md", self.markdown().into_bytes()), ("report.html", self.html().into_bytes())];
         if let Some(seed) = blind_seed {
             let (html, key) = self.blind(seed);
-            put("review.html", html.as_bytes())?;
-            put("review-key.json", serde_json::to_string_pretty(&key)?.as_bytes())?;
+            out.push(("review.html", html.into_bytes()));
+            out.push(("review-key.json", serde_json::to_vec_pretty(&key).expect("serializable")));
         }
-        Ok(())
+        out
     }
 }
 
