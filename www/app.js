@@ -126,6 +126,7 @@ async function modelOpened(info) {
   if (!$('base-name').value) $('base-name').value = info.name;
   $('start').disabled = false;
   $('generate').disabled = false;
+  $('compare').disabled = false;
   await refreshEstimate();
   await refreshPreview();
   await offerResume();
@@ -325,6 +326,7 @@ function setRunning(running, paused = false) {
   $('pause').textContent = paused ? 'Continue' : 'Pause';
   $('cancel').disabled = !running && !paused;
   $('generate').disabled = running || !state.model;
+  $('compare').disabled = running || !state.model;
   $('save-folder').disabled = running || !state.trained;
   $('save-zip').disabled = running || !state.trained;
   $('save-gguf').disabled = running || !state.trained;
@@ -492,6 +494,69 @@ $('generate').addEventListener('click', () => guarded(async () => {
     $('generate').disabled = state.running;
   }
 }));
+
+// ---- compare on held-out data ----
+function fillTable(table, head, rows) {
+  const tr = (cells, tag) => {
+    const row = document.createElement('tr');
+    for (const c of cells) {
+      const cell = document.createElement(tag);
+      cell.textContent = c;
+      row.append(cell);
+    }
+    return row;
+  };
+  table.replaceChildren(tr(head, 'th'), ...rows.map((r) => tr(r, 'td')));
+  table.hidden = false;
+}
+
+function showComparison(report) {
+  const v = report.variants;
+  const pct = (x) => `${(100 * x).toFixed(1)}%`;
+  const base = v[0].general_perplexity;
+  const rows = [
+    ['held-out loss', ...v.map((x) => x.loss.toFixed(4))],
+    ['held-out perplexity', ...v.map((x) => x.perplexity.toFixed(3))],
+    ['exact match', ...v.map((x) => pct(x.exact_match))],
+    ['contains', ...v.map((x) => pct(x.contains))],
+    ['token F1', ...v.map((x) => pct(x.token_f1))],
+    ['ROUGE-L', ...v.map((x) => pct(x.rouge_l))],
+    ...report.checks.map((c, i) => [`check ${c}`, ...v.map((x) => pct(x.checks[i]))]),
+    ['general-text perplexity', ...v.map((x) => x.general_perplexity.toFixed(3))],
+    ['forgetting (vs base)', ...v.map((x) => `${x.general_perplexity >= base ? '+' : ''}${(100 * (x.general_perplexity / base - 1)).toFixed(1)}%`)],
+    ['generation tokens/s', ...v.map((x) => x.tokens_per_s.toFixed(1))],
+  ];
+  fillTable($('compare-table'), ['', ...v.map((x) => x.name)], rows);
+  fillTable($('compare-samples'), ['prompt', 'reference', ...v.map((x) => x.name)], report.rows.map((r) => [r.prompt, r.reference, ...r.replies]));
+}
+
+$('compare').addEventListener('click', () => guarded(async () => {
+  const picked = $('compare-file').files[0];
+  const heldOut = picked ? await readFileText($('compare-file')) : state.evalData;
+  if (!heldOut || !heldOut.trim()) throw new Error('Pick a held-out file (here or in step 2): rows the model did not train on, with prompts and reference completions.');
+  const name = picked ? picked.name : ($('eval-file').files[0] || { name: 'held-out data' }).name;
+  const checks = $('compare-checks').value.split('\n').map((c) => c.trim()).filter(Boolean);
+  const options = { name, checks, limit: num('compare-limit') || undefined, maxNewTokens: num('compare-max-new-tokens') || 64, blind: $('compare-blind').checked, seed: num('seed') || 0 };
+  $('compare').disabled = true;
+  $('compare-download').disabled = true;
+  $('compare-status').textContent = 'Comparing…';
+  try {
+    const started = performance.now();
+    const r = await call('compare', { heldOut, options, settings: settings() });
+    state.comparison = r;
+    showComparison(r.report);
+    $('compare-status').textContent = `Compared ${r.report.variants.map((x) => x.name).join(' and ')} on ${r.report.rows.length} prompts of ${name} in ${((performance.now() - started) / 1000).toFixed(1)} s.`;
+    $('compare-download').disabled = false;
+  } finally {
+    $('compare').disabled = state.running || !state.model;
+  }
+}));
+
+$('compare-download').addEventListener('click', () => {
+  const enc = new TextEncoder();
+  const files = Object.entries(state.comparison.files).map(([n, text]) => [n, enc.encode(text)]);
+  download(new Blob([zipStored(files)], { type: 'application/zip' }), 'compare-report.zip');
+});
 
 // ---- saving ----
 async function adapterFiles() {

@@ -305,6 +305,10 @@ const commands = {
     const tuned = job ? await session.generate(prompt, maxNewTokens, true, !!ignoreEos, settings) : null;
     return { base, tuned };
   },
+  async compare({ heldOut, options, settings }) {
+    if (job && job.running) throw new Error('pause training to compare');
+    return await session.compare(heldOut, options, settings);
+  },
   async adapter({ baseName }) {
     const files = await session.adapter(baseName || null);
     return Object.fromEntries(files);

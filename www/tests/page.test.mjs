@@ -5,7 +5,8 @@
 // natively for the same model, data, settings and seed. Also: zero network requests while
 // training, and errors shown (not thrown) for bad inputs. Then DPO and ORPO runs, each against
 // `hone train --method dpo|orpo`. The SFT run starts from LoftQ, DPO from PiSSA, ORPO uses DoRA.
-// hone compare's HTML report opened with no console error or request. Last, a model by Hub id from a local server that answers as the Hub does: ranged downloads into
+// Compare on held-out data in the page, against `hone compare`; hone compare's HTML report
+// opened with no console error or request. Last, a model by Hub id from a local server that answers as the Hub does: ranged downloads into
 // OPFS, a cut download resumed, a reload opening it with no request for model files, the cache
 // list's delete, and the storage-quota check. Prints "test result: ok. N passed; M failed".
 import { execFileSync } from 'node:child_process';
@@ -287,6 +288,44 @@ await check('metrics_download_as_csv_holds_the_loss_series', async () => {
   assert(rows.length === pts.length, `${rows.length} train rows for ${pts.length} chart points`);
   assert(Number(rows[rows.length - 1][0]) === SETTINGS.steps, `last step ${rows[rows.length - 1][0]}`);
   assert(rows.every((r) => Number.isFinite(Number(r[2])) && Number(r[3]) > 0 && Number(r[5]) > 0), lines.join(' | '));
+});
+
+await check('compares_base_and_fine_tuned_on_held_out_data', async () => {
+  // Held out from nothing here: the training colours themselves, so the fine-tuned loss must be
+  // lower; the page's figures must equal `hone compare`'s on the downloaded adapter (NF4 base).
+  await page.getByLabel('Compare held-out file').setInputFiles(dataPath);
+  await page.getByLabel('Compare checks').fill('regex:^ ?[a-z]+ and');
+  await page.getByLabel('Compare max new tokens').fill('6');
+  await button('Compare').click();
+  await page.waitForFunction(() => /^Compared/.test(document.getElementById('compare-status').textContent) || !document.getElementById('error').hidden);
+  const e = await errorText();
+  assert(!e, e);
+  const head = await page.locator('#compare-table tr').first().locator('th').allTextContents();
+  assert(head.join('|') === '|base|fine-tuned', `columns ${head}`);
+  const samples = await page.locator('#compare-samples tr').count();
+  assert(samples === data.length + 1, `${samples - 1} sample rows for ${data.length} prompts`);
+  const [download] = await Promise.all([page.waitForEvent('download'), button('Download report (.zip)').click()]);
+  const zipPath = path.join(outDir, 'page-compare.zip');
+  await download.saveAs(zipPath);
+  const files = readZip(fs.readFileSync(zipPath));
+  const report = JSON.parse(Buffer.from(files['report.json']).toString('utf8'));
+  const [base, tuned] = report.variants;
+  console.log(`page compare: held-out loss base ${base.loss.toFixed(4)} → fine-tuned ${tuned.loss.toFixed(4)}; check ${report.checks[0]} ${base.checks[0]} → ${tuned.checks[0]}; F1 ${base.token_f1.toFixed(3)} → ${tuned.token_f1.toFixed(3)}; general ppl ${base.general_perplexity.toFixed(2)} → ${tuned.general_perplexity.toFixed(2)}; ${tuned.tokens_per_s.toFixed(1)} tokens/s`);
+  assert(tuned.loss < base.loss, `fine-tuned held-out loss ${tuned.loss} not below the base's ${base.loss}`);
+  assert(/<table/.test(Buffer.from(files['report.html']).toString('utf8')) && files['report.md'], `report files ${Object.keys(files)}`);
+  const adapterDir = path.join(outDir, 'page-compare-adapter');
+  fs.rmSync(adapterDir, { recursive: true, force: true });
+  fs.mkdirSync(adapterDir);
+  const adapter = readZip(fs.readFileSync(path.join(outDir, 'adapter.zip')));
+  for (const [n, b] of Object.entries(adapter)) fs.writeFileSync(path.join(adapterDir, n), b);
+  const nativeDir = path.join(outDir, 'native-compare');
+  execFileSync(hone, ['compare', '--model', fixture, '--nf4', '--adapter', adapterDir, '--data', dataPath, '--out', nativeDir, '--max-new-tokens', '6', '--max-len', String(SETTINGS.maxLen), '--check', 'regex:^ ?[a-z]+ and'], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const native = JSON.parse(fs.readFileSync(path.join(nativeDir, 'report.json'), 'utf8'));
+  for (const [i, v] of report.variants.entries()) {
+    const n = native.variants[i];
+    const rel = (a, b) => Math.abs(a - b) / Math.abs(b);
+    assert(rel(v.loss, n.loss) < 1e-3 && rel(v.general_perplexity, n.general_perplexity) < 1e-3, `${v.name}: page loss ${v.loss}, general ${v.general_perplexity}; native ${n.loss}, ${n.general_perplexity}`);
+  }
 });
 
 // DPO and ORPO in the page: the tiny Llama fixture with a chat template, preference pairs in

@@ -98,7 +98,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
         None => GENERAL.to_string(),
     };
-    let general = general_samples(&general_text, tok, template, a.max_len.unwrap_or(256))?;
 
     let cfg = a.sampling.config(a.max_new_tokens, text.stop_ids.clone());
     let names: Vec<(String, Option<PathBuf>)> = std::iter::once(("base".to_string(), None))
@@ -114,6 +113,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             if let Some(dir) = adapter {
                 Adapter::read(&Dir(dir.clone()))?.attach(m.linears_mut())?;
             }
+            let general = general_samples(&general_text, tok, template, a.max_len, m.config.max_position_embeddings)?;
             let held_out = evaluate(&m, &held.samples, a.batch_size, 0, &device);
             let general = evaluate(&m, &general, a.batch_size, 0, &device);
             let started = std::time::Instant::now();

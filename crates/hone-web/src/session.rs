@@ -7,7 +7,9 @@ use crate::{device, js_err, Backend};
 use burn::backend::wgpu::WgpuDevice;
 use burn::backend::Autodiff;
 use hone::data::{Message, Sample};
-use hone::generate::{generate_async, GenerateConfig};
+use hone::compare::{general_samples, Comparison, HeldOut, Measured, GENERAL};
+use hone::generate::{generate_async, generate_batch_async, GenerateConfig};
+use hone::score::Check;
 use hone::io::gguf::Gguf;
 use hone::io::{FileSet, MemFiles};
 use hone::lora::init::Init;
@@ -375,6 +377,99 @@ impl Session {
     /// with the fine-tuned adapter or with the base model alone: `{text, ids}`. With
     /// `ignore_eos` it runs past the end-of-turn tokens (as llama.cpp's `--ignore-eos`).
     pub async fn generate(&mut self, prompt: String, max_new_tokens: usize, with_adapter: bool, ignore_eos: bool, settings: JsValue) -> Result<JsValue, JsError> {
+        let model = self.generation_model(with_adapter, settings)?;
+        let tok = &self.text.tokenizer;
+        let ids = match &self.text.template {
+            Some(t) => {
+                let r = t.render(&[Message { role: "user".into(), content: prompt }], true).map_err(js_err)?;
+                tok.encode(&r.text, false).map_err(js_err)?
+            }
+            None => tok.encode(&prompt, true).map_err(js_err)?,
+        };
+        let stop_ids = if ignore_eos { Vec::new() } else { self.text.stop_ids.clone() };
+        let cfg = GenerateConfig { max_new_tokens, stop_ids, ..Default::default() };
+        let out = generate_async(&model, &ids, &cfg, &self.device).await.map_err(js_err)?;
+        #[derive(Serialize)]
+        struct Generated {
+            text: String,
+            ids: Vec<u32>,
+        }
+        to_js(&Generated { text: tok.decode(&out, true).map_err(js_err)?, ids: out })
+    }
+
+    /// `hone compare` in the page: the base and (after training) the fine-tuned model on a
+    /// held-out file (JSONL; `options.name` names it) — loss and perplexity, a greedy reply per
+    /// held-out prompt (batched) scored against its reference, the general text's perplexity
+    /// (forgetting). Options: `name`, `maxNewTokens` (64), `batchSize` (8, prompts decoded
+    /// together), `limit` (all), `checks` (`["json", "regex:^Ahoy"]`), `blind` (with `seed`).
+    /// Resolves to `{summary, report, files}`: the Markdown table, the report as JSON and its
+    /// files (report.html, report.md, report.json, and the blind sheet) by name.
+    pub async fn compare(&mut self, held_out: String, options: JsValue, settings: JsValue) -> Result<JsValue, JsError> {
+        #[derive(serde::Deserialize, Default)]
+        #[serde(rename_all = "camelCase", default)]
+        struct Options {
+            name: Option<String>,
+            max_new_tokens: Option<usize>,
+            batch_size: Option<usize>,
+            limit: Option<usize>,
+            checks: Vec<String>,
+            blind: bool,
+            seed: u64,
+        }
+        let o: Options = if options.is_undefined() || options.is_null() { Options::default() } else { serde_wasm_bindgen::from_value(options).map_err(|e| JsError::new(&format!("compare options: {e}")))? };
+        let name = o.name.unwrap_or_else(|| "held-out data".into());
+        let s = match &self.trainer {
+            Some(_) => self.settings.clone(),
+            None => parse_settings(settings.clone())?,
+        };
+        let held_out = renamed(held_out, &name, &s)?;
+        let checks = o.checks.iter().map(|c| Check::parse(c)).collect::<hone::Result<Vec<_>>>().map_err(js_err)?;
+        let (tok, template) = (&self.text.tokenizer, self.text.template.as_ref());
+        let examples = hone::data::dataset::parse_jsonl(&held_out, &name, None, false).map_err(js_err)?.0;
+        let held = HeldOut::new(&examples, &name, tok, template, s.max_len, o.limit).map_err(js_err)?;
+        let general = general_samples(GENERAL, tok, template, s.max_len, self.config.max_position_embeddings).map_err(js_err)?;
+        let max_new_tokens = o.max_new_tokens.unwrap_or(64);
+        let cfg = GenerateConfig { max_new_tokens, stop_ids: self.text.stop_ids.clone(), ..Default::default() };
+        let (batch, gen_batch, pad) = (4, o.batch_size.unwrap_or(8), pad_id(tok));
+        let prompt_ids = held.prompt_ids();
+        let mut variants = vec![("base", false)];
+        if self.trainer.is_some() {
+            variants.push(("fine-tuned", true));
+        }
+        let mut measured = Vec::new();
+        for &(_, with_adapter) in &variants {
+            let model = self.generation_model(with_adapter, settings.clone())?;
+            let eval = |samples: &[Sample]| {
+                let (sum, count) = evaluate_pending(&model, samples, batch, pad, &self.device);
+                async move { Ok::<_, JsError>(eval_report(read_f32(sum).await.map_err(js_err)?[0] as f64, count)) }
+            };
+            let held_out = eval(&held.samples).await?;
+            let general = eval(&general).await?;
+            let started = js_sys::Date::now();
+            let replies = generate_batch_async(&model, &prompt_ids, &cfg, &self.device, gen_batch).await.map_err(js_err)?;
+            measured.push(Measured { held_out, general, replies, seconds: (js_sys::Date::now() - started) / 1000.0 });
+        }
+        let tok = &self.text.tokenizer;
+        let mut comparison = Comparison::new(&held, checks);
+        for ((variant, _), m) in variants.iter().zip(&measured) {
+            comparison.add(variant, None, m, tok).map_err(js_err)?;
+        }
+        let report = comparison.report(self.name.clone(), name, "bundled public-domain sample".into(), "greedy".into(), max_new_tokens);
+        #[derive(Serialize)]
+        struct Compared<'a> {
+            summary: String,
+            report: &'a hone::compare::Report,
+            files: std::collections::BTreeMap<&'static str, String>,
+        }
+        let files = report.files(o.blind.then_some(o.seed)).into_iter().map(|(n, b)| (n, String::from_utf8(b).expect("text"))).collect();
+        to_js(&Compared { summary: report.summary(), report: &report, files })
+    }
+}
+
+impl Session {
+    /// The model to generate with: the one being trained once training started (with its
+    /// adapter or without: the base alone), else the base the settings choose.
+    fn generation_model(&mut self, with_adapter: bool, settings: JsValue) -> Result<CausalLm<Backend>, JsError> {
         let mut model = match &self.trainer {
             // After training starts, the base is the one being trained.
             Some(t) => t.eval_model(),
@@ -398,27 +493,9 @@ impl Session {
                 initial.attach(model.linears_mut()).map_err(js_err)?;
             }
         }
-        let tok = &self.text.tokenizer;
-        let ids = match &self.text.template {
-            Some(t) => {
-                let r = t.render(&[Message { role: "user".into(), content: prompt }], true).map_err(js_err)?;
-                tok.encode(&r.text, false).map_err(js_err)?
-            }
-            None => tok.encode(&prompt, true).map_err(js_err)?,
-        };
-        let stop_ids = if ignore_eos { Vec::new() } else { self.text.stop_ids.clone() };
-        let cfg = GenerateConfig { max_new_tokens, stop_ids, ..Default::default() };
-        let out = generate_async(&model, &ids, &cfg, &self.device).await.map_err(js_err)?;
-        #[derive(Serialize)]
-        struct Generated {
-            text: String,
-            ids: Vec<u32>,
-        }
-        to_js(&Generated { text: tok.decode(&out, true).map_err(js_err)?, ids: out })
+        Ok(model)
     }
-}
 
-impl Session {
     /// The trained adapter on the host; `base_model_name_or_path` defaults to the model's name.
     async fn host_adapter(&self, base_model_name_or_path: Option<String>) -> Result<hone::lora::peft::Adapter, JsError> {
         let trainer = self.trainer.as_ref().ok_or_else(|| JsError::new("prepare first"))?;

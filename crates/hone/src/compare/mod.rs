@@ -58,9 +58,9 @@ impl HeldOut {
 }
 
 /// The general text as samples, every token counted, one per non-empty line, each at most
-/// `max_len` tokens.
-pub fn general_samples(text: &str, tok: &Tokenizer, template: Option<&ChatTemplate>, max_len: usize) -> Result<Vec<Sample>> {
-    let opts = EncodeOptions { train_on_completions_only: false, max_len: Some(max_len) };
+/// `max_len` tokens (256 when unset) and the model's `context`.
+pub fn general_samples(text: &str, tok: &Tokenizer, template: Option<&ChatTemplate>, max_len: Option<usize>, context: usize) -> Result<Vec<Sample>> {
+    let opts = EncodeOptions { train_on_completions_only: false, max_len: Some(max_len.unwrap_or(256).min(context)) };
     text.lines().filter(|l| !l.trim().is_empty()).map(|l| encode(&Example::Text(l.to_string()), tok, template, None, opts)).collect()
 }
 
