@@ -226,8 +226,9 @@ $('load-hub').addEventListener('click', async () => {
     return call('hubOpen', { endpoint, hubId: id });
   });
   if (info) {
-    await modelOpened(info);
+    // Set before the status says "Opened", which is what scripts wait for.
     $('model-status').dataset.downloaded = String(info.downloaded_bytes);
+    await modelOpened(info);
   } else {
     $('model-status').textContent = 'No model yet.';
   }

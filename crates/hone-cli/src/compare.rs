@@ -105,24 +105,32 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .collect();
     let mut comparison = Comparison::new(&held, checks);
     let prompt_ids = held.prompt_ids();
-    for (name, adapter) in &names {
-        eprintln!("compare: {name}: loss on {} held-out samples, {} replies, general text", held.samples.len(), prompt_ids.len());
-        let measured = with_backend!(a.backend, |B, device| {
-            // One load per variant: attaching a second adapter over a first is not undone cleanly.
-            let mut m = model::weights::<B>(&path, LoadOptions { nf4: a.nf4.then(Nf4Options::default) }, &device)?;
+    // The base is loaded once; each variant starts from it with every adapter removed.
+    let measured: Vec<Measured> = with_backend!(a.backend, |B, device| {
+        let mut m = model::weights::<B>(&path, LoadOptions { nf4: a.nf4.then(Nf4Options::default) }, &device)?;
+        let general = general_samples(&general_text, tok, template, a.max_len, m.config.max_position_embeddings)?;
+        let mut out = Vec::new();
+        for (name, adapter) in &names {
+            eprintln!("compare: {name}: loss on {} held-out samples, {} replies, general text", held.samples.len(), prompt_ids.len());
+            for (_, l) in m.linears_mut() {
+                l.lora = None;
+            }
             if let Some(dir) = adapter {
                 Adapter::read(&Dir(dir.clone()))?.attach(m.linears_mut())?;
             }
-            let general = general_samples(&general_text, tok, template, a.max_len, m.config.max_position_embeddings)?;
             let held_out = evaluate(&m, &held.samples, a.batch_size, 0, &device);
             let general = evaluate(&m, &general, a.batch_size, 0, &device);
             let started = std::time::Instant::now();
             let replies = generate_batch(&m, &prompt_ids, &cfg, &device, a.gen_batch_size);
-            Measured { held_out, general, replies, seconds: started.elapsed().as_secs_f64() }
-        });
-        let generated: usize = measured.replies.iter().map(Vec::len).sum();
-        let speed = comparison.add(name, adapter.as_ref().map(|p| p.display().to_string()), &measured, tok)?;
-        eprintln!("compare: {name}: {generated} tokens generated in {:.1}s, {speed:.1} tokens/s ({} prompts per batch)", measured.seconds, a.gen_batch_size);
+            let seconds = started.elapsed().as_secs_f64();
+            let generated: usize = replies.iter().map(Vec::len).sum();
+            eprintln!("compare: {name}: {generated} tokens generated in {seconds:.1}s, {:.1} tokens/s ({} prompts per batch)", generated as f64 / seconds.max(1e-9), a.gen_batch_size);
+            out.push(Measured { held_out, general, replies, seconds });
+        }
+        out
+    });
+    for ((name, adapter), m) in names.iter().zip(&measured) {
+        comparison.add(name, adapter.as_ref().map(|p| p.display().to_string()), m, tok)?;
     }
     let report = comparison.report(
         a.model.as_ref().map(|m| m.display().to_string()).unwrap_or_else(|| path.display().to_string()),
