@@ -54,14 +54,19 @@ fn compare_agrees_with_eval_and_generate_and_writes_the_report() {
     let adapter = dir.join("ahoy");
     hone(&["train", "--model", s(&model), "--data", s(&data), "--out", s(&adapter), "--steps", "6", "--rank", "4", "--lr", "0.05", "--quiet"]);
 
+    // A second adapter on fewer layers, with DoRA: compare loads the base once, so what the first
+    // adapter left on a layer the second does not adapt would show in the second's loss.
+    let second = dir.join("dora-qv");
+    hone(&["train", "--model", s(&model), "--data", s(&data), "--out", s(&second), "--steps", "4", "--rank", "2", "--targets", "q_proj,v_proj", "--dora", "--lr", "0.05", "--quiet"]);
+
     let out = dir.join("report");
-    let printed = hone(&["compare", "--model", s(&model), "--adapter", s(&adapter), "--data", s(&data), "--out", s(&out), "--check", "regex:^Ahoy", "--check", "json", "--max-new-tokens", "6", "--blind", "--seed", "3"]);
+    let printed = hone(&["compare", "--model", s(&model), "--adapter", s(&adapter), "--adapter", s(&second), "--data", s(&data), "--out", s(&out), "--check", "regex:^Ahoy", "--check", "json", "--max-new-tokens", "6", "--blind", "--seed", "3", "--gen-batch-size", "3"]);
     let table = String::from_utf8(printed.stdout).unwrap();
     assert!(table.contains("| held-out loss |") && table.contains("check regex:^Ahoy"), "{table}");
 
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
     let variants = report["variants"].as_array().unwrap();
-    assert_eq!(variants.iter().map(|v| v["name"].as_str().unwrap()).collect::<Vec<_>>(), ["base", "ahoy"]);
+    assert_eq!(variants.iter().map(|v| v["name"].as_str().unwrap()).collect::<Vec<_>>(), ["base", "ahoy", "dora-qv"]);
     assert_eq!(report["checks"], serde_json::json!(["regex:^Ahoy", "json"]));
     let rows = report["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 5);
@@ -70,9 +75,10 @@ fn compare_agrees_with_eval_and_generate_and_writes_the_report() {
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * b.abs().max(1.0);
     assert!(close(variants[0]["loss"].as_f64().unwrap(), eval_loss(&model, &data, None)));
     assert!(close(variants[1]["loss"].as_f64().unwrap(), eval_loss(&model, &data, Some(&adapter))));
+    assert!(close(variants[2]["loss"].as_f64().unwrap(), eval_loss(&model, &data, Some(&second))));
 
     // The replies are `hone generate`'s (greedy, the same template and stop tokens).
-    for (column, adapter) in [(0, None), (1, Some(&adapter))] {
+    for (column, adapter) in [(0, None), (1, Some(&adapter)), (2, Some(&second))] {
         let mut args = vec!["generate", "--model", s(&model), "--prompts", s(&data), "--max-new-tokens", "6"];
         if let Some(a) = adapter {
             args.extend(["--adapter", s(a)]);
@@ -91,7 +97,7 @@ fn compare_agrees_with_eval_and_generate_and_writes_the_report() {
             let mean = scores.iter().map(|s| s[key].as_f64().unwrap()).sum::<f64>() / 5.0;
             assert!(close(v[key].as_f64().unwrap(), mean), "{key}");
         }
-        let column = if v["name"] == "base" { 0 } else { 1 };
+        let column = variants.iter().position(|w| w["name"] == v["name"]).unwrap();
         for (row, sc) in rows.iter().zip(scores) {
             let (reply, reference) = (row["replies"][column].as_str().unwrap(), row["reference"].as_str().unwrap());
             assert!(close(sc["token_f1"].as_f64().unwrap(), hone::score::token_f1(reply, reference)));
@@ -115,7 +121,7 @@ fn compare_agrees_with_eval_and_generate_and_writes_the_report() {
     for k in key {
         let mut names: Vec<&str> = k["columns"].as_object().unwrap().values().map(|v| v.as_str().unwrap()).collect();
         names.sort();
-        assert_eq!(names, ["ahoy", "base"]);
+        assert_eq!(names, ["ahoy", "base", "dora-qv"]);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
