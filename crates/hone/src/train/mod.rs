@@ -3,6 +3,8 @@
 
 pub mod adamw8bit;
 pub mod checkpoint;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod data_parallel;
 pub mod loss;
 pub mod optim;
 pub mod plan;

@@ -159,6 +159,9 @@ where
     lens: Vec<usize>,
     order: Vec<usize>,
     device: B::Device,
+    /// With data parallelism: this peer's rank and the number of peers.
+    #[cfg(not(target_arch = "wasm32"))]
+    peer: Option<super::data_parallel::DataParallel>,
 }
 
 /// Micro-batches of `batch_size` per epoch, and optimizer steps per epoch.
@@ -437,6 +440,8 @@ where
             lens,
             order,
             device,
+            #[cfg(not(target_arch = "wasm32"))]
+            peer: None,
         }
     }
 
@@ -519,9 +524,55 @@ where
         }
     }
 
+    /// Peers sharing each step (1 without data parallelism).
+    fn peers(&self) -> usize {
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(p) = self.peer {
+            return p.peers;
+        }
+        1
+    }
+
+    /// Whether micro-batch `k` of a step is this peer's.
+    fn mine(&self, k: usize) -> bool {
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(p) = self.peer {
+            return k % p.peers == p.rank;
+        }
+        let _ = k;
+        true
+    }
+
+    /// Makes this trainer peer `dp.rank` of `dp.peers` (see [`super::data_parallel`]): each step
+    /// then draws `peers` times the micro-batches, computes its share and sums the gradients
+    /// with the others'. Joins the peers (blocks until all have joined). SFT only.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn data_parallel(mut self, dp: super::data_parallel::DataParallel) -> crate::Result<Self> {
+        if self.cfg.dpo.is_some() {
+            return Err(crate::Error::Unsupported { file: "--data-parallel".into(), message: "data parallelism is for SFT runs; DPO and ORPO run on one peer".into() });
+        }
+        dp.join::<B::InnerBackend>(&self.device)?;
+        if self.cfg.max_steps.is_none() {
+            let mut cfg = self.cfg.clone();
+            cfg.grad_accum = cfg.grad_accum.max(1) * dp.peers;
+            self.state.total_steps = total_steps(&cfg, &self.lens);
+        }
+        self.peer = Some(dp);
+        Ok(self)
+    }
+
+    /// Leaves the peers after the last step.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn leave_peers(&self) -> crate::Result<()> {
+        match self.peer {
+            Some(dp) => dp.leave::<B::InnerBackend>(),
+            None => Ok(()),
+        }
+    }
+
     /// The next step's micro-batches, drawn from the data order.
     fn draw(&mut self) -> Draw {
-        let rows: Vec<Vec<Vec<usize>>> = (0..self.cfg.grad_accum.max(1)).map(|_| self.next_rows()).collect();
+        let rows: Vec<Vec<Vec<usize>>> = (0..self.cfg.grad_accum.max(1) * self.peers()).map(|_| self.next_rows()).collect();
         let batches: Vec<Batch> = rows.iter().map(|r| self.batch(r)).collect();
         let counted: usize = batches.iter().map(|b| counted_tokens(&b.labels)).sum();
         let tokens: usize = match self.cfg.dpo {
@@ -543,6 +594,9 @@ where
         let norm = draw.counted.max(1) as f64;
         let mut acc = Accumulated::default();
         for (k, batch) in draw.batches.iter().enumerate() {
+            if !self.mine(k) {
+                continue;
+            }
             let seed = self.micro_seed(k);
             match self.cfg.dpo {
                 Some(dpo) => {
@@ -555,7 +609,24 @@ where
                 }
             }
         }
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(dp) = self.peer {
+            acc = Self::summed_over_peers(dp, acc);
+        }
         self.apply(draw, acc)
+    }
+
+    /// The step's gradients and loss summed over the peers (every peer gets the same sums).
+    #[cfg(not(target_arch = "wasm32"))]
+    fn summed_over_peers(dp: super::data_parallel::DataParallel, acc: Accumulated<B::InnerBackend>) -> Accumulated<B::InnerBackend> {
+        let Accumulated { grads, loss_sum, preference } = acc;
+        let keys: Vec<String> = grads.keys().cloned().collect();
+        let mut tensors: Vec<Tensor<B::InnerBackend, 2>> = grads.into_values().collect();
+        tensors.push(loss_sum.expect("a peer computes at least one micro-batch").reshape([1, 1]));
+        // A lost peer cannot be recovered from inside a step: the run stops, naming the cause.
+        let mut summed = dp.sum(tensors).unwrap_or_else(|e| panic!("data-parallel peer {} of {}: {e}", dp.rank, dp.peers));
+        let loss = summed.pop().expect("the loss").reshape([1]);
+        Accumulated { grads: keys.into_iter().zip(summed).collect(), loss_sum: Some(loss), preference }
     }
 
     /// [`Self::step_pending`] reading each preference micro-batch's log-probabilities back
