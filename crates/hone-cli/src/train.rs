@@ -1,6 +1,7 @@
 //! `hone train` and `hone eval`.
 
 use crate::backend::{with_backend, BackendKind};
+use hone::train::data_parallel::DataParallel;
 use anyhow::{bail, Context};
 use hone::data::dataset::EncodeOptions;
 use hone::data::table::{csv_to_jsonl, rename_jsonl, Columns, TableKind};
@@ -66,6 +67,11 @@ pub struct TrainArgs {
     /// reference, as TRL's frozen copy) instead of a new one [default: a new adapter].
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Data parallelism: N peers in this process, each with its own micro-batch of --batch-size
+    /// (a step's batch is N × --batch-size × --grad-accum), their LoRA gradients all-reduced
+    /// every step by burn's collective engine; a resume needs the same N [default: 1].
+    #[arg(long)]
+    pub data_parallel: Option<usize>,
     /// Continue the run saved in this checkpoint directory [default: start afresh].
     #[arg(long)]
     #[serde(skip)]
@@ -126,7 +132,7 @@ impl TrainArgs {
         let mut base: TrainArgs = table.try_into().with_context(invalid)?;
         base.run = run_table.try_into().with_context(invalid)?;
         let top = self;
-        overlay!(base, top, model, data, out, eval_data, split, backend, save_every, log_dir, base_model_name, devices, max_memory, adapter);
+        overlay!(base, top, model, data, out, eval_data, split, backend, save_every, log_dir, base_model_name, devices, max_memory, adapter, data_parallel);
         base.run.overlay(&top.run);
         base.skip_bad_lines |= top.skip_bad_lines;
         base.quiet |= top.quiet;
@@ -251,6 +257,9 @@ fn load_samples(data: &DataArg, columns: &Columns, format: Option<Format>, skip_
 
 pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     let a = args.resolve()?;
+    if a.data_parallel.unwrap_or(1) > 1 && a.run.dpo()?.is_some() {
+        bail!("--data-parallel is for SFT runs; DPO and ORPO train on one peer");
+    }
     let model_dir = crate::model::resolve(a.model.as_deref())?;
     let data_path = a.data.clone().context("--data is required")?;
     let out = a.out.clone().context("--out is required")?;
@@ -426,6 +435,14 @@ where
         None => None,
     };
     let dpo = cfg.dpo.is_some();
+    let peers = a.data_parallel.unwrap_or(1).max(1);
+    if peers > 1 && dpo {
+        bail!("--data-parallel is for SFT runs; DPO and ORPO train on one peer");
+    }
+    if peers > 1 && devices.len() > 1 {
+        bail!("--data-parallel with layers placed on several devices (--devices) is not supported: each peer holds the whole model on one device");
+    }
+    let mut helper_start = None;
     let needs_reference = cfg.dpo.is_some_and(|d| d.loss_type.needs_reference());
     let mut trainer = if dpo {
         let started = std::time::Instant::now();
@@ -437,7 +454,11 @@ where
         }
         t
     } else {
-        Trainer::new(model, lora.clone(), data.train, cfg.clone(), device.clone())
+        // Data parallelism: peers 1.. start from the same model (sharing its frozen weights).
+        let start = (peers > 1).then(|| (model.clone(), data.train.clone()));
+        let t = Trainer::new(model, lora.clone(), data.train, cfg.clone(), device.clone());
+        helper_start = start;
+        t
     };
     // DPO's held-out pairs get their reference now, from the same starting model (ORPO's none).
     let eval_reference = (dpo && !data.eval_pairs.is_empty())
@@ -449,6 +470,7 @@ where
     let ckpt_dir = checkpoint_dir(out);
     let mut saved = SavedState { state: trainer.state.clone(), config: cfg.clone(), base_model: base_name.clone(), best_eval_loss: None, best_step: None, evals_without_improvement: 0, reference_logps: trainer.reference_logps().to_vec() };
     let mut resumed_best = None;
+    let mut restored = None;
     if let (Some(dir), Some(loaded)) = (&a.resume, loaded) {
         if loaded.saved.config != trainer.cfg {
             bail!("{}: the checkpoint was made with other training settings; resume with the same ones", dir.display());
@@ -457,10 +479,37 @@ where
         if loaded.adapter.pissa != pissa {
             bail!("{}: the checkpoint was made {} --init pissa; resume with the same settings", dir.display(), if loaded.adapter.pissa { "with" } else { "without" });
         }
+        if loaded.saved.state.peers != peers {
+            bail!("{}: the checkpoint was made with --data-parallel {}; resume with the same", dir.display(), loaded.saved.state.peers);
+        }
+        restored = Some((loaded.adapter.clone(), loaded.moments.clone(), loaded.saved.state.clone()));
         trainer.restore(&loaded.adapter, loaded.moments, loaded.saved.state.clone())?;
         saved = loaded.saved;
         resumed_best = loaded.best;
         eprintln!("resumed at step {} of {}", trainer.state.step, trainer.state.total_steps);
+    }
+
+    // Peers 1.. step in threads of their own; this thread is peer 0, which alone evaluates,
+    // logs and saves (every peer holds the same adapter after each step). When it returns,
+    // the process ends with them.
+    if let Some((model, train)) = helper_start {
+        for rank in 1..peers {
+            let (model, train, lora, cfg, device, restored) = (model.clone(), train.clone(), lora.clone(), cfg.clone(), device.clone(), restored.clone());
+            std::thread::spawn(move || -> hone::Result<()> {
+                let mut t = Trainer::new(model, lora, train, cfg, device);
+                if let Some((adapter, moments, state)) = restored {
+                    t.restore(&adapter, moments, state)?;
+                }
+                let mut t = t.data_parallel(DataParallel { rank, peers })?;
+                while !t.done() {
+                    t.step_pending();
+                }
+                t.leave_peers()
+            });
+        }
+        trainer = trainer.data_parallel(DataParallel { rank: 0, peers })?;
+        saved.state = trainer.state.clone();
+        eprintln!("data parallel: {peers} peers, {} sequences each per micro-batch, {} per step", cfg.batch_size, peers * cfg.batch_size * cfg.grad_accum.max(1));
     }
 
     let stop = Arc::new(AtomicBool::new(false));

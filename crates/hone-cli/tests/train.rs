@@ -329,3 +329,37 @@ fn csv_and_parquet_datasets_train_with_columns_renamed() {
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn data_parallel_peers_train_the_adapter_of_one_run_with_their_joint_batch() {
+    let dir = tmp("data-parallel");
+    let data = write_data(&dir, false);
+    let llama = fixtures().join("llama");
+    let run = |name: &str, extra: &[&str]| -> PathBuf {
+        let out = dir.join(name);
+        let mut args = vec!["train", "--model", s(&llama), "--data", s(&data), "--out", s(&out), "--rank", "4", "--alpha", "8", "--steps", "4", "--lr", "0.01", "--dropout", "0", "--quiet"];
+        args.extend(extra);
+        let r = hone(&args);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        out
+    };
+    let alone = run("alone", &["--batch-size", "4"]);
+    let two = run("two", &["--batch-size", "2", "--data-parallel", "2"]);
+    let four = run("four", &["--batch-size", "1", "--data-parallel", "4"]);
+    let (a, b, c) = (tensors(&alone.join("adapter_model.safetensors")), tensors(&two.join("adapter_model.safetensors")), tensors(&four.join("adapter_model.safetensors")));
+    let mut moved = false;
+    for name in a.tensors().keys().cloned().collect::<Vec<_>>() {
+        let (_, x) = a.read_f32(&name).unwrap();
+        moved |= name.contains("lora_B") && x.iter().any(|&v| v != 0.0);
+        for (peers, other) in [(2, &b), (4, &c)] {
+            let (_, y) = other.read_f32(&name).unwrap();
+            let err = hone::parity::rel_error(&y, &x);
+            assert!(err < 1e-5, "{peers} peers: {name}: {err:.3e}");
+        }
+    }
+    assert!(moved, "the adapter trained");
+    // A preference run is refused by name.
+    let r = hone(&["train", "--model", s(&llama), "--data", s(&data), "--out", s(&dir.join("dpo")), "--method", "dpo", "--data-parallel", "2", "--quiet"]);
+    assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("--data-parallel is for SFT runs"), "{}", String::from_utf8_lossy(&r.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}

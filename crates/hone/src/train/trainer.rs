@@ -107,6 +107,13 @@ pub struct TrainState {
     /// Next index into the epoch's order.
     pub position: usize,
     pub total_steps: usize,
+    /// Data-parallel peers sharing each step (a resume needs the same number).
+    #[serde(default = "one_peer")]
+    pub peers: usize,
+}
+
+fn one_peer() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -431,7 +438,7 @@ where
             model,
             lora,
             cfg,
-            state: TrainState { step: 0, epoch: 0, position: 0, total_steps },
+            state: TrainState { step: 0, epoch: 0, position: 0, total_steps, peers: 1 },
             moments: BTreeMap::new(),
             tables: Vec::new(),
             data,
@@ -551,12 +558,23 @@ where
         if self.cfg.dpo.is_some() {
             return Err(crate::Error::Unsupported { file: "--data-parallel".into(), message: "data parallelism is for SFT runs; DPO and ORPO run on one peer".into() });
         }
+        // Peers may share one model's frozen weights (clones); their LoRA tensors are re-made
+        // here as this peer's own, since burn's autodiff merges the graphs of threads that
+        // share a tracked tensor (and the merges lock each other).
+        for (_, lin) in self.model.linears_mut() {
+            let Some(l) = &mut lin.lora else { continue };
+            for (_, param) in l.params_mut() {
+                let own = Tensor::from_inner(param.val().inner()).require_grad();
+                *param = Param::initialized(param.id, own);
+            }
+        }
         dp.join::<B::InnerBackend>(&self.device)?;
         if self.cfg.max_steps.is_none() {
             let mut cfg = self.cfg.clone();
             cfg.grad_accum = cfg.grad_accum.max(1) * dp.peers;
             self.state.total_steps = total_steps(&cfg, &self.lens);
         }
+        self.state.peers = dp.peers;
         self.peer = Some(dp);
         Ok(self)
     }
