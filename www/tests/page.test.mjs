@@ -259,7 +259,7 @@ await check('gguf_download_equals_hone_export', async () => {
 
 await check('generates_with_base_and_fine_tuned_side_by_side', async () => {
   await page.getByLabel('Prompt', { exact: true }).fill('Colour 3: ');
-  await page.getByLabel('Max new tokens').fill('6');
+  await page.getByLabel('Max new tokens', { exact: true }).fill('6');
   await button('Generate').click();
   await page.waitForFunction(() => document.getElementById('out-tuned').textContent !== '…' && document.getElementById('out-base').textContent !== '…');
   const e = await errorText();
@@ -295,7 +295,7 @@ await check('compares_base_and_fine_tuned_on_held_out_data', async () => {
   // lower; the page's figures must equal `hone compare`'s on the downloaded adapter (NF4 base).
   await page.getByLabel('Compare held-out file').setInputFiles(dataPath);
   await page.getByLabel('Compare checks').fill('regex:^ ?[a-z]+ and');
-  await page.getByLabel('Compare max new tokens').fill('6');
+  await page.getByLabel('Compare reply tokens').fill('6');
   await button('Compare').click();
   await page.waitForFunction(() => /^Compared/.test(document.getElementById('compare-status').textContent) || !document.getElementById('error').hidden);
   const e = await errorText();
