@@ -50,6 +50,29 @@ pub struct Args {
     /// Memory per device (e.g. 40GB, 24GiB): the layers fill the devices in turn [default: balance by the plan].
     #[arg(long)]
     max_memory: Option<String>,
+    /// Data parallelism over N peers (`hone train --data-parallel N`), each with --batch-size:
+    /// also prints their memory in one process and the all-reduce volume per step [default: 1].
+    #[arg(long)]
+    data_parallel: Option<usize>,
+}
+
+/// What N data-parallel peers add to a one-peer plan.
+#[derive(serde::Serialize)]
+pub struct DataParallelPlan {
+    pub peers: usize,
+    /// N peers in one process on one device (what `hone train --data-parallel` runs today): the
+    /// frozen weights once, each peer's LoRA tensors, gradients, moments, activations and logits.
+    pub one_device_bytes: u64,
+    /// Each peer on a device of its own: the one-peer plan.
+    pub per_peer_bytes: u64,
+    /// Summed over the peers each step: every LoRA gradient and the loss, f32.
+    pub all_reduce_bytes: u64,
+}
+
+pub fn data_parallel(p: &MemoryPlan, peers: usize) -> DataParallelPlan {
+    let n = peers.max(1) as u64;
+    let own = p.lora_bytes + p.activation_bytes + p.logits_bytes;
+    DataParallelPlan { peers: n as usize, one_device_bytes: p.total_bytes + (n - 1) * own, per_peer_bytes: p.total_bytes, all_reduce_bytes: 4 * (p.lora_params + 1) }
 }
 
 /// The config of a model directory, a GGUF file, or a config.json file itself.
@@ -125,14 +148,25 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ..Default::default()
     };
     let p = for_run(&config, &settings, a.max_len, a.backend)?;
+    let dp = a.data_parallel.filter(|&n| n > 1).map(|n| data_parallel(&p, n));
     if a.json {
-        println!("{}", serde_json::to_string(&p)?);
+        let mut v = serde_json::to_value(&p)?;
+        if let Some(dp) = &dp {
+            v["data_parallel"] = serde_json::to_value(dp)?;
+        }
+        println!("{}", serde_json::to_string(&v)?);
         return Ok(());
     }
     println!("{} ({}, {} layers, hidden {}, vocab {})", path.display(), config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size);
     let batch = if settings.dpo()?.is_some() { format!("{} pairs (2 × {} sequences)", a.batch_size, a.batch_size) } else { a.batch_size.to_string() };
     println!("  QLoRA r={} {}, batch {batch} × {} tokens, checkpointing {}, {}, on {:?}", a.rank, a.targets, a.max_len, a.checkpointing, settings.optim()?.name(), a.backend);
     print(&p);
+    if let Some(dp) = &dp {
+        println!("  data parallel, {} peers ({} sequences per step):", dp.peers, dp.peers * a.batch_size);
+        println!("    {:<42} {:>10}", "in one process on one device (today)", human(dp.one_device_bytes));
+        println!("    {:<42} {:>10}", "each peer on its own device", human(dp.per_peer_bytes));
+        println!("    {:<42} {:>10}", "all-reduced per step (LoRA gradients, loss)", human(dp.all_reduce_bytes));
+    }
     if let Some(m) = device_map(&config, &settings, a.max_len, a.backend, a.devices, a.max_memory.as_deref())? {
         print_map(&m);
     }

@@ -72,6 +72,22 @@ pub struct TrainArgs {
     /// every step by burn's collective engine; a resume needs the same N [default: 1].
     #[arg(long)]
     pub data_parallel: Option<usize>,
+    /// Data parallelism across processes or hosts: how many nodes (each runs `hone train` with
+    /// the same flags and data, and --data-parallel peers of its own) [default: 1].
+    #[arg(long)]
+    pub nodes: Option<usize>,
+    /// With --nodes: this node's place, 0 to N-1. Node 0 hosts the orchestrator, saves the
+    /// checkpoints and writes the adapter; the others write nothing.
+    #[arg(long)]
+    pub node_rank: Option<usize>,
+    /// With --nodes: HOST:PORT where node 0 listens for the other nodes' peers (the same on every
+    /// node; node 0 needs that port free, the others to reach it).
+    #[arg(long)]
+    pub orchestrator: Option<String>,
+    /// With data parallelism: seconds a peer waits for the others in one step before the run
+    /// stops, naming the node that no longer answers [default: 300].
+    #[arg(long)]
+    pub peer_timeout: Option<u64>,
     /// Continue the run saved in this checkpoint directory [default: start afresh].
     #[arg(long)]
     #[serde(skip)]
@@ -132,7 +148,7 @@ impl TrainArgs {
         let mut base: TrainArgs = table.try_into().with_context(invalid)?;
         base.run = run_table.try_into().with_context(invalid)?;
         let top = self;
-        overlay!(base, top, model, data, out, eval_data, split, backend, save_every, log_dir, base_model_name, devices, max_memory, adapter, data_parallel);
+        overlay!(base, top, model, data, out, eval_data, split, backend, save_every, log_dir, base_model_name, devices, max_memory, adapter, data_parallel, nodes, node_rank, orchestrator, peer_timeout);
         base.run.overlay(&top.run);
         base.skip_bad_lines |= top.skip_bad_lines;
         base.quiet |= top.quiet;
@@ -257,9 +273,11 @@ fn load_samples(data: &DataArg, columns: &Columns, format: Option<Format>, skip_
 
 pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     let a = args.resolve()?;
-    if a.data_parallel.unwrap_or(1) > 1 && a.run.dpo()?.is_some() {
+    if (a.data_parallel.unwrap_or(1) > 1 || a.nodes.unwrap_or(1) > 1) && a.run.dpo()?.is_some() {
         bail!("--data-parallel is for SFT runs; DPO and ORPO train on one peer");
     }
+    // Checked now, before the model loads.
+    nodes_of(&a)?;
     let model_dir = crate::model::resolve(a.model.as_deref())?;
     let data_path = a.data.clone().context("--data is required")?;
     let out = a.out.clone().context("--out is required")?;
@@ -331,7 +349,11 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
 fn check_fit(a: &TrainArgs, model: &Path, data: &Data, backend: BackendKind) -> anyhow::Result<Option<DeviceMap>> {
     let config = crate::plan::read_config(model)?;
     let seq = data.longest();
-    let p = crate::plan::for_run(&config, &a.run, seq, backend)?;
+    let mut p = crate::plan::for_run(&config, &a.run, seq, backend)?;
+    if let Some(n) = a.data_parallel.filter(|&n| n > 1) {
+        // The peers share one device and the frozen weights; each adds its own training state.
+        p.total_bytes = crate::plan::data_parallel(&p, n).one_device_bytes;
+    }
     eprintln!("plan: {} of memory ({} bytes; sequences up to {seq} tokens; `hone plan` breaks it down)", hone::train::plan::human(p.total_bytes), p.total_bytes);
     let map = crate::plan::device_map(&config, &a.run, seq, backend, a.devices, a.max_memory.as_deref());
     let map = match map {
@@ -435,7 +457,20 @@ where
         None => None,
     };
     let dpo = cfg.dpo.is_some();
-    let peers = a.data_parallel.unwrap_or(1).max(1);
+    // Peers in this process, and in all.
+    let nodes = nodes_of(a)?;
+    let local = a.data_parallel.unwrap_or(1).max(1);
+    let peers = local * nodes.as_ref().map_or(1, |n| n.count);
+    let timeout = std::time::Duration::from_secs(a.peer_timeout.unwrap_or(hone::train::data_parallel::DEFAULT_TIMEOUT.as_secs()));
+    let peer = |local_rank: usize| {
+        match &nodes {
+            Some(n) => DataParallel::across(n.clone(), local_rank, local),
+            None => DataParallel::new(local_rank, local),
+        }
+        .with_timeout(timeout)
+    };
+    // Only node 0 saves: every node holds the same adapter after each step.
+    let writes = nodes.as_ref().is_none_or(|n| n.rank == 0);
     if peers > 1 && dpo {
         bail!("--data-parallel is for SFT runs; DPO and ORPO train on one peer");
     }
@@ -455,7 +490,7 @@ where
         t
     } else {
         // Data parallelism: peers 1.. start from the same model (sharing its frozen weights).
-        let start = (peers > 1).then(|| (model.clone(), data.train.clone()));
+        let start = (local > 1).then(|| (model.clone(), data.train.clone()));
         let t = Trainer::new(model, lora.clone(), data.train, cfg.clone(), device.clone());
         helper_start = start;
         t
@@ -493,21 +528,26 @@ where
     // logs and saves (every peer holds the same adapter after each step). When it returns,
     // the process ends with them.
     if let Some((model, train)) = helper_start {
-        for rank in 1..peers {
-            let (model, train, lora, cfg, device, restored) = (model.clone(), train.clone(), lora.clone(), cfg.clone(), device.clone(), restored.clone());
+        for rank in 1..local {
+            let (model, train, lora, cfg, device, restored, dp) = (model.clone(), train.clone(), lora.clone(), cfg.clone(), device.clone(), restored.clone(), peer(rank));
             std::thread::spawn(move || -> hone::Result<()> {
                 let mut t = Trainer::new(model, lora, train, cfg, device);
                 if let Some((adapter, moments, state)) = restored {
                     t.restore(&adapter, moments, state)?;
                 }
-                let mut t = t.data_parallel(DataParallel { rank, peers })?;
+                let mut t = t.data_parallel(dp)?;
                 while !t.done() {
-                    t.step_pending();
+                    t.try_step_pending()?;
                 }
                 t.leave_peers()
             });
         }
-        trainer = trainer.data_parallel(DataParallel { rank: 0, peers })?;
+    }
+    if peers > 1 {
+        if let Some(n) = &nodes {
+            eprintln!("node {} of {}: meeting the others at {} (--peer-timeout {}s)", n.rank, n.count, n.orchestrator, timeout.as_secs());
+        }
+        trainer = trainer.data_parallel(peer(0))?;
         saved.state = trainer.state.clone();
         eprintln!("data parallel: {peers} peers, {} sequences each per micro-batch, {} per step", cfg.batch_size, peers * cfg.batch_size * cfg.grad_accum.max(1));
     }
@@ -536,14 +576,16 @@ where
         None => None,
     };
     while !trainer.done() {
-        let r = trainer.step();
+        let r = trainer.try_step()?;
         tokens += r.tokens;
         match &mut after_first {
             None => after_first = Some((std::time::Instant::now(), 0)),
             Some((_, t)) => *t += r.tokens,
         }
         if !r.loss.is_finite() {
-            save_checkpoint(&ckpt_dir, &trainer, &saved, best.as_ref(), r.step)?;
+            if writes {
+                save_checkpoint(&ckpt_dir, &trainer, &saved, best.as_ref(), r.step)?;
+            }
             bail!("the loss became {} at step {}; checkpoint saved in {} (try a lower --lr)", r.loss, r.step, ckpt_dir.display());
         }
         let tps = tokens as f64 / started.elapsed().as_secs_f64();
@@ -602,7 +644,7 @@ where
             }
         }
         saved.state = trainer.state.clone();
-        if stop.load(Ordering::SeqCst) || (save_every > 0 && r.step % save_every == 0 && !last) {
+        if writes && (stop.load(Ordering::SeqCst) || (save_every > 0 && r.step % save_every == 0 && !last)) {
             save_checkpoint(&ckpt_dir, &trainer, &saved, best.as_ref(), r.step)?;
             if stop.load(Ordering::SeqCst) {
                 bar.abandon();
@@ -625,6 +667,10 @@ where
         Some(initial) if pissa => adapter.with_initial_subtracted(initial)?,
         _ => adapter,
     };
+    if !writes {
+        eprintln!("node {}: done after {} steps in {:.1}s (node 0 writes the adapter)", nodes.as_ref().map_or(0, |n| n.rank), trainer.state.step, started.elapsed().as_secs_f64());
+        return Ok(());
+    }
     if let Err(e) = write_dir_atomic(out, &adapter_files(&adapter)) {
         let kept = if ckpt_dir.exists() { format!("the checkpoint in {} is kept: continue with --resume {} once there is room", ckpt_dir.display(), ckpt_dir.display()) } else { "no checkpoint was kept (--save-every N keeps one)".to_string() };
         bail!("writing the adapter failed: {e}; {} is not written; {kept}", out.display());
@@ -682,6 +728,24 @@ fn report_device_memory<B: HoneBackend>(devices: &[B::Device], when: &str) {
             );
         }
     }
+}
+
+/// `--nodes`, `--node-rank` and `--orchestrator` checked and put together.
+fn nodes_of(a: &TrainArgs) -> anyhow::Result<Option<hone::train::data_parallel::Nodes>> {
+    let count = a.nodes.unwrap_or(1);
+    if count <= 1 {
+        if a.node_rank.is_some() || a.orchestrator.is_some() {
+            bail!("--node-rank and --orchestrator are for runs over several nodes: add --nodes N (N > 1)");
+        }
+        return Ok(None);
+    }
+    let rank = a.node_rank.context("--nodes needs --node-rank (0 to N-1) on every node")?;
+    if rank >= count {
+        bail!("--node-rank {rank}: expected 0 to {}", count - 1);
+    }
+    let orchestrator = a.orchestrator.clone().context("--nodes needs --orchestrator HOST:PORT (the same on every node; node 0 listens there)")?;
+    orchestrator.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).with_context(|| format!("--orchestrator {orchestrator}: expected HOST:PORT"))?;
+    Ok(Some(hone::train::data_parallel::Nodes { count, rank, orchestrator }))
 }
 
 /// Where a run writing `out` keeps its checkpoints: `OUT.checkpoint` beside it.

@@ -25,6 +25,10 @@ pub enum Error {
     #[error("{file}: tokenizer: {message}")]
     Tokenizer { file: String, message: String },
 
+    /// Data-parallel peers could not meet or sum: the message names the peer (and node) lost.
+    #[error("data parallel: {message}")]
+    Peers { message: String },
+
     /// A backend (GPU driver, CUDA library) could not be used.
     #[error("backend {backend}: {message}")]
     Backend { backend: String, message: String },

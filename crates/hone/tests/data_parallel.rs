@@ -56,7 +56,7 @@ fn worst(a: &Adapter, b: &Adapter) -> f64 {
 fn peers_with_micro_batch_b_train_as_one_with_n_times_b() {
     for (peers, b, accum) in [(2, 2, 1), (4, 1, 1), (2, 1, 2)] {
         let (alone, alone_losses) = run(None, peers * b, accum);
-        let handles: Vec<_> = (0..peers).map(|rank| std::thread::spawn(move || run(Some(DataParallel { rank, peers }), b, accum))).collect();
+        let handles: Vec<_> = (0..peers).map(|rank| std::thread::spawn(move || run(Some(DataParallel::new(rank, peers)), b, accum))).collect();
         let results: Vec<(Adapter, Vec<f64>)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         burn_collective::reset_collective::<NdArray>();
         for (rank, (adapter, losses)) in results.iter().enumerate() {

@@ -5,6 +5,8 @@ pub mod adamw8bit;
 pub mod checkpoint;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod data_parallel;
+#[cfg(not(target_arch = "wasm32"))]
+mod wire;
 pub mod loss;
 pub mod optim;
 pub mod plan;

@@ -534,7 +534,7 @@ where
     /// Peers sharing each step (1 without data parallelism).
     fn peers(&self) -> usize {
         #[cfg(not(target_arch = "wasm32"))]
-        if let Some(p) = self.peer {
+        if let Some(p) = &self.peer {
             return p.peers;
         }
         1
@@ -543,7 +543,7 @@ where
     /// Whether micro-batch `k` of a step is this peer's.
     fn mine(&self, k: usize) -> bool {
         #[cfg(not(target_arch = "wasm32"))]
-        if let Some(p) = self.peer {
+        if let Some(p) = &self.peer {
             return k % p.peers == p.rank;
         }
         let _ = k;
@@ -554,7 +554,7 @@ where
     /// then draws `peers` times the micro-batches, computes its share and sums the gradients
     /// with the others'. Joins the peers (blocks until all have joined). SFT only.
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn data_parallel(mut self, dp: super::data_parallel::DataParallel) -> crate::Result<Self> {
+    pub fn data_parallel(mut self, mut dp: super::data_parallel::DataParallel) -> crate::Result<Self> {
         if self.cfg.dpo.is_some() {
             return Err(crate::Error::Unsupported { file: "--data-parallel".into(), message: "data parallelism is for SFT runs; DPO and ORPO run on one peer".into() });
         }
@@ -568,7 +568,8 @@ where
                 *param = Param::initialized(param.id, own);
             }
         }
-        dp.join::<B::InnerBackend>(&self.device)?;
+        let start = super::data_parallel::Start { step: self.state.step, fingerprint: self.fingerprint() };
+        dp.join::<B::InnerBackend>(&self.device, start)?;
         if self.cfg.max_steps.is_none() {
             let mut cfg = self.cfg.clone();
             cfg.grad_accum = cfg.grad_accum.max(1) * dp.peers;
@@ -579,10 +580,28 @@ where
         Ok(self)
     }
 
+    /// A hash of what must be equal on every peer: the settings and the data (FNV-1a).
+    #[cfg(not(target_arch = "wasm32"))]
+    fn fingerprint(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for &b in bytes {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        eat(serde_json::to_string(&self.cfg).unwrap_or_default().as_bytes());
+        eat(format!("{:?}", self.lora).as_bytes());
+        for s in &self.data {
+            s.input_ids.iter().for_each(|t| eat(&t.to_le_bytes()));
+            s.labels.iter().for_each(|t| eat(&t.to_le_bytes()));
+        }
+        h
+    }
+
     /// Leaves the peers after the last step.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn leave_peers(&self) -> crate::Result<()> {
-        match self.peer {
+        match &self.peer {
             Some(dp) => dp.leave::<B::InnerBackend>(),
             None => Ok(()),
         }
@@ -607,7 +626,13 @@ where
     }
 
     /// One optimizer step; its loss stays on the device (see [`Trainer::step`] for a read).
+    /// Panics where [`Self::try_step_pending`] fails (only with data parallelism: a lost peer).
     pub fn step_pending(&mut self) -> PendingStep<B::InnerBackend> {
+        self.try_step_pending().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// One optimizer step; fails only with data parallelism, when the peers cannot sum.
+    pub fn try_step_pending(&mut self) -> crate::Result<PendingStep<B::InnerBackend>> {
         let draw = self.draw();
         let norm = draw.counted.max(1) as f64;
         let mut acc = Accumulated::default();
@@ -628,23 +653,23 @@ where
             }
         }
         #[cfg(not(target_arch = "wasm32"))]
-        if let Some(dp) = self.peer {
-            acc = Self::summed_over_peers(dp, acc);
+        if let Some(dp) = &self.peer {
+            acc = Self::summed_over_peers(dp, acc)?;
         }
-        self.apply(draw, acc)
+        Ok(self.apply(draw, acc))
     }
 
     /// The step's gradients and loss summed over the peers (every peer gets the same sums).
     #[cfg(not(target_arch = "wasm32"))]
-    fn summed_over_peers(dp: super::data_parallel::DataParallel, acc: Accumulated<B::InnerBackend>) -> Accumulated<B::InnerBackend> {
+    fn summed_over_peers(dp: &super::data_parallel::DataParallel, acc: Accumulated<B::InnerBackend>) -> crate::Result<Accumulated<B::InnerBackend>> {
         let Accumulated { grads, loss_sum, preference } = acc;
         let keys: Vec<String> = grads.keys().cloned().collect();
         let mut tensors: Vec<Tensor<B::InnerBackend, 2>> = grads.into_values().collect();
         tensors.push(loss_sum.expect("a peer computes at least one micro-batch").reshape([1, 1]));
         // A lost peer cannot be recovered from inside a step: the run stops, naming the cause.
-        let mut summed = dp.sum(tensors).unwrap_or_else(|e| panic!("data-parallel peer {} of {}: {e}", dp.rank, dp.peers));
+        let mut summed = dp.sum(tensors)?;
         let loss = summed.pop().expect("the loss").reshape([1]);
-        Accumulated { grads: keys.into_iter().zip(summed).collect(), loss_sum: Some(loss), preference }
+        Ok(Accumulated { grads: keys.into_iter().zip(summed).collect(), loss_sum: Some(loss), preference })
     }
 
     /// [`Self::step_pending`] reading each preference micro-batch's log-probabilities back
@@ -652,7 +677,7 @@ where
     /// forward pass that saves each layer's input and the backward from them. Needs activation
     /// checkpointing for preference runs; SFT steps are [`Self::step_pending`]'s.
     pub async fn step_pending_async(&mut self) -> crate::Result<PendingStep<B::InnerBackend>> {
-        let Some(dpo) = self.cfg.dpo else { return Ok(self.step_pending()) };
+        let Some(dpo) = self.cfg.dpo else { return self.try_step_pending() };
         if !self.cfg.checkpointing {
             return Err(crate::Error::format("checkpointing", "a preference step that reads back without blocking runs with activation checkpointing on"));
         }
@@ -912,11 +937,16 @@ where
     /// One optimizer step, its loss read back (native: a synchronous read).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn step(&mut self) -> StepReport {
-        let pending = self.step_pending();
+        self.try_step().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Self::step`], failing where [`Self::try_step_pending`] does.
+    pub fn try_step(&mut self) -> crate::Result<StepReport> {
+        let pending = self.try_step_pending()?;
         let mut report = pending.report;
         report.loss = pending.loss_sum.into_data().to_vec::<f32>().expect("f32")[0] as f64;
         report.grad_norm = pending.grad_norm.map(|g| g.into_data().to_vec::<f32>().expect("f32")[0] as f64);
-        report
+        Ok(report)
     }
 
     /// Loss and perplexity over `samples`, without gradients.
