@@ -121,16 +121,22 @@ pub fn init_wgpu(device: &burn::backend::wgpu::WgpuDevice) -> anyhow::Result<()>
 /// Devices for a device map: the chosen device and its siblings of the same kind by index
 /// (CUDA devices 0, 1, …; wgpu's discrete GPUs 0, 1, … when the default adapter was chosen).
 pub fn placement<B: burn::tensor::backend::Backend>(device: &B::Device, map: &hone::train::plan::DeviceMap) -> anyhow::Result<hone::model::Placement<B::Device>> {
-    use burn::prelude::DeviceOps;
     let n = map.device_bytes.len();
-    let id = device.to_id();
-    // A device kind without an index (wgpu's "default adapter") cannot name several GPUs; the
-    // backend's first kind can (wgpu's discrete GPUs, CUDA's devices).
-    let indexed = B::Device::from_id(burn::tensor::backend::DeviceId { type_id: id.type_id, index_id: 1 }) != B::Device::from_id(burn::tensor::backend::DeviceId { type_id: id.type_id, index_id: 0 });
-    let type_id = if n > 1 && !indexed { 0 } else { id.type_id };
-    let devices: Vec<B::Device> = (0..n).map(|i| B::Device::from_id(burn::tensor::backend::DeviceId { type_id, index_id: i as u16 })).collect();
+    let devices: Vec<B::Device> = if n > 1 { (0..n).map(|i| sibling::<B>(device, i)).collect() } else { vec![device.clone()] };
     for (i, d) in devices.iter().enumerate() {
         probe::<B>(&format!("device {i} of {n}"), d)?;
     }
     Ok(hone::model::Placement::from_indices(&devices, &map.layer_device)?)
+}
+
+/// Device `index` of the chosen device's kind. A kind without an index (wgpu's "default
+/// adapter") cannot name several GPUs; the backend's first kind can (wgpu's discrete GPUs,
+/// CUDA's devices).
+pub fn sibling<B: burn::tensor::backend::Backend>(device: &B::Device, index: usize) -> B::Device {
+    use burn::prelude::DeviceOps;
+    use burn::tensor::backend::DeviceId;
+    let id = device.to_id();
+    let indexed = B::Device::from_id(DeviceId { type_id: id.type_id, index_id: 1 }) != B::Device::from_id(DeviceId { type_id: id.type_id, index_id: 0 });
+    let type_id = if indexed { id.type_id } else { 0 };
+    B::Device::from_id(DeviceId { type_id, index_id: index as u16 })
 }

@@ -50,29 +50,45 @@ pub struct Args {
     /// Memory per device (e.g. 40GB, 24GiB): the layers fill the devices in turn [default: balance by the plan].
     #[arg(long)]
     max_memory: Option<String>,
-    /// Data parallelism over N peers (`hone train --data-parallel N`), each with --batch-size:
-    /// also prints their memory in one process and the all-reduce volume per step [default: 1].
+    /// Data parallelism: N peers per process (`hone train --data-parallel N`), each with
+    /// --batch-size: prints each process's memory and what the peers exchange per step [default: 1].
     #[arg(long)]
     data_parallel: Option<usize>,
+    /// Data parallelism across M processes or hosts (`hone train --nodes M`) [default: 1].
+    #[arg(long)]
+    nodes: Option<usize>,
 }
 
-/// What N data-parallel peers add to a one-peer plan.
+/// What data-parallel peers add to a one-peer plan.
 #[derive(serde::Serialize)]
 pub struct DataParallelPlan {
+    /// Peers in all (per node × nodes).
     pub peers: usize,
-    /// N peers in one process on one device (what `hone train --data-parallel` runs today): the
-    /// frozen weights once, each peer's LoRA tensors, gradients, moments, activations and logits.
-    pub one_device_bytes: u64,
-    /// Each peer on a device of its own: the one-peer plan.
+    pub nodes: usize,
+    /// One process (node) with its N peers on one device: the frozen weights once, each
+    /// peer's LoRA tensors, gradients, moments, activations and logits.
+    pub per_node_bytes: u64,
+    /// A peer alone on its device: the one-peer plan.
     pub per_peer_bytes: u64,
-    /// Summed over the peers each step: every LoRA gradient and the loss, f32.
+    /// What each peer sends, and receives back summed, every step: every LoRA gradient and the
+    /// loss, f32.
     pub all_reduce_bytes: u64,
+    /// Across nodes: what peer 0 (on node 0) receives, and sends, every step.
+    pub hub_bytes: u64,
 }
 
-pub fn data_parallel(p: &MemoryPlan, peers: usize) -> DataParallelPlan {
-    let n = peers.max(1) as u64;
+pub fn data_parallel(p: &MemoryPlan, per_node: usize, nodes: usize) -> DataParallelPlan {
+    let (n, m) = (per_node.max(1) as u64, nodes.max(1) as u64);
     let own = p.lora_bytes + p.activation_bytes + p.logits_bytes;
-    DataParallelPlan { peers: n as usize, one_device_bytes: p.total_bytes + (n - 1) * own, per_peer_bytes: p.total_bytes, all_reduce_bytes: 4 * (p.lora_params + 1) }
+    let all_reduce_bytes = 4 * (p.lora_params + 1);
+    DataParallelPlan {
+        peers: (n * m) as usize,
+        nodes: m as usize,
+        per_node_bytes: p.total_bytes + (n - 1) * own,
+        per_peer_bytes: p.total_bytes,
+        all_reduce_bytes,
+        hub_bytes: if m > 1 { (n * m - 1) * all_reduce_bytes } else { 0 },
+    }
 }
 
 /// The config of a model directory, a GGUF file, or a config.json file itself.
@@ -148,7 +164,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ..Default::default()
     };
     let p = for_run(&config, &settings, a.max_len, a.backend)?;
-    let dp = a.data_parallel.filter(|&n| n > 1).map(|n| data_parallel(&p, n));
+    let (per_node, nodes) = (a.data_parallel.unwrap_or(1).max(1), a.nodes.unwrap_or(1).max(1));
+    let dp = (per_node * nodes > 1).then(|| data_parallel(&p, per_node, nodes));
     if a.json {
         let mut v = serde_json::to_value(&p)?;
         if let Some(dp) = &dp {
@@ -162,10 +179,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     println!("  QLoRA r={} {}, batch {batch} × {} tokens, checkpointing {}, {}, on {:?}", a.rank, a.targets, a.max_len, a.checkpointing, settings.optim()?.name(), a.backend);
     print(&p);
     if let Some(dp) = &dp {
-        println!("  data parallel, {} peers ({} sequences per step):", dp.peers, dp.peers * a.batch_size);
-        println!("    {:<42} {:>10}", "in one process on one device (today)", human(dp.one_device_bytes));
-        println!("    {:<42} {:>10}", "each peer on its own device", human(dp.per_peer_bytes));
-        println!("    {:<42} {:>10}", "all-reduced per step (LoRA gradients, loss)", human(dp.all_reduce_bytes));
+        println!("  data parallel, {} peers on {} node(s) ({} sequences per step):", dp.peers, dp.nodes, dp.peers * a.batch_size);
+        println!("    {:<46} {:>10}", format!("each node: {per_node} peer(s) in one process, one device"), human(dp.per_node_bytes));
+        println!("    {:<46} {:>10}", "a peer alone on its device", human(dp.per_peer_bytes));
+        println!("    {:<46} {:>10}", "each peer sends, and gets back summed, per step", human(dp.all_reduce_bytes));
+        if dp.nodes > 1 {
+            println!("    {:<46} {:>10}", "node 0 receives, and sends, per step", human(dp.hub_bytes));
+        }
     }
     if let Some(m) = device_map(&config, &settings, a.max_len, a.backend, a.devices, a.max_memory.as_deref())? {
         print_map(&m);

@@ -114,6 +114,11 @@ pub struct TrainArgs {
     /// Split the model's layers over this many GPUs of this host (wgpu or cuda), balanced by the memory plan [default: 1].
     #[arg(long)]
     pub devices: Option<usize>,
+    /// Which GPU of --backend this process trains on (wgpu's discrete GPUs or CUDA's devices,
+    /// from 0); with --nodes, one process per GPU of a host, as torchrun runs DDP [default: the
+    /// backend's default device].
+    #[arg(long)]
+    pub device: Option<usize>,
     /// With --devices: memory each device may use (e.g. 40GB, 24GiB), filled in turn [default: balance by the plan].
     #[arg(long)]
     pub max_memory: Option<String>,
@@ -148,7 +153,7 @@ impl TrainArgs {
         let mut base: TrainArgs = table.try_into().with_context(invalid)?;
         base.run = run_table.try_into().with_context(invalid)?;
         let top = self;
-        overlay!(base, top, model, data, out, eval_data, split, backend, save_every, log_dir, base_model_name, devices, max_memory, adapter, data_parallel, nodes, node_rank, orchestrator, peer_timeout);
+        overlay!(base, top, model, data, out, eval_data, split, backend, save_every, log_dir, base_model_name, devices, device, max_memory, adapter, data_parallel, nodes, node_rank, orchestrator, peer_timeout);
         base.run.overlay(&top.run);
         base.skip_bad_lines |= top.skip_bad_lines;
         base.quiet |= top.quiet;
@@ -351,8 +356,8 @@ fn check_fit(a: &TrainArgs, model: &Path, data: &Data, backend: BackendKind) -> 
     let seq = data.longest();
     let mut p = crate::plan::for_run(&config, &a.run, seq, backend)?;
     if let Some(n) = a.data_parallel.filter(|&n| n > 1) {
-        // The peers share one device and the frozen weights; each adds its own training state.
-        p.total_bytes = crate::plan::data_parallel(&p, n).one_device_bytes;
+        // This process's peers share one device and the frozen weights; each adds its own training state.
+        p.total_bytes = crate::plan::data_parallel(&p, n, 1).per_node_bytes;
     }
     eprintln!("plan: {} of memory ({} bytes; sequences up to {seq} tokens; `hone plan` breaks it down)", hone::train::plan::human(p.total_bytes), p.total_bytes);
     let map = crate::plan::device_map(&config, &a.run, seq, backend, a.devices, a.max_memory.as_deref());
@@ -384,6 +389,16 @@ where
     B: burn::tensor::backend::AutodiffBackend + HoneBackend,
     B::InnerBackend: HoneBackend,
 {
+    let device = match a.device {
+        Some(_) if matches!(a.backend.unwrap_or(BackendKind::Cpu), BackendKind::Cpu) => bail!("--device picks a GPU of --backend wgpu or cuda; the CPU backend has one device"),
+        Some(_) if a.devices.is_some() => bail!("--device and --devices: pick one GPU, or split the layers over several"),
+        Some(k) => {
+            let d = crate::backend::sibling::<B>(&device, k);
+            crate::backend::probe::<B>(&format!("--device {k}"), &d)?;
+            d
+        }
+        None => device,
+    };
     let settings = a.run.clone();
     let nf4 = settings.nf4().map_err(|_| anyhow::anyhow!("--quantize {}: expected nf4 or none", a.run.quantize.as_deref().unwrap_or_default()))?;
     // On a GPU the buffers the plan cannot split must fit the adapter's largest: said by name

@@ -29,6 +29,18 @@ fn plan_counts_peft_trainable_parameters_for_smollm2() {
     assert!(dpo.status.success(), "{}", String::from_utf8_lossy(&dpo.stderr));
     let dpo: serde_json::Value = serde_json::from_slice(&dpo.stdout).unwrap();
     assert_eq!(dpo["total_bytes"], v["total_bytes"]);
+    // Data parallelism, 2 peers per process on 2 nodes: each process holds the frozen weights
+    // once and two peers' training state; every peer sends its gradients (and the loss), f32;
+    // peer 0 receives the other three's.
+    let dp = hone().args(["plan", "--rank", "16", "--json", "--data-parallel", "2", "--nodes", "2"]).output().unwrap();
+    assert!(dp.status.success(), "{}", String::from_utf8_lossy(&dp.stderr));
+    let dp: serde_json::Value = serde_json::from_slice(&dp.stdout).unwrap();
+    let (d, u) = (&dp["data_parallel"], |k: &str| v[k].as_u64().unwrap());
+    assert_eq!(d["peers"], 4);
+    assert_eq!(d["all_reduce_bytes"], 4 * (4_884_480u64 + 1));
+    assert_eq!(d["hub_bytes"], 3 * 4 * (4_884_480u64 + 1));
+    assert_eq!(d["per_peer_bytes"], v["total_bytes"]);
+    assert_eq!(d["per_node_bytes"].as_u64().unwrap(), u("total_bytes") + u("lora_bytes") + u("activation_bytes") + u("logits_bytes"));
     // ... and without it, the full f32 logits of batch 4 × 512.
     let out = hone().args(["plan", "--rank", "16", "--json", "--checkpointing", "off"]).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -134,7 +146,7 @@ fn peak_and_plan(model: &str, batch: &str, len: &str, optim: &str, extra: &[&str
 
 /// What `hone train` plans before it starts is within 10% of the peak RSS it then reaches, on
 /// the runs this machine can measure: the tiny fixture and SmolLM2 on the CPU backend, SmolLM2
-/// also with 8-bit AdamW and with DoRA.
+/// also with 8-bit AdamW, with DoRA, and as 2 data-parallel peers in one process.
 #[test]
 fn plan_is_within_ten_percent_of_measured_peak_memory() {
     let tiny = fixtures().join("llama");
@@ -143,7 +155,7 @@ fn plan_is_within_ten_percent_of_measured_peak_memory() {
     assert!(smollm2.exists(), "{} is missing: run `cargo xtask default-model` (cargo xtask test does)", smollm2.display());
     let (tiny, smollm2) = (tiny.to_str().unwrap(), smollm2.to_str().unwrap());
     for (model, batch, len, optim, extra) in
-        [(tiny, "4", "64", "adamw", &[][..]), (smollm2, "2", "128", "adamw", &[]), (smollm2, "2", "128", "adamw_8bit", &[]), (smollm2, "2", "128", "adamw", &["--dora"])]
+        [(tiny, "4", "64", "adamw", &[][..]), (smollm2, "2", "128", "adamw", &[]), (smollm2, "2", "128", "adamw_8bit", &[]), (smollm2, "2", "128", "adamw", &["--dora"]), (smollm2, "2", "128", "adamw", &["--data-parallel", "2"])]
     {
         let (peak, plan) = peak_and_plan(model, batch, len, optim, extra);
         let err = (plan - peak) / peak;
