@@ -122,10 +122,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let general = evaluate(&m, &general, a.batch_size, 0, &device);
             let started = std::time::Instant::now();
             let replies = generate_batch(&m, &prompt_ids, &cfg, &device, a.gen_batch_size);
-            let seconds = started.elapsed().as_secs_f64();
-            let generated: usize = replies.iter().map(Vec::len).sum();
-            eprintln!("compare: {name}: {generated} tokens generated in {seconds:.1}s, {:.1} tokens/s ({} prompts per batch)", generated as f64 / seconds.max(1e-9), a.gen_batch_size);
-            out.push(Measured { held_out, general, replies, seconds });
+            let m = Measured { held_out, general, replies, seconds: started.elapsed().as_secs_f64() };
+            let (generated, rate) = m.generated();
+            eprintln!("compare: {name}: {generated} tokens generated in {:.1}s, {rate:.1} tokens/s ({} prompts per batch)", m.seconds, a.gen_batch_size);
+            out.push(m);
         }
         out
     });

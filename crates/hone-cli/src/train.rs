@@ -489,8 +489,10 @@ where
     if peers > 1 && dpo {
         bail!("--data-parallel is for SFT runs; DPO and ORPO train on one peer");
     }
-    if peers > 1 && devices.len() > 1 {
-        bail!("--data-parallel with layers placed on several devices (--devices) is not supported: each peer holds the whole model on one device");
+    // Across nodes a peer may split its layers over this host's GPUs (its sums meet in host
+    // memory); peers of one process share one device.
+    if local > 1 && devices.len() > 1 {
+        bail!("--data-parallel N (N > 1) with layers placed on several devices (--devices) is not supported: the peers of one process share one device; with --nodes, each node may split its one peer's layers over its GPUs");
     }
     let mut helper_start = None;
     let needs_reference = cfg.dpo.is_some_and(|d| d.loss_type.needs_reference());

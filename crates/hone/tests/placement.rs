@@ -113,6 +113,48 @@ fn a_model_split_across_two_devices_matches_one_device() {
     }
 }
 
+/// Data parallelism across nodes combines with a device map: two nodes (threads here, talking
+/// over loopback TCP as processes would), each with its layers split over both devices and a
+/// micro-batch of 1, train as one peer with batch 2 on the same placement.
+#[test]
+fn nodes_with_layers_split_over_two_devices_train_as_one_with_their_joint_batch() {
+    use hone::train::data_parallel::{DataParallel, Nodes};
+    let [a, b] = devices();
+    let files = common::Synthetic { hidden: 64, inter: 160, layers: LAYERS, vocab: VOCAB, heads: 4, max_positions: 64 };
+    let files = files.files();
+    let two = Placement::from_indices(&[a.clone(), b.clone()], &[0, 0, 1, 1]).unwrap();
+    let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false, init: Default::default(), seed: 5 };
+    let cfg = |batch_size| TrainConfig { batch_size, lr: 1e-2, max_grad_norm: Some(1.0), ..Default::default() };
+    let mut alone = Trainer::new(load(&files, &two), lora.clone(), samples(), cfg(2), a.clone());
+    let alone_losses: Vec<f64> = (0..3).map(|_| alone.step().loss).collect();
+    let alone = adapter(&alone.model);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let nodes: Vec<_> = (0..2)
+        .map(|rank| {
+            let (files, two, lora, a) = (files.clone(), two.clone(), lora.clone(), a.clone());
+            std::thread::spawn(move || {
+                let nodes = Nodes { count: 2, rank, orchestrator: format!("127.0.0.1:{port}") };
+                let t = Trainer::new(load(&files, &two), lora, samples(), cfg(1), a);
+                let mut t = t.data_parallel(DataParallel::across(nodes, 0, 1)).unwrap();
+                let losses: Vec<f64> = (0..3).map(|_| t.step().loss).collect();
+                (losses, adapter(&t.model))
+            })
+        })
+        .collect();
+    for (rank, node) in nodes.into_iter().enumerate() {
+        let (losses, ad) = node.join().unwrap();
+        println!("node {rank}: losses {losses:?} vs {alone_losses:?}");
+        for (x, y) in alone_losses.iter().zip(&losses) {
+            assert!((x - y).abs() <= 1e-5 * x.abs(), "loss {x} vs {y}");
+        }
+        assert_eq!(ad.len(), LAYERS * 7);
+        for ((n, x), (_, y)) in alone.iter().zip(&ad) {
+            let err = rel_error(y, x);
+            assert!(err < 1e-5, "node {rank}: {n}: rel error {err:.2e} after 3 steps");
+        }
+    }
+}
+
 /// The synthetic model with its own lm_head.
 fn untied(s: &common::Synthetic) -> hone::io::MemFiles {
     let tied = s.files();

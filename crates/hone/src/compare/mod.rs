@@ -74,6 +74,14 @@ pub struct Measured {
     pub seconds: f64,
 }
 
+impl Measured {
+    /// Tokens generated, and their rate.
+    pub fn generated(&self) -> (usize, f64) {
+        let n: usize = self.replies.iter().map(Vec::len).sum();
+        (n, n as f64 / self.seconds.max(1e-9))
+    }
+}
+
 /// Collects the variants, in order (the base first), and their replies into a report.
 pub struct Comparison<'a> {
     held: &'a HeldOut,
@@ -89,8 +97,7 @@ impl<'a> Comparison<'a> {
 
     /// Scores one variant's replies; returns its generation speed in tokens/s.
     pub fn add(&mut self, name: &str, adapter: Option<String>, m: &Measured, tok: &Tokenizer) -> Result<f64> {
-        let generated: usize = m.replies.iter().map(Vec::len).sum();
-        let tokens_per_s = generated as f64 / m.seconds.max(1e-9);
+        let (_, tokens_per_s) = m.generated();
         let mut scores = Vec::new();
         for (i, ids) in m.replies.iter().enumerate() {
             let reply = tok.decode(ids, true)?.trim().to_string();

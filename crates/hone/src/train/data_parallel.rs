@@ -159,24 +159,33 @@ impl DataParallel {
     }
 
     /// Each tensor summed over the peers, in one all-reduce: flattened, joined, reduced, split.
+    /// Across nodes the tensors may sit on several devices (layers split with `--devices`):
+    /// they meet in host memory and each sum goes back to its tensor's device.
     pub fn sum<B: Backend, const D: usize>(&self, tensors: Vec<Tensor<B, D>>) -> crate::Result<Vec<Tensor<B, D>>> {
         let shapes: Vec<[usize; D]> = tensors.iter().map(|t| t.dims()).collect();
+        if self.wire.is_some() {
+            let devices: Vec<B::Device> = tensors.iter().map(|t| t.device()).collect();
+            let mut values = Vec::new();
+            for t in tensors {
+                values.extend(t.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| self.error(format!("{e:?}")))?);
+            }
+            let summed = self.sum_values::<B>(values, &devices[0])?;
+            let mut at = 0;
+            return Ok(shapes
+                .into_iter()
+                .zip(devices)
+                .map(|(shape, device)| {
+                    let n: usize = shape.iter().product();
+                    at += n;
+                    Tensor::from_data(TensorData::new(summed[at - n..at].to_vec(), shape), &device)
+                })
+                .collect());
+        }
         let flat: Vec<Tensor<B, 1>> = tensors.into_iter().map(|t| t.flatten(0, D - 1)).collect();
-        let joined = Tensor::cat(flat, 0);
-        let device = joined.device();
-        let reduced = match &self.wire {
-            Some(_) => {
-                let values: Vec<f32> = joined.into_data().convert::<f32>().to_vec().map_err(|e| self.error(format!("{e:?}")))?;
-                let n = values.len();
-                Tensor::<B, 1>::from_data(TensorData::new(self.sum_values::<B>(values, &device)?, [n]), &device)
-            }
-            None => {
-                let id = self.id();
-                let primitive = joined.into_primitive().tensor();
-                let reduced = self.within("summing the gradients", move || all_reduce::<B>(id, primitive, ReduceOperation::Sum))?;
-                Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(reduced))
-            }
-        };
+        let primitive = Tensor::cat(flat, 0).into_primitive().tensor();
+        let id = self.id();
+        let reduced = self.within("summing the gradients", move || all_reduce::<B>(id, primitive, ReduceOperation::Sum))?;
+        let reduced = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(reduced));
         let mut at = 0;
         Ok(shapes
             .into_iter()
