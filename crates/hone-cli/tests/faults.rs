@@ -7,27 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("hone-faults-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn write_data(dir: &Path) -> PathBuf {
-    let lines: Vec<String> = (0..12).map(|i| format!("{{\"prompt\": \"Q{i}: {i}+{i}?\", \"completion\": \" {}\"}}", 2 * i)).collect();
-    let path = dir.join("data.jsonl");
-    std::fs::write(&path, lines.join("\n")).unwrap();
-    path
-}
+mod common;
+use common::{fixtures, s, tmp, write_data};
 
 /// The run every test repeats: dropout on, shuffled, a checkpoint after every step.
 fn train_args(data: &Path, out: &Path, steps: usize) -> Vec<String> {
