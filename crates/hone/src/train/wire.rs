@@ -110,7 +110,7 @@ impl Wire {
         for v in [rank as u64, peers as u64, start.step as u64, start.fingerprint] {
             hello.extend(v.to_le_bytes());
         }
-        (&hub).write_all(&hello).map_err(|e| format!("peer 0 (node 0, {address}): {e}"))?;
+        (&hub).write_all(&hello).map_err(|e| format!("peer 0 (node 0, {address}): {}", why(&hub, e)))?;
         match receive(&hub) {
             Ok((DATA, _)) => Ok(Wire::Spoke { hub, address: address.to_string() }),
             Ok((_, text)) => Err(String::from_utf8_lossy(&text).into_owned()),
@@ -142,7 +142,7 @@ impl Wire {
             }
             Wire::Spoke { hub, address } => {
                 let lost = |e: String| format!("lost peer 0 (node 0, {address}): {e}");
-                send(hub, DATA, &to_bytes(&values)).map_err(|e| lost(e.to_string()))?;
+                send(hub, DATA, &to_bytes(&values)).map_err(lost)?;
                 match receive(hub) {
                     Ok((DATA, bytes)) if bytes.len() == 4 * values.len() => Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()),
                     Ok((DATA, bytes)) => Err(format!("peer 0 sent {} values, this peer has {}", bytes.len() / 4, values.len())),
@@ -181,21 +181,26 @@ fn to_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-fn send(mut s: &TcpStream, kind: u8, payload: &[u8]) -> std::io::Result<()> {
+fn send(mut s: &TcpStream, kind: u8, payload: &[u8]) -> Result<(), String> {
     let mut frame = Vec::with_capacity(9 + payload.len());
     frame.push(kind);
     frame.extend((payload.len() as u64).to_le_bytes());
     frame.extend_from_slice(payload);
-    s.write_all(&frame)
+    s.write_all(&frame).map_err(|e| why(s, e))
+}
+
+/// A failed read or write, said as what it means for the peer at the other end.
+fn why(s: &TcpStream, e: std::io::Error) -> String {
+    match e.kind() {
+        ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => "the connection closed (the process stopped or was killed)".to_string(),
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => format!("no answer within {}s (stalled, or the network dropped)", s.read_timeout().ok().flatten().map_or(0, |t| t.as_secs())),
+        _ => e.to_string(),
+    }
 }
 
 /// One frame; a closed connection or a timeout is an error that says which.
 fn receive(mut s: &TcpStream) -> Result<(u8, Vec<u8>), String> {
-    let why = |e: std::io::Error| match e.kind() {
-        ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => "the connection closed (the process stopped or was killed)".to_string(),
-        ErrorKind::WouldBlock | ErrorKind::TimedOut => format!("no answer within {}s (stalled, or the network dropped)", s.read_timeout().ok().flatten().map_or(0, |t| t.as_secs())),
-        _ => e.to_string(),
-    };
+    let why = |e: std::io::Error| why(s, e);
     let mut head = [0u8; 9];
     s.read_exact(&mut head).map_err(why)?;
     let len = u64::from_le_bytes(head[1..].try_into().expect("8 bytes"));
