@@ -600,9 +600,10 @@ where
             Some((_, t)) => *t += r.tokens,
         }
         if !r.loss.is_finite() {
-            if writes {
-                save_checkpoint(&ckpt_dir, &trainer, &saved, best.as_ref(), r.step)?;
+            if !writes {
+                bail!("the loss became {} at step {}; node 0 saves the checkpoint (try a lower --lr)", r.loss, r.step);
             }
+            save_checkpoint(&ckpt_dir, &trainer, &saved, best.as_ref(), r.step)?;
             bail!("the loss became {} at step {}; checkpoint saved in {} (try a lower --lr)", r.loss, r.step, ckpt_dir.display());
         }
         let tps = tokens as f64 / started.elapsed().as_secs_f64();
