@@ -174,7 +174,8 @@ fn fused_products_use_the_exact_dequantized_values() {
 #[test]
 #[ignore]
 fn speed_on_smollm2_shapes() {
-    let m = 120;
+    // Rows: a training micro-batch's tokens (HONE_SPEED_ROWS, default 120).
+    let m = std::env::var("HONE_SPEED_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(120);
     for (n, k) in [(576, 576), (192, 576), (1536, 576), (576, 1536)] {
         let w = nf4_weight(n, k, 64);
         let x = Tensor::<NdArray, 2>::random([m, k], Distribution::Normal(0.0, 1.0), &Default::default());

@@ -76,7 +76,7 @@ pub(crate) fn gemm(m: usize, k: usize, n: usize, alpha: f32, (a, rsa, csa): (&[f
     assert!(a.len() >= extent(m, k, rsa, csa) && b.len() >= extent(k, n, rsb, csb) && c.len() >= extent(m, n, ldc, 1), "gemm operands smaller than [{m}, {k}] · [{k}, {n}]");
     // SAFETY: every operand's extent under its strides is checked above; c aliases neither.
     unsafe {
-        matrixmultiply::sgemm(m, k, n, alpha, a.as_ptr(), rsa as isize, csa as isize, b.as_ptr(), rsb as isize, csb as isize, beta, c.as_mut_ptr(), ldc as isize, 1);
+        gemm::gemm(m, n, k, c.as_mut_ptr(), 1, ldc as isize, beta != 0.0, a.as_ptr(), csa as isize, rsa as isize, b.as_ptr(), csb as isize, rsb as isize, beta, alpha, false, false, false, gemm::Parallelism::Rayon(rayon::current_num_threads()));
     }
 }
 

@@ -1,5 +1,5 @@
 //! hone's ops on burn's NdArray CPU backend: each one threaded pass over the backend's own
-//! arrays (read in place), GEMMs through `matrixmultiply` on strided views, and NF4 weights
+//! arrays (read in place), GEMMs through the `gemm` crate on strided views (on rayon's threads), and NF4 weights
 //! multiplied by the kernels of [`super::nf4_gemm`] where the CPU has them.
 
 use super::cpu::{exp, gemm, host, scatter_rows, softmax_rows, rope_head, rope_head_backward, targets_vec, tensor, with_f32, Shared, CHUNK};
@@ -290,12 +290,12 @@ impl HoneBackend for NdArray {
         let [m, k] = x.dims();
         let device = x.device();
         let [n, _] = w.dims();
-        let mut y = vec![0f32; m * n];
         if m > GEMV_ROWS {
             if let Some(out) = with_nf4_codes(w, |codes| with_f32(x.clone(), |x| super::nf4_gemm::matmul_t(x, m, codes, n, k))) {
                 return tensor(out, [m, n], &device);
             }
             if w.packed.is_some() || w.nf4.is_some() {
+                let mut y = vec![0f32; m * n];
                 // Columns r0.. of y from rows r0.. of W: y[:, r0..] = x · W[r0..]ᵀ.
                 with_f32(x, |x| row_chunks(w, |r0, rows, wc| gemm(m, k, rows, 1.0, (x, k, 1), (wc, 1, k), 0.0, &mut y[r0..], n)));
                 return tensor(y, [m, n], &device);
@@ -304,6 +304,7 @@ impl HoneBackend for NdArray {
             return dense_gemm(m, k, n, w.to_dense(), (1, k), x);
         }
         // Output laid out [n, m] while computing (one weight row per task), transposed after.
+        let mut y = vec![0f32; m * n];
         with_f32(x, |x| {
             let rows = |out: &mut [f32], row: &[f32]| {
                 for (r, o) in out.iter_mut().enumerate() {

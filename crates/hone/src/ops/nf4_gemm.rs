@@ -93,6 +93,13 @@ trait Kernel {
     unsafe fn decode_run(w: &Codes, at: usize, len: usize, out: &mut [f32]) {
         decode_portable(w, at, len, Self::NR, out)
     }
+    /// Decodes rows `j0..j0+cols` of W (cols ≤ NR) into `panel` k-major: `panel[p·NR + c] =
+    /// W[j0 + c][p]`, columns past `cols` zero.
+    ///
+    /// SAFETY: the CPU has the level's features; the rows lie inside W; `panel` holds k × NR.
+    unsafe fn decode_panel(w: &Codes, j0: usize, cols: usize, k: usize, panel: &mut [f32]) {
+        decode_panel_with(j0, cols, k, Self::NR, panel, |at, run| Self::decode_run(w, at, run.len(), run))
+    }
 }
 
 /// Whether this machine's level and these shapes take the fused path: a level with a kernel,
@@ -152,37 +159,33 @@ pub fn matmul_at(level: CpuLevel, dy: &[f32], m: usize, w: &Codes, n: usize, k: 
 #[allow(dead_code)]
 fn forward<K: Kernel>(x: &[f32], m: usize, w: &Codes, n: usize, k: usize) -> Vec<f32> {
     let (mr, nr) = (K::MR, K::NR);
-    // x in panels of NR rows, each stored k-major: panel[p][c] = x[row c][p], zero-padded.
-    let panels = m.div_ceil(nr);
-    let mut xp = vec![0f32; panels * k * nr];
-    xp.par_chunks_mut(k * nr).enumerate().for_each(|(p, panel)| {
-        for c in 0..nr.min(m - p * nr) {
-            let row = &x[(p * nr + c) * k..(p * nr + c + 1) * k];
-            for (kk, &v) in row.iter().enumerate() {
-                panel[kk * nr + c] = v;
-            }
-        }
-    });
+    // The panel (NR rows of W, decoded and stored k-major) is the operand the kernel reuses, as
+    // in `backward`: it stays in cache while every MR rows of x stream past it. (The other way
+    // round, W rows against panels of x, read all of x from outside the cache for each MR rows
+    // of W: half the speed at SmolLM2's shapes.)
+    let panels = n.div_ceil(nr);
+    let row_tiles = m.div_ceil(mr);
+    // Rows are split too where there are too few panels to keep every thread busy.
+    let splits = (4 * rayon::current_num_threads()).div_ceil(panels).clamp(1, row_tiles);
+    let per_split = row_tiles.div_ceil(splits);
     let mut y = vec![0f32; m * n];
     let out = Shared(y.as_mut_ptr());
-    (0..n.div_ceil(mr)).into_par_iter().for_each_init(
-        || vec![0f32; mr * k],
-        |a, tile| {
-            let j0 = tile * mr;
-            let rows = mr.min(n - j0);
-            for r in 0..rows {
-                // SAFETY: the level was checked by `supported_at`; row j0+r is inside W.
-                unsafe { K::decode_run(w, (j0 + r) * k, k, &mut a[r * k..(r + 1) * k]) };
-            }
+    (0..panels * splits).into_par_iter().for_each_init(
+        || vec![0f32; k * nr],
+        |panel, task| {
+            let (q, split) = (task / splits, task % splits);
+            let j0 = q * nr;
+            let cols = nr.min(n - j0);
+            // SAFETY: the level was checked by `supported_at`; rows j0..j0+cols are inside W.
+            unsafe { K::decode_panel(w, j0, cols, k, panel) };
             let mut acc = [0f32; TILE];
-            for p in 0..panels {
-                // SAFETY: a holds `rows` rows of k; the panel holds k × NR values.
-                unsafe { K::kernel(k, a.as_ptr(), k, rows, xp[p * k * nr..].as_ptr(), &mut acc) };
-                for c in 0..nr.min(m - p * nr) {
-                    for r in 0..rows {
-                        // SAFETY: (p·NR + c, j0 + r) is inside y; tiles write disjoint columns.
-                        unsafe { *out.at((p * nr + c) * n + j0 + r) = acc[r * nr + c] };
-                    }
+            for t in split * per_split..((split + 1) * per_split).min(row_tiles) {
+                let (i0, rows) = (t * mr, mr.min(m - t * mr));
+                // SAFETY: x rows i0.. hold k values each; the panel holds k × NR.
+                unsafe { K::kernel(k, x[i0 * k..].as_ptr(), k, rows, panel.as_ptr(), &mut acc) };
+                for r in 0..rows {
+                    // SAFETY: row i0+r, columns j0..j0+cols are inside y; tasks write disjoint blocks.
+                    unsafe { std::ptr::copy_nonoverlapping(acc[r * nr..].as_ptr(), out.at((i0 + r) * n + j0), cols) };
                 }
             }
         },
@@ -233,6 +236,24 @@ fn decode_portable(w: &Codes, at: usize, len: usize, nr: usize, out: &mut [f32])
                 let byte = (word >> (8 * b)) & 255;
                 o[2 * b] = NF4_CODE[(byte >> 4) as usize] * scale;
                 o[2 * b + 1] = NF4_CODE[(byte & 15) as usize] * scale;
+            }
+        }
+    }
+}
+
+/// [`Kernel::decode_panel`] a run of NR values at a time, each scattered down its column.
+fn decode_panel_with(j0: usize, cols: usize, k: usize, nr: usize, panel: &mut [f32], decode_run: impl Fn(usize, &mut [f32])) {
+    let mut run = [0f32; 32];
+    let run = &mut run[..nr];
+    for c in 0..nr {
+        for p0 in (0..k).step_by(nr) {
+            if c < cols {
+                decode_run((j0 + c) * k + p0, run);
+            } else {
+                run.fill(0.0);
+            }
+            for (i, &v) in run.iter().enumerate() {
+                panel[(p0 + i) * nr + c] = v;
             }
         }
     }
@@ -320,6 +341,62 @@ impl Kernel for Avx2 {
     unsafe fn decode_run(w: &Codes, at: usize, len: usize, out: &mut [f32]) {
         decode_run_avx2(w, at, len, out)
     }
+
+    #[inline]
+    unsafe fn decode_panel(w: &Codes, j0: usize, cols: usize, k: usize, panel: &mut [f32]) {
+        decode_panel_avx2(w, j0, cols, k, panel)
+    }
+}
+
+/// One word's 8 codes as 8 floats, `code × scale` (see [`decode_run_avx2`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn decode_word_avx2(word: u32, scale: f32, (lo, hi): (__m256, __m256)) -> __m256 {
+    let shifts = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
+    let (fifteen, eight) = (_mm256_set1_epi32(15), _mm256_set1_epi32(8));
+    let doubled = _mm_unpacklo_epi8(_mm_cvtsi32_si128(word as i32), _mm_cvtsi32_si128(word as i32));
+    let idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_cvtepu8_epi32(doubled), shifts), fifteen);
+    let top = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(idx, eight), eight));
+    let v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx), top);
+    _mm256_mul_ps(v, _mm256_set1_ps(scale))
+}
+
+/// [`Kernel::decode_panel`] 8 rows × 8 values at a time: each row's word decoded into a
+/// register, the 8 × 8 block transposed in registers, stored as 8 panel rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn decode_panel_avx2(w: &Codes, j0: usize, cols: usize, k: usize, panel: &mut [f32]) {
+    use crate::quant::nf4::NF4_CODE;
+    let table = (_mm256_loadu_ps(NF4_CODE.as_ptr()), _mm256_loadu_ps(NF4_CODE.as_ptr().add(8)));
+    for p0 in (0..k).step_by(8) {
+        for half in 0..2 {
+            let r: [__m256; 8] = std::array::from_fn(|i| {
+                let c = half * 8 + i;
+                if c < cols {
+                    let f = (j0 + c) * k + p0;
+                    decode_word_avx2(w.words.word(f / 8).to_le(), w.absmax.get(f / w.blocksize), table)
+                } else {
+                    _mm256_setzero_ps()
+                }
+            });
+            let t: [__m256; 8] = std::array::from_fn(|i| {
+                let (a, b) = (r[2 * (i / 2)], r[2 * (i / 2) + 1]);
+                if i % 2 == 0 { _mm256_unpacklo_ps(a, b) } else { _mm256_unpackhi_ps(a, b) }
+            });
+            // s[4g + q]: column q (low lane) / q + 4 (high lane) of rows 4g..4g+4.
+            let s: [__m256; 8] = std::array::from_fn(|i| {
+                let (g, q) = (i / 4, i % 4);
+                let (a, b) = (t[4 * g + (q / 2)], t[4 * g + 2 + (q / 2)]);
+                if q % 2 == 0 { _mm256_shuffle_ps::<0x44>(a, b) } else { _mm256_shuffle_ps::<0xEE>(a, b) }
+            });
+            for q in 0..4 {
+                let out = panel.as_mut_ptr().add(half * 8);
+                _mm256_storeu_ps(out.add((p0 + q) * 16), _mm256_permute2f128_ps::<0x20>(s[q], s[4 + q]));
+                _mm256_storeu_ps(out.add((p0 + q + 4) * 16), _mm256_permute2f128_ps::<0x31>(s[q], s[4 + q]));
+            }
+        }
+    }
 }
 
 /// Decodes 16 values per step: the 16-entry table is two 8-entry `vpermps` lookups blended on
@@ -402,6 +479,39 @@ unsafe fn kernel_neon(depth: usize, a: *const f32, lda: usize, rows: usize, pane
     for r in 0..MR {
         for q in 0..4 {
             vst1q_f32(acc.as_mut_ptr().add(r * 16 + q * 4), c[r][q]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The portable panel decoder (AVX-512's and NEON's) and AVX2's give the same panel, with a
+    /// partial panel and absmax blocks that straddle rows (k = 80, blocks of 64).
+    #[test]
+    fn panel_decoders_agree() {
+        let (n, k, blocksize): (usize, usize, usize) = (13, 80, 64);
+        let words: Vec<i32> = (0..n * k / 8).map(|i| (i as u32).wrapping_mul(2654435761) as i32).collect();
+        let absmax: Vec<f32> = (0..(n * k).div_ceil(blocksize)).map(|b| 0.5 + b as f32 / 7.0).collect();
+        let w = Codes { words: Words::I32(&words), absmax: Absmax::Plain(&absmax), blocksize };
+        for (j0, cols) in [(0, 13), (0, 16.min(n)), (5, 8)] {
+            let cols = cols.min(n - j0);
+            let mut portable = vec![f32::NAN; k * 16];
+            decode_panel_with(j0, cols, k, 16, &mut portable, |at, run| decode_portable(&w, at, run.len(), 16, run));
+            for c in 0..16 {
+                for p in 0..k {
+                    let want = if c < cols { let f = (j0 + c) * k + p; let mut v = [0f32; 16]; decode_portable(&w, f - f % 16, 16, 16, &mut v); v[f % 16] } else { 0.0 };
+                    assert_eq!(portable[p * 16 + c].to_bits(), want.to_bits(), "row {c}, column {p}");
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            if CpuLevel::available().contains(&CpuLevel::Avx2) {
+                let mut avx2 = vec![f32::NAN; k * 16];
+                // SAFETY: the CPU has AVX2 and FMA; rows j0..j0+cols are inside W.
+                unsafe { decode_panel_avx2(&w, j0, cols, k, &mut avx2) };
+                assert!(avx2.iter().zip(&portable).all(|(a, b)| a.to_bits() == b.to_bits()), "AVX2 panel differs at j0 {j0}, cols {cols}");
+            }
         }
     }
 }
