@@ -11,8 +11,10 @@
 //! Both products use one register-blocked kernel per level: `acc[r][0..NR] += a[r][p] ·
 //! panel[p][0..NR]` for MR rows `r` (AVX-512: 12 × 32, 24 zmm accumulators; AVX2 and NEON:
 //! 6 × 16, 12 ymm / 24 q-register accumulators).
-//! - forward, `yᵀ = W·xᵀ`: `a` = MR decoded rows of W, the panel = NR rows of x, transposed;
+//! - forward, `y = x·Wᵀ`: `a` = MR rows of x, the panel = NR decoded rows of W, transposed;
 //! - backward, `dx = dy·W`: `a` = MR rows of dy, the panel = NR decoded columns of W.
+//!
+//! In both the panel is the decoded W, reused by every MR rows of activations while it is in cache.
 
 use super::simd::CpuLevel;
 use crate::ops::cpu::Shared;
@@ -31,6 +33,16 @@ pub struct Codes<'a> {
     pub words: Words<'a>,
     pub absmax: Absmax<'a>,
     pub blocksize: usize,
+}
+
+impl Codes<'_> {
+    /// The absmax of the block holding flat index `f`. Block sizes are powers of two
+    /// ([`crate::quant::nf4::check_blocksize`]): a shift, not a 64-bit division (tens of cycles,
+    /// once per run of 8 or 16 decoded values).
+    #[inline(always)]
+    pub fn scale(&self, f: usize) -> f32 {
+        self.absmax.get(f >> self.blocksize.trailing_zeros())
+    }
 }
 
 /// A block's absmax: stored as f32, or double-quantized as bitsandbytes keeps it (see
@@ -115,7 +127,7 @@ pub fn supported_at(level: CpuLevel, in_features: usize, blocksize: usize) -> bo
         CpuLevel::Avx512 => 32,
         CpuLevel::Avx2 | CpuLevel::Neon => 16,
     };
-    CpuLevel::available().contains(&level) && in_features % nr == 0 && blocksize % nr == 0
+    CpuLevel::available().contains(&level) && in_features % nr == 0 && blocksize % nr == 0 && blocksize.is_power_of_two()
 }
 
 /// `y[m, n] = x[m, k] · Wᵀ`, W `[n, k]` in NF4. Call only where [`supported`] holds.
@@ -228,7 +240,7 @@ fn decode_portable(w: &Codes, at: usize, len: usize, nr: usize, out: &mut [f32])
     use crate::quant::nf4::NF4_CODE;
     for run in 0..len / nr {
         let f = at + run * nr;
-        let scale = w.absmax.get(f / w.blocksize);
+        let scale = w.scale(f);
         let out = &mut out[run * nr..(run + 1) * nr];
         for (i, o) in out.chunks_exact_mut(8).enumerate() {
             let word = w.words.word(f / 8 + i);
@@ -292,7 +304,7 @@ unsafe fn decode_run_avx512(w: &Codes, at: usize, len: usize, out: &mut [f32]) {
         let word = f / 8;
         let bytes: [u32; 4] = std::array::from_fn(|i| w.words.word(word + i).to_le());
         let bytes = _mm_loadu_si128(bytes.as_ptr().cast());
-        let scale = _mm512_set1_ps(w.absmax.get(f / w.blocksize));
+        let scale = _mm512_set1_ps(w.scale(f));
         for (half, doubled) in [_mm_unpacklo_epi8(bytes, bytes), _mm_unpackhi_epi8(bytes, bytes)].into_iter().enumerate() {
             let idx = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(doubled), shifts);
             let v = _mm512_mul_ps(_mm512_permutexvar_ps(idx, table), scale);
@@ -375,7 +387,7 @@ unsafe fn decode_panel_avx2(w: &Codes, j0: usize, cols: usize, k: usize, panel: 
                 let c = half * 8 + i;
                 if c < cols {
                     let f = (j0 + c) * k + p0;
-                    decode_word_avx2(w.words.word(f / 8).to_le(), w.absmax.get(f / w.blocksize), table)
+                    decode_word_avx2(w.words.word(f / 8).to_le(), w.scale(f), table)
                 } else {
                     _mm256_setzero_ps()
                 }
@@ -411,7 +423,7 @@ unsafe fn decode_run_avx2(w: &Codes, at: usize, len: usize, out: &mut [f32]) {
     let (fifteen, eight) = (_mm256_set1_epi32(15), _mm256_set1_epi32(8));
     for run in 0..len / 16 {
         let f = at + run * 16;
-        let scale = _mm256_set1_ps(w.absmax.get(f / w.blocksize));
+        let scale = _mm256_set1_ps(w.scale(f));
         for half in 0..2 {
             let word = w.words.word(f / 8 + half).to_le();
             // Each of the word's 4 bytes twice: lanes (2b, 2b+1) hold byte b.
