@@ -74,6 +74,8 @@ impl Shared {
 pub(crate) fn gemm(m: usize, k: usize, n: usize, alpha: f32, (a, rsa, csa): (&[f32], usize, usize), (b, rsb, csb): (&[f32], usize, usize), beta: f32, c: &mut [f32], ldc: usize) {
     let extent = |rows: usize, cols: usize, rs: usize, cs: usize| if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 };
     assert!(a.len() >= extent(m, k, rsa, csa) && b.len() >= extent(k, n, rsb, csb) && c.len() >= extent(m, n, ldc, 1), "gemm operands smaller than [{m}, {k}] · [{k}, {n}]");
+    // The gemm crate's order is dst := alpha·dst + beta·lhs·rhs (dst read only when asked), so
+    // our alpha and beta trade places.
     // SAFETY: every operand's extent under its strides is checked above; c aliases neither.
     unsafe {
         gemm::gemm(m, n, k, c.as_mut_ptr(), 1, ldc as isize, beta != 0.0, a.as_ptr(), csa as isize, rsa as isize, b.as_ptr(), csb as isize, rsb as isize, beta, alpha, false, false, false, gemm::Parallelism::Rayon(rayon::current_num_threads()));

@@ -360,7 +360,8 @@ impl Kernel for Avx2 {
     }
 }
 
-/// One word's 8 codes as 8 floats, `code × scale` (see [`decode_run_avx2`]).
+/// One word's 8 codes as 8 floats, `code × scale`: lane 2b reads byte b's high nibble, lane
+/// 2b+1 its low one.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
@@ -417,21 +418,13 @@ unsafe fn decode_panel_avx2(w: &Codes, j0: usize, cols: usize, k: usize, panel: 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn decode_run_avx2(w: &Codes, at: usize, len: usize, out: &mut [f32]) {
     use crate::quant::nf4::NF4_CODE;
-    let (lo, hi) = (_mm256_loadu_ps(NF4_CODE.as_ptr()), _mm256_loadu_ps(NF4_CODE.as_ptr().add(8)));
-    // Lane 2b reads byte b's high nibble, lane 2b+1 its low one.
-    let shifts = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
-    let (fifteen, eight) = (_mm256_set1_epi32(15), _mm256_set1_epi32(8));
+    let table = (_mm256_loadu_ps(NF4_CODE.as_ptr()), _mm256_loadu_ps(NF4_CODE.as_ptr().add(8)));
     for run in 0..len / 16 {
         let f = at + run * 16;
-        let scale = _mm256_set1_ps(w.scale(f));
+        let scale = w.scale(f);
         for half in 0..2 {
-            let word = w.words.word(f / 8 + half).to_le();
-            // Each of the word's 4 bytes twice: lanes (2b, 2b+1) hold byte b.
-            let doubled = _mm_unpacklo_epi8(_mm_cvtsi32_si128(word as i32), _mm_cvtsi32_si128(word as i32));
-            let idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_cvtepu8_epi32(doubled), shifts), fifteen);
-            let top = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(idx, eight), eight));
-            let v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx), top);
-            _mm256_storeu_ps(out.as_mut_ptr().add(run * 16 + half * 8), _mm256_mul_ps(v, scale));
+            let v = decode_word_avx2(w.words.word(f / 8 + half).to_le(), scale, table);
+            _mm256_storeu_ps(out.as_mut_ptr().add(run * 16 + half * 8), v);
         }
     }
 }
