@@ -255,9 +255,17 @@ fn regression_tokenizer_json_with_a_syntax_error_in_its_decoder() {
 }
 
 /// A post-processor whose special token the file does not define: tokenizers 0.22 panicked at
-/// the first encode ("no entry found for key"; found by the same test).
+/// the first encode ("no entry found for key"; found by the same test). Now refused before any
+/// encode, by a check that needs no unwinding (wasm has none).
 #[test]
 fn regression_tokenizer_json_whose_post_processor_names_an_unknown_token() {
     let err = tokenizer_edit_err("\"special_tokens\"", "\"<|endoftext|>\": {", "\"<|endoftet|>\": {");
-    assert!(err.contains("m/tokenizer.json") && err.contains("panicked while encoding"), "{err}");
+    assert!(err.contains("m/tokenizer.json") && err.contains("post_processor") && err.contains("\"<|endoftext|>\", which special_tokens does not define"), "{err}");
+}
+
+/// A special token whose ids and tokens differ in length (tokenizers' reader accepts it).
+#[test]
+fn tokenizer_json_whose_special_token_has_more_ids_than_tokens_is_refused() {
+    let err = tokenizer_edit_err("\"special_tokens\"", "\"ids\": [", "\"ids\": [1, ");
+    assert!(err.contains("m/tokenizer.json") && err.contains("has 2 ids but 1 tokens"), "{err}");
 }

@@ -20,9 +20,16 @@ impl Tokenizer {
         let inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
             .map_err(|_| err("the tokenizers crate panicked reading it (malformed content)".to_string()))?
             .map_err(|e| err(e.to_string()))?;
+        // tokenizers validates a template post-processor only when it is built in code, not when
+        // it is read: one that names a special token the file does not define panics at the first
+        // encode, which wasm cannot catch. Checked here, on every target.
+        if let Some(post) = inner.get_post_processor() {
+            let post = serde_json::to_value(post).map_err(|e| err(e.to_string()))?;
+            check_post_processor(&post).map_err(|m| err(format!("post_processor: {m}")))?;
+        }
         let tok = Tokenizer { inner, file: file.to_string() };
-        // Parts that deserialize but cannot work (a post-processor naming a special token the
-        // file does not define) panic at the first encode: found now, named by file.
+        // Anything else that deserializes but cannot work panics at the first encode: found now,
+        // named by file (natively).
         for special in [true, false] {
             tok.encode("Hello, world.", special)?;
         }
@@ -65,5 +72,36 @@ impl Tokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+}
+
+/// Every special token a `TemplateProcessing` (also inside a `Sequence`) places is defined in its
+/// `special_tokens`, with as many ids as tokens — what tokenizers' builder checks and its reader
+/// does not.
+fn check_post_processor(post: &serde_json::Value) -> std::result::Result<(), String> {
+    use serde_json::Value;
+    match post.get("type").and_then(Value::as_str) {
+        Some("Sequence") => {
+            post.get("processors").and_then(Value::as_array).into_iter().flatten().try_for_each(check_post_processor)
+        }
+        Some("TemplateProcessing") => {
+            let defined = post.get("special_tokens").and_then(Value::as_object);
+            for (name, token) in defined.into_iter().flatten() {
+                let len = |k: &str| token.get(k).and_then(Value::as_array).map_or(0, Vec::len);
+                if len("ids") != len("tokens") {
+                    return Err(format!("special token {name:?} has {} ids but {} tokens", len("ids"), len("tokens")));
+                }
+            }
+            for template in ["single", "pair"] {
+                let pieces = post.get(template).and_then(Value::as_array).into_iter().flatten();
+                for id in pieces.filter_map(|p| p.get("SpecialToken")?.get("id")?.as_str()) {
+                    if !defined.is_some_and(|d| d.contains_key(id)) {
+                        return Err(format!("the {template} template places special token {id:?}, which special_tokens does not define"));
+                    }
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
