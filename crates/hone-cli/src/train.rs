@@ -762,8 +762,9 @@ fn nodes_of(a: &TrainArgs) -> anyhow::Result<Option<hone::train::data_parallel::
         bail!("--node-rank {rank}: expected 0 to {}", count - 1);
     }
     let orchestrator = a.orchestrator.clone().context("--nodes needs --orchestrator HOST:PORT (the same on every node; node 0 listens there)")?;
-    orchestrator.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).with_context(|| format!("--orchestrator {orchestrator}: expected HOST:PORT"))?;
-    Ok(Some(hone::train::data_parallel::Nodes { count, rank, orchestrator }))
+    let nodes = hone::train::data_parallel::Nodes { count, rank, orchestrator };
+    nodes.port()?;
+    Ok(Some(nodes))
 }
 
 /// Where a run writing `out` keeps its checkpoints: `OUT.checkpoint` beside it.

@@ -36,7 +36,8 @@ pub struct Nodes {
 }
 
 impl Nodes {
-    fn port(&self) -> crate::Result<u16> {
+    /// The port of `orchestrator` (`host:port`); an error naming `--orchestrator` otherwise.
+    pub fn port(&self) -> crate::Result<u16> {
         self.orchestrator
             .rsplit_once(':')
             .and_then(|(_, p)| p.parse().ok())
@@ -162,40 +163,43 @@ impl DataParallel {
     /// Across nodes the tensors may sit on several devices (layers split with `--devices`):
     /// they meet in host memory and each sum goes back to its tensor's device.
     pub fn sum<B: Backend, const D: usize>(&self, tensors: Vec<Tensor<B, D>>) -> crate::Result<Vec<Tensor<B, D>>> {
+        if tensors.is_empty() {
+            return Ok(tensors);
+        }
         let shapes: Vec<[usize; D]> = tensors.iter().map(|t| t.dims()).collect();
+        let flat: Vec<Tensor<B, 1>> = tensors.into_iter().map(|t| t.flatten(0, D - 1)).collect();
         if self.wire.is_some() {
-            let devices: Vec<B::Device> = tensors.iter().map(|t| t.device()).collect();
-            let mut values = Vec::new();
-            for t in tensors {
-                values.extend(t.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| self.error(format!("{e:?}")))?);
+            // One read and one upload per run of tensors on one device (usually all of them),
+            // not one per tensor.
+            let mut runs: Vec<(B::Device, Vec<Tensor<B, 1>>)> = Vec::new();
+            for t in flat {
+                match runs.last_mut() {
+                    Some((device, run)) if *device == t.device() => run.push(t),
+                    _ => runs.push((t.device(), vec![t])),
+                }
+            }
+            let lens: Vec<usize> = runs.iter().map(|(_, run)| run.iter().map(|t| t.dims()[0]).sum()).collect();
+            let mut values = Vec::with_capacity(lens.iter().sum());
+            let mut counts = Vec::new();
+            let mut devices = Vec::new();
+            for (device, run) in runs {
+                counts.push(run.len());
+                devices.push(device);
+                values.extend(Tensor::cat(run, 0).into_data().convert::<f32>().to_vec::<f32>().map_err(|e| self.error(format!("{e:?}")))?);
             }
             let summed = self.sum_values::<B>(values, &devices[0])?;
-            let mut at = 0;
-            return Ok(shapes
-                .into_iter()
-                .zip(devices)
-                .map(|(shape, device)| {
-                    let n: usize = shape.iter().product();
-                    at += n;
-                    Tensor::from_data(TensorData::new(summed[at - n..at].to_vec(), shape), &device)
-                })
-                .collect());
+            let (mut shapes, mut at, mut parts) = (shapes.into_iter(), 0, Vec::new());
+            for ((device, count), len) in devices.iter().zip(counts).zip(lens) {
+                let run = Tensor::<B, 1>::from_data(TensorData::new(summed[at..at + len].to_vec(), [len]), device);
+                at += len;
+                parts.extend(split(run, shapes.by_ref().take(count)));
+            }
+            return Ok(parts);
         }
-        let flat: Vec<Tensor<B, 1>> = tensors.into_iter().map(|t| t.flatten(0, D - 1)).collect();
         let primitive = Tensor::cat(flat, 0).into_primitive().tensor();
         let id = self.id();
         let reduced = self.within("summing the gradients", move || all_reduce::<B>(id, primitive, ReduceOperation::Sum))?;
-        let reduced = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(reduced));
-        let mut at = 0;
-        Ok(shapes
-            .into_iter()
-            .map(|shape| {
-                let n: usize = shape.iter().product();
-                let part = reduced.clone().narrow(0, at, n).reshape(shape);
-                at += n;
-                part
-            })
-            .collect())
+        Ok(split(Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(reduced)), shapes))
     }
 
     /// `values` summed over the peers, on the host.
@@ -231,4 +235,18 @@ impl DataParallel {
     fn error(&self, message: String) -> crate::Error {
         crate::Error::Peers { message: format!("peer {} of {}: {message}. Every peer stops; continue from the last checkpoint with --resume", self.rank, self.peers) }
     }
+}
+
+/// `flat` cut into consecutive tensors of `shapes`.
+fn split<B: Backend, const D: usize>(flat: Tensor<B, 1>, shapes: impl IntoIterator<Item = [usize; D]>) -> Vec<Tensor<B, D>> {
+    let mut at = 0;
+    shapes
+        .into_iter()
+        .map(|shape| {
+            let n: usize = shape.iter().product();
+            let part = flat.clone().narrow(0, at, n).reshape(shape);
+            at += n;
+            part
+        })
+        .collect()
 }
