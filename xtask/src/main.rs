@@ -301,11 +301,17 @@ fn run_tests(wants: &dyn Fn(Part) -> bool, tally: &mut Tally) -> Result {
     }
     if wants(Part::Aarch64) {
         tools::aarch64()?;
-        let mut c = cargo();
-        c.args(["test", "-p", "hone", "--target", "aarch64-unknown-linux-gnu", "--test", "nf4_gemm", "--test", "train_parity", "--test", "lora_grads", "--", "--skip", "wgpu", "--nocapture"])
-            .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER", "aarch64-linux-gnu-gcc")
-            .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER", "qemu-aarch64 -L /usr/aarch64-linux-gnu");
-        tally.run(&mut c)?;
+        let qemu = |args: &[&str]| {
+            let mut c = cargo();
+            c.args(["test", "-p", "hone", "--target", "aarch64-unknown-linux-gnu"])
+                .args(args)
+                .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER", "aarch64-linux-gnu-gcc")
+                .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER", "qemu-aarch64 -L /usr/aarch64-linux-gnu");
+            c
+        };
+        tally.run(&mut qemu(&["--test", "nf4_gemm", "--test", "train_parity", "--test", "lora_grads", "--", "--skip", "wgpu", "--nocapture"]))?;
+        // The NEON decoders against the portable one, bit for bit (a unit test of the library).
+        tally.run(&mut qemu(&["--lib", "--", "ops::nf4_gemm", "--nocapture"]))?;
     }
     if wants(Part::Cuda) {
         // No GPU needed to compile; CUDA is loaded at run time.

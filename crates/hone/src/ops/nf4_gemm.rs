@@ -5,7 +5,8 @@
 //! Why: with a few hundred rows (a training micro-batch) a GEMM library spends as much time
 //! moving W as multiplying: dequantize into a full f32 copy, then pack that copy into panels.
 //! Here codes become floats a run at a time (on AVX-512 a 16-entry table lookup is one
-//! `vpermps`), written where the multiply reads them. The values are the same
+//! `vpermps`; AVX2 blends two; NEON gathers each float's bytes with one `vqtbl4q_u8`), written
+//! where the multiply reads them. The values are the same
 //! `code × absmax` f32 products as [`crate::quant::Nf4Weight`]'s dequantization, bit for bit.
 //!
 //! Both products use one register-blocked kernel per level: `acc[r][0..NR] += a[r][p] ·
@@ -463,6 +464,99 @@ impl Kernel for Neon {
     unsafe fn kernel(depth: usize, a: *const f32, lda: usize, rows: usize, panel: *const f32, acc: &mut [f32; TILE]) {
         kernel_neon(depth, a, lda, rows, panel, acc)
     }
+
+    #[inline]
+    unsafe fn decode_run(w: &Codes, at: usize, len: usize, out: &mut [f32]) {
+        decode_run_neon(w, at, len, out)
+    }
+
+    #[inline]
+    unsafe fn decode_panel(w: &Codes, j0: usize, cols: usize, k: usize, panel: &mut [f32]) {
+        decode_panel_neon(w, j0, cols, k, panel)
+    }
+}
+
+/// NF4's 16 floats as 64 table bytes for `vqtbl4q_u8` (aarch64 is little-endian: byte 4c + i
+/// of the table is byte i of code c's float).
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn nf4_table_neon() -> uint8x16x4_t {
+    let bytes = crate::quant::nf4::NF4_CODE.as_ptr().cast::<u8>();
+    uint8x16x4_t(vld1q_u8(bytes), vld1q_u8(bytes.add(16)), vld1q_u8(bytes.add(32)), vld1q_u8(bytes.add(48)))
+}
+
+/// One word's 8 codes as two registers of 4 floats, `code × scale`: value 2b is byte b's high
+/// nibble, 2b+1 its low one. Each float is gathered byte by byte from the table (`vqtbl4q_u8`:
+/// byte 4·code + i).
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn decode_word_neon(word: u32, scale: f32, table: uint8x16x4_t) -> [float32x4_t; 2] {
+    const SHIFTS: [i8; 8] = [-4, 0, -4, 0, -4, 0, -4, 0];
+    const SPREAD: [[u8; 16]; 2] = [[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3], [4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7]];
+    const BYTE: [u8; 16] = [0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3];
+    let bytes = vcreate_u8(word as u64);
+    let doubled = vzip1_u8(bytes, bytes);
+    let codes = vand_u8(vshl_u8(doubled, vld1_s8(SHIFTS.as_ptr())), vdup_n_u8(15));
+    let quads = vcombine_u8(vshl_n_u8::<2>(codes), vdup_n_u8(0));
+    let byte = vld1q_u8(BYTE.as_ptr());
+    SPREAD.map(|spread| {
+        let idx = vaddq_u8(vqtbl1q_u8(quads, vld1q_u8(spread.as_ptr())), byte);
+        vmulq_n_f32(vreinterpretq_f32_u8(vqtbl4q_u8(table, idx)), scale)
+    })
+}
+
+/// Decodes 16 values (two words) per step.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn decode_run_neon(w: &Codes, at: usize, len: usize, out: &mut [f32]) {
+    let table = nf4_table_neon();
+    for run in 0..len / 16 {
+        let f = at + run * 16;
+        let scale = w.scale(f);
+        for half in 0..2 {
+            let v = decode_word_neon(w.words.word(f / 8 + half).to_le(), scale, table);
+            vst1q_f32(out.as_mut_ptr().add(run * 16 + half * 8), v[0]);
+            vst1q_f32(out.as_mut_ptr().add(run * 16 + half * 8 + 4), v[1]);
+        }
+    }
+}
+
+/// [`Kernel::decode_panel`] 4 rows × 4 values at a time: each row's words decoded into
+/// registers, each 4 × 4 block transposed in registers and stored as 4 panel rows.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn decode_panel_neon(w: &Codes, j0: usize, cols: usize, k: usize, panel: &mut [f32]) {
+    let table = nf4_table_neon();
+    let (f32x2, x2f32) = (|v: float32x4_t| vreinterpretq_f64_f32(v), |v: float64x2_t| vreinterpretq_f32_f64(v));
+    for p0 in (0..k).step_by(8) {
+        for g in 0..4 {
+            // r[i][h]: values p0 + 4h .. p0 + 4h + 4 of row j0 + 4g + i.
+            let r: [[float32x4_t; 2]; 4] = std::array::from_fn(|i| {
+                let c = 4 * g + i;
+                if c < cols {
+                    let f = (j0 + c) * k + p0;
+                    decode_word_neon(w.words.word(f / 8).to_le(), w.scale(f), table)
+                } else {
+                    [vdupq_n_f32(0.0); 2]
+                }
+            });
+            for h in 0..2 {
+                let (t0, t1) = (vtrn1q_f32(r[0][h], r[1][h]), vtrn2q_f32(r[0][h], r[1][h]));
+                let (t2, t3) = (vtrn1q_f32(r[2][h], r[3][h]), vtrn2q_f32(r[2][h], r[3][h]));
+                let columns = [
+                    x2f32(vtrn1q_f64(f32x2(t0), f32x2(t2))),
+                    x2f32(vtrn1q_f64(f32x2(t1), f32x2(t3))),
+                    x2f32(vtrn2q_f64(f32x2(t0), f32x2(t2))),
+                    x2f32(vtrn2q_f64(f32x2(t1), f32x2(t3))),
+                ];
+                for (q, v) in columns.into_iter().enumerate() {
+                    vst1q_f32(panel.as_mut_ptr().add((p0 + 4 * h + q) * 16 + 4 * g), v);
+                }
+            }
+        }
+    }
 }
 
 /// 6 rows × 16 columns in 24 q-register accumulators (of 32: four panel loads, one scalar).
@@ -492,7 +586,7 @@ unsafe fn kernel_neon(depth: usize, a: *const f32, lda: usize, rows: usize, pane
 mod tests {
     use super::*;
 
-    /// The portable panel decoder (AVX-512's and NEON's) and AVX2's give the same panel, with a
+    /// The portable panel decoder (AVX-512's) and AVX2's and NEON's give the same panel, with a
     /// partial panel and absmax blocks that straddle rows (k = 80, blocks of 64).
     #[test]
     fn panel_decoders_agree() {
@@ -508,6 +602,20 @@ mod tests {
                 for p in 0..k {
                     let want = if c < cols { let f = (j0 + c) * k + p; let mut v = [0f32; 16]; decode_portable(&w, f - f % 16, 16, 16, &mut v); v[f % 16] } else { 0.0 };
                     assert_eq!(portable[p * 16 + c].to_bits(), want.to_bits(), "row {c}, column {p}");
+                }
+            }
+            #[cfg(target_arch = "aarch64")]
+            if CpuLevel::available().contains(&CpuLevel::Neon) {
+                let mut neon = vec![f32::NAN; k * 16];
+                // SAFETY: the CPU has NEON; rows j0..j0+cols are inside W.
+                unsafe { decode_panel_neon(&w, j0, cols, k, &mut neon) };
+                assert!(neon.iter().zip(&portable).all(|(a, b)| a.to_bits() == b.to_bits()), "NEON panel differs at j0 {j0}, cols {cols}");
+                for at in (0..n * k).step_by(16) {
+                    let (mut a, mut b) = ([0f32; 16], [0f32; 16]);
+                    decode_portable(&w, at, 16, 16, &mut a);
+                    // SAFETY: as above; the run lies inside W.
+                    unsafe { decode_run_neon(&w, at, 16, &mut b) };
+                    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "NEON run differs at {at}");
                 }
             }
             #[cfg(target_arch = "x86_64")]
