@@ -146,6 +146,12 @@ impl<S: TensorSource> TensorSource for Progress<S> {
     fn contains(&self, name: &str) -> bool {
         self.inner.contains(name)
     }
+    fn names(&self) -> Vec<String> {
+        self.inner.names()
+    }
+    fn file_of(&self, name: &str) -> String {
+        self.inner.file_of(name)
+    }
     fn read(&self, name: &str, shape: &[usize]) -> hone::Result<Vec<f32>> {
         let out = self.inner.read(name, shape);
         self.tick(name);

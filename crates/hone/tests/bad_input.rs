@@ -81,6 +81,36 @@ fn wrong_shape_for_config_names_tensor() {
     assert_names(&msg, &["llama/model.safetensors", "model.layers.0.mlp.gate_proj.weight", "[128, 64]", "[96, 64]"]);
 }
 
+/// A config with fewer layers than the weights hold: refused by the last layer's tensor before
+/// anything is read, not trained on a cut model.
+#[test]
+fn weights_of_more_layers_than_the_config_are_refused_by_name() {
+    let mut cfg: Value = serde_json::from_slice(&fs::read(common::fixtures().join("llama/config.json")).unwrap()).unwrap();
+    let n = cfg["num_hidden_layers"].as_u64().unwrap();
+    cfg["num_hidden_layers"] = (n - 1).into();
+    let msg = load_err(&llama_files().with("config.json", serde_json::to_vec(&cfg).unwrap()));
+    let last = format!("model.layers.{}.input_layernorm.weight", n - 1);
+    assert_names(&msg, &["llama/model.safetensors", &last, &format!("has {} layers", n - 1), "does not match"]);
+
+    // A GGUF file: its tensor table against the block count the model is built with.
+    let mut bytes = Vec::new();
+    hone::export::gguf_hf::hf_to_gguf(&llama_files(), None, hone::export::gguf_merge::MergedType::F32, "tiny", &mut |b| {
+        bytes.extend_from_slice(b);
+        Ok(())
+    })
+    .unwrap();
+    let g = hone::io::gguf::Gguf::open(Box::new(hone::io::MemSource::new("tiny.gguf", bytes))).unwrap();
+    let mut config = hone::model::gguf::config_from_gguf(&g).unwrap();
+    let n = config.num_hidden_layers;
+    config.num_hidden_layers = n - 1;
+    let source = hone::model::gguf::GgufWeights { gguf: &g, config: &config };
+    let msg = match hone::model::load::build::<NdArray>(config.clone(), &source, Default::default(), &Default::default()) {
+        Ok(_) => panic!("a GGUF with more blocks than its config loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert_names(&msg, &["tiny.gguf", &format!("blk.{}.", n - 1), &format!("has {} layers", n - 1)]);
+}
+
 #[test]
 fn missing_tensor_is_named() {
     let (mut h, data) = split(&weights());

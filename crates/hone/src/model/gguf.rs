@@ -169,6 +169,9 @@ impl TensorSource for GgufWeights<'_> {
     fn contains(&self, name: &str) -> bool {
         Self::gguf_name(name).is_some_and(|n| self.gguf.tensors.contains_key(&n))
     }
+    fn names(&self) -> Vec<String> {
+        self.gguf.tensors.keys().cloned().collect()
+    }
     fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let g = Self::gguf_name(name).ok_or_else(|| Error::tensor(self.gguf.name(), name, "no GGUF counterpart"))?;
         let (got, values) = self.gguf.read_f32(&g)?;

@@ -66,6 +66,14 @@ pub fn load_model_with<B: HoneBackend>(files: &dyn FileSet, options: LoadOptions
 pub trait TensorSource {
     fn location(&self) -> String;
     fn contains(&self, name: &str) -> bool;
+    /// Every tensor the source holds, under its own names (for checks against the config).
+    fn names(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// The file that holds `name` (a shard of a sharded checkpoint).
+    fn file_of(&self, _name: &str) -> String {
+        self.location()
+    }
     /// A floating-point tensor as f32, checked against `shape`.
     fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
     /// A stored tensor's raw bytes (for bitsandbytes' parts); `None` when not stored.
@@ -91,6 +99,12 @@ impl TensorSource for Weights {
     }
     fn contains(&self, name: &str) -> bool {
         Weights::contains(self, name)
+    }
+    fn names(&self) -> Vec<String> {
+        Weights::names(self).cloned().collect()
+    }
+    fn file_of(&self, name: &str) -> String {
+        self.info(name).map_or_else(|| self.location().to_string(), |(st, _)| st.name().to_string())
     }
     fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         Weights::read(self, name, shape)
@@ -160,6 +174,7 @@ pub fn build_placed<B: HoneBackend>(config: Config, w: &dyn TensorSource, option
     if placement.layers.len() != config.num_hidden_layers {
         return Err(Error::unsupported("device map", format!("places {} layers; the model has {}", placement.layers.len(), config.num_hidden_layers)));
     }
+    check_layer_count(&config, w)?;
     let err = std::cell::Cell::new((0f64, 0f64));
     let c = &config;
     let (h, hd, nh, nkv, inter) = (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size);
@@ -238,6 +253,28 @@ pub fn build_placed<B: HoneBackend>(config: Config, w: &dyn TensorSource, option
     let (diff, norm) = err.get();
     let report = LoadReport { nf4_rel_error: (options.nf4.is_some() && norm > 0.0).then(|| (diff / norm).sqrt()) };
     Ok((CausalLm { model: Body { embed_tokens, layers, norm: norm_final }, lm_head, config }, report))
+}
+
+/// The decoder layer a stored tensor belongs to, under Hugging Face's names or llama.cpp's.
+fn layer_of(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix("model.layers.").or_else(|| name.strip_prefix("blk."))?;
+    rest.split('.').next()?.parse().ok()
+}
+
+/// Weights of a layer the config does not have are not dropped without a word: the config
+/// belongs to another model (or the weights do), so nothing is loaded. Missing or mis-shaped
+/// tensors are found by name as they are read.
+fn check_layer_count(config: &Config, w: &dyn TensorSource) -> Result<()> {
+    let n = config.num_hidden_layers;
+    let beyond = w.names().into_iter().filter_map(|name| Some((layer_of(&name)?, name))).filter(|(layer, _)| *layer >= n);
+    match beyond.min_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1))) {
+        Some((layer, name)) => Err(Error::tensor(
+            w.file_of(&name),
+            name,
+            format!("is a tensor of layer {layer}, but the config (config.json's num_hidden_layers, or a GGUF file's block_count) has {n} layers: the config does not match these weights"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Whether `name` is the weight of a linear layer inside a decoder block (what QLoRA quantizes;
