@@ -27,6 +27,30 @@ function gpuError(e) {
   return lost ? `The GPU device was lost (${lost}). Reload the page to resume from the last checkpoint.` : message(e);
 }
 
+// A panic inside the wasm module traps outside any awaited call (wgpu's, when the GPU device is
+// lost mid-step): reported here instead of as a bare worker failure, as a device loss when it is
+// one (its callback can come a moment after the trap), with the checkpoint to resume from.
+self.addEventListener('error', (e) => {
+  e.preventDefault();
+  if (job) job.running = false;
+  (async () => {
+    let lost = null;
+    for (let i = 0; i < 40 && !lost; i++) {
+      try {
+        lost = deviceLost();
+      } catch {
+        break;
+      }
+      if (!lost) await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    const saved = await checkpoints().catch(() => []);
+    const what = lost ? `The GPU device was lost (${lost}).` : `The worker failed: ${e.message}.`;
+    const back = saved.length ? ` Reload the page to resume from the last checkpoint (step ${saved[0].meta.step}).` : '';
+    event('state', { state: 'error' });
+    event('error', { error: what + back });
+  })();
+});
+
 // ---- OPFS checkpoints ----
 const SLOTS = ['hone-checkpoint-a', 'hone-checkpoint-b'];
 

@@ -8,7 +8,8 @@
 // Compare on held-out data in the page, against `hone compare`; hone compare's HTML report
 // opened with no console error or request. Last, a model by Hub id from a local server that answers as the Hub does: ranged downloads into
 // OPFS, a cut download resumed, a reload opening it with no request for model files, the cache
-// list's delete, and the storage-quota check. Prints "test result: ok. N passed; M failed".
+// list's delete, and the storage-quota check. Then a GPU process crash mid-run, reported as a
+// device loss and resumed from the checkpoint. Prints "test result: ok. N passed; M failed".
 import { execFileSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import http from 'node:http';
@@ -558,6 +559,35 @@ await check('quota_check_refuses_a_download_larger_than_the_quota', async () => 
   const e = await errorText();
   assert(/needs .* more of this browser's storage/.test(e) && /quota/.test(e), `no quota error: ${e}`);
   assert(modelGets(before).length === 0, 'downloaded despite the quota');
+});
+
+// The GPU process crashes mid-run (CDP's Browser.crashGpuProcess): the page says the device was
+// lost and names the checkpoint; after a reload the run resumes from it and finishes.
+await check('gpu_device_loss_is_reported_and_the_run_resumes_from_its_checkpoint', async () => {
+  await page.reload();
+  await page.waitForFunction(() => !document.getElementById('gpu-status').textContent.startsWith('Starting'));
+  await openFixture();
+  await byLabel('Dataset file').setInputFiles(dataPath);
+  await fillSettings();
+  await page.getByLabel('Steps (overrides epochs)').fill('12');
+  await button('Start').click();
+  await page.waitForFunction(() => Number(document.getElementById('progress').value) >= 3);
+  const cdp = await browser.newBrowserCDPSession();
+  await cdp.send('Browser.crashGpuProcess');
+  await page.waitForFunction(() => !document.getElementById('error').hidden);
+  const e = await errorText();
+  console.log(`page: after the GPU process crashed: ${e}`);
+  const m = /resume from the last checkpoint \(step (\d+)\)/.exec(e);
+  assert(/GPU device was lost/.test(e) && m && Number(m[1]) >= 2, e);
+  await page.reload();
+  await page.waitForFunction(() => !document.getElementById('gpu-status').textContent.startsWith('Starting'));
+  await openFixture();
+  await page.waitForSelector('#resume-offer:not([hidden])');
+  const offer = await page.locator('#resume-text').textContent();
+  assert(new RegExp(`stopped at step ${m[1]} of 12`).test(offer), offer);
+  await button('Resume from checkpoint').click();
+  await page.waitForFunction(() => document.getElementById('progress-text').textContent.endsWith('done') || !document.getElementById('error').hidden);
+  assert(!(await errorText()), await errorText());
 });
 
 hubServer.close();
