@@ -8,7 +8,8 @@
 // Compare on held-out data in the page, against `hone compare`; hone compare's HTML report
 // opened with no console error or request. Last, a model by Hub id from a local server that answers as the Hub does: ranged downloads into
 // OPFS, a cut download resumed, a reload opening it with no request for model files, the cache
-// list's delete, and the storage-quota check. Then a GPU process crash mid-run, reported as a
+// list's delete, and the storage-quota check. Then tabs closed mid-checkpoint, each resumed from
+// the other slot, and a GPU process crash mid-run, reported as a
 // device loss and resumed from the checkpoint. Prints "test result: ok. N passed; M failed".
 import { execFileSync } from 'node:child_process';
 import crypto from 'node:crypto';
@@ -53,12 +54,17 @@ const browser = await launch();
 const context = await browser.newContext({ acceptDownloads: true, viewport: { width: 1100, height: 1500 } });
 const requests = [];
 context.on('request', (r) => requests.push(r.url()));
-const page = await context.newPage();
-page.setDefaultTimeout(Number(process.env.PAGE_TIMEOUT_MS || 240000));
 const consoleLines = [];
+// A tab: the checks use `page`, which the tab-closing check replaces.
+async function newTab() {
+  const tab = await context.newPage();
+  tab.setDefaultTimeout(Number(process.env.PAGE_TIMEOUT_MS || 240000));
+  tab.on('console', (m) => consoleLines.push(m.text()));
+  tab.on('pageerror', (e) => consoleLines.push(`pageerror: ${e.message}`));
+  return tab;
+}
+let page = await newTab();
 const { check, finish } = checks('page', () => page, consoleLines, ['model-status', 'progress-text', 'error', 'preview', 'estimate']);
-page.on('console', (m) => consoleLines.push(m.text()));
-page.on('pageerror', (e) => consoleLines.push(`pageerror: ${e.message}`));
 
 const byLabel = (name) => page.getByLabel(name, { exact: true });
 const button = (name) => page.getByRole('button', { name, exact: true });
@@ -559,6 +565,69 @@ await check('quota_check_refuses_a_download_larger_than_the_quota', async () => 
   const e = await errorText();
   assert(/needs .* more of this browser's storage/.test(e) && /quota/.test(e), `no quota error: ${e}`);
   assert(modelGets(before).length === 0, 'downloaded despite the quota');
+});
+
+// Closing the tab while a checkpoint is being written (a slot without its meta.json: removed
+// first, written last) leaves the other slot: a new tab resumes from it, twice over, and the run
+// ends with the adapter of the run that was never closed (the SFT run above, same settings).
+await check('closing_the_tab_mid_checkpoint_write_resumes_from_the_other_slot', async () => {
+  const openTab = async () => {
+    await page.close();
+    page = await newTab();
+    await page.goto(url);
+    await page.waitForFunction(() => !document.getElementById('gpu-status').textContent.startsWith('Starting'));
+    await openFixture();
+  };
+  await openTab();
+  await byLabel('Dataset file').setInputFiles(dataPath);
+  await fillSettings();
+  await page.getByLabel('Checkpoint every N steps').fill('1');
+  await button('Start').click();
+  let resumedAt = 0;
+  for (let kill = 0; kill < 2; kill++) {
+    // After the first save since the (re)start, until a save is under way (or the run ended).
+    await page.waitForFunction((s) => Number(document.getElementById('progress').value) >= s + 2, resumedAt);
+    const seen = await page.waitForFunction(async () => {
+      if (document.getElementById('progress-text').textContent.endsWith('done')) return 'done';
+      const root = await navigator.storage.getDirectory();
+      for (const name of ['hone-checkpoint-a', 'hone-checkpoint-b']) {
+        let dir = null;
+        try {
+          dir = await root.getDirectoryHandle(name);
+        } catch {
+          continue; // not made yet
+        }
+        try {
+          await dir.getFileHandle('meta.json');
+        } catch {
+          return name;
+        }
+      }
+      return false;
+    }, null, { polling: 1 });
+    const slot = await seen.jsonValue();
+    assert(slot !== 'done', 'the run ended before a checkpoint write was caught');
+    await openTab();
+    await page.waitForSelector('#resume-offer:not([hidden])');
+    const offer = await page.locator('#resume-text').textContent();
+    const m = /stopped at step (\d+) of 8/.exec(offer);
+    assert(m && Number(m[1]) >= resumedAt, offer);
+    console.log(`page: tab closed while ${slot} was being written; resumed at step ${m[1]}`);
+    resumedAt = Number(m[1]);
+    await button('Resume from checkpoint').click();
+  }
+  await page.waitForFunction(() => document.getElementById('progress-text').textContent.endsWith('done') || !document.getElementById('error').hidden);
+  assert(!(await errorText()), await errorText());
+  const [download] = await Promise.all([page.waitForEvent('download'), button('Download adapter (.zip)').click()]);
+  const zipPath = path.join(outDir, 'adapter-closed-tabs.zip');
+  await download.saveAs(zipPath);
+  const files = readZip(fs.readFileSync(zipPath));
+  const [never, closed] = [browserFiles, files].map((f) => readSafetensors(Buffer.from(f['adapter_model.safetensors'])));
+  const count = Object.keys(never.tensors).length;
+  assert(count > 0 && Object.keys(closed.tensors).length === count, `tensors: ${count} vs ${Object.keys(closed.tensors).length}`);
+  const { worst, worstName } = worstRelativeError(never, closed);
+  console.log(`page: closed twice vs never closed, ${count} tensors, worst relative error ${worst.toExponential(2)}${worstName ? ` (${worstName})` : ''}`);
+  assert(worst < 1e-4, `${worst} at ${worstName}`);
 });
 
 // The GPU process crashes mid-run (CDP's Browser.crashGpuProcess): the page says the device was
