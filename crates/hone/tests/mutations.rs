@@ -269,3 +269,12 @@ fn tokenizer_json_whose_special_token_has_more_ids_than_tokens_is_refused() {
     let err = tokenizer_edit_err("\"special_tokens\"", "\"ids\": [", "\"ids\": [1, ");
     assert!(err.contains("m/tokenizer.json") && err.contains("has 2 ids but 1 tokens"), "{err}");
 }
+
+/// A GGUF whose `llama.attention.head_count` is 0: `config_from_gguf` divided by it (found by
+/// `cargo xtask fuzz --target gguf`; the crash input kept as a fixture).
+#[test]
+fn regression_gguf_with_zero_attention_heads() {
+    let g = Gguf::open(Box::new(MemSource::new("crash.gguf", fixture("gguf/crash_zero_heads.gguf")))).unwrap();
+    let err = hone::model::gguf::config_from_gguf(&g).unwrap_err().to_string();
+    assert!(err.contains("crash.gguf") && err.contains("llama.attention.head_count"), "{err}");
+}

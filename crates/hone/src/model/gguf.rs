@@ -28,6 +28,14 @@ pub fn config_from_gguf(g: &Gguf) -> Result<Config> {
         Ok(v) => v,
         Err(_) => g.get("tokenizer.ggml.tokens").and_then(Value::as_array).map(|a| a.len()).ok_or_else(|| Error::format(&file, "no vocabulary size"))?,
     };
+    // The checks config.json gets (Config::from_json): a zero count would divide by zero.
+    if heads == 0 || hidden_size % heads != 0 && num("rope.dimension_count").is_err() {
+        return Err(Error::format(&file, "llama.embedding_length is not a multiple of llama.attention.head_count"));
+    }
+    let kv_heads = num("attention.head_count_kv").unwrap_or(heads);
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(Error::format(&file, "llama.attention.head_count is not a multiple of llama.attention.head_count_kv"));
+    }
     let head_dim = num("rope.dimension_count").unwrap_or(hidden_size / heads);
     let id = |key: &str| g.get(key).and_then(Value::as_u64).map(|v| v as u32);
     Ok(Config {
@@ -38,7 +46,7 @@ pub fn config_from_gguf(g: &Gguf) -> Result<Config> {
         intermediate_size: num("feed_forward_length")?,
         num_hidden_layers: num("block_count")?,
         num_attention_heads: heads,
-        num_key_value_heads: num("attention.head_count_kv").unwrap_or(heads),
+        num_key_value_heads: kv_heads,
         head_dim,
         rms_norm_eps: g.get("llama.attention.layer_norm_rms_epsilon").and_then(Value::as_f64).unwrap_or(1e-5),
         max_position_embeddings: num("context_length").unwrap_or(2048),
