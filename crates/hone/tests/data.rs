@@ -163,3 +163,13 @@ fn a_chat_template_that_loops_runs_out_of_fuel() {
     let long: Vec<Message> = (0..200).map(|i| Message { role: if i % 2 == 0 { "user" } else { "assistant" }.into(), content: format!("turn {i}") }).collect();
     assert!(fixture.render(&long, true).unwrap().text.contains("turn 199"));
 }
+
+/// Fuel bounds steps, not what they write: a template that writes a kB per turn of a long loop
+/// stops at 64 MiB of text with an error saying so, instead of filling memory.
+#[test]
+fn a_chat_template_that_writes_without_end_stops_at_the_limit() {
+    let flood = "{% for i in range(100000) %}{% for j in range(100000) %}{{ messages[0].content }}{% endfor %}{% endfor %}";
+    let template = ChatTemplate::new(flood, None, None, "model.gguf").unwrap();
+    let err = template.render(&[Message { role: "user".into(), content: "x".repeat(1024) }], false).err().expect("stopped").to_string();
+    assert!(err.contains("model.gguf") && err.contains("more than 64 MiB"), "{err}");
+}

@@ -278,3 +278,18 @@ fn regression_gguf_with_zero_attention_heads() {
     let err = hone::model::gguf::config_from_gguf(&g).unwrap_err().to_string();
     assert!(err.contains("crash.gguf") && err.contains("llama.attention.head_count"), "{err}");
 }
+
+/// A template looping over a 2.3 MB string wrote 251 MB within its fuel (found by `cargo xtask
+/// fuzz --target chat_template` as a 20 s timeout; the input kept as a fixture, read as the fuzz
+/// target reads it: the template's line, then one message per line).
+#[test]
+fn regression_chat_template_writing_hundreds_of_megabytes() {
+    let text = String::from_utf8_lossy(&fixture("chat/fuzz_long_output.txt")).into_owned();
+    let mut lines = text.split('\n');
+    let source = lines.next().unwrap();
+    let roles = ["system", "user", "assistant", "user", "assistant"];
+    let messages: Vec<Message> = lines.zip(roles.iter().cycle()).map(|(c, r)| Message { role: r.to_string(), content: c.to_string() }).collect();
+    let t = ChatTemplate::new(source, Some("<s>".into()), Some("</s>".into()), "tokenizer_config.json").unwrap();
+    let err = t.render(&messages, true).unwrap_err().to_string();
+    assert!(err.contains("tokenizer_config.json") && err.contains("more than 64 MiB"), "{err}");
+}

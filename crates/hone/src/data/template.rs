@@ -15,6 +15,33 @@ pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
 /// a second instead of never.
 pub const TEMPLATE_FUEL: u64 = 20_000_000;
 
+/// The most text one rendering may write: fuel bounds the steps, not what each step writes (a
+/// loop over a long string can emit hundreds of MB within the fuel). A dataset line is at most
+/// 64 MiB ([`crate::io::MAX_LINE_BYTES`]), so a real conversation's text stays far below.
+pub const RENDERED_LIMIT: usize = 64 << 20;
+
+/// Collects a rendering's bytes up to [`RENDERED_LIMIT`], then fails the write (which stops the
+/// rendering).
+#[derive(Default)]
+struct Bounded {
+    bytes: Vec<u8>,
+    over: bool,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > RENDERED_LIMIT {
+            self.over = true;
+            return Err(std::io::Error::other("rendered text too long"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 // Private-use characters that stand for the generation markers while rendering.
 const GEN_START: char = '\u{F8F0}';
 const GEN_END: char = '\u{F8F1}';
@@ -109,14 +136,21 @@ impl ChatTemplate {
     /// Renders `messages` (and the assistant header after them when `add_generation_prompt`).
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Rendered> {
         let tmpl = self.env.get_template("chat").expect("added");
-        let text = tmpl
-            .render(minijinja::context! {
+        let mut out = Bounded::default();
+        let rendered = tmpl.render_to_write(
+            minijinja::context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token.clone().unwrap_or_default(),
                 eos_token => self.eos_token.clone().unwrap_or_default(),
-            })
-            .map_err(|e| Error::format(&self.file, format!("chat template failed: {e}")))?;
+            },
+            &mut out,
+        );
+        if out.over {
+            return Err(Error::format(&self.file, format!("chat template failed: it wrote more than {} MiB for one conversation", RENDERED_LIMIT >> 20)));
+        }
+        rendered.map_err(|e| Error::format(&self.file, format!("chat template failed: {e}")))?;
+        let text = String::from_utf8(out.bytes).map_err(|e| Error::format(&self.file, format!("chat template failed: {e}")))?;
         let mut clean = String::with_capacity(text.len());
         let mut spans = Vec::new();
         let mut open = None;
