@@ -293,3 +293,21 @@ fn regression_chat_template_writing_hundreds_of_megabytes() {
     let err = t.render(&messages, true).unwrap_err().to_string();
     assert!(err.contains("tokenizer_config.json") && err.contains("more than 64 MiB"), "{err}");
 }
+
+/// minijinja 2.12 panicked comparing an integer too large for an f64 with a float (while folding
+/// constants: `{{5-5*26-5*26555555555555555555555>555555556-5.26}}`; found by `cargo xtask fuzz
+/// --target chat_template`); in a page's worker that panic aborts. minijinja 3.1 compares them;
+/// a template may hold such a line and render.
+#[test]
+fn regression_chat_template_comparing_a_huge_integer_with_a_float() {
+    let text = String::from_utf8_lossy(&fixture("chat/fuzz_compare_big_int.txt")).into_owned();
+    let mut lines = text.split('\n');
+    let source = lines.next().unwrap();
+    let messages: Vec<Message> = lines.map(|c| Message { role: "user".into(), content: c.to_string() }).collect();
+    let t = ChatTemplate::new(source, Some("<s>".into()), Some("</s>".into()), "tokenizer_config.json").unwrap();
+    let out = t.render(&messages, true).unwrap();
+    assert!(out.text.ends_with("-s~!"), "{:?}", out.text);
+    // At run time too, not only when folding constants.
+    let t = ChatTemplate::new("{{ ((messages|length + 1) * 9223372036854775807 * 3) > 1.5 }}", None, None, "tokenizer_config.json").unwrap();
+    assert_eq!(t.render(&messages, true).unwrap().text, "True");
+}

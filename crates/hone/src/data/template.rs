@@ -137,9 +137,9 @@ impl ChatTemplate {
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Rendered> {
         let tmpl = self.env.get_template("chat").expect("added");
         let mut out = Bounded::default();
-        let rendered = tmpl.render_to_write(
+        let rendered = tmpl.render_captured_to(
             minijinja::context! {
-                messages => messages,
+                messages => minijinja::value::Serde(messages),
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token.clone().unwrap_or_default(),
                 eos_token => self.eos_token.clone().unwrap_or_default(),
