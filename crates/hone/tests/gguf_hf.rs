@@ -199,3 +199,61 @@ fn tokenizers_hone_cannot_write_for_llama_cpp_are_refused_with_the_way_round() {
     assert!(e.contains("SentencePiece") && e.contains("--out"), "{e}");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// Llama 3.1's rope scaling read back from the GGUF llama.cpp's converter writes (hone's file is
+/// that file, byte for byte: `hone_writes_the_gguf_llama_cpps_converter_writes`): its
+/// `rope_freqs.weight` divisors give transformers' logits for the HF checkpoint (4.4e-7). Read as
+/// plain rope, as hone did before, they were 1.1e-1 off.
+#[test]
+fn a_llama31_gguf_is_read_with_its_rope_factors() {
+    let dir = common::fixtures().join("llama3");
+    let g = Gguf::open(Box::new(MemSource::new("llama3.gguf", write(&Dir(dir.clone()), None)))).unwrap();
+    assert!(g.tensors.contains_key("rope_freqs.weight"));
+    let device = Default::default();
+    let (model, _, _) = hone::model::gguf::load_gguf::<NdArray>(&g, Default::default(), &device).unwrap();
+    assert!(matches!(model.config.rope, hone::model::Rope::Divisors(_)), "{:?}", model.config.rope);
+    let expected = SafeTensors::open(Box::new(FileSource::open(&dir.join("expected.safetensors")).unwrap())).unwrap();
+    for k in 0..2 {
+        let ids = read_ids(&expected, &format!("ids_{k}")).unwrap();
+        let (_, reference) = expected.read_f32(&format!("logits_{k}")).unwrap();
+        let ours = model.logits(&ids, &device).into_data().to_vec::<f32>().unwrap();
+        let err = hone::parity::rel_error(&ours, &reference);
+        println!("llama3 GGUF input {k}: rel error {err:.2e} against transformers");
+        assert!(err < common::TOLERANCE, "input {k}: rel error {err:.3e}");
+    }
+}
+
+/// Linear rope scaling (`llama.rope.scaling.type`, `.factor`) read back: the GGUF gives the
+/// logits of the HF checkpoint it was written from; a scaling hone does not implement (YaRN) is
+/// refused by key, not read as plain rope.
+#[test]
+fn a_gguf_with_linear_rope_scaling_is_read_with_it_and_yarn_is_refused() {
+    let llama = common::fixtures().join("llama");
+    let mut config: Json = serde_json::from_slice(&std::fs::read(llama.join("config.json")).unwrap()).unwrap();
+    config["rope_parameters"] = serde_json::json!({"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0});
+    let files = hone::io::MemFiles::new("linear")
+        .with("config.json", serde_json::to_vec(&config).unwrap())
+        .with("model.safetensors", std::fs::read(llama.join("model.safetensors")).unwrap())
+        .with("tokenizer.json", std::fs::read(llama.join("tokenizer.json")).unwrap());
+    let device = Default::default();
+    let hf = load_model::<NdArray>(&files, &device).unwrap();
+    assert_eq!(hf.config.rope, hone::model::Rope::Linear { factor: 4.0 });
+    let bytes = write(&files, None);
+    let g = Gguf::open(Box::new(MemSource::new("linear.gguf", bytes.clone()))).unwrap();
+    let (gguf, _, _) = hone::model::gguf::load_gguf::<NdArray>(&g, Default::default(), &device).unwrap();
+    assert_eq!(gguf.config.rope, hone::model::Rope::Linear { factor: 4.0 });
+    let ids: Vec<u32> = (0..24).map(|i| (i * 37 % 300) as u32).collect();
+    let (a, b) = (hf.logits(&ids, &device).into_data().to_vec::<f32>().unwrap(), gguf.logits(&ids, &device).into_data().to_vec::<f32>().unwrap());
+    let err = hone::parity::rel_error(&b, &a);
+    assert!(err < 1e-6, "linear rope: GGUF vs HF rel error {err:.3e}");
+
+    // The same file saying YaRN: refused by its key. (A GGUF string: u32 type, u64 length, bytes.)
+    let key = b"llama.rope.scaling.type";
+    let at = bytes.windows(key.len()).position(|w| w == key).expect("the key is written") + key.len() + 4 + 8;
+    assert_eq!(&bytes[at..at + 6], b"linear");
+    let mut yarn = bytes.clone();
+    yarn[at..at + 6].copy_from_slice(b"yarn__");
+    let g = Gguf::open(Box::new(MemSource::new("yarn.gguf", yarn))).unwrap();
+    let msg = hone::model::gguf::config_from_gguf(&g).unwrap_err().to_string();
+    assert!(msg.contains("yarn.gguf") && msg.contains("yarn__") && msg.contains("llama.rope.scaling.type"), "{msg}");
+}

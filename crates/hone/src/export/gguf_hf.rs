@@ -187,6 +187,8 @@ fn extra_tensors(config: &Config) -> Vec<(String, Vec<f32>)> {
                 .collect();
             vec![("rope_freqs.weight".into(), factors)]
         }
+        // Read from a GGUF file: written back as they came.
+        Rope::Divisors(d) if matches!(config.arch, Arch::Llama | Arch::Mistral) => vec![("rope_freqs.weight".into(), d.iter().map(|&v| v as f32).collect())],
         Rope::LongRope { short_factor, long_factor, .. } if config.arch == Arch::Phi3 => vec![
             ("rope_factors_long.weight".into(), long_factor.iter().map(|&v| v as f32).collect()),
             ("rope_factors_short.weight".into(), short_factor.iter().map(|&v| v as f32).collect()),

@@ -35,6 +35,9 @@ pub enum Rope {
     LongRope { short_factor: Vec<f64>, long_factor: Vec<f64>, original_max_position_embeddings: usize, attention_factor: f64 },
     /// Position interpolation: positions divided by `factor`.
     Linear { factor: f64 },
+    /// One divisor per frequency, as llama.cpp stores a scaling it computed from config.json
+    /// (`rope_freqs.weight` in a GGUF file: Llama 3.1's scaling, precomputed by its converter).
+    Divisors(Vec<f64>),
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -1,4 +1,6 @@
-//! Llama-architecture GGUF files as hone models: the config from `llama.*` metadata, tensors
+//! Llama-architecture GGUF files as hone models: the config from `llama.*` metadata (rope
+//! scaling too: linear from `llama.rope.scaling.*`, Llama 3.1's as the per-frequency divisors
+//! llama.cpp's converter stores in `rope_freqs.weight`), tensors
 //! renamed to Hugging Face's names and dequantized to f32 as they are read, and q/k projections
 //! un-permuted (llama.cpp's converter interleaves their rotary halves). With NF4 on, each
 //! decoder linear is then quantized to NF4 as it loads. The same naming and interleaving, per
@@ -37,6 +39,7 @@ pub fn config_from_gguf(g: &Gguf) -> Result<Config> {
         return Err(Error::format(&file, "llama.attention.head_count is not a multiple of llama.attention.head_count_kv"));
     }
     let head_dim = num("rope.dimension_count").unwrap_or(hidden_size / heads);
+    let rope = rope_from_gguf(g, head_dim)?;
     let id = |key: &str| g.get(key).and_then(Value::as_u64).map(|v| v as u32);
     Ok(Config {
         arch: Arch::Llama,
@@ -51,7 +54,7 @@ pub fn config_from_gguf(g: &Gguf) -> Result<Config> {
         rms_norm_eps: g.get("llama.attention.layer_norm_rms_epsilon").and_then(Value::as_f64).unwrap_or(1e-5),
         max_position_embeddings: num("context_length").unwrap_or(2048),
         rope_theta: g.get("llama.rope.freq_base").and_then(Value::as_f64).unwrap_or(10000.0),
-        rope: Rope::Default,
+        rope,
         partial_rotary_factor: 1.0,
         tie_word_embeddings: !g.tensors.contains_key("output.weight"),
         qkv_bias: false,
@@ -63,6 +66,41 @@ pub fn config_from_gguf(g: &Gguf) -> Result<Config> {
         dtype: Some("float32".into()),
         bnb_nf4: false,
     })
+}
+
+/// The rope scaling a llama GGUF carries: linear from `llama.rope.scaling.*`, or one divisor per
+/// frequency in `rope_freqs.weight` (what llama.cpp's converter writes for Llama 3.1's scaling).
+/// Ignoring either would give other positions than the model was trained with, so a scaling hone
+/// does not implement is refused.
+fn rope_from_gguf(g: &Gguf, head_dim: usize) -> Result<Rope> {
+    let file = g.name();
+    let kind = g.get("llama.rope.scaling.type").map(|v| v.as_str().ok_or_else(|| Error::format(file, "`llama.rope.scaling.type` is not a string"))).transpose()?;
+    let scaling = match kind.unwrap_or("none") {
+        "none" => None,
+        "linear" => {
+            let factor = g.get("llama.rope.scaling.factor").and_then(Value::as_f64).ok_or_else(|| Error::format(file, "linear rope scaling without `llama.rope.scaling.factor`"))?;
+            if !(factor.is_finite() && factor > 0.0) {
+                return Err(Error::format(file, format!("`llama.rope.scaling.factor` is {factor}; it must be positive")));
+            }
+            Some(Rope::Linear { factor })
+        }
+        other => return Err(Error::unsupported(file, format!("rope scaling `{other}` (`llama.rope.scaling.type`; hone reads none, linear and per-frequency factors)"))),
+    };
+    const FACTORS: &str = "rope_freqs.weight";
+    if !g.tensors.contains_key(FACTORS) {
+        return Ok(scaling.unwrap_or(Rope::Default));
+    }
+    if scaling.is_some() {
+        return Err(Error::tensor(file, FACTORS, "per-frequency factors and `llama.rope.scaling.type` both set: hone does not combine them"));
+    }
+    let (shape, factors) = g.read_f32(FACTORS)?;
+    if shape != [head_dim / 2] {
+        return Err(Error::tensor(file, FACTORS, format!("shape {shape:?}; the head size {head_dim} has {} frequencies", head_dim / 2)));
+    }
+    if let Some(bad) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+        return Err(Error::tensor(file, FACTORS, format!("holds {bad}; a frequency's divisor must be positive")));
+    }
+    Ok(Rope::Divisors(factors.iter().map(|&f| f as f64).collect()))
 }
 
 /// Tensors of a llama GGUF under Hugging Face names.
@@ -179,6 +217,9 @@ impl TensorSource for GgufWeights<'_> {
     }
     fn names(&self) -> Vec<String> {
         self.gguf.tensors.keys().cloned().collect()
+    }
+    fn stored_name(&self, name: &str) -> String {
+        Self::gguf_name(name).unwrap_or_else(|| name.to_string())
     }
     fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let g = Self::gguf_name(name).ok_or_else(|| Error::tensor(self.gguf.name(), name, "no GGUF counterpart"))?;

@@ -12,6 +12,8 @@ pub fn inv_freq(cfg: &Config, seq_len: usize) -> (Vec<f32>, f32) {
     match &cfg.rope {
         Rope::Default => (plain, 1.0),
         Rope::Linear { factor } => (plain.iter().map(|f| f / *factor as f32).collect(), 1.0),
+        // As llama.cpp applies them: the angle's base frequency divided by the stored f32 factor.
+        Rope::Divisors(d) => (plain.iter().zip(d).map(|(f, d)| f / *d as f32).collect(), 1.0),
         Rope::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
             let (factor, low, high) = (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32);
             let old = *original_max_position_embeddings as f32;
