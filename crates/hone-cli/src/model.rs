@@ -152,6 +152,9 @@ impl<S: TensorSource> TensorSource for Progress<S> {
     fn file_of(&self, name: &str) -> String {
         self.inner.file_of(name)
     }
+    fn stored_name(&self, name: &str) -> String {
+        self.inner.stored_name(name)
+    }
     fn read(&self, name: &str, shape: &[usize]) -> hone::Result<Vec<f32>> {
         let out = self.inner.read(name, shape);
         self.tick(name);

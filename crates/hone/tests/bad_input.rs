@@ -258,3 +258,28 @@ fn a_ten_gigabyte_jsonl_line_is_refused_without_reading_it() {
     assert_eq!(whole, "{\"text\": \"a\"}\n{\"text\": \"b\"}\n\n{\"text\": \"cccccccccccccccccccccc\"}\n");
     assert!(err.as_deref().is_some_and(|e| e.contains(":4: line longer than 20 bytes")), "{err:?}");
 }
+
+/// `weights` with a tensor added (f32 values, shape `[len]`).
+fn with_tensor(bytes: &[u8], name: &str, values: &[f32]) -> Vec<u8> {
+    let (mut h, mut data) = split(bytes);
+    let start = data.len();
+    data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    h[name] = serde_json::json!({"dtype": "F32", "shape": [values.len()], "data_offsets": [start, data.len()]});
+    join(&h, &data)
+}
+
+/// A stored tensor the config's model has no place for (here a q_proj bias while config.json
+/// says `attention_bias: false`) is refused by name and file, not dropped: the model would
+/// differ from the one the weights were trained as. Rotary tables older checkpoints stored as
+/// buffers are no such tensor (computed from the config, as transformers does).
+#[test]
+fn a_stored_tensor_the_config_leaves_out_is_refused_by_name() {
+    let cfg: Value = serde_json::from_slice(&fs::read(common::fixtures().join("llama/config.json")).unwrap()).unwrap();
+    let rows = cfg["num_attention_heads"].as_u64().unwrap() as usize * cfg["head_dim"].as_u64().unwrap_or(cfg["hidden_size"].as_u64().unwrap() / cfg["num_attention_heads"].as_u64().unwrap()) as usize;
+    let bias = "model.layers.1.self_attn.q_proj.bias";
+    let msg = load_err(&llama_files().with("model.safetensors", with_tensor(&weights(), bias, &vec![0.5; rows])));
+    assert_names(&msg, &["llama/model.safetensors", bias, "not part of the model the config describes", "1 such tensor"]);
+
+    let buffers = with_tensor(&weights(), "model.layers.0.self_attn.rotary_emb.inv_freq", &[1.0, 0.5, 0.25, 0.125]);
+    hone::model::load_model::<NdArray>(&llama_files().with("model.safetensors", buffers), &Default::default()).unwrap();
+}

@@ -128,6 +128,15 @@ impl TensorSource for InitSource<'_> {
     fn contains(&self, name: &str) -> bool {
         self.inner.contains(name)
     }
+    fn names(&self) -> Vec<String> {
+        self.inner.names()
+    }
+    fn file_of(&self, name: &str) -> String {
+        self.inner.file_of(name)
+    }
+    fn stored_name(&self, name: &str) -> String {
+        self.inner.stored_name(name)
+    }
     fn raw(&self, name: &str) -> Result<Option<Vec<u8>>> {
         self.inner.raw(name)
     }

@@ -74,6 +74,11 @@ pub trait TensorSource {
     fn file_of(&self, _name: &str) -> String {
         self.location()
     }
+    /// The name the source stores the tensor `name` (a Hugging Face name) under, as
+    /// [`TensorSource::names`] lists it.
+    fn stored_name(&self, name: &str) -> String {
+        name.to_string()
+    }
     /// A floating-point tensor as f32, checked against `shape`.
     fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
     /// A stored tensor's raw bytes (for bitsandbytes' parts); `None` when not stored.
@@ -175,6 +180,13 @@ pub fn build_placed<B: HoneBackend>(config: Config, w: &dyn TensorSource, option
         return Err(Error::unsupported("device map", format!("places {} layers; the model has {}", placement.layers.len(), config.num_hidden_layers)));
     }
     check_layer_count(&config, w)?;
+    let recorder = Recorder { inner: w, read: Default::default() };
+    let built = build_recorded(config, &recorder, options, placement)?;
+    check_all_used(&recorder)?;
+    Ok(built)
+}
+
+fn build_recorded<B: HoneBackend>(config: Config, w: &dyn TensorSource, options: LoadOptions, placement: &Placement<B::Device>) -> Result<(CausalLm<B>, LoadReport)> {
     let err = std::cell::Cell::new((0f64, 0f64));
     let c = &config;
     let (h, hd, nh, nkv, inter) = (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size);
@@ -274,6 +286,83 @@ fn check_layer_count(config: &Config, w: &dyn TensorSource) -> Result<()> {
             format!("is a tensor of layer {layer}, but the config (config.json's num_hidden_layers, or a GGUF file's block_count) has {n} layers: the config does not match these weights"),
         )),
         None => Ok(()),
+    }
+}
+
+/// A source that notes the names read from it, so that what a build left unread can be named.
+struct Recorder<'a> {
+    inner: &'a dyn TensorSource,
+    read: std::cell::RefCell<std::collections::BTreeSet<String>>,
+}
+
+impl Recorder<'_> {
+    fn note(&self, name: &str) {
+        self.read.borrow_mut().insert(self.inner.stored_name(name));
+    }
+}
+
+impl TensorSource for Recorder<'_> {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(name)
+    }
+    fn names(&self) -> Vec<String> {
+        self.inner.names()
+    }
+    fn file_of(&self, name: &str) -> String {
+        self.inner.file_of(name)
+    }
+    fn stored_name(&self, name: &str) -> String {
+        self.inner.stored_name(name)
+    }
+    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.note(name);
+        self.inner.read(name, shape)
+    }
+    fn raw(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        self.note(name);
+        self.inner.raw(name)
+    }
+    fn read_packed(&self, name: &str, shape: &[usize]) -> Result<(StoredFloat, Vec<i32>)> {
+        self.note(name);
+        self.inner.read_packed(name, shape)
+    }
+    fn read_chunks(&self, name: &str, shape: &[usize], chunk: usize, f: &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()> {
+        self.note(name);
+        self.inner.read_chunks(name, shape, chunk, f)
+    }
+}
+
+/// Stored tensors no model reads: rotary tables older checkpoints kept as buffers (hone, like
+/// transformers, computes them from the config), and llama.cpp's per-frequency rope factors,
+/// which the GGUF's config already holds ([`crate::model::gguf::config_from_gguf`]).
+fn derived(name: &str) -> bool {
+    name.ends_with("rotary_emb.inv_freq") || name == "rope_freqs.weight"
+}
+
+/// A stored tensor the model did not read means the config describes another model than the
+/// weights (a bias config.json says is absent, an extra projection): refused by name rather than
+/// trained without it. Parts of a read tensor (bitsandbytes' quant state, `<weight>.absmax`…)
+/// count as read.
+fn check_all_used(w: &Recorder) -> Result<()> {
+    let read = w.read.borrow();
+    let used = |name: &str| read.contains(name) || name.match_indices('.').any(|(i, _)| read.contains(&name[..i]));
+    let mut unused: Vec<String> = w.names().into_iter().filter(|n| !derived(n) && !used(n)).collect();
+    unused.sort();
+    match unused.first() {
+        None => Ok(()),
+        Some(first) => Err(Error::tensor(
+            w.file_of(first),
+            first,
+            format!(
+                "is stored but not part of the model the config describes ({} such tensor{} in all{}): the config does not match these weights (a bias or layer it leaves out?)",
+                unused.len(),
+                if unused.len() == 1 { "" } else { "s" },
+                if unused.len() > 1 { format!(", e.g. also {}", unused[1..].iter().take(3).cloned().collect::<Vec<_>>().join(", ")) } else { String::new() },
+            ),
+        )),
     }
 }
 
