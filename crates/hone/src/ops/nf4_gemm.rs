@@ -16,6 +16,8 @@
 //! - backward, `dx = dy·W`: `a` = MR rows of dy, the panel = NR decoded columns of W.
 //!
 //! In both the panel is the decoded W, reused by every MR rows of activations while it is in cache.
+//! The forward's panel is W's rows transposed: each level decodes a block of rows into registers
+//! and transposes it there (AVX-512 16 × 16, AVX2 8 × 8, NEON 4 × 4) before storing it.
 
 use super::simd::CpuLevel;
 use crate::ops::cpu::Shared;
@@ -288,6 +290,68 @@ impl Kernel for Avx512 {
     #[inline]
     unsafe fn decode_run(w: &Codes, at: usize, len: usize, out: &mut [f32]) {
         decode_run_avx512(w, at, len, out)
+    }
+
+    #[inline]
+    unsafe fn decode_panel(w: &Codes, j0: usize, cols: usize, k: usize, panel: &mut [f32]) {
+        decode_panel_avx512(w, j0, cols, k, panel)
+    }
+}
+
+/// One row's 16 codes from two words as 16 floats, `code × scale`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn decode_words_avx512(words: [u32; 2], scale: f32, table: __m512) -> __m512 {
+    // Lane 2b reads byte b's high nibble, lane 2b+1 its low one; vpermps uses the low 4 bits.
+    const SHIFTS: [i32; 16] = [4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0];
+    let bytes = _mm_set_epi32(0, 0, words[1] as i32, words[0] as i32);
+    let idx = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(bytes, bytes)), _mm512_loadu_si512(SHIFTS.as_ptr().cast()));
+    _mm512_mul_ps(_mm512_permutexvar_ps(idx, table), _mm512_set1_ps(scale))
+}
+
+/// [`Kernel::decode_panel`] 16 rows × 16 values at a time, transposed 16 × 16 in registers
+/// (pairs within 128-bit lanes, then lanes across registers), stored as 16 panel half-rows, where
+/// the portable decoder stores each value alone, one cache line apart from the next.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn decode_panel_avx512(w: &Codes, j0: usize, cols: usize, k: usize, panel: &mut [f32]) {
+    use crate::quant::nf4::NF4_CODE;
+    let table = _mm512_loadu_ps(NF4_CODE.as_ptr());
+    for p0 in (0..k).step_by(16) {
+        for half in 0..2 {
+            let r: [__m512; 16] = std::array::from_fn(|i| {
+                let c = half * 16 + i;
+                if c < cols {
+                    let f = (j0 + c) * k + p0;
+                    decode_words_avx512([w.words.word(f / 8).to_le(), w.words.word(f / 8 + 1).to_le()], w.scale(f), table)
+                } else {
+                    _mm512_setzero_ps()
+                }
+            });
+            let t: [__m512; 16] = std::array::from_fn(|i| {
+                let (a, b) = (r[2 * (i / 2)], r[2 * (i / 2) + 1]);
+                if i % 2 == 0 { _mm512_unpacklo_ps(a, b) } else { _mm512_unpackhi_ps(a, b) }
+            });
+            // s[4g + q]: in 128-bit lane L, column 4L + q of rows 4g..4g+4.
+            let s: [__m512; 16] = std::array::from_fn(|i| {
+                let (g, q) = (i / 4, i % 4);
+                let (a, b) = (t[4 * g + (q / 2)], t[4 * g + 2 + (q / 2)]);
+                if q % 2 == 0 { _mm512_shuffle_ps::<0x44>(a, b) } else { _mm512_shuffle_ps::<0xEE>(a, b) }
+            });
+            let out = panel.as_mut_ptr().add(half * 16);
+            for q in 0..4 {
+                // Column 4L + q is lane L of s[q], s[4 + q], s[8 + q], s[12 + q]: a 4 × 4 transpose of lanes.
+                let u0 = _mm512_shuffle_f32x4::<0x44>(s[q], s[4 + q]);
+                let u1 = _mm512_shuffle_f32x4::<0xEE>(s[q], s[4 + q]);
+                let v0 = _mm512_shuffle_f32x4::<0x44>(s[8 + q], s[12 + q]);
+                let v1 = _mm512_shuffle_f32x4::<0xEE>(s[8 + q], s[12 + q]);
+                _mm512_storeu_ps(out.add((p0 + q) * 32), _mm512_shuffle_f32x4::<0x88>(u0, v0));
+                _mm512_storeu_ps(out.add((p0 + 4 + q) * 32), _mm512_shuffle_f32x4::<0xDD>(u0, v0));
+                _mm512_storeu_ps(out.add((p0 + 8 + q) * 32), _mm512_shuffle_f32x4::<0x88>(u1, v1));
+                _mm512_storeu_ps(out.add((p0 + 12 + q) * 32), _mm512_shuffle_f32x4::<0xDD>(u1, v1));
+            }
+        }
     }
 }
 
@@ -586,8 +650,8 @@ unsafe fn kernel_neon(depth: usize, a: *const f32, lda: usize, rows: usize, pane
 mod tests {
     use super::*;
 
-    /// The portable panel decoder (AVX-512's) and AVX2's and NEON's give the same panel, with a
-    /// partial panel and absmax blocks that straddle rows (k = 80, blocks of 64).
+    /// The portable panel decoder and AVX2's, NEON's and AVX-512's give the same panel, with
+    /// partial panels and absmax blocks that straddle rows (k = 80 or 96, blocks of 64).
     #[test]
     fn panel_decoders_agree() {
         let (n, k, blocksize): (usize, usize, usize) = (13, 80, 64);
@@ -624,6 +688,22 @@ mod tests {
                 // SAFETY: the CPU has AVX2 and FMA; rows j0..j0+cols are inside W.
                 unsafe { decode_panel_avx2(&w, j0, cols, k, &mut avx2) };
                 assert!(avx2.iter().zip(&portable).all(|(a, b)| a.to_bits() == b.to_bits()), "AVX2 panel differs at j0 {j0}, cols {cols}");
+            }
+        }
+        // AVX-512's panels are 32 wide: rows of 96 values, blocks of 64 still straddling rows.
+        #[cfg(target_arch = "x86_64")]
+        if CpuLevel::available().contains(&CpuLevel::Avx512) {
+            let (n, k): (usize, usize) = (37, 96);
+            let words: Vec<i32> = (0..n * k / 8).map(|i| (i as u32).wrapping_mul(2246822519) as i32).collect();
+            let absmax: Vec<f32> = (0..(n * k).div_ceil(blocksize)).map(|b| 0.25 + b as f32 / 3.0).collect();
+            let w = Codes { words: Words::I32(&words), absmax: Absmax::Plain(&absmax), blocksize };
+            for (j0, cols) in [(0, 32), (32, 5), (3, 17)] {
+                let mut portable = vec![f32::NAN; k * 32];
+                decode_panel_with(j0, cols, k, 32, &mut portable, |at, run| decode_portable(&w, at, run.len(), 32, run));
+                let mut avx512 = vec![f32::NAN; k * 32];
+                // SAFETY: the CPU has AVX-512F; rows j0..j0+cols are inside W.
+                unsafe { decode_panel_avx512(&w, j0, cols, k, &mut avx512) };
+                assert!(avx512.iter().zip(&portable).all(|(a, b)| a.to_bits() == b.to_bits()), "AVX-512 panel differs at j0 {j0}, cols {cols}");
             }
         }
     }
