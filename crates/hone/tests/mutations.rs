@@ -279,17 +279,23 @@ fn regression_gguf_with_zero_attention_heads() {
     assert!(err.contains("crash.gguf") && err.contains("llama.attention.head_count"), "{err}");
 }
 
+/// A chat_template fuzz input read as the fuzz target reads it: the template's line, then one
+/// message per line, roles taking turns.
+fn fuzzed_template(name: &str) -> (ChatTemplate, Vec<Message>) {
+    let text = String::from_utf8_lossy(&fixture(name)).into_owned();
+    let mut lines = text.split('\n');
+    let source = lines.next().unwrap();
+    let roles = ["system", "user", "assistant", "user", "assistant"];
+    let messages = lines.zip(roles.iter().cycle()).map(|(c, r)| Message { role: r.to_string(), content: c.to_string() }).collect();
+    (ChatTemplate::new(source, Some("<s>".into()), Some("</s>".into()), "tokenizer_config.json").unwrap(), messages)
+}
+
 /// A template looping over a 2.3 MB string wrote 251 MB within its fuel (found by `cargo xtask
 /// fuzz --target chat_template` as a 20 s timeout; the input kept as a fixture, read as the fuzz
 /// target reads it: the template's line, then one message per line).
 #[test]
 fn regression_chat_template_writing_hundreds_of_megabytes() {
-    let text = String::from_utf8_lossy(&fixture("chat/fuzz_long_output.txt")).into_owned();
-    let mut lines = text.split('\n');
-    let source = lines.next().unwrap();
-    let roles = ["system", "user", "assistant", "user", "assistant"];
-    let messages: Vec<Message> = lines.zip(roles.iter().cycle()).map(|(c, r)| Message { role: r.to_string(), content: c.to_string() }).collect();
-    let t = ChatTemplate::new(source, Some("<s>".into()), Some("</s>".into()), "tokenizer_config.json").unwrap();
+    let (t, messages) = fuzzed_template("chat/fuzz_long_output.txt");
     let err = t.render(&messages, true).unwrap_err().to_string();
     assert!(err.contains("tokenizer_config.json") && err.contains("more than 64 MiB"), "{err}");
 }
@@ -300,11 +306,7 @@ fn regression_chat_template_writing_hundreds_of_megabytes() {
 /// a template may hold such a line and render.
 #[test]
 fn regression_chat_template_comparing_a_huge_integer_with_a_float() {
-    let text = String::from_utf8_lossy(&fixture("chat/fuzz_compare_big_int.txt")).into_owned();
-    let mut lines = text.split('\n');
-    let source = lines.next().unwrap();
-    let messages: Vec<Message> = lines.map(|c| Message { role: "user".into(), content: c.to_string() }).collect();
-    let t = ChatTemplate::new(source, Some("<s>".into()), Some("</s>".into()), "tokenizer_config.json").unwrap();
+    let (t, messages) = fuzzed_template("chat/fuzz_compare_big_int.txt");
     let out = t.render(&messages, true).unwrap();
     assert!(out.text.ends_with("-s~!"), "{:?}", out.text);
     // At run time too, not only when folding constants.
