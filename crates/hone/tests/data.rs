@@ -168,8 +168,26 @@ fn a_chat_template_that_loops_runs_out_of_fuel() {
 /// stops at 64 MiB of text with an error saying so, instead of filling memory.
 #[test]
 fn a_chat_template_that_writes_without_end_stops_at_the_limit() {
+    // A long message, so that the conversation's fuel would pay for far more than 64 MiB.
     let flood = "{% for i in range(100000) %}{% for j in range(100000) %}{{ messages[0].content }}{% endfor %}{% endfor %}";
     let template = ChatTemplate::new(flood, None, None, "model.gguf").unwrap();
-    let err = template.render(&[Message { role: "user".into(), content: "x".repeat(1024) }], false).err().expect("stopped").to_string();
+    let err = template.render(&[Message { role: "user".into(), content: "x".repeat(8 << 20) }], false).err().expect("stopped").to_string();
     assert!(err.contains("model.gguf") && err.contains("more than 64 MiB"), "{err}");
+}
+
+/// Fuel is given in proportion to the conversation: a long one renders, and a template cannot
+/// make a short one cost seconds and gigabytes (a list of millions of items turned into text,
+/// as a fuzzed template did within a fixed fuel).
+#[test]
+fn a_chat_templates_fuel_follows_the_conversations_size() {
+    let fixture = ChatTemplate::open(&chat_dir()).unwrap().unwrap();
+    let long: Vec<Message> =
+        (0..4000).map(|i| Message { role: if i % 2 == 0 { "user" } else { "assistant" }.into(), content: format!("turn {i} {}", "y".repeat(2000)) }).collect();
+    let text = fixture.render(&long, true).unwrap().text;
+    assert!(text.len() > 8_000_000 && text.contains("turn 3999"), "{}", text.len());
+
+    let items = "{{ 'n' ~ (['item'] * (messages|length * 6666666)) }}";
+    let template = ChatTemplate::new(items, None, None, "model.gguf").unwrap();
+    let err = template.render(&[Message { role: "user".into(), content: "Hi".into() }], false).err().expect("stopped").to_string();
+    assert!(err.contains("model.gguf") && err.contains("fuel"), "{err}");
 }

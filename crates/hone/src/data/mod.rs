@@ -6,6 +6,7 @@ pub mod gguf_tokenizer;
 pub mod preference;
 pub mod table;
 pub mod template;
+mod template_fold;
 pub mod tokenizer;
 
 pub use dataset::{Example, Format, Sample};

@@ -10,10 +10,29 @@ use serde::Serialize;
 pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
 
-/// Instructions one rendering may run: a long real conversation takes well under a million,
-/// and a template from a model file that loops (nested `range`s, recursion) stops within about
-/// a second instead of never.
-pub const TEMPLATE_FUEL: u64 = 20_000_000;
+/// Fuel for one rendering beyond what its conversation pays for. minijinja charges fuel for
+/// every instruction and for every 64 bytes of data an operator, filter or the output makes
+/// (more for turning lists into text), so fuel bounds both time and memory. A real template
+/// spends a few hundred fuel per message; a template from a model file that loops (nested
+/// `range`s, recursion) or builds millions of items stops within a fraction of a second.
+pub const TEMPLATE_FUEL: u64 = 1_000_000;
+
+/// Fuel per message: a template's steps for each message (a tool-calling template runs a few
+/// hundred instructions per turn, whatever its length).
+pub const TEMPLATE_FUEL_PER_MESSAGE: u64 = 2_000;
+
+/// Fuel per byte of the conversation (contents, roles, special tokens): 64 bytes of work per
+/// byte given, so a long conversation renders and a short one cannot be made to cost seconds
+/// and gigabytes (`['x'] * 6666666` turned into text did, within a fixed 20 M fuel).
+pub const TEMPLATE_FUEL_PER_BYTE: u64 = 1;
+
+/// The fuel one rendering of `messages` gets.
+pub fn template_fuel(messages: &[Message], extra_bytes: usize) -> u64 {
+    let bytes: usize = messages.iter().map(|m| m.role.len() + m.content.len()).sum::<usize>() + extra_bytes;
+    TEMPLATE_FUEL
+        .saturating_add(TEMPLATE_FUEL_PER_MESSAGE.saturating_mul(messages.len() as u64))
+        .saturating_add(TEMPLATE_FUEL_PER_BYTE.saturating_mul(bytes as u64))
+}
 
 /// The most text one rendering may write: fuel bounds the steps, not what each step writes (a
 /// loop over a long string can emit hundreds of MB within the fuel). A dataset line is at most
@@ -89,6 +108,13 @@ impl ChatTemplate {
                 }
             }
         }
+        if let Err((line, bytes)) = super::template_fold::check(&src) {
+            let size = if bytes < 1 << 50 { format!("about {} MB", bytes.div_ceil(1 << 20)) } else { "data without bound".to_string() };
+            return Err(Error::format(
+                file,
+                format!("chat template refused: the constant expression on its line {line} would make {size} while the template compiles, before any limit applies"),
+            ));
+        }
         let mut env = minijinja::Environment::new();
         env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -135,7 +161,12 @@ impl ChatTemplate {
 
     /// Renders `messages` (and the assistant header after them when `add_generation_prompt`).
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Rendered> {
-        let tmpl = self.env.get_template("chat").expect("added");
+        // Fuel is the environment's; a clone (its templates and functions are shared, not
+        // copied) carries this conversation's.
+        let specials = self.bos_token.as_ref().map_or(0, |t| t.len()) + self.eos_token.as_ref().map_or(0, |t| t.len());
+        let mut env = self.env.clone();
+        env.set_fuel(Some(template_fuel(messages, specials)));
+        let tmpl = env.get_template("chat").expect("added");
         let mut out = Bounded::default();
         let rendered = tmpl.render_captured_to(
             minijinja::context! {
