@@ -195,3 +195,20 @@ fn speed_on_smollm2_shapes() {
         println!("{} m={m} n={n} k={k}: forward {:.1} GFLOP/s, backward {:.1} GFLOP/s", CpuLevel::current().name(), flops / fwd / 1e9, flops / bwd / 1e9);
     }
 }
+
+/// The generation GEMV's dot product at every level this CPU runs, against an f64 sum, at
+/// lengths with and without a remainder past the vector loop.
+#[test]
+fn dot_products_agree_at_every_level() {
+    use hone::ops::simd::{dot_at, CpuLevel};
+    for len in [0usize, 1, 7, 31, 64, 65, 576, 1536 + 13] {
+        let a: Vec<f32> = (0..len).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+        let b: Vec<f32> = (0..len).map(|i| ((i * 53 % 97) as f32 - 48.0) / 23.0).collect();
+        let exact: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+        let scale: f64 = a.iter().zip(&b).map(|(&x, &y)| (x as f64 * y as f64).abs()).sum::<f64>().max(1e-30);
+        for level in CpuLevel::available() {
+            let got = dot_at(level, &a, &b) as f64;
+            assert!((got - exact).abs() / scale < 1e-6, "{} at length {len}: {got} vs {exact}", level.name());
+        }
+    }
+}

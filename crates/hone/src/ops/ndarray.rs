@@ -308,7 +308,7 @@ impl HoneBackend for NdArray {
         with_f32(x, |x| {
             let rows = |out: &mut [f32], row: &[f32]| {
                 for (r, o) in out.iter_mut().enumerate() {
-                    *o = dot(row, &x[r * k..(r + 1) * k]);
+                    *o = super::simd::dot(row, &x[r * k..(r + 1) * k]);
                 }
             };
             match &w.packed {
@@ -578,15 +578,3 @@ fn into_values(t: Tensor<NdArray, 2>) -> Vec<f32> {
     t.into_data().into_vec::<f32>().expect("hone computes in f32")
 }
 
-/// Σ a·b with eight partial sums (so that the compiler keeps them in vector registers).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
