@@ -1,7 +1,7 @@
 //! `hone train` under faults: killed with SIGKILL at random moments (mid-step, mid-checkpoint,
 //! mid-final save) and resumed each time, it ends with the adapter of a run never killed, bit
-//! for bit on the CPU, never losing more than one checkpoint interval; a full disk fails a save
-//! with a clear message, keeps the previous checkpoint, and the run continues once there is room.
+//! for bit on the CPU, never losing more than one checkpoint interval; a full disk (out of inodes,
+//! or out of bytes) fails a save with a clear message, keeps the previous checkpoint, and the run continues once there is room.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -133,7 +133,7 @@ fn a_full_disk_fails_the_save_clearly_and_the_run_continues_after_room_is_made()
 
     // In a mount namespace of its own, a tmpfs whose inodes run out after the first
     // checkpoint (its directory and one slot), so the second save hits ENOSPC; then the fillers
-    // go and the run resumes.
+    // go and the run resumes. Then a second tmpfs whose bytes run out the same way.
     let mnt = dir.join("mnt");
     let keep = dir.join("keep");
     std::fs::create_dir_all(&mnt).unwrap();
@@ -141,6 +141,11 @@ fn a_full_disk_fails_the_save_clearly_and_the_run_continues_after_room_is_made()
     let out = mnt.join("adapter");
     let first = train_args(&data, &out, 3).join(" ");
     let resume = format!("{first} --resume {}", s(&checkpoint_of(&out)));
+    let mnt2 = dir.join("mnt2");
+    std::fs::create_dir_all(&mnt2).unwrap();
+    let out2 = mnt2.join("adapter");
+    let first2 = train_args(&data, &out2, 3).join(" ");
+    let resume2 = format!("{first2} --resume {}", s(&checkpoint_of(&out2)));
     let hone_bin = env!("CARGO_BIN_EXE_hone");
     let script = format!(
         r#"set -u
@@ -153,11 +158,25 @@ cp -r "{ckpt}" "{keep}/checkpoint"
 rm -f "{mnt}"/filler*
 "{hone_bin}" {resume} 2> "{keep}/resumed.log"; echo $? > "{keep}/resumed.status"
 cp -r "{out}" "{keep}/adapter"
+# Then out of bytes rather than inodes: a tmpfs filled to the last page, then room made for the
+# checkpoint of step 1 (as large as the one kept above) and half of one more.
+mount -t tmpfs -o size=16m tmpfs "{mnt2}" || exit 91
+cat /dev/zero > "{mnt2}/filler" 2>/dev/null
+room=$(( $(du -sk "{keep}/checkpoint" | cut -f1) * 3 / 2 ))
+truncate -s -${{room}}K "{mnt2}/filler" || exit 92
+"{hone_bin}" {first2} 2> "{keep}/bytes.log"; echo $? > "{keep}/bytes.status"
+cp -r "{ckpt2}" "{keep}/checkpoint2"
+rm -f "{mnt2}/filler"
+"{hone_bin}" {resume2} 2> "{keep}/bytes-resumed.log"; echo $? > "{keep}/bytes-resumed.status"
+cp -r "{out2}" "{keep}/adapter2"
 "#,
         mnt = s(&mnt),
+        mnt2 = s(&mnt2),
         keep = s(&keep),
         ckpt = s(&checkpoint_of(&out)),
+        ckpt2 = s(&checkpoint_of(&out2)),
         out = s(&out),
+        out2 = s(&out2),
     );
     let r = Command::new("unshare").args(["--mount", "--map-root-user", "bash", "-c", &script]).output().expect("unshare (util-linux)");
     assert!(r.status.success(), "the namespace script failed ({:?}): {}", r.status.code(), String::from_utf8_lossy(&r.stderr));
@@ -179,6 +198,16 @@ cp -r "{out}" "{keep}/adapter"
     assert_eq!(read("resumed.status").trim(), "0", "{resumed}");
     assert!(resumed.contains("resumed at step 1 of 3"), "{resumed}");
     assert_eq!(adapter_bytes(&keep.join("adapter")), adapter_bytes(&straight), "the resumed run's adapter differs");
+
+    // The same, out of bytes.
+    let full = read("bytes.log");
+    assert_eq!(read("bytes.status").trim(), "1", "{full}");
+    assert!(full.contains("saving the checkpoint at step 2 failed") && full.contains("No space left on device") && full.contains("the previous checkpoint (step 1)"), "{full}");
+    assert_eq!(hone::train::checkpoint::load(&keep.join("checkpoint2")).unwrap().saved.state.step, 1);
+    let resumed = read("bytes-resumed.log");
+    assert_eq!(read("bytes-resumed.status").trim(), "0", "{resumed}");
+    assert!(resumed.contains("resumed at step 1 of 3"), "{resumed}");
+    assert_eq!(adapter_bytes(&keep.join("adapter2")), adapter_bytes(&straight), "the run resumed after the bytes ran out has another adapter");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
