@@ -1,7 +1,8 @@
 //! `hone train` under faults: killed with SIGKILL at random moments (mid-step, mid-checkpoint,
 //! mid-final save) and resumed each time, it ends with the adapter of a run never killed, bit
-//! for bit on the CPU, never losing more than one checkpoint interval; a full disk (out of inodes,
-//! or out of bytes) fails a save with a clear message, keeps the previous checkpoint, and the run continues once there is room.
+//! for bit on the CPU, never losing more than one checkpoint interval; a full disk (out of
+//! inodes, or out of bytes) fails a save with a clear message, keeps the previous checkpoint,
+//! and the run continues once there is room.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
