@@ -150,26 +150,27 @@ fn a_full_disk_fails_the_save_clearly_and_the_run_continues_after_room_is_made()
     let hone_bin = env!("CARGO_BIN_EXE_hone");
     let script = format!(
         r#"set -u
+# The run on the full disk, then its resume once the fillers are gone; what each leaves is kept
+# under {keep}/ with the prefix $1. (Arguments: prefix, mount, run, resume, checkpoint, adapter.)
+full_then_resumed() {{
+  "{hone_bin}" $3 2> "{keep}/$1full.log"; echo $? > "{keep}/$1full.status"
+  cp -r "$5" "{keep}/$1checkpoint"
+  rm -f "$2"/filler*
+  "{hone_bin}" $4 2> "{keep}/$1resumed.log"; echo $? > "{keep}/$1resumed.status"
+  cp -r "$6" "{keep}/$1adapter"
+}}
 mount -t tmpfs -o size=16m,nr_inodes=64 tmpfs "{mnt}" || exit 90
 i=0; while touch "{mnt}/filler$i" 2>/dev/null; do i=$((i+1)); done
 # Room for the checkpoint's directory and one slot (a directory and 5 files) and 2 more.
 for j in 1 2 3 4 5 6 7 8 9; do i=$((i-1)); rm "{mnt}/filler$i"; done
-"{hone_bin}" {first} 2> "{keep}/full.log"; echo $? > "{keep}/full.status"
-cp -r "{ckpt}" "{keep}/checkpoint"
-rm -f "{mnt}"/filler*
-"{hone_bin}" {resume} 2> "{keep}/resumed.log"; echo $? > "{keep}/resumed.status"
-cp -r "{out}" "{keep}/adapter"
+full_then_resumed "" "{mnt}" "{first}" "{resume}" "{ckpt}" "{out}"
 # Then out of bytes rather than inodes: a tmpfs filled to the last page, then room made for the
 # checkpoint of step 1 (as large as the one kept above) and half of one more.
 mount -t tmpfs -o size=16m tmpfs "{mnt2}" || exit 91
 cat /dev/zero > "{mnt2}/filler" 2>/dev/null
 room=$(( $(du -sk "{keep}/checkpoint" | cut -f1) * 3 / 2 ))
 truncate -s -${{room}}K "{mnt2}/filler" || exit 92
-"{hone_bin}" {first2} 2> "{keep}/bytes.log"; echo $? > "{keep}/bytes.status"
-cp -r "{ckpt2}" "{keep}/checkpoint2"
-rm -f "{mnt2}/filler"
-"{hone_bin}" {resume2} 2> "{keep}/bytes-resumed.log"; echo $? > "{keep}/bytes-resumed.status"
-cp -r "{out2}" "{keep}/adapter2"
+full_then_resumed bytes- "{mnt2}" "{first2}" "{resume2}" "{ckpt2}" "{out2}"
 "#,
         mnt = s(&mnt),
         mnt2 = s(&mnt2),
@@ -183,32 +184,23 @@ cp -r "{out2}" "{keep}/adapter2"
     assert!(r.status.success(), "the namespace script failed ({:?}): {}", r.status.code(), String::from_utf8_lossy(&r.stderr));
 
     let read = |name: &str| std::fs::read_to_string(keep.join(name)).unwrap();
-    let full = read("full.log");
-    assert_eq!(read("full.status").trim(), "1", "{full}");
-    assert!(
-        full.contains("saving the checkpoint at step 2 failed")
-            && full.contains("No space left on device")
-            && full.contains("the previous checkpoint (step 1)")
-            && full.contains("is intact: free space and continue with --resume"),
-        "{full}"
-    );
-    // What the full disk left: the step-1 checkpoint, whole.
-    let kept = hone::train::checkpoint::load(&keep.join("checkpoint")).unwrap();
-    assert_eq!(kept.saved.state.step, 1);
-    let resumed = read("resumed.log");
-    assert_eq!(read("resumed.status").trim(), "0", "{resumed}");
-    assert!(resumed.contains("resumed at step 1 of 3"), "{resumed}");
-    assert_eq!(adapter_bytes(&keep.join("adapter")), adapter_bytes(&straight), "the resumed run's adapter differs");
-
+    // Either way: the save at step 2 fails by name, the step-1 checkpoint is left whole, and the
+    // resumed run ends with the uninterrupted run's adapter. The failed run's log, for more.
+    let full_then_resumed = |prefix: &str| -> String {
+        let full = read(&format!("{prefix}full.log"));
+        assert_eq!(read(&format!("{prefix}full.status")).trim(), "1", "{full}");
+        assert!(full.contains("saving the checkpoint at step 2 failed") && full.contains("No space left on device") && full.contains("the previous checkpoint (step 1)"), "{full}");
+        assert_eq!(hone::train::checkpoint::load(&keep.join(format!("{prefix}checkpoint"))).unwrap().saved.state.step, 1);
+        let resumed = read(&format!("{prefix}resumed.log"));
+        assert_eq!(read(&format!("{prefix}resumed.status")).trim(), "0", "{resumed}");
+        assert!(resumed.contains("resumed at step 1 of 3"), "{resumed}");
+        assert_eq!(adapter_bytes(&keep.join(format!("{prefix}adapter"))), adapter_bytes(&straight), "{prefix}: the resumed run's adapter differs");
+        full
+    };
+    let full = full_then_resumed("");
+    assert!(full.contains("is intact: free space and continue with --resume"), "{full}");
     // The same, out of bytes.
-    let full = read("bytes.log");
-    assert_eq!(read("bytes.status").trim(), "1", "{full}");
-    assert!(full.contains("saving the checkpoint at step 2 failed") && full.contains("No space left on device") && full.contains("the previous checkpoint (step 1)"), "{full}");
-    assert_eq!(hone::train::checkpoint::load(&keep.join("checkpoint2")).unwrap().saved.state.step, 1);
-    let resumed = read("bytes-resumed.log");
-    assert_eq!(read("bytes-resumed.status").trim(), "0", "{resumed}");
-    assert!(resumed.contains("resumed at step 1 of 3"), "{resumed}");
-    assert_eq!(adapter_bytes(&keep.join("adapter2")), adapter_bytes(&straight), "the run resumed after the bytes ran out has another adapter");
+    full_then_resumed("bytes-");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
