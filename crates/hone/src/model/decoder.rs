@@ -252,16 +252,6 @@ fn apply_rope<B: Backend>(x: Tensor<B, 4>, pos: &Positions<B>) -> Tensor<B, 4> {
     }
 }
 
-/// `[B, KV, T, D]` to `[B, KV * n_rep, T, D]`, head h using kv head h / n_rep (transformers'
-/// `repeat_kv`).
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
-    if n_rep == 1 {
-        return x;
-    }
-    let [b, kv, t, d] = x.dims();
-    x.reshape([b, kv, 1, t * d]).repeat_dim(2, n_rep).reshape([b, kv * n_rep, t, d])
-}
-
 impl<B: HoneBackend> Attention<B> {
     pub fn forward(&self, x: Tensor<B, 3>, pos: &Positions<B>) -> Tensor<B, 3> {
         self.forward_cached(x, pos, None)
@@ -298,10 +288,14 @@ impl<B: HoneBackend> Attention<B> {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let k = repeat_kv(k, nh / nkv);
-        let v = repeat_kv(v, nh / nkv);
-        let scores = B::matmul(q, k.swap_dims(2, 3)).mul_scalar((hd as f64).powf(-0.5)) + pos.mask.clone();
-        let out = B::matmul(softmax(scores, 3), v);
+        // Grouped-query attention without copying K and V per query head: the query heads that
+        // share a K/V head are stacked as rows of one product (heads are grouped contiguously).
+        let total = k.dims()[2];
+        let rep = nh / nkv;
+        let q = q.reshape([b, nkv, rep * t, hd]);
+        let scores = B::matmul(q, k.swap_dims(2, 3)).mul_scalar((hd as f64).powf(-0.5)).reshape([b, nh, t, total]) + pos.mask.clone();
+        let probs = softmax(scores, 3).reshape([b, nkv, rep * t, total]);
+        let out = B::matmul(probs, v).reshape([b, nh, t, hd]);
         self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, nh * hd]))
     }
 }
