@@ -121,7 +121,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let held_out = evaluate(&m, &held.samples, a.batch_size, 0, &device);
             let general = evaluate(&m, &general, a.batch_size, 0, &device);
             let started = std::time::Instant::now();
-            let replies = generate_batch(&m, &prompt_ids, &cfg, &device, a.gen_batch_size);
+            let replies = generate_batch(&m, &prompt_ids, &cfg, a.gen_batch_size);
             let m = Measured { held_out, general, replies, seconds: started.elapsed().as_secs_f64() };
             let (generated, rate) = m.generated();
             eprintln!("compare: {name}: {generated} tokens generated in {:.1}s, {rate:.1} tokens/s ({} prompts per batch)", m.seconds, a.gen_batch_size);

@@ -125,7 +125,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Adapter::read(&Dir(dir.clone()))?.attach(m.linears_mut())?;
         }
         let started = std::time::Instant::now();
-        let new = generate_batch(&m, &encoded, &cfg, &device, a.batch_size);
+        let new = generate_batch(&m, &encoded, &cfg, a.batch_size);
         let (count, secs) = (new.iter().map(Vec::len).sum::<usize>(), started.elapsed().as_secs_f64());
         eprintln!("generated {count} tokens in {secs:.2}s: {:.1} tokens/s (prompt processing included)", count as f64 / secs);
         new

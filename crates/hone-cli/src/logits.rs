@@ -51,7 +51,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
             bail!("token id {bad} is outside the vocabulary ({vocab})");
         }
-        let logits = model.logits(&ids, &device).into_data().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let logits = model.logits(&ids).into_data().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
         (vocab, logits)
     });
     let bytes = write_f32(&[("logits", &[ids.len(), vocab], &logits)], &Default::default());

@@ -514,7 +514,7 @@ where
     };
     // DPO's held-out pairs get their reference now, from the same starting model (ORPO's none).
     let eval_reference = (dpo && !data.eval_pairs.is_empty())
-        .then(|| if needs_reference { pair_logps(&trainer.eval_model(), &data.eval_pairs, cfg.batch_size, cfg.pad_id, &device) } else { Vec::new() });
+        .then(|| if needs_reference { pair_logps(&trainer.eval_model(), &data.eval_pairs, cfg.batch_size, cfg.pad_id) } else { Vec::new() });
     let has_eval = !eval_samples.is_empty() || !data.eval_pairs.is_empty();
     // A Hub id names the base as PEFT would (org/name), not by the cache path it resolved to.
     let hub_name = a.model.as_deref().and_then(crate::hub::id_of).map(|id| id.repo);
@@ -632,7 +632,7 @@ where
         if has_eval && (last || (eval_every > 0 && r.step % eval_every == 0)) {
             let loss = match &eval_reference {
                 Some(reference) => {
-                    let m = evaluate_preference(&trainer.eval_model(), &data.eval_pairs, reference, cfg.dpo.expect("a DPO run"), cfg.batch_size, cfg.pad_id, &device);
+                    let m = evaluate_preference(&trainer.eval_model(), &data.eval_pairs, reference, cfg.dpo.expect("a DPO run"), cfg.batch_size, cfg.pad_id);
                     say(&bar, a.quiet, format!("step {}: eval loss {:.4}{}, margin {:.4}, accuracy {:.3}", r.step, m.loss, nll_part(&m), m.rewards_margins, m.rewards_accuracies));
                     if let Some(log) = &mut metrics {
                         log.log(r.step, "eval", &[("loss", m.loss), ("rewards_margin", m.rewards_margins), ("rewards_accuracy", m.rewards_accuracies)])?;
@@ -868,10 +868,10 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
                 Adapter::read(&Dir(dir.clone()))?.attach(model.linears_mut())?;
             }
             let reference = match dpo.loss_type.needs_reference() {
-                true => hone::lora::linear::without_adapters(|| pair_logps(&model, &pairs, a.batch_size, pad_id(&tok), &device)),
+                true => hone::lora::linear::without_adapters(|| pair_logps(&model, &pairs, a.batch_size, pad_id(&tok))),
                 false => Vec::new(),
             };
-            evaluate_preference(&model, &pairs, &reference, dpo, a.batch_size, pad_id(&tok), &device)
+            evaluate_preference(&model, &pairs, &reference, dpo, a.batch_size, pad_id(&tok))
         });
         if a.json {
             println!("{}", serde_json::to_string(&metrics)?);

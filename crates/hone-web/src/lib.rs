@@ -89,7 +89,6 @@ pub(crate) fn js_err(e: impl std::fmt::Display) -> JsError {
 #[wasm_bindgen]
 pub struct Model {
     inner: CausalLm<Backend>,
-    device: WgpuDevice,
 }
 
 #[wasm_bindgen]
@@ -105,17 +104,17 @@ impl Model {
         }
         let device = device().await;
         let inner = hone::model::load_model::<Backend>(&set, &device).map_err(js_err)?;
-        Ok(Model { inner, device })
+        Ok(Model { inner })
     }
 
     /// Logits `[ids.length, vocab]`, row-major.
     pub async fn logits(&self, ids: Vec<u32>) -> Result<Vec<f32>, JsError> {
-        logits(&self.inner, &ids, &self.device).await
+        logits(&self.inner, &ids).await
     }
 }
 
 /// Logits for one sequence, read back asynchronously.
-pub async fn logits(model: &CausalLm<Backend>, ids: &[u32], device: &WgpuDevice) -> Result<Vec<f32>, JsError> {
-    let data = model.logits(ids, device).into_data_async().await.map_err(|e| JsError::new(&format!("{e:?}")))?;
+pub async fn logits(model: &CausalLm<Backend>, ids: &[u32]) -> Result<Vec<f32>, JsError> {
+    let data = model.logits(ids).into_data_async().await.map_err(|e| JsError::new(&format!("{e:?}")))?;
     data.to_vec::<f32>().map_err(|e| JsError::new(&format!("{e:?}")))
 }

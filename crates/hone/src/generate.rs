@@ -4,7 +4,7 @@
 use crate::model::decoder::KvCache;
 use crate::model::CausalLm;
 use crate::ops::HoneBackend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -95,7 +95,6 @@ struct Row {
 pub struct Generator<'a, B: HoneBackend> {
     model: &'a CausalLm<B>,
     cfg: &'a GenerateConfig,
-    device: B::Device,
     cache: KvCache<B>,
     rows: Vec<Row>,
     /// The rows still generating, in the cache's order.
@@ -107,7 +106,7 @@ pub struct Generator<'a, B: HoneBackend> {
 }
 
 impl<'a, B: HoneBackend> Generator<'a, B> {
-    pub fn new(model: &'a CausalLm<B>, prompts: &[Vec<u32>], cfg: &'a GenerateConfig, device: &B::Device) -> Self {
+    pub fn new(model: &'a CausalLm<B>, prompts: &[Vec<u32>], cfg: &'a GenerateConfig) -> Self {
         let rows: Vec<Row> = prompts
             .iter()
             .map(|p| Row { rng: rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed), context: p.clone(), out: Vec::new(), done: cfg.max_new_tokens == 0 || p.is_empty() })
@@ -125,7 +124,6 @@ impl<'a, B: HoneBackend> Generator<'a, B> {
         Generator {
             model,
             cfg,
-            device: device.clone(),
             cache: KvCache::padded(model.model.layers.len(), pads),
             rows,
             active,
@@ -145,7 +143,7 @@ impl<'a, B: HoneBackend> Generator<'a, B> {
         let b = self.active.len();
         let t = self.next.len() / b;
         let ids: Vec<i64> = self.next.iter().map(|&i| i as i64).collect();
-        self.model.forward_cached_last(Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &self.device), &mut self.cache)
+        self.model.forward_cached_last(&TensorData::new(ids, [b, t]), &mut self.cache)
     }
 
     /// Picks each active row's next token from the logits `forward` gave, read back.
@@ -185,18 +183,18 @@ impl<'a, B: HoneBackend> Generator<'a, B> {
 
 /// New tokens after `prompt` (native: one synchronous read of the last logits per token).
 #[cfg(not(target_arch = "wasm32"))]
-pub fn generate<B: HoneBackend>(model: &CausalLm<B>, prompt: &[u32], cfg: &GenerateConfig, device: &B::Device) -> Vec<u32> {
-    generate_batch(model, &[prompt.to_vec()], cfg, device, 1).remove(0)
+pub fn generate<B: HoneBackend>(model: &CausalLm<B>, prompt: &[u32], cfg: &GenerateConfig) -> Vec<u32> {
+    generate_batch(model, &[prompt.to_vec()], cfg, 1).remove(0)
 }
 
 /// New tokens after each prompt, `batch` prompts at a time (prompts of similar lengths batched
 /// together, so that little is padding); outputs in the prompts' order.
 #[cfg(not(target_arch = "wasm32"))]
-pub fn generate_batch<B: HoneBackend>(model: &CausalLm<B>, prompts: &[Vec<u32>], cfg: &GenerateConfig, device: &B::Device, batch: usize) -> Vec<Vec<u32>> {
+pub fn generate_batch<B: HoneBackend>(model: &CausalLm<B>, prompts: &[Vec<u32>], cfg: &GenerateConfig, batch: usize) -> Vec<Vec<u32>> {
     let mut out = vec![Vec::new(); prompts.len()];
     for group in batches(prompts, batch) {
         let chunk: Vec<Vec<u32>> = group.iter().map(|&i| prompts[i].clone()).collect();
-        let mut g = Generator::new(model, &chunk, cfg, device);
+        let mut g = Generator::new(model, &chunk, cfg);
         while !g.done() {
             let logits = g.forward().into_data().to_vec::<f32>().expect("f32");
             g.accept(logits);
@@ -209,16 +207,16 @@ pub fn generate_batch<B: HoneBackend>(model: &CausalLm<B>, prompts: &[Vec<u32>],
 }
 
 /// New tokens after `prompt`, reading each token's logits asynchronously (the browser's way).
-pub async fn generate_async<B: HoneBackend>(model: &CausalLm<B>, prompt: &[u32], cfg: &GenerateConfig, device: &B::Device) -> crate::Result<Vec<u32>> {
-    Ok(generate_batch_async(model, &[prompt.to_vec()], cfg, device, 1).await?.remove(0))
+pub async fn generate_async<B: HoneBackend>(model: &CausalLm<B>, prompt: &[u32], cfg: &GenerateConfig) -> crate::Result<Vec<u32>> {
+    Ok(generate_batch_async(model, &[prompt.to_vec()], cfg, 1).await?.remove(0))
 }
 
 /// [`generate_batch`], reading the logits asynchronously.
-pub async fn generate_batch_async<B: HoneBackend>(model: &CausalLm<B>, prompts: &[Vec<u32>], cfg: &GenerateConfig, device: &B::Device, batch: usize) -> crate::Result<Vec<Vec<u32>>> {
+pub async fn generate_batch_async<B: HoneBackend>(model: &CausalLm<B>, prompts: &[Vec<u32>], cfg: &GenerateConfig, batch: usize) -> crate::Result<Vec<Vec<u32>>> {
     let mut out = vec![Vec::new(); prompts.len()];
     for group in batches(prompts, batch) {
         let chunk: Vec<Vec<u32>> = group.iter().map(|&i| prompts[i].clone()).collect();
-        let mut g = Generator::new(model, &chunk, cfg, device);
+        let mut g = Generator::new(model, &chunk, cfg);
         while !g.done() {
             let logits = crate::readback::read_f32(g.forward()).await?;
             g.accept(logits);

@@ -45,7 +45,7 @@ fn logits_with(arch: &str, adapter: &Adapter, ids: &[u32]) -> Vec<f32> {
     let device = Default::default();
     let mut model = load_model::<B>(&Dir(common::fixtures().join(arch)), &device).unwrap();
     adapter.attach(model.linears_mut()).unwrap();
-    model.logits(ids, &device).into_data().to_vec::<f32>().unwrap()
+    model.logits(ids).into_data().to_vec::<f32>().unwrap()
 }
 
 #[test]

@@ -52,13 +52,13 @@ fn prequantized_checkpoint_loads_with_bitsandbytes_logits() {
     let device = Default::default();
     let model = load_model::<NdArray>(&Dir(dir), &device).unwrap();
     assert!(model.linears().iter().filter(|(n, _)| n != "lm_head").all(|(_, l)| l.weight.is_quantized()));
-    let ours = model.logits(&ids, &device).into_data().to_vec::<f32>().unwrap();
+    let ours = model.logits(&ids).into_data().to_vec::<f32>().unwrap();
     let err = rel_error(&ours, &reference);
     println!("pre-quantized checkpoint: rel error {err:.2e}");
     assert!(err < 1e-4, "{err:.3e}");
     // Quantizing on load gives the same model.
     let on_load = load_model_with::<NdArray>(&Dir(fixtures.join("llama")), LoadOptions { nf4: Some(Nf4Options::default()) }, &device).unwrap();
-    let ours = on_load.logits(&ids, &device).into_data().to_vec::<f32>().unwrap();
+    let ours = on_load.logits(&ids).into_data().to_vec::<f32>().unwrap();
     assert!(rel_error(&ours, &reference) < 1e-4);
 }
 

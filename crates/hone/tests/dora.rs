@@ -43,7 +43,7 @@ fn check_grads<B: AutodiffBackend + HoneBackend>(arch: &str, qlora: bool, device
     let ids = read_ids(&expected, "ids").unwrap();
     let t = ids.len();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, t]), device);
-    let loss = causal_lm_loss(model.forward(ids.clone()), ids);
+    let loss = causal_lm_loss(model.forward(&ids.to_data()), ids);
     let prefix = if qlora { "qlora." } else { "" };
     let ours = loss.clone().into_data().to_vec::<f32>().unwrap()[0];
     let theirs = expected.read_f32(&format!("{prefix}loss")).unwrap().1[0];
@@ -145,7 +145,7 @@ fn logits_with(arch: &str, adapter: &Adapter, ids: &[u32]) -> Vec<f32> {
     let device = Default::default();
     let mut model = load_model::<NdArray>(&Dir(common::fixtures().join(arch)), &device).unwrap();
     adapter.attach(model.linears_mut()).unwrap();
-    model.logits(ids, &device).into_data().to_vec::<f32>().unwrap()
+    model.logits(ids).into_data().to_vec::<f32>().unwrap()
 }
 
 #[test]
@@ -209,11 +209,11 @@ fn fresh_dora_starts_at_the_base_and_its_magnitude_at_the_row_norms() {
     let device = Default::default();
     let base = load_model::<NdArray>(&Dir(common::fixtures().join("llama")), &device).unwrap();
     let ids = [3u32, 50, 7, 200, 11];
-    let before = base.logits(&ids, &device).into_data().to_vec::<f32>().unwrap();
+    let before = base.logits(&ids).into_data().to_vec::<f32>().unwrap();
     let mut model = load_model::<NdArray>(&Dir(common::fixtures().join("llama")), &device).unwrap();
     let config = LoraConfig { r: 4, alpha: 8.0, use_dora: true, ..Default::default() };
     assert_eq!(add_adapters(model.linears_mut(), &config), 14);
-    let after = model.logits(&ids, &device).into_data().to_vec::<f32>().unwrap();
+    let after = model.logits(&ids).into_data().to_vec::<f32>().unwrap();
     assert!(rel_error(&after, &before) < 1e-6);
     let weights = open(common::fixtures().join("llama/model.safetensors"));
     for (name, lin) in model.linears() {
@@ -245,7 +245,7 @@ fn dora_merge_equals_pefts_merge_and_unload() {
         // The merged model gives the logits of base + DoRA adapter.
         let ids = [3u32, 50, 7, 200, 11, 90, 4];
         let device = Default::default();
-        let a = load_model::<NdArray>(&Dir(out.clone()), &device).unwrap().logits(&ids, &device).into_data().to_vec::<f32>().unwrap();
+        let a = load_model::<NdArray>(&Dir(out.clone()), &device).unwrap().logits(&ids).into_data().to_vec::<f32>().unwrap();
         let err = rel_error(&a, &logits_with(arch, &adapter, &ids));
         println!("{arch}: merged weights vs PEFT worst {worst:.2e}; merged logits vs adapter {err:.2e}");
         assert!(err < 1e-5);
@@ -286,11 +286,11 @@ fn generation_reuses_dora_norms_and_gives_the_tokens_of_full_forwards() {
     peft_adapter("phi3").attach(model.linears_mut()).unwrap();
     let cfg = hone::generate::GenerateConfig { max_new_tokens: 8, temperature: 0.0, stop_ids: vec![], ..Default::default() };
     let prompt = [3u32, 50, 7, 200];
-    let tokens = hone::generate::generate(&model, &prompt, &cfg, &device);
+    let tokens = hone::generate::generate(&model, &prompt, &cfg);
     assert_eq!(tokens.len(), 8);
     let mut context = prompt.to_vec();
     for &t in &tokens {
-        let logits = model.logits(&context, &device).into_data().to_vec::<f32>().unwrap();
+        let logits = model.logits(&context).into_data().to_vec::<f32>().unwrap();
         let last = &logits[logits.len() - logits.len() / context.len()..];
         let argmax = last.iter().enumerate().fold(0, |best, (i, v)| if *v > last[best] { i } else { best });
         assert_eq!(t as usize, argmax, "after {context:?}");

@@ -169,7 +169,7 @@ fn llama_cpp_running_hones_merged_gguf_gives_hones_logits() {
         let ids = read_ids(&st, "ids").unwrap();
         let mut model = load_model::<NdArray>(&Dir(common::fixtures().join(arch)), &device).unwrap();
         adapter.attach(model.linears_mut()).unwrap();
-        let ours = model.logits(&ids, &device).into_data().to_vec::<f32>().unwrap();
+        let ours = model.logits(&ids).into_data().to_vec::<f32>().unwrap();
         let llama_cpp = st.read_f32("llama_cpp").unwrap().1;
         let diff = ours.iter().zip(&llama_cpp).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         let rel = diff / llama_cpp.iter().map(|v| v.abs()).fold(0f32, f32::max);
@@ -216,7 +216,7 @@ fn a_llama31_gguf_is_read_with_its_rope_factors() {
     for k in 0..2 {
         let ids = read_ids(&expected, &format!("ids_{k}")).unwrap();
         let (_, reference) = expected.read_f32(&format!("logits_{k}")).unwrap();
-        let ours = model.logits(&ids, &device).into_data().to_vec::<f32>().unwrap();
+        let ours = model.logits(&ids).into_data().to_vec::<f32>().unwrap();
         let err = hone::parity::rel_error(&ours, &reference);
         println!("llama3 GGUF input {k}: rel error {err:.2e} against transformers");
         assert!(err < common::TOLERANCE, "input {k}: rel error {err:.3e}");
@@ -243,7 +243,7 @@ fn a_gguf_with_linear_rope_scaling_is_read_with_it_and_yarn_is_refused() {
     let (gguf, _, _) = hone::model::gguf::load_gguf::<NdArray>(&g, Default::default(), &device).unwrap();
     assert_eq!(gguf.config.rope, hone::model::Rope::Linear { factor: 4.0 });
     let ids: Vec<u32> = (0..24).map(|i| (i * 37 % 300) as u32).collect();
-    let (a, b) = (hf.logits(&ids, &device).into_data().to_vec::<f32>().unwrap(), gguf.logits(&ids, &device).into_data().to_vec::<f32>().unwrap());
+    let (a, b) = (hf.logits(&ids).into_data().to_vec::<f32>().unwrap(), gguf.logits(&ids).into_data().to_vec::<f32>().unwrap());
     let err = hone::parity::rel_error(&b, &a);
     assert!(err < 1e-6, "linear rope: GGUF vs HF rel error {err:.3e}");
 

@@ -66,7 +66,7 @@ fn merged_smollm2_gguf_gives_llama_cpps_greedy_tokens() {
         assert_eq!(merged.get("general.file_type"), Some(&Value::U32(file_type)));
         assert_eq!(merged.tensors.len(), base.tensors.len());
         let (model, _, _) = load_gguf::<NdArray>(&merged, Default::default(), &device).unwrap();
-        let out = generate(&model, &ids("prompt_ids"), &cfg, &device);
+        let out = generate(&model, &ids("prompt_ids"), &cfg);
         assert_eq!(out, ids(ty), "{ty}: hone's greedy tokens on its merged GGUF vs llama.cpp's");
         assert_ne!(out, ids("base"), "{ty}: the adapter changes the reply");
     }
@@ -74,7 +74,7 @@ fn merged_smollm2_gguf_gives_llama_cpps_greedy_tokens() {
     // hone's LoRA GGUF (`hone export --gguf`) on that base.
     let (mut model, _, _) = load_gguf::<NdArray>(&base, Default::default(), &device).unwrap();
     adapter.attach(model.linears_mut()).unwrap();
-    assert_eq!(generate(&model, &ids("prompt_ids"), &cfg, &device), ids("base_with_lora_gguf"));
+    assert_eq!(generate(&model, &ids("prompt_ids"), &cfg), ids("base_with_lora_gguf"));
 }
 
 /// `s·B·A` added to the base's (dequantized) rows, then each row scaled to the DoRA magnitude:
@@ -97,7 +97,7 @@ fn dora_merged_gguf_gives_the_adapted_models_logits() {
     }
     adapter.attach(model.linears_mut()).unwrap();
     let ids = [1u32, 504, 3458, 314, 260, 1789, 30, 216];
-    let want = model.logits(&ids, &device).into_data().to_vec::<f32>().unwrap();
+    let want = model.logits(&ids).into_data().to_vec::<f32>().unwrap();
     let merged_logits = |adapter: &Adapter| {
         let mut bytes = Vec::new();
         merge_gguf(&base, adapter, MergedType::parse("f16").unwrap(), &mut |b| {
@@ -107,7 +107,7 @@ fn dora_merged_gguf_gives_the_adapted_models_logits() {
         .unwrap();
         let merged = Gguf::open(Box::new(MemSource::new("merged.gguf", bytes))).unwrap();
         let (m, _, _) = load_gguf::<NdArray>(&merged, Default::default(), &device).unwrap();
-        m.logits(&ids, &device).into_data().to_vec::<f32>().unwrap()
+        m.logits(&ids).into_data().to_vec::<f32>().unwrap()
     };
     let err = hone::parity::rel_error(&merged_logits(&adapter), &want);
     // The same A and B merged without the magnitudes: far off, so the test sees them.

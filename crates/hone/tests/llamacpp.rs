@@ -80,7 +80,7 @@ fn llama_cpp_running_hone_gguf_gives_hones_logits() {
         let ids = read_ids(&st, "ids").unwrap();
         let mut model = load_model::<B>(&Dir(common::fixtures().join(arch)), &device).unwrap();
         adapter(arch).attach(model.linears_mut()).unwrap();
-        let ours = model.logits(&ids, &device).into_data().to_vec::<f32>().unwrap();
+        let ours = model.logits(&ids).into_data().to_vec::<f32>().unwrap();
         let llama_cpp = st.read_f32("llama_cpp").unwrap().1;
         let peft = st.read_f32("peft").unwrap().1;
         let (vs_llama_cpp, vs_peft) = (max_rel(&ours, &llama_cpp), max_rel(&ours, &peft));

@@ -38,7 +38,7 @@ fn loftq_model(arch: &str) -> (CausalLm<NdArray>, Adapter, (f64, f64)) {
 }
 
 fn logits(model: &CausalLm<NdArray>, ids: &[u32]) -> Vec<f32> {
-    model.logits(ids, &Default::default()).into_data().to_vec::<f32>().unwrap()
+    model.logits(ids).into_data().to_vec::<f32>().unwrap()
 }
 
 #[test]

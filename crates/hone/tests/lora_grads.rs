@@ -32,7 +32,7 @@ fn check_on<B: AutodiffBackend + HoneBackend>(arch: &str, qlora: bool, device: &
     let ids = read_ids(&expected, "ids").unwrap();
     let t = ids.len();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, t]), &device);
-    let loss = causal_lm_loss(model.forward(ids.clone()), ids);
+    let loss = causal_lm_loss(model.forward(&ids.to_data()), ids);
     let prefix = if qlora { "qlora." } else { "" };
     let ours_loss = loss.clone().into_data().to_vec::<f32>().unwrap()[0];
     let ref_loss = expected.read_f32(&format!("{prefix}loss")).unwrap().1[0];

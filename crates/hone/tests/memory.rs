@@ -48,7 +48,7 @@ fn held_by_graph() -> (u64, u64) {
     let ids: Vec<i64> = (0..TOKENS as i64).map(|i| (i * 7) % VOCAB as i64).collect();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, TOKENS]), &device);
     let rest = bytes_in_use(&device);
-    let loss = causal_lm_loss(model.forward(ids.clone()), ids);
+    let loss = causal_lm_loss(model.forward(&ids.to_data()), ids);
     let after_forward = bytes_in_use(&device);
     let grads = loss.backward();
     drop(grads);

@@ -49,8 +49,8 @@ fn merge_equals_peft_merge_and_unload_bit_for_bit() {
         let merged_model = load_model::<NdArray>(&Dir(out.clone()), &device).unwrap();
         let mut with_adapter = load_model::<NdArray>(&Dir(fixtures.join(arch)), &device).unwrap();
         adapter.attach(with_adapter.linears_mut()).unwrap();
-        let a = merged_model.logits(&ids, &device).into_data().to_vec::<f32>().unwrap();
-        let b = with_adapter.logits(&ids, &device).into_data().to_vec::<f32>().unwrap();
+        let a = merged_model.logits(&ids).into_data().to_vec::<f32>().unwrap();
+        let b = with_adapter.logits(&ids).into_data().to_vec::<f32>().unwrap();
         assert!(rel_error(&a, &b) < 1e-5);
         std::fs::remove_dir_all(&out).unwrap();
     }
@@ -88,8 +88,8 @@ fn merge_into_an_nf4_checkpoint_uses_its_dequantized_weights() {
     let dense = load_model::<NdArray>(&Dir(out.clone()), &device).unwrap();
     let mut nf4 = load_model::<NdArray>(&Dir(fixtures.join("llama_bnb4")), &device).unwrap();
     adapter.attach(nf4.linears_mut()).unwrap();
-    let a = dense.logits(&ids, &device).into_data().to_vec::<f32>().unwrap();
-    let b = nf4.logits(&ids, &device).into_data().to_vec::<f32>().unwrap();
+    let a = dense.logits(&ids).into_data().to_vec::<f32>().unwrap();
+    let b = nf4.logits(&ids).into_data().to_vec::<f32>().unwrap();
     assert!(rel_error(&a, &b) < 1e-5, "{}", rel_error(&a, &b));
     std::fs::remove_dir_all(&out).unwrap();
 }

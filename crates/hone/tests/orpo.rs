@@ -97,7 +97,7 @@ fn metrics<B: HoneBackend>(device: &B::Device, label: &str) {
     adapter.layers.iter_mut().for_each(|l| l.b.iter_mut().for_each(|b| *b *= scale));
     adapter.attach(model.linears_mut()).unwrap();
 
-    let sums = pair_sums(&model, &pairs, true, 2, 0, device);
+    let sums = pair_sums(&model, &pairs, true, 2, 0);
     let want = |key: &str| -> Vec<f64> { f["pairs"][key].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect() };
     for (i, ((s, p), (c, r))) in sums.completion.iter().zip(&pairs).zip(want("chosen").into_iter().zip(want("rejected"))).enumerate() {
         let (mc, mr) = (s.chosen / p[0].completion_len() as f64, s.rejected / p[1].completion_len() as f64);

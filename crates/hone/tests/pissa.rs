@@ -73,7 +73,7 @@ fn logits_on_original_base(arch: &str, adapter: &Adapter, ids: &[u32]) -> Vec<f3
     let device = Default::default();
     let mut model = hone::model::load_model::<NdArray>(&Dir(common::fixtures().join(arch)), &device).unwrap();
     adapter.attach(model.linears_mut()).unwrap();
-    model.logits(ids, &device).into_data().to_vec::<f32>().unwrap()
+    model.logits(ids).into_data().to_vec::<f32>().unwrap()
 }
 
 #[test]
@@ -142,14 +142,14 @@ fn a_trained_pissa_adapter_converted_gives_the_trained_models_logits_on_the_orig
     initial.attach(model.linears_mut()).unwrap();
     let ids = [3u32, 50, 7, 200, 11, 90, 4];
     // PiSSA starts where the base is.
-    let base = hone::model::load_model::<NdArray>(&files, &device).unwrap().logits(&ids, &device).into_data().to_vec::<f32>().unwrap();
-    let start = burn::module::AutodiffModule::valid(&model).logits(&ids, &device).into_data().to_vec::<f32>().unwrap();
+    let base = hone::model::load_model::<NdArray>(&files, &device).unwrap().logits(&ids).into_data().to_vec::<f32>().unwrap();
+    let start = burn::module::AutodiffModule::valid(&model).logits(&ids).into_data().to_vec::<f32>().unwrap();
     assert!(rel_error(&start, &base) < 1e-5);
     let mut trainer = hone::train::Trainer::new(model, lora(), common::llama_training_samples(), common::three_adamw_steps(false), device);
     while !trainer.done() {
         trainer.step();
     }
-    let trained = trainer.eval_model().logits(&ids, &device).into_data().to_vec::<f32>().unwrap();
+    let trained = trainer.eval_model().logits(&ids).into_data().to_vec::<f32>().unwrap();
     let converted = trainer.adapter("llama").with_initial_subtracted(&initial).unwrap();
     assert_eq!((converted.r, converted.alpha), (8, 16.0));
     let err = rel_error(&logits_on_original_base("llama", &converted, &ids), &trained);

@@ -101,8 +101,8 @@ fn check<B: HoneBackend>(device: &B::Device, label: &str) {
 
     let sequences = pair_sequences(&pairs.iter().collect::<Vec<_>>(), None);
     let read = |t: burn::tensor::Tensor<B, 1>| -> Vec<f64> { t.into_data().to_vec::<f32>().unwrap().into_iter().map(f64::from).collect() };
-    let policy = split_pairs(&read(sequence_logps(&model, &sequences, 0, device)));
-    let reference = split_pairs(&read(reference_logps(&model, &sequences, 0, device)));
+    let policy = split_pairs(&read(sequence_logps(&model, &sequences, 0)));
+    let reference = split_pairs(&read(reference_logps(&model, &sequences, 0)));
     let want = |key: &str| -> Vec<f64> { f["pairs"][key].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect() };
     for (name, ours, side) in [("policy", &policy, "policy"), ("reference", &reference, "ref")] {
         for (i, (p, (c, r))) in ours.iter().zip(want(&format!("{side}_chosen")).into_iter().zip(want(&format!("{side}_rejected")))).enumerate() {

@@ -54,6 +54,6 @@ fn greedy_generation_equals_transformers() {
     let device = Default::default();
     let (model, _, _) = load_gguf::<NdArray>(&g, Default::default(), &device).unwrap();
     let f = fixture();
-    let out = generate(&model, &ids(&f["prompt_ids"]), &GenerateConfig { max_new_tokens: 30, ..Default::default() }, &device);
+    let out = generate(&model, &ids(&f["prompt_ids"]), &GenerateConfig { max_new_tokens: 30, ..Default::default() });
     assert_eq!(out, ids(&f["greedy_ids"]));
 }

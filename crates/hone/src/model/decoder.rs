@@ -370,14 +370,14 @@ pub struct CausalLm<B: Backend> {
 }
 
 impl<B: HoneBackend> CausalLm<B> {
-    /// Final hidden states `[B, T, hidden]` for token ids `[B, T]`.
-    pub fn hidden(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let pos = Positions::new(&self.config, ids.dims()[1], &ids.device());
+    /// Final hidden states `[B, T, hidden]` for token ids `[B, T]` (host data, i64).
+    pub fn hidden(&self, ids: &TensorData) -> Tensor<B, 3> {
+        let pos = Positions::new(&self.config, ids.shape[1], &self.model.embed_tokens.device());
         self.hidden_at(ids, &pos)
     }
 
     /// [`Self::hidden`] with given positions and mask (packed rows).
-    pub fn hidden_at(&self, ids: Tensor<B, 2, Int>, pos: &Positions<B>) -> Tensor<B, 3> {
+    pub fn hidden_at(&self, ids: &TensorData, pos: &Positions<B>) -> Tensor<B, 3> {
         let mut x = self.embed(ids);
         let mut pos = PositionsOn::new(pos);
         for layer in &self.model.layers {
@@ -392,33 +392,40 @@ impl<B: HoneBackend> CausalLm<B> {
         self.model.norm.forward(onto(x, &self.model.norm.weight.device()))
     }
 
-    pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let [b, t] = ids.dims();
-        let h = self.model.embed_tokens.dims()[1];
-        B::frozen_rows(&self.model.embed_tokens, ids.reshape([b * t])).reshape([b, t, h])
+    /// The embeddings of token ids `[B, T]` (host data, i64): ids stay on the host because a
+    /// table kept in host memory ([`HoneBackend::tables_on_host`]) reads its rows there, and
+    /// reading ids back from a device would block (which wasm cannot).
+    pub fn embed(&self, ids: &TensorData) -> Tensor<B, 3> {
+        let (table, device) = (&self.model.embed_tokens, self.model.embed_tokens.device());
+        let ([b, t], h) = ([ids.shape[0], ids.shape[1]], table.dims()[1]);
+        if let Some(p) = table.packed.as_ref().filter(|p| p.host.is_some()) {
+            let rows = p.host_rows_f32(ids.iter::<i64>().map(|i| usize::try_from(i).unwrap_or(usize::MAX)).collect::<Vec<_>>().into_iter());
+            return Tensor::from_data(TensorData::new(rows, [b, t, h]), &device);
+        }
+        B::frozen_rows(table, Tensor::<B, 2, Int>::from_data(ids.clone(), &device).reshape([b * t])).reshape([b, t, h])
     }
 
     /// Logits `[B, T, vocab]`.
-    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    pub fn forward(&self, ids: &TensorData) -> Tensor<B, 3> {
         let h = self.hidden(ids);
         self.head(h)
     }
 
     /// Logits with given positions and mask (packed rows).
-    pub fn forward_at(&self, ids: Tensor<B, 2, Int>, pos: &Positions<B>) -> Tensor<B, 3> {
+    pub fn forward_at(&self, ids: &TensorData, pos: &Positions<B>) -> Tensor<B, 3> {
         let h = self.hidden_at(ids, pos);
         self.head(h)
     }
 
     /// Logits for new tokens `ids` after those in `cache`, which is extended with them.
-    pub fn forward_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+    pub fn forward_cached(&self, ids: &TensorData, cache: &mut KvCache<B>) -> Tensor<B, 3> {
         let h = self.hidden_cached(ids, cache);
         self.head(h)
     }
 
     /// [`Self::forward_cached`]'s logits at the last new position alone, `[B, vocab]`: the head
     /// runs on one token per row, however long the prompt.
-    pub fn forward_cached_last(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 2> {
+    pub fn forward_cached_last(&self, ids: &TensorData, cache: &mut KvCache<B>) -> Tensor<B, 2> {
         let h = self.hidden_cached(ids, cache);
         let [b, t, _] = h.dims();
         let logits = self.head(h.narrow(1, t - 1, 1));
@@ -427,12 +434,12 @@ impl<B: HoneBackend> CausalLm<B> {
     }
 
     /// Final (normed) hidden states of new tokens `ids` after those in `cache`, which is extended.
-    fn hidden_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
-        let t = ids.dims()[1];
+    fn hidden_cached(&self, ids: &TensorData, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+        let (t, device) = (ids.shape[1], self.model.embed_tokens.device());
         let pos = if cache.pads.is_empty() {
-            Positions::with_past(&self.config, cache.len, t, &ids.device())
+            Positions::with_past(&self.config, cache.len, t, &device)
         } else {
-            Positions::with_past_padded(&self.config, &cache.pads, cache.len, t, &ids.device())
+            Positions::with_past_padded(&self.config, &cache.pads, cache.len, t, &device)
         };
         let mut x = self.embed(ids);
         let mut pos = PositionsOn::new(&pos);
@@ -537,10 +544,9 @@ impl<B: HoneBackend> CausalLm<B> {
     }
 
     /// Logits `[T, vocab]` for one sequence of ids.
-    pub fn logits(&self, ids: &[u32], device: &B::Device) -> Tensor<B, 2> {
+    pub fn logits(&self, ids: &[u32]) -> Tensor<B, 2> {
         let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
         let t = ids.len();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, t]), device);
-        self.forward(ids).squeeze_dim(0)
+        self.forward(&TensorData::new(ids, [1, t])).squeeze_dim(0)
     }
 }

@@ -64,7 +64,8 @@ pub fn matmul<B: HoneBackend>(dy: Tensor<B, 2>, p: &PackedWeight<B>) -> Tensor<B
 pub fn rows<B: HoneBackend>(p: &PackedWeight<B>, ids: Tensor<B, 1, Int>) -> Tensor<B, 2> {
     let n = ids.dims()[0];
     if p.host.is_some() {
-        // The ids are a few kB; reading them back waits for the device (native only).
+        // The model hands host ids to host tables (`CausalLm::embed`); ids on a device are read
+        // back here, a blocking wait (native only).
         let device = ids.device();
         let ids: Vec<usize> = ids.into_data().iter::<i64>().map(|i| i as usize).collect();
         return Tensor::from_data(TensorData::new(p.host_rows_f32(ids.into_iter()), [n, p.cols]), &device);

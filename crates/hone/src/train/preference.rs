@@ -15,7 +15,7 @@ use crate::model::CausalLm;
 use crate::ops::HoneBackend;
 use crate::train::loss::shifted_targets;
 use crate::train::trainer::{nll_parts_chunked, Batch, LOGITS_CHUNK};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -270,34 +270,33 @@ pub fn policy_sums(logps: &[f64], chosen_tokens: usize) -> PolicySums {
 /// Each sequence's summed log-probabilities under `model`, `[2 × sequences]`: over its
 /// completion, then over every predicted token when `whole` (else the completion's again). On
 /// the head's device; logits are made a few positions at a time.
-pub fn sequence_sums<B: HoneBackend>(model: &CausalLm<B>, sequences: &[Sequence], whole: bool, pad: u32, device: &B::Device) -> Tensor<B, 1> {
+pub fn sequence_sums<B: HoneBackend>(model: &CausalLm<B>, sequences: &[Sequence], whole: bool, pad: u32) -> Tensor<B, 1> {
     let batch = Batch::sequences(&sequences.iter().collect::<Vec<_>>(), whole, pad);
     let (targets, completion) = (shifted_targets(&batch.labels), batch.shifted_completion());
-    let (rows, t) = (batch.ids.len(), batch.seq_len());
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.ids.concat(), [rows, t]), device);
-    nll_parts_chunked(model, model.hidden(ids), &targets, &completion, LOGITS_CHUNK).neg()
+    let ids = TensorData::new(batch.ids.concat(), [batch.ids.len(), batch.seq_len()]);
+    nll_parts_chunked(model, model.hidden(&ids), &targets, &completion, LOGITS_CHUNK).neg()
 }
 
 /// Each sequence's summed completion log-probability under `model`, `[sequences]`.
-pub fn sequence_logps<B: HoneBackend>(model: &CausalLm<B>, sequences: &[Sequence], pad: u32, device: &B::Device) -> Tensor<B, 1> {
-    sequence_sums(model, sequences, false, pad, device).narrow(0, 0, sequences.len())
+pub fn sequence_logps<B: HoneBackend>(model: &CausalLm<B>, sequences: &[Sequence], pad: u32) -> Tensor<B, 1> {
+    sequence_sums(model, sequences, false, pad).narrow(0, 0, sequences.len())
 }
 
 /// Every pair's sums under `model`, `batch` pairs at a time (native: reads each batch back).
 #[cfg(not(target_arch = "wasm32"))]
-pub fn pair_sums<B: HoneBackend>(model: &CausalLm<B>, pairs: &[[Sequence; 2]], whole: bool, batch: usize, pad: u32, device: &B::Device) -> PolicySums {
+pub fn pair_sums<B: HoneBackend>(model: &CausalLm<B>, pairs: &[[Sequence; 2]], whole: bool, batch: usize, pad: u32) -> PolicySums {
     let mut logps = Vec::new();
     for chunk in pairs.chunks(batch.max(1)) {
-        logps.push(sequence_sums(model, &pair_rows(chunk), whole, pad, device).into_data().iter::<f32>().map(f64::from).collect());
+        logps.push(sequence_sums(model, &pair_rows(chunk), whole, pad).into_data().iter::<f32>().map(f64::from).collect());
     }
     gather_sums(pairs, &logps, whole)
 }
 
 /// [`pair_sums`] reading back without blocking (the page).
-pub async fn pair_sums_async<B: HoneBackend>(model: &CausalLm<B>, pairs: &[[Sequence; 2]], whole: bool, batch: usize, pad: u32, device: &B::Device) -> crate::Result<PolicySums> {
+pub async fn pair_sums_async<B: HoneBackend>(model: &CausalLm<B>, pairs: &[[Sequence; 2]], whole: bool, batch: usize, pad: u32) -> crate::Result<PolicySums> {
     let mut logps = Vec::new();
     for chunk in pairs.chunks(batch.max(1)) {
-        logps.push(crate::readback::read_f32(sequence_sums(model, &pair_rows(chunk), whole, pad, device)).await?.into_iter().map(f64::from).collect());
+        logps.push(crate::readback::read_f32(sequence_sums(model, &pair_rows(chunk), whole, pad)).await?.into_iter().map(f64::from).collect());
     }
     Ok(gather_sums(pairs, &logps, whole))
 }
@@ -322,15 +321,15 @@ fn gather_sums(pairs: &[[Sequence; 2]], chunks: &[Vec<f64>], whole: bool) -> Pol
 /// Every pair's summed completion log-probabilities under `model`. With the model a run starts
 /// from, these are its reference.
 #[cfg(not(target_arch = "wasm32"))]
-pub fn pair_logps<B: HoneBackend>(model: &CausalLm<B>, pairs: &[[Sequence; 2]], batch: usize, pad: u32, device: &B::Device) -> Vec<PairLogps> {
-    pair_sums(model, pairs, false, batch, pad, device).completion
+pub fn pair_logps<B: HoneBackend>(model: &CausalLm<B>, pairs: &[[Sequence; 2]], batch: usize, pad: u32) -> Vec<PairLogps> {
+    pair_sums(model, pairs, false, batch, pad).completion
 }
 
 /// The loss and TRL's metrics of `model` on held-out `pairs` against their `reference`
 /// log-probabilities (empty for ORPO), over all the pairs at once (native).
 #[cfg(not(target_arch = "wasm32"))]
-pub fn evaluate_preference<B: HoneBackend>(model: &CausalLm<B>, pairs: &[[Sequence; 2]], reference: &[PairLogps], dpo: DpoConfig, batch: usize, pad: u32, device: &B::Device) -> DpoMetrics {
-    let policy = pair_sums(model, pairs, dpo.loss_type.whole_sequences(), batch, pad, device);
+pub fn evaluate_preference<B: HoneBackend>(model: &CausalLm<B>, pairs: &[[Sequence; 2]], reference: &[PairLogps], dpo: DpoConfig, batch: usize, pad: u32) -> DpoMetrics {
+    let policy = pair_sums(model, pairs, dpo.loss_type.whole_sequences(), batch, pad);
     let lens: Vec<(usize, usize)> = pairs.iter().map(|[c, r]| (c.completion_len(), r.completion_len())).collect();
     preference_loss(dpo, &policy, reference, &lens).metrics
 }
@@ -343,6 +342,6 @@ pub fn split_pairs(logps: &[f64]) -> Vec<PairLogps> {
 }
 
 /// The reference's log-probabilities: the same model with its adapters switched off.
-pub fn reference_logps<B: HoneBackend>(model: &CausalLm<B>, sequences: &[Sequence], pad: u32, device: &B::Device) -> Tensor<B, 1> {
-    crate::lora::linear::without_adapters(|| sequence_logps(model, sequences, pad, device))
+pub fn reference_logps<B: HoneBackend>(model: &CausalLm<B>, sequences: &[Sequence], pad: u32) -> Tensor<B, 1> {
+    crate::lora::linear::without_adapters(|| sequence_logps(model, sequences, pad))
 }

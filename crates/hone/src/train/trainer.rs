@@ -420,9 +420,10 @@ fn mean_metrics(m: &[DpoMetrics]) -> Option<DpoMetrics> {
     })
 }
 
-fn to_tensor<B: Backend>(rows: &[Vec<i64>], device: &B::Device) -> Tensor<B, 2, Int> {
+/// Token ids `[B, T]` as host data: the model takes them so (see [`CausalLm::embed`]).
+pub(crate) fn id_rows(rows: &[Vec<i64>]) -> TensorData {
     let (b, t) = (rows.len(), rows.first().map_or(0, |r| r.len()));
-    Tensor::from_data(TensorData::new(rows.concat(), [b, t]), device)
+    TensorData::new(rows.concat(), [b, t])
 }
 
 impl<B: AutodiffBackend + HoneBackend> Trainer<B>
@@ -463,7 +464,7 @@ where
             Some(r) => r,
             None if cfg.dpo.is_some_and(|d| d.loss_type.needs_reference()) => {
                 let inner = model.valid();
-                super::preference::pair_logps(&inner, &pairs, cfg.batch_size, cfg.pad_id, &inner.model.embed_tokens.device())
+                super::preference::pair_logps(&inner, &pairs, cfg.batch_size, cfg.pad_id)
             }
             None => Vec::new(),
         };
@@ -798,7 +799,7 @@ where
             B::seed(device, seed.wrapping_add(k as u64));
         }
         let pos = batch.positions::<B>(&self.model.config, &self.device);
-        let hidden = self.model.hidden_at(to_tensor::<B>(&batch.ids, &self.device), &pos);
+        let hidden = self.model.hidden_at(&id_rows(&batch.ids), &pos);
         let targets = shifted_targets(&batch.labels);
         let loss = match objective {
             Objective::Tokens(norm) => counted_nll(&self.model, hidden, &targets).div_scalar(norm),
@@ -842,7 +843,7 @@ where
         let inner_device = self.model.model.embed_tokens.device();
         let pos = batch.positions::<B::InnerBackend>(&self.model.config, &inner_device);
         let untracked = self.model.valid();
-        let mut inputs: Vec<Tensor<B::InnerBackend, 3>> = vec![untracked.embed(to_tensor::<B::InnerBackend>(&batch.ids, &inner_device))];
+        let mut inputs: Vec<Tensor<B::InnerBackend, 3>> = vec![untracked.embed(&id_rows(&batch.ids))];
         crate::lora::linear::with_training_dropout(|| {
             let mut pos = PositionsOn::new(&pos);
             for (i, layer) in untracked.model.layers.iter().enumerate() {
@@ -1060,7 +1061,7 @@ pub fn evaluate_pending<B: HoneBackend>(model: &CausalLm<B>, samples: &[Sample],
     for chunk in samples.chunks(batch_size.max(1)) {
         let (ids, labels) = pad_batch(&chunk.iter().collect::<Vec<_>>(), pad);
         count += counted_tokens(&labels);
-        let nll = nll_sum_chunked(model, model.hidden(to_tensor::<B>(&ids, device)), &labels, LOGITS_CHUNK, device);
+        let nll = nll_sum_chunked(model, model.hidden(&id_rows(&ids)), &labels, LOGITS_CHUNK, device);
         sum = Some(match sum {
             Some(s) => s + nll,
             None => nll,

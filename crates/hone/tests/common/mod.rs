@@ -21,7 +21,7 @@ pub fn check_all_archs<B: HoneBackend>(device: &B::Device) {
         for k in 0..2 {
             let ids = read_ids(&expected, &format!("ids_{k}")).unwrap();
             let (_, reference) = expected.read_f32(&format!("logits_{k}")).unwrap();
-            let ours = model.logits(&ids, device).into_data().to_vec::<f32>().unwrap();
+            let ours = model.logits(&ids).into_data().to_vec::<f32>().unwrap();
             let err = rel_error(&ours, &reference);
             println!("{arch} input {k} ({} tokens): rel error {err:.2e}", ids.len());
             assert!(err < TOLERANCE, "{arch} input {k}: rel error {err:.3e} >= {TOLERANCE:e}");
