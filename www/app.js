@@ -113,6 +113,7 @@ async function refreshEstimate() {
   }
   const mb = (n) => `${(n / 1e6).toFixed(1)} MB`;
   $('estimate').textContent = `Estimated GPU memory: ${e.total} (base ${mb(e.base_bytes)}, LoRA ${e.lora_params.toLocaleString()} parameters with optimizer ${mb(e.lora_bytes)}, activations ${mb(e.activation_bytes)}).`
+    + (e.host_table_bytes ? ` The embedding table (${mb(e.host_table_bytes)}) stays in this tab's memory.` : '')
     + (e.fits ? '' : ` Does not fit: ${e.largest_buffer} needs ${mb(e.largest_buffer_bytes)} in one buffer; this GPU allows ${mb(e.max_buffer_size)}.`);
 }
 

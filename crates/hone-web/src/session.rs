@@ -313,7 +313,7 @@ impl Session {
                 return Ok(JsValue::NULL);
             }
             let model = trainer.eval_model();
-            let policy = pair_sums_async(&model, &self.eval_pairs, dpo.loss_type.whole_sequences(), trainer.cfg.batch_size, trainer.cfg.pad_id, &self.device).await.map_err(js_err)?;
+            let policy = pair_sums_async(&model, &self.eval_pairs, dpo.loss_type.whole_sequences(), trainer.cfg.batch_size, trainer.cfg.pad_id).await.map_err(js_err)?;
             let lens: Vec<(usize, usize)> = self.eval_pairs.iter().map(|[c, r]| (c.completion_len(), r.completion_len())).collect();
             let metrics = preference_loss(dpo, &policy, &self.eval_reference, &lens).metrics;
             let step = trainer.state.step;
@@ -388,7 +388,7 @@ impl Session {
         };
         let stop_ids = if ignore_eos { Vec::new() } else { self.text.stop_ids.clone() };
         let cfg = GenerateConfig { max_new_tokens, stop_ids, ..Default::default() };
-        let out = generate_async(&model, &ids, &cfg, &self.device).await.map_err(js_err)?;
+        let out = generate_async(&model, &ids, &cfg).await.map_err(js_err)?;
         #[derive(Serialize)]
         struct Generated {
             text: String,
@@ -446,7 +446,7 @@ impl Session {
             let held_out = eval(&held.samples).await?;
             let general = eval(&general).await?;
             let started = js_sys::Date::now();
-            let replies = generate_batch_async(&model, &prompt_ids, &cfg, &self.device, gen_batch).await.map_err(js_err)?;
+            let replies = generate_batch_async(&model, &prompt_ids, &cfg, gen_batch).await.map_err(js_err)?;
             measured.push(Measured { held_out, general, replies, seconds: (js_sys::Date::now() - started) / 1000.0 });
         }
         let tok = &self.text.tokenizer;
@@ -547,8 +547,8 @@ impl Session {
             use burn::module::AutodiffModule;
             let start = model.valid();
             let (batch, pad) = (cfg.batch_size, cfg.pad_id);
-            let train = pair_sums_async(&start, &pairs, false, batch, pad, &self.device).await.map_err(js_err)?.completion;
-            (train, pair_sums_async(&start, &eval_pairs, false, batch, pad, &self.device).await.map_err(js_err)?.completion)
+            let train = pair_sums_async(&start, &pairs, false, batch, pad).await.map_err(js_err)?.completion;
+            (train, pair_sums_async(&start, &eval_pairs, false, batch, pad).await.map_err(js_err)?.completion)
         } else {
             (Vec::new(), Vec::new())
         };
@@ -639,8 +639,8 @@ impl Session {
             logits_chunk: cfg.logits_chunk,
             optim: cfg.optim,
             min_8bit_size: cfg.min_8bit_size,
-            // The page keeps every table on the GPU: reading ids back would block in wasm.
-            host_tables: false,
+            // An untied embedding table stays in the wasm heap (`HoneBackend::tables_on_host`).
+            host_tables: true,
         };
         Ok(plan::plan(&self.config, &s.lora(), &options))
     }

@@ -114,9 +114,10 @@ where
         <Self as HoneBackend>::matmul(dy, w.to_dense())
     }
 
-    /// `HONE_TABLES_ON_DEVICE` keeps them on the device (to compare the two).
+    /// Natively and in the page (the wasm heap). `HONE_TABLES_ON_DEVICE` keeps them on the
+    /// device natively (to compare the two).
     fn tables_on_host() -> bool {
-        cfg!(not(target_arch = "wasm32")) && std::env::var_os("HONE_TABLES_ON_DEVICE").is_none()
+        cfg!(target_arch = "wasm32") || std::env::var_os("HONE_TABLES_ON_DEVICE").is_none()
     }
 
     /// Waits for queued work, so the figures include it (a blocking call: native only).

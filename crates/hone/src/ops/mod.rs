@@ -244,8 +244,9 @@ pub trait HoneBackend: Backend {
 
     /// Whether an untied embedding table is kept in host memory
     /// ([`crate::quant::frozen::PackedWeight::on_host`]): on native GPU backends, where device
-    /// memory is the scarce kind and a lookup reads a few rows. Not on the CPU (its tables are
-    /// host memory already) nor in wasm (reading the ids back would block).
+    /// memory is the scarce kind and a lookup reads a few rows, the page's WebGPU included (the
+    /// ids are host data there already: see `CausalLm::embed`). Not on the CPU, whose tables
+    /// are host memory already.
     fn tables_on_host() -> bool {
         false
     }

@@ -49,8 +49,8 @@ pub struct PlanOptions {
     pub optim: Optim,
     /// With 8-bit AdamW, tensors under this many values keep f32 moments.
     pub min_8bit_size: usize,
-    /// An untied embedding table kept in host memory (native GPU backends, see
-    /// `HoneBackend::tables_on_host`); not in the page.
+    /// An untied embedding table kept in host memory (GPU backends, the page's included: see
+    /// `HoneBackend::tables_on_host`).
     pub host_tables: bool,
 }
 
