@@ -34,7 +34,7 @@ async fn check(arch: &str, model_files: MemFiles, expected: &'static [u8]) {
         let (_, reference) = expected.read_f32(&format!("logits_{k}")).unwrap();
         // Twice: a kernel whose first call returned unwritten memory would differ here.
         for attempt in 0..2 {
-            let ours = hone_web::logits(&model, &ids, &device).await.unwrap();
+            let ours = hone_web::logits(&model, &ids).await.unwrap();
             let err = rel_error(&ours, &reference);
             web_sys_log(&format!("{arch} input {k} call {attempt}: rel error {err:.2e}"));
             assert!(err < 1e-4, "{arch} input {k} call {attempt}: rel error {err:.3e}");

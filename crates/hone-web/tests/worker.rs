@@ -40,7 +40,7 @@ async fn phi3_from_blobs_matches_transformers() {
     for k in 0..2 {
         let ids = read_ids(&expected, &format!("ids_{k}")).unwrap();
         let (_, reference) = expected.read_f32(&format!("logits_{k}")).unwrap();
-        let ours = hone_web::logits(&model, &ids, &device).await.unwrap();
+        let ours = hone_web::logits(&model, &ids).await.unwrap();
         let err = rel_error(&ours, &reference);
         assert!(err < 1e-4, "phi3 input {k}: rel error {err:.3e}");
     }
