@@ -399,8 +399,7 @@ impl<B: HoneBackend> CausalLm<B> {
         let (table, device) = (&self.model.embed_tokens, self.model.embed_tokens.device());
         let ([b, t], h) = ([ids.shape[0], ids.shape[1]], table.dims()[1]);
         if let Some(p) = table.packed.as_ref().filter(|p| p.host.is_some()) {
-            let rows = p.host_rows_f32(ids.iter::<i64>().map(|i| usize::try_from(i).unwrap_or(usize::MAX)).collect::<Vec<_>>().into_iter());
-            return Tensor::from_data(TensorData::new(rows, [b, t, h]), &device);
+            return crate::ops::packed::host_rows(p, &ids.iter::<i64>().collect::<Vec<_>>()).reshape([b, t, h]);
         }
         B::frozen_rows(table, Tensor::<B, 2, Int>::from_data(ids.clone(), &device).reshape([b * t])).reshape([b, t, h])
     }

@@ -66,9 +66,7 @@ pub fn rows<B: HoneBackend>(p: &PackedWeight<B>, ids: Tensor<B, 1, Int>) -> Tens
     if p.host.is_some() {
         // The model hands host ids to host tables (`CausalLm::embed`); ids on a device are read
         // back here, a blocking wait (native only).
-        let device = ids.device();
-        let ids: Vec<usize> = ids.into_data().iter::<i64>().map(|i| i as usize).collect();
-        return Tensor::from_data(TensorData::new(p.host_rows_f32(ids.into_iter()), [n, p.cols]), &device);
+        return host_rows(p, &ids.into_data().iter::<i64>().collect::<Vec<_>>());
     }
     let row_words = p.cols / p.format.per_word();
     let gather = |part: usize, local: Tensor<B, 1, Int>| {
@@ -92,6 +90,13 @@ pub fn rows<B: HoneBackend>(p: &PackedWeight<B>, ids: Tensor<B, 1, Int>) -> Tens
         });
     }
     out.expect("a packed weight has parts")
+}
+
+/// Rows `ids` of a table kept in host memory as f32 `[n, cols]`: converted on the host, then
+/// uploaded to the table's device.
+pub fn host_rows<B: HoneBackend>(p: &PackedWeight<B>, ids: &[i64]) -> Tensor<B, 2> {
+    let rows = p.host_rows_f32(ids.iter().map(|&i| usize::try_from(i).unwrap_or(usize::MAX)));
+    Tensor::from_data(TensorData::new(rows, [ids.len(), p.cols]), &p.parts[0].device())
 }
 
 /// The whole weight as f32 (merges and tests).

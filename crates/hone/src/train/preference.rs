@@ -14,8 +14,8 @@ use crate::data::preference::{PairSample, Sequence};
 use crate::model::CausalLm;
 use crate::ops::HoneBackend;
 use crate::train::loss::shifted_targets;
-use crate::train::trainer::{nll_parts_chunked, Batch, LOGITS_CHUNK};
-use burn::tensor::{Tensor, TensorData};
+use crate::train::trainer::{id_rows, nll_parts_chunked, Batch, LOGITS_CHUNK};
+use burn::tensor::Tensor;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -273,8 +273,7 @@ pub fn policy_sums(logps: &[f64], chosen_tokens: usize) -> PolicySums {
 pub fn sequence_sums<B: HoneBackend>(model: &CausalLm<B>, sequences: &[Sequence], whole: bool, pad: u32) -> Tensor<B, 1> {
     let batch = Batch::sequences(&sequences.iter().collect::<Vec<_>>(), whole, pad);
     let (targets, completion) = (shifted_targets(&batch.labels), batch.shifted_completion());
-    let ids = TensorData::new(batch.ids.concat(), [batch.ids.len(), batch.seq_len()]);
-    nll_parts_chunked(model, model.hidden(&ids), &targets, &completion, LOGITS_CHUNK).neg()
+    nll_parts_chunked(model, model.hidden(&id_rows(&batch.ids)), &targets, &completion, LOGITS_CHUNK).neg()
 }
 
 /// Each sequence's summed completion log-probability under `model`, `[sequences]`.
